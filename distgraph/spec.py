@@ -1,0 +1,157 @@
+"""The graph IR as plain data: pydantic models that round-trip through JSON.
+
+A node is ``name, op, inputs (names), attrs`` plus its inferred ``shape`` and ``dtype``. Arrays
+(parameter values, array constants) are stored as base64 of their little-endian bytes with an
+explicit dtype from an allow-list, so loading a spec never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SpecError
+
+#: dtypes a spec may carry; object, void and string dtypes are refused.
+ALLOWED_DTYPES = frozenset(
+    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+    + ["float16", "float32", "float64"]
+)
+#: Largest JSON text ``GraphSpec.from_json`` accepts, to refuse oversized specs before parsing.
+MAX_SPEC_BYTES = 512 * 1024 * 1024
+#: Names users give: no ':' (reserved for generated backward nodes) and no whitespace.
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/\[\]]*$")
+
+Shape = tuple[int | None, ...]
+
+
+class ArrayData(BaseModel):
+    """An ndarray as JSON: dtype, shape and base64 of its little-endian bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: str
+    shape: list[int]
+    data: str
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if v not in ALLOWED_DTYPES:
+            raise ValueError(f"dtype {v!r} is not allowed (allowed: {sorted(ALLOWED_DTYPES)})")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        if any(d < 0 for d in v):
+            raise ValueError(f"shape {v} has a negative dimension")
+        return v
+
+    @classmethod
+    def from_numpy(cls, array: Any) -> ArrayData:
+        """Encode an array (or scalar) exactly."""
+        a = np.asarray(array)
+        if a.dtype.name not in ALLOWED_DTYPES:
+            raise SpecError(f"cannot serialize dtype {a.dtype.name!r}")
+        raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+        return cls.model_construct(
+            dtype=a.dtype.name, shape=list(a.shape), data=base64.b64encode(raw).decode("ascii")
+        )
+
+    def to_numpy(self) -> np.ndarray:
+        """Decode to a fresh writable array in native byte order."""
+        dt = np.dtype(self.dtype).newbyteorder("<")
+        raw = base64.b64decode(self.data.encode("ascii"), validate=True)
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if len(raw) != count * dt.itemsize:
+            raise SpecError(
+                f"array data holds {len(raw)} bytes, shape {self.shape} of {self.dtype} "
+                f"needs {count * dt.itemsize}"
+            )
+        return np.frombuffer(raw, dtype=dt).astype(np.dtype(self.dtype)).reshape(self.shape)
+
+
+class NodeSpec(BaseModel):
+    """One node: an op applied to named inputs, with JSON-able attributes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    op: str
+    inputs: list[str] = Field(default_factory=list)
+    attrs: dict[str, Any] = Field(default_factory=dict)
+    shape: list[int | None] | None = None
+    dtype: str | None = None
+    phase: Literal["forward", "backward"] = "forward"
+    #: For a backward node: the forward node whose gradient rule produced it (for placement).
+    origin: str | None = None
+
+
+Constant = ArrayData | float | int | bool
+
+
+class GraphSpec(BaseModel):
+    """A whole graph: nodes in a topological order, outputs, parameter values, constants.
+
+    After autodiff, ``grads`` maps each differentiated input/param to the node holding the
+    gradient of ``grad_of`` with respect to it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["distgraph.graph/1"] = "distgraph.graph/1"
+    nodes: list[NodeSpec]
+    outputs: list[str] = Field(default_factory=list)
+    params: dict[str, ArrayData] = Field(default_factory=dict)
+    constants: dict[str, Constant] = Field(default_factory=dict)
+    grads: dict[str, str] = Field(default_factory=dict)
+    grad_of: str | None = None
+
+    def to_json(self, indent: int | None = None) -> str:
+        """Serialize to JSON text."""
+        return self.model_dump_json(indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, max_bytes: int = MAX_SPEC_BYTES) -> GraphSpec:
+        """Parse and validate JSON text; errors name the field path that is wrong."""
+        if len(text) > max_bytes:
+            raise SpecError(f"spec is {len(text)} bytes, larger than the limit of {max_bytes}")
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SpecError(f"spec is not valid JSON: {e}") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise SpecError(format_validation_error(e)) from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line per problem, each starting with the dotted field path (``nodes.3.op``)."""
+    lines = []
+    for err in e.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"{path}: {err['msg']}")
+    return "invalid graph spec:\n  " + "\n  ".join(lines)
+
+
+def encode_constant(value: Any) -> Constant:
+    """Python scalars stay scalars (so numpy keeps treating them as weakly typed)."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    return ArrayData.from_numpy(value)
+
+
+def decode_constant(value: Constant) -> Any:
+    """Inverse of :func:`encode_constant`."""
+    if isinstance(value, ArrayData):
+        return value.to_numpy()
+    if isinstance(value, dict):  # a constant validated from JSON before model conversion
+        return ArrayData.model_validate(value).to_numpy()
+    return value
