@@ -1,0 +1,76 @@
+"""distgraph: computational graphs with reverse-mode autodiff, run level by level on Ray actors.
+
+The public surface is re-exported here explicitly; everything else is internal.
+"""
+
+from . import testing as testing
+from .autodiff import grad as grad
+from .errors import CheckpointError as CheckpointError
+from .errors import ClusterError as ClusterError
+from .errors import ConfigError as ConfigError
+from .errors import CycleError as CycleError
+from .errors import DistgraphError as DistgraphError
+from .errors import DTypeError as DTypeError
+from .errors import ExecutionError as ExecutionError
+from .errors import FeedError as FeedError
+from .errors import GradientCheckError as GradientCheckError
+from .errors import GraphError as GraphError
+from .errors import NonFiniteError as NonFiniteError
+from .errors import ShapeError as ShapeError
+from .errors import SpecError as SpecError
+from .errors import UnknownOpError as UnknownOpError
+from .errors import WaveTimeoutError as WaveTimeoutError
+from .errors import WorkerLostError as WorkerLostError
+from .graph import Graph as Graph
+from .graph import Node as Node
+from .graph import abs as abs
+from .graph import broadcast_to as broadcast_to
+from .graph import concat as concat
+from .graph import cross_entropy as cross_entropy
+from .graph import exp as exp
+from .graph import log as log
+from .graph import log_softmax as log_softmax
+from .graph import matmul as matmul
+from .graph import max as max
+from .graph import maximum as maximum
+from .graph import mean as mean
+from .graph import minimum as minimum
+from .graph import mse as mse
+from .graph import relu as relu
+from .graph import reshape as reshape
+from .graph import sigmoid as sigmoid
+from .graph import softmax as softmax
+from .graph import softplus as softplus
+from .graph import sqrt as sqrt
+from .graph import stop_gradient as stop_gradient
+from .graph import sum as sum
+from .graph import tanh as tanh
+from .graph import transpose as transpose
+from .graph import where as where
+from .optim import SGD as SGD
+from .optim import Adam as Adam
+from .optim import Momentum as Momentum
+from .optim import Optimizer as Optimizer
+from .result import Result as Result
+from .result import TraceEvent as TraceEvent
+from .runtime.local import LocalExecutor as LocalExecutor
+from .spec import GraphSpec as GraphSpec
+from .spec import NodeSpec as NodeSpec
+from .train import History as History
+from .train import Trainer as Trainer
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Ray is imported only when the Ray executor is asked for: the core runs without it.
+    if name == "RayExecutor":
+        from .runtime.ray import RayExecutor
+
+        return RayExecutor
+    if name in ("Plan", "partition"):
+        from . import partition as _partition
+        from . import plan as _plan
+
+        return {"Plan": _plan.Plan, "partition": _partition.partition}[name]
+    raise AttributeError(f"module 'distgraph' has no attribute {name!r}")

@@ -1,0 +1,152 @@
+"""Reverse-mode autodiff as a graph transform.
+
+``grad(g, of)`` walks the forward nodes in reverse topological order and appends, for every
+differentiable input of every node on a path to ``of``, one ``vjp`` node computing that input's
+share of the gradient; nodes read by several consumers get an ``add_n`` node summing the shares
+in a fixed order. Forward nodes are untouched, so the backward nodes are ordinary nodes that
+levels, partitioners and executors handle like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import GraphError
+from .graph import Graph
+from .ops import LEAF_OPS, get_op
+
+
+def grad_name(node: str) -> str:
+    """Name of the node holding the total gradient of ``node`` (when shares are summed)."""
+    return f"grad:{node}"
+
+
+def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
+    """Return a copy of ``graph`` with backward nodes for d(``of``)/d(``wrt``) appended.
+
+    ``wrt`` defaults to every floating-point input and param. A non-scalar ``of`` is seeded
+    with ones (the gradient of its sum). The result's ``grads`` maps each name in ``wrt`` to the
+    node holding its gradient.
+    """
+    if graph.grad_of is not None:
+        raise GraphError(f"graph already holds the backward pass of {graph.grad_of!r}")
+    if of not in graph:
+        raise GraphError(f"cannot differentiate {of!r}: no such node")
+    of = graph[of].name
+    nodes = {n.name: n for n in graph.nodes}
+    if np.dtype(nodes[of].dtype or "float64").kind != "f":
+        raise GraphError(
+            f"cannot differentiate {of!r}: its dtype {nodes[of].dtype} is not floating"
+        )
+
+    leaves = [n.name for n in nodes.values() if n.op in ("input", "param")]
+    if wrt is None:
+        wrt = [n for n in leaves if np.dtype(nodes[n].dtype or "float64").kind == "f"]
+    else:
+        wrt = [graph[n].name for n in wrt]
+        for n in wrt:
+            if nodes[n].op not in ("input", "param"):
+                raise GraphError(
+                    f"can only take gradients with respect to inputs and params, not {n!r}"
+                )
+    targets = set(wrt)
+
+    # Nodes that lie on a path from a target leaf to `of`.
+    ancestors = {of}
+    for name in reversed(list(nodes)):
+        if name in ancestors:
+            ancestors.update(nodes[name].inputs)
+    needs: dict[str, bool] = {}
+    for name, node in nodes.items():
+        if name not in ancestors:
+            continue
+        if node.op in LEAF_OPS:
+            needs[name] = name in targets
+        else:
+            op = get_op(node.op)
+            needs[name] = any(
+                op.has_vjp(i) and needs.get(s, False) for i, s in enumerate(node.inputs)
+            )
+
+    out = graph.copy()
+    shares: dict[str, list[str]] = {}
+    grad_node: dict[str, str] = {}
+    for name in reversed(list(nodes)):
+        if not needs.get(name):
+            continue
+        node = nodes[name]
+        if name == of:
+            g = out._add(
+                grad_name(of),
+                "ones_like",
+                [of],
+                {},
+                _shape(node),
+                node.dtype,
+                False,
+                "backward",
+                of,
+            ).name
+        elif len(shares.get(name, ())) == 1:
+            g = shares[name][0]
+        elif shares.get(name):
+            g = out._add(
+                grad_name(name),
+                "add_n",
+                shares[name],
+                {},
+                _shape(node),
+                node.dtype,
+                False,
+                "backward",
+                name,
+            ).name
+        else:
+            continue
+        grad_node[name] = g
+        if node.op in LEAF_OPS:
+            continue
+        op = get_op(node.op)
+        for i, src in enumerate(node.inputs):
+            if not (op.has_vjp(i) and needs.get(src)):
+                continue
+            inputs = [g, name] if op.uses_out else [g]
+            share = out._add(
+                f"vjp:{name}:{i}",
+                "vjp",
+                inputs + list(node.inputs),
+                {"op": node.op, "argnum": i, "attrs": node.attrs},
+                _shape(nodes[src]),
+                nodes[src].dtype,
+                False,
+                "backward",
+                name,
+            ).name
+            shares.setdefault(src, []).append(share)
+
+    grads: dict[str, str] = {}
+    for leaf in wrt:
+        if leaf in grad_node:
+            grads[leaf] = grad_node[leaf]
+        else:  # no path to `of`: the gradient is zero, still a node so every executor agrees
+            node = nodes[leaf]
+            grads[leaf] = out._add(
+                grad_name(leaf),
+                "zeros_like",
+                [leaf],
+                {},
+                _shape(node),
+                node.dtype,
+                False,
+                "backward",
+                leaf,
+            ).name
+    out._grads = grads
+    out._grad_of = of
+    return out
+
+
+def _shape(node) -> tuple | None:
+    return None if node.shape is None else tuple(node.shape)

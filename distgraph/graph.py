@@ -1,0 +1,822 @@
+"""The tracing front end: a ``Graph`` and the ``Node`` handles whose operators build it.
+
+Every node added is checked at once (op known, inputs present, shapes and dtypes compatible), so
+a bad graph fails on the line that built the bad node. The graph's content is plain data
+(:class:`~distgraph.spec.GraphSpec`); handles only point into it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import schedule
+from .errors import DTypeError, GraphError, ShapeError, SpecError
+from .ops import LEAF_OPS, get_op, run_op
+from .spec import (
+    ALLOWED_DTYPES,
+    NAME_PATTERN,
+    ArrayData,
+    GraphSpec,
+    NodeSpec,
+    Shape,
+    decode_constant,
+    encode_constant,
+)
+
+Scalar = int | float | bool
+Operand = "Node | np.ndarray | Scalar"
+
+
+class Node:
+    """A handle on one node of a :class:`Graph`; Python operators add new nodes."""
+
+    __slots__ = ("_name", "graph")
+    __array_priority__ = 1000  # so ndarray <op> Node defers to Node's reflected operator
+
+    def __init__(self, graph: Graph, name: str):
+        self.graph = graph
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The node's current name (follows renames made by ``Graph.output``)."""
+        return self.graph._resolve(self._name)
+
+    @property
+    def spec(self) -> NodeSpec:
+        """The node's IR record."""
+        return self.graph._nodes[self.name]
+
+    @property
+    def op(self) -> str:
+        """The op name."""
+        return self.spec.op
+
+    @property
+    def shape(self) -> Shape | None:
+        """Inferred shape (``None`` entries: batch dimensions; ``None``: unknown)."""
+        s = self.spec.shape
+        return None if s is None else tuple(s)
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """Inferred dtype, if known."""
+        d = self.spec.dtype
+        return None if d is None else np.dtype(d)
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name} op={self.op} shape={self.shape} dtype={self.spec.dtype}>"
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __bool__(self) -> bool:
+        raise TypeError("a graph node has no truth value until the graph runs")
+
+    # Arithmetic ------------------------------------------------------------------------------
+    def __add__(self, other: Any) -> Node:
+        return self.graph.apply("add", self, other)
+
+    def __radd__(self, other: Any) -> Node:
+        return self.graph.apply("add", other, self)
+
+    def __sub__(self, other: Any) -> Node:
+        return self.graph.apply("sub", self, other)
+
+    def __rsub__(self, other: Any) -> Node:
+        return self.graph.apply("sub", other, self)
+
+    def __mul__(self, other: Any) -> Node:
+        return self.graph.apply("mul", self, other)
+
+    def __rmul__(self, other: Any) -> Node:
+        return self.graph.apply("mul", other, self)
+
+    def __truediv__(self, other: Any) -> Node:
+        return self.graph.apply("div", self, other)
+
+    def __rtruediv__(self, other: Any) -> Node:
+        return self.graph.apply("div", other, self)
+
+    def __matmul__(self, other: Any) -> Node:
+        return self.graph.apply("matmul", self, other)
+
+    def __rmatmul__(self, other: Any) -> Node:
+        return self.graph.apply("matmul", other, self)
+
+    def __pow__(self, exponent: Any) -> Node:
+        if isinstance(exponent, Node):
+            raise GraphError("pow takes a constant exponent; use exp(b * log(a)) for a node")
+        if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
+            raise GraphError(f"pow exponent must be an int or float, got {exponent!r}")
+        return self.graph.apply("pow", self, exponent=exponent)
+
+    def __neg__(self) -> Node:
+        return self.graph.apply("neg", self)
+
+    def __pos__(self) -> Node:
+        return self
+
+    def __getitem__(self, key: Any) -> Node:
+        return self.graph.apply("index", self, index=_encode_index(key))
+
+    # Methods mirroring numpy -----------------------------------------------------------------
+    def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
+        """Sum over ``axis`` (all axes by default)."""
+        return self.graph.apply("sum", self, axis=_axis(axis), keepdims=keepdims)
+
+    def mean(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
+        """Mean over ``axis``."""
+        return self.graph.apply("mean", self, axis=_axis(axis), keepdims=keepdims)
+
+    def max(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
+        """Maximum over ``axis``."""
+        return self.graph.apply("max", self, axis=_axis(axis), keepdims=keepdims)
+
+    def reshape(self, *shape: Any) -> Node:
+        """Reshape (one dimension may be -1)."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return self.graph.apply("reshape", self, shape=[int(d) for d in shape])
+
+    def transpose(self, *axes: int) -> Node:
+        """Permute axes (reverse them when none are given)."""
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        return self.graph.apply("transpose", self, axes=list(axes) if axes else None)
+
+    @property
+    def T(self) -> Node:
+        """Axes reversed."""
+        return self.transpose()
+
+    def astype(self, dtype: Any) -> Node:
+        """Cast to another dtype."""
+        return self.graph.apply("cast", self, dtype=np.dtype(dtype).name)
+
+
+class Graph:
+    """A computational graph under construction.
+
+    >>> g = Graph()
+    >>> x = g.input("x"); w = g.param("w", 3.0); b = g.param("b", 1.0)
+    >>> z = g.output("z", x * w + b)
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeSpec] = {}
+        self._params: dict[str, np.ndarray] = {}
+        self._constants: dict[str, Any] = {}
+        self._outputs: list[str] = []
+        self._alias: dict[str, str] = {}
+        self._auto: set[str] = set()
+        self._counter = itertools.count(1)
+        self._grads: dict[str, str] = {}
+        self._grad_of: str | None = None
+        self._scalar_consts: dict[tuple[str, str], str] = {}
+        self.version = 0  # bumped on every change, so compiled programs know they are stale
+
+    # Leaves ----------------------------------------------------------------------------------
+    def input(
+        self, name: str, shape: Sequence[int | None] | None = None, dtype: Any = None
+    ) -> Node:
+        """Declare a fed input. ``None`` in ``shape`` marks a batch dimension; no shape: any."""
+        dt = _dtype_name(dtype if dtype is not None else "float64", f"input {name!r}")
+        if shape is not None:
+            shape = tuple(None if d is None else int(d) for d in shape)
+            if any(d is not None and d < 0 for d in shape):
+                raise ShapeError(f"input {name!r}: negative dimension in shape {shape}")
+        return self._add(name, "input", [], {}, shape, dt, user_named=True)
+
+    def param(self, name: str, value: Any) -> Node:
+        """Declare a trainable parameter with its initial value (a scalar or an ndarray)."""
+        arr = np.array(value)  # a copy: later changes to the caller's array don't leak in
+        if arr.dtype.kind in "iub":
+            arr = arr.astype(np.float64)
+        if arr.dtype.kind != "f":
+            raise DTypeError(f"param {name!r}: values must be floating point, got {arr.dtype}")
+        node = self._add(name, "param", [], {}, arr.shape, arr.dtype.name, user_named=True)
+        self._params[name] = arr
+        return node
+
+    def const(self, value: Any, name: str | None = None) -> Node:
+        """A constant; Python scalars stay weakly typed (``x32 * 2.0`` stays float32)."""
+        if isinstance(value, (bool, int, float)):
+            key = (type(value).__name__, repr(value))
+            if name is None and key in self._scalar_consts:  # one node per distinct scalar
+                return Node(self, self._resolve(self._scalar_consts[key]))
+            shape: Shape = ()
+            dtype = np.result_type(value).name
+        else:
+            value = np.array(value)
+            _dtype_name(value.dtype, "constant")
+            shape, dtype = value.shape, value.dtype.name
+        node = self._add(name, "const", [], {}, shape, dtype, user_named=name is not None)
+        self._constants[node.name] = value
+        if name is None and isinstance(value, (bool, int, float)):
+            self._scalar_consts[(type(value).__name__, repr(value))] = node.name
+        return node
+
+    def output(self, name: str, node: Node) -> Node:
+        """Mark ``node`` as an output called ``name`` and return its handle."""
+        node = self._own(node)
+        current = node.name
+        if name == current:
+            if name not in self._outputs:
+                self._outputs.append(name)
+            return node
+        if current in self._auto and current not in self._outputs:
+            self._rename(current, name)
+            self._outputs.append(name)
+            return Node(self, name)
+        out = self.apply("identity", node, name=name)
+        self._outputs.append(name)
+        return out
+
+    # Building --------------------------------------------------------------------------------
+    def apply(self, op: str, *operands: Any, name: str | None = None, **attrs: Any) -> Node:
+        """Add a node applying registered ``op`` to ``operands`` (nodes or constants)."""
+        get_op(op)
+        inputs = [self._operand(x) for x in operands]
+        names = [n.name for n in inputs]
+        shapes = [n.spec.shape for n in inputs]
+        dtypes = [n.spec.dtype for n in inputs]
+        label = name or "(new)"
+        shape, dtype = infer(op, shapes, dtypes, attrs, self._weak_values(names), label)
+        return self._add(name, op, names, attrs, shape, dtype, user_named=name is not None)
+
+    def _operand(self, x: Any) -> Node:
+        if isinstance(x, Node):
+            return self._own(x)
+        if isinstance(x, (bool, int, float, np.ndarray, np.generic, list)):
+            return self.const(x.item() if isinstance(x, np.generic) else x)
+        raise GraphError(f"cannot use {type(x).__name__} {x!r} as a graph operand")
+
+    def _weak_values(self, names: list[str]) -> list[Any]:
+        """Scalar constants by value (numpy promotes them weakly); None for everything else."""
+        return [
+            self._constants.get(n) if isinstance(self._constants.get(n), (int, float)) else None
+            for n in names
+        ]
+
+    def _own(self, node: Node) -> Node:
+        if node.graph is not self:
+            raise GraphError(f"node {node.name!r} belongs to another graph")
+        return node
+
+    def _add(
+        self,
+        name: str | None,
+        op: str,
+        inputs: list[str],
+        attrs: dict,
+        shape: Shape | None,
+        dtype: str | None,
+        user_named: bool,
+        phase: str = "forward",
+        origin: str | None = None,
+    ) -> Node:
+        if name is None:
+            name = f"{op}_{next(self._counter)}"
+            while name in self._nodes:
+                name = f"{op}_{next(self._counter)}"
+            self._auto.add(name)
+        elif user_named:
+            _check_name(name)
+        if name in self._nodes:
+            raise GraphError(f"a node named {name!r} already exists")
+        self.version += 1
+        self._nodes[name] = NodeSpec.model_construct(
+            name=name,
+            op=op,
+            inputs=inputs,
+            attrs=attrs,
+            shape=None if shape is None else list(shape),
+            dtype=dtype,
+            phase=phase,
+            origin=origin,
+        )
+        return Node(self, name)
+
+    def _resolve(self, name: str) -> str:
+        while name in self._alias:
+            name = self._alias[name]
+        return name
+
+    def _rename(self, old: str, new: str) -> None:
+        _check_name(new)
+        if new in self._nodes:
+            raise GraphError(f"a node named {new!r} already exists")
+        renamed: dict[str, NodeSpec] = {}
+        for key, spec in self._nodes.items():
+            if key == old:
+                spec = spec.model_copy(update={"name": new})
+                key = new
+            if old in spec.inputs:
+                spec = spec.model_copy(
+                    update={"inputs": [new if i == old else i for i in spec.inputs]}
+                )
+            renamed[key] = spec
+        self._nodes = renamed
+        self.version += 1
+        self._auto.discard(old)
+        if old in self._constants:
+            self._constants[new] = self._constants.pop(old)
+        self._alias[old] = new
+
+    def copy(self) -> Graph:
+        """An independent copy (node records are immutable and shared)."""
+        new = Graph()
+        new._nodes = dict(self._nodes)
+        new._params = {k: v.copy() for k, v in self._params.items()}
+        new._constants = dict(self._constants)
+        new._outputs = list(self._outputs)
+        new._alias = dict(self._alias)
+        new._auto = set(self._auto)
+        new._counter = itertools.count(next(self._counter))
+        new._grads = dict(self._grads)
+        new._grad_of = self._grad_of
+        new._scalar_consts = dict(self._scalar_consts)
+        return new
+
+    # Views -------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Node:
+        name = self._resolve(name)
+        if name not in self._nodes:
+            raise GraphError(f"no node named {name!r}")
+        return Node(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._resolve(name) in self._nodes
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @property
+    def nodes(self) -> list[NodeSpec]:
+        """Node records in topological (insertion) order."""
+        return list(self._nodes.values())
+
+    @property
+    def outputs(self) -> list[str]:
+        """Names of the declared outputs."""
+        return list(self._outputs)
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """Parameter values by name (copies)."""
+        return {k: v.copy() for k, v in self._params.items()}
+
+    @property
+    def inputs(self) -> list[str]:
+        """Names of the fed inputs."""
+        return [n.name for n in self._nodes.values() if n.op == "input"]
+
+    @property
+    def grads(self) -> dict[str, str]:
+        """After :func:`distgraph.grad`: input/param name -> node holding its gradient."""
+        return dict(self._grads)
+
+    @property
+    def grad_of(self) -> str | None:
+        """The node this graph's backward nodes differentiate, if any."""
+        return self._grad_of
+
+    @property
+    def spec(self) -> GraphSpec:
+        """The graph as plain data."""
+        return GraphSpec.model_construct(
+            format="distgraph.graph/1",
+            nodes=list(self._nodes.values()),
+            outputs=list(self._outputs),
+            params={k: ArrayData.from_numpy(v) for k, v in self._params.items()},
+            constants={k: encode_constant(v) for k, v in self._constants.items()},
+            grads=dict(self._grads),
+            grad_of=self._grad_of,
+        )
+
+    def levels(self, phase: str | None = None) -> list[list[str]]:
+        """Node names grouped by topological level (``phase`` filters forward/backward)."""
+        inputs_of = {n.name: n.inputs for n in self._nodes.values()}
+        order = list(self._nodes)
+        level = schedule.node_levels(order, inputs_of)
+        keep = [n for n in order if phase is None or self._nodes[n].phase == phase]
+        return [lv for lv in schedule.group_levels(keep, level) if lv]
+
+    def to_json(self, indent: int | None = None) -> str:
+        """Serialize (param values and constants included) to JSON text."""
+        return self.spec.to_json(indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Graph:
+        """Load and validate a graph written by :meth:`to_json`; never unpickles."""
+        return cls.from_spec(GraphSpec.from_json(text))
+
+    @classmethod
+    def from_spec(cls, spec: GraphSpec) -> Graph:
+        """Rebuild a graph from its spec, re-checking ops, names, order, shapes and dtypes."""
+        g = cls()
+        by_name: dict[str, NodeSpec] = {}
+        for i, node in enumerate(spec.nodes):
+            if node.name in by_name:
+                raise SpecError(f"nodes.{i}.name: duplicate node name {node.name!r}")
+            if node.op != "vjp" and node.op not in LEAF_OPS:
+                try:
+                    get_op(node.op)
+                except GraphError as e:
+                    raise SpecError(f"nodes.{i}.op: {e}") from None
+            by_name[node.name] = node
+        order = schedule.toposort({n.name: n.inputs for n in spec.nodes})
+        params = {k: v.to_numpy() for k, v in spec.params.items()}
+        constants = {k: decode_constant(v) for k, v in spec.constants.items()}
+        for name in order:
+            node = by_name[name]
+            if node.op == "param":
+                if name not in params:
+                    raise SpecError(f"params.{name}: param node has no value")
+                g.param(name, params[name])
+            elif node.op == "const":
+                if name not in constants:
+                    raise SpecError(f"constants.{name}: const node has no value")
+                g.const(constants[name], name=name)
+            elif node.op == "input":
+                g.input(name, node.shape, node.dtype)
+            elif node.op == "vjp":
+                g._add_vjp_spec(node)
+            else:
+                g._rebuild(node)
+        for out in spec.outputs:
+            if out not in g._nodes:
+                raise SpecError(f"outputs: {out!r} is not a node")
+            g._outputs.append(out)
+        for src, dst in spec.grads.items():
+            if src not in g._nodes or dst not in g._nodes:
+                raise SpecError(f"grads.{src}: refers to a missing node")
+        g._grads = dict(spec.grads)
+        g._grad_of = spec.grad_of
+        return g
+
+    def _rebuild(self, node: NodeSpec) -> None:
+        names = list(node.inputs)
+        shapes = [self._nodes[n].shape for n in names]
+        dtypes = [self._nodes[n].dtype for n in names]
+        shape, dtype = infer(
+            node.op, shapes, dtypes, node.attrs, self._weak_values(names), node.name
+        )
+        self._add(
+            node.name,
+            node.op,
+            names,
+            dict(node.attrs),
+            shape,
+            dtype,
+            False,
+            node.phase,
+            node.origin,
+        )
+
+    def _add_vjp_spec(self, node: NodeSpec) -> None:
+        attrs = node.attrs
+        if not isinstance(attrs.get("op"), str) or not isinstance(attrs.get("argnum"), int):
+            raise SpecError(f"nodes.{node.name}.attrs: a vjp node needs 'op' and 'argnum'")
+        op = get_op(attrs["op"])
+        if not op.has_vjp(attrs["argnum"]):
+            raise SpecError(
+                f"nodes.{node.name}.attrs: {attrs['op']} input {attrs['argnum']} has no gradient"
+            )
+        src = (
+            node.inputs[1 + int(op.uses_out) + attrs["argnum"]]
+            if len(node.inputs) > 1 + int(op.uses_out) + attrs["argnum"]
+            else None
+        )
+        if src is None:
+            raise SpecError(f"nodes.{node.name}.inputs: too few inputs for a vjp of {attrs['op']}")
+        ref = self._nodes[src]
+        self._add(
+            node.name,
+            "vjp",
+            list(node.inputs),
+            dict(attrs),
+            _opt_shape(ref.shape),
+            ref.dtype,
+            False,
+            "backward",
+            node.origin,
+        )
+
+
+# --- shape and dtype inference --------------------------------------------------------------
+
+
+def infer(
+    op: str,
+    shapes: Sequence[Sequence[int | None] | None],
+    dtypes: Sequence[str | None],
+    attrs: dict,
+    weak: Sequence[Any],
+    node: str,
+) -> tuple[Shape | None, str | None]:
+    """Output shape and dtype of ``op`` on inputs of these shapes/dtypes; raises on mismatch."""
+    spec = get_op(op)
+    if spec.arity is not None and len(shapes) != spec.arity:
+        raise GraphError(f"node {node!r} (op {op}): takes {spec.arity} inputs, got {len(shapes)}")
+    if spec.arity is None and not shapes:
+        raise GraphError(f"node {node!r} (op {op}): needs at least one input")
+    if any(s is None for s in shapes):
+        return None, _infer_dtype(op, dtypes, attrs, weak, node)
+    shapes = [tuple(s) for s in shapes]  # type: ignore[misc]
+    if spec.elementwise:
+        shape = _broadcast(shapes, op, node)
+        return shape, _infer_dtype(op, dtypes, attrs, weak, node)
+    if op == "matmul":
+        return _matmul_shape(shapes[0], shapes[1], node), _infer_dtype(
+            op, dtypes, attrs, weak, node
+        )
+    return _infer_by_running(op, shapes, dtypes, attrs, weak, node)
+
+
+def _broadcast(shapes: Sequence[Shape], op: str, node: str) -> Shape:
+    ndim = max(len(s) for s in shapes)
+    out: list[int | None] = []
+    for i in range(ndim):
+        dims = {s[len(s) - ndim + i] for s in shapes if len(s) - ndim + i >= 0}
+        fixed = {d for d in dims if d is not None and d != 1}
+        if len(fixed) > 1:
+            raise ShapeError(
+                f"node {node!r} (op {op}): shapes {_fmt(shapes)} do not broadcast "
+                f"(axis {i - ndim}: {sorted(fixed)})"
+            )
+        out.append(fixed.pop() if fixed else (None if None in dims else 1))
+    return tuple(out)
+
+
+def _matmul_shape(a: Shape, b: Shape, node: str) -> Shape:
+    if not a or not b:
+        raise ShapeError(
+            f"node {node!r} (op matmul): operands must be at least 1-D, got {_fmt([a, b])}"
+        )
+    a2 = (1, *a) if len(a) == 1 else a
+    b2 = (*b, 1) if len(b) == 1 else b
+    k1, k2 = a2[-1], b2[-2]
+    if k1 is not None and k2 is not None and k1 != k2:
+        raise ShapeError(
+            f"node {node!r} (op matmul): shapes {_fmt([a, b])} do not align ({k1} != {k2})"
+        )
+    batch = _broadcast([a2[:-2], b2[:-2]], "matmul", node)
+    out = (*batch, a2[-2], b2[-1])
+    if len(a) == 1:
+        out = out[:-2] + out[-1:]
+    if len(b) == 1:
+        out = out[:-1]
+    return out
+
+
+def _dummy(shape: Shape, dtype: str | None, batch: int, weak: Any) -> Any:
+    if weak is not None:
+        return weak
+    dt = np.dtype(dtype or "float64")
+    concrete = tuple(batch if d is None else d for d in shape)
+    # Zero-stride views: inference never allocates a parameter-sized array.
+    fill = np.zeros((), dt) if dt.kind in "iub" else np.full((), 0.5, dt)
+    return np.broadcast_to(fill, concrete)
+
+
+def _infer_by_running(
+    op: str,
+    shapes: list[Shape],
+    dtypes: Sequence[str | None],
+    attrs: dict,
+    weak: Sequence[Any],
+    node: str,
+) -> tuple[Shape | None, str | None]:
+    has_batch = any(d is None for s in shapes for d in s)
+    results = []
+    for batch in (2, 3) if has_batch else (1,):
+        args = [_dummy(s, d, batch, w) for s, d, w in zip(shapes, dtypes, weak)]
+        try:
+            with np.errstate(all="ignore"):
+                results.append(np.asarray(run_op(op, args, attrs)))
+        except Exception as e:  # numpy's own message says what did not fit
+            results.append(e)
+    errors = [r for r in results if isinstance(r, Exception)]
+    if len(errors) == len(results):
+        raise ShapeError(
+            f"node {node!r} (op {op}): inputs of shapes {_fmt(shapes)} and dtypes {list(dtypes)} "
+            f"with attrs {attrs} do not fit: {errors[0]}"
+        ) from None
+    if errors:
+        return None, results[1 - results.index(errors[0])].dtype.name
+    if len(results) == 1:
+        return results[0].shape, results[0].dtype.name
+    a, b = results
+    if a.ndim != b.ndim:
+        return None, a.dtype.name
+    return tuple(x if x == y else None for x, y in zip(a.shape, b.shape)), a.dtype.name
+
+
+def _infer_dtype(
+    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str
+) -> str | None:
+    if any(d is None for d in dtypes):
+        return None
+    args = [w if w is not None else np.zeros((), d) for d, w in zip(dtypes, weak)]
+    try:
+        with np.errstate(all="ignore"):
+            return np.asarray(run_op(op, args, attrs)).dtype.name
+    except Exception as e:
+        raise DTypeError(
+            f"node {node!r} (op {op}): dtypes {list(dtypes)} do not fit: {e}"
+        ) from None
+
+
+def _fmt(shapes: Sequence[Any]) -> str:
+    return " and ".join(str(tuple(s)) if s is not None else "(unknown)" for s in shapes)
+
+
+def _opt_shape(shape: Any) -> Shape | None:
+    return None if shape is None else tuple(shape)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise GraphError(
+            f"invalid node name {name!r}: use letters, digits, '_', '.', '-', '/', '[', ']' "
+            "and start with a letter or '_' (':' is reserved for generated gradient nodes)"
+        )
+
+
+def _dtype_name(dtype: Any, what: str) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        raise DTypeError(f"{what}: {dtype!r} is not a dtype") from None
+    if name not in ALLOWED_DTYPES:
+        raise DTypeError(f"{what}: dtype {name} is not supported")
+    return name
+
+
+def _axis(axis: int | Sequence[int] | None) -> int | list[int] | None:
+    if axis is None or isinstance(axis, int):
+        return axis
+    return [int(a) for a in axis]
+
+
+def _encode_index(key: Any) -> list[Any]:
+    """An indexing key as JSON: ints, {'slice': [start, stop, step]}, None, '...', int lists."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    out: list[Any] = []
+    for k in key:
+        if isinstance(k, slice):
+            out.append({"slice": [k.start, k.stop, k.step]})
+        elif k is Ellipsis:
+            out.append("...")
+        elif k is None or (isinstance(k, (int, np.integer)) and not isinstance(k, bool)):
+            out.append(None if k is None else int(k))
+        elif isinstance(k, (list, np.ndarray)) and np.asarray(k).dtype.kind in "iu":
+            out.append(np.asarray(k).tolist())
+        else:
+            raise GraphError(f"unsupported index {k!r}: use ints, slices, None, ... or int lists")
+    return out
+
+
+# --- functional forms ---------------------------------------------------------------------------
+
+
+def _graph_of(*xs: Any) -> Graph:
+    for x in xs:
+        if isinstance(x, Node):
+            return x.graph
+        if isinstance(x, (list, tuple)):
+            for y in x:
+                if isinstance(y, Node):
+                    return y.graph
+    raise GraphError("at least one operand must be a graph node")
+
+
+def _fn(op: str, *xs: Any, **attrs: Any) -> Node:
+    return _graph_of(*xs).apply(op, *xs, **attrs)
+
+
+def exp(x: Node) -> Node:
+    """Elementwise e**x."""
+    return _fn("exp", x)
+
+
+def log(x: Node) -> Node:
+    """Elementwise natural logarithm."""
+    return _fn("log", x)
+
+
+def sqrt(x: Node) -> Node:
+    """Elementwise square root."""
+    return _fn("sqrt", x)
+
+
+def abs(x: Node) -> Node:
+    """Elementwise absolute value."""
+    return _fn("abs", x)
+
+
+def relu(x: Node) -> Node:
+    """max(x, 0)."""
+    return _fn("relu", x)
+
+
+def sigmoid(x: Node) -> Node:
+    """1 / (1 + e**-x), computed without overflow."""
+    return _fn("sigmoid", x)
+
+
+def tanh(x: Node) -> Node:
+    """Hyperbolic tangent."""
+    return _fn("tanh", x)
+
+
+def softplus(x: Node) -> Node:
+    """log(1 + e**x), computed without overflow."""
+    return _fn("softplus", x)
+
+
+def maximum(a: Any, b: Any) -> Node:
+    """Elementwise maximum (ties send the gradient to ``a``)."""
+    return _fn("maximum", a, b)
+
+
+def minimum(a: Any, b: Any) -> Node:
+    """Elementwise minimum (ties send the gradient to ``a``)."""
+    return _fn("minimum", a, b)
+
+
+def matmul(a: Any, b: Any) -> Node:
+    """Matrix product with numpy's rules (2-D, batched, 1-D operands)."""
+    return _fn("matmul", a, b)
+
+
+def sum(x: Node, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
+    """Sum over ``axis``."""
+    return x.sum(axis, keepdims)
+
+
+def mean(x: Node, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
+    """Mean over ``axis``."""
+    return x.mean(axis, keepdims)
+
+
+def max(x: Node, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
+    """Maximum over ``axis`` (ties share the gradient)."""
+    return x.max(axis, keepdims)
+
+
+def reshape(x: Node, shape: Sequence[int]) -> Node:
+    """Reshape to ``shape``."""
+    return x.reshape(tuple(shape))
+
+
+def transpose(x: Node, axes: Sequence[int] | None = None) -> Node:
+    """Permute axes."""
+    return x.transpose(*(axes or ()))
+
+
+def broadcast_to(x: Node, shape: Sequence[int]) -> Node:
+    """Broadcast to ``shape``."""
+    return _fn("broadcast_to", x, shape=[int(d) for d in shape])
+
+
+def concat(xs: Sequence[Any], axis: int = 0) -> Node:
+    """Join along an existing axis."""
+    return _graph_of(list(xs)).apply("concat", *xs, axis=axis)
+
+
+def where(cond: Any, a: Any, b: Any) -> Node:
+    """``a`` where ``cond`` else ``b``; the condition takes no gradient."""
+    return _fn("where", cond, a, b)
+
+
+def softmax(x: Node, axis: int = -1) -> Node:
+    """Softmax over ``axis``."""
+    return _fn("softmax", x, axis=axis)
+
+
+def log_softmax(x: Node, axis: int = -1) -> Node:
+    """Log of softmax over ``axis``, computed stably."""
+    return _fn("log_softmax", x, axis=axis)
+
+
+def mse(pred: Any, target: Any) -> Node:
+    """Mean squared error, a scalar."""
+    return _fn("mse", pred, target)
+
+
+def cross_entropy(logits: Any, labels: Any) -> Node:
+    """Mean softmax cross-entropy; ``labels`` are class indices or probability rows."""
+    return _fn("cross_entropy", logits, labels)
+
+
+def stop_gradient(x: Node) -> Node:
+    """Identity forward, no gradient backward."""
+    return _fn("stop_gradient", x)

@@ -1,0 +1,1 @@
+"""Executors: the in-process reference (``local``) and the Ray driver (``ray``)."""

@@ -1,0 +1,113 @@
+"""What every executor offers: ``run`` a request, and open a training session."""
+
+from __future__ import annotations
+
+import abc
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..checkpoint import Checkpoint
+from ..graph import Graph
+from ..optim import Optimizer
+from ..paramstore import ParameterStore
+from ..program import Program, compile_program
+from ..result import Result, TraceEvent
+
+
+class TrainingSession(abc.ABC):
+    """A graph, a loss and an optimizer bound to an executor, stepping by step id."""
+
+    @abc.abstractmethod
+    def step(self, step_id: int, feeds: Mapping[str, Any]) -> float:
+        """Forward, backward and one optimizer update as step ``step_id``; returns the loss."""
+
+    @property
+    @abc.abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Current parameter values."""
+
+    @abc.abstractmethod
+    def checkpoint(self) -> Checkpoint:
+        """A snapshot of params, optimizer state and applied steps."""
+
+    @abc.abstractmethod
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Replace params, optimizer state and the applied-step record."""
+
+    @property
+    @abc.abstractmethod
+    def applied_steps(self) -> list[int]:
+        """Step ids applied so far, in order."""
+
+    last_trace: list[TraceEvent] = []
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources held for the session."""
+
+
+class Executor(abc.ABC):
+    """Base class; compiled programs are cached per (graph version, request)."""
+
+    _cache_size = 16
+
+    def __init__(self) -> None:
+        self._programs: OrderedDict[tuple, tuple[Graph, Program]] = OrderedDict()
+
+    @abc.abstractmethod
+    def run(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, Any] | None = None,
+        outputs: Sequence[str] | str | None = None,
+        grad: str | None = None,
+        *,
+        check_finite: bool = False,
+        trace: bool = False,
+    ) -> Result:
+        """Compute ``outputs`` (default: the graph's outputs) and, with ``grad``, gradients."""
+
+    @abc.abstractmethod
+    def training_session(
+        self,
+        graph: Graph,
+        loss: str,
+        optimizer: Optimizer,
+        store: ParameterStore,
+        check_finite: bool = False,
+    ) -> TrainingSession:
+        """Bind a graph, its loss and parameter store for repeated training steps."""
+
+    def program(
+        self,
+        graph: Graph,
+        outputs: Sequence[str] | str | None = None,
+        grad: str | None = None,
+        wrt: Sequence[str] | None = None,
+    ) -> Program:
+        """The compiled program for a request (cached while the graph is unchanged)."""
+        key = (
+            id(graph),
+            graph.version,
+            None if outputs is None else tuple([outputs] if isinstance(outputs, str) else outputs),
+            grad,
+            None if wrt is None else tuple(wrt),
+        )
+        hit = self._programs.get(key)
+        if hit is not None and hit[0] is graph:
+            self._programs.move_to_end(key)
+            return hit[1]
+        prog = compile_program(graph, outputs, grad, wrt)
+        self._programs[key] = (graph, prog)
+        while len(self._programs) > self._cache_size:
+            self._programs.popitem(last=False)
+        return prog
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (Ray actors, an embedded Ray runtime)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
