@@ -192,6 +192,7 @@ def run_nodes(
     trace: list[TraceEvent] | None = None,
     track: str = "worker 0",
     worker: int = 0,
+    on_node: Any = None,
 ) -> None:
     """Evaluate ``names`` in order, reading inputs from and writing results to ``env``."""
     nodes = program.nodes
@@ -200,6 +201,8 @@ def run_nodes(
         if node.op in LEAF_OPS:
             continue
         args = [env[i] for i in node.inputs]
+        if on_node is not None:
+            on_node(name, program.level[name])
         start = time.time() if trace is not None else 0.0
         try:
             value = run_op(node.op, args, node.attrs)

@@ -1,0 +1,66 @@
+"""A small cost model: bytes of each value and estimated seconds of each node.
+
+Rough on purpose: it only has to tell a 512x512 matmul from a scalar add, and a 1 MB transfer
+from a call's fixed overhead, so the partitioner can keep cheap nodes together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ops import LEAF_OPS, OPS
+from .spec import NodeSpec
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Machine constants the partitioner and planner use (defaults fit a 2-core VM)."""
+
+    flops_per_second: float = 5e9
+    #: Python + numpy dispatch per node, which dominates for small tensors.
+    node_overhead: float = 3e-6
+    #: One actor call, pipelined, and the bandwidth of the object store between workers.
+    call_overhead: float = 4e-4
+    bytes_per_second: float = 1e9
+    #: Assumed size of ``None`` (batch) dimensions when no feed says otherwise.
+    batch_size: int = 1
+
+    def numel(self, node: NodeSpec) -> int:
+        """Element count of a node's value (unknown shapes count as one element)."""
+        if node.shape is None:
+            return 1
+        return int(
+            np.prod([self.batch_size if d is None else d for d in node.shape], dtype=np.int64)
+        )
+
+    def nbytes(self, node: NodeSpec) -> int:
+        """Bytes of a node's value."""
+        itemsize = np.dtype(node.dtype).itemsize if node.dtype else 8
+        return self.numel(node) * itemsize
+
+    def flops(self, node: NodeSpec, inputs: list[NodeSpec]) -> float:
+        """Estimated floating-point operations of a node."""
+        if node.op in LEAF_OPS:
+            return 0.0
+        if node.op == "matmul" or (node.op == "vjp" and node.attrs.get("op") == "matmul"):
+            # A matmul (or one of its VJPs) costs 2*M*N*K; K is the contracted dimension.
+            fwd = inputs if node.op == "matmul" else inputs[-2:]
+            a = fwd[0]
+            k = (a.shape[-1] if a.shape else 1) if a.shape is not None else 1
+            return 2.0 * self.numel(node) * (self.batch_size if k is None else k)
+        op_name = node.attrs.get("op") if node.op == "vjp" else node.op
+        per = OPS[op_name].flops_per_element if op_name in OPS else 1.0
+        size = max([self.numel(node)] + [self.numel(i) for i in inputs])
+        return (2.0 if node.op == "vjp" else 1.0) * per * size
+
+    def seconds(self, node: NodeSpec, inputs: list[NodeSpec]) -> float:
+        """Estimated run time of a node."""
+        if node.op in LEAF_OPS:
+            return 0.0
+        return self.node_overhead + self.flops(node, inputs) / self.flops_per_second
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        """Estimated time to move ``nbytes`` between workers."""
+        return nbytes / self.bytes_per_second

@@ -1,0 +1,228 @@
+"""Partition strategies: pure functions ``(program, num_workers, cost) -> {node: worker}``.
+
+* ``round_robin`` — the baseline: nodes dealt out in topological order.
+* ``level`` — each level's nodes spread over the workers, balanced by estimated cost, for
+  parallelism; backward nodes follow their forward node.
+* ``mincut`` — as few bytes crossing workers as possible while each level stays balanced; a
+  forward node and its backward nodes share a worker; a param sits with its consumers. When the
+  cost model says one worker finishes sooner than several (a tiny graph), it uses one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .cost import CostModel
+from .errors import ConfigError
+from .ops import LEAF_OPS
+from .plan import node_seconds
+from .program import Program
+
+Placement = dict[str, int]
+Strategy = Callable[[Program, int, CostModel], Placement]
+
+
+def round_robin(program: Program, num_workers: int, cost: CostModel) -> Placement:
+    """Deal nodes out in topological order (the baseline)."""
+    return {n: i % num_workers for i, n in enumerate(program.order)}
+
+
+def level(program: Program, num_workers: int, cost: CostModel) -> Placement:
+    """Spread each forward level over the workers, heaviest nodes first onto the least loaded."""
+    secs = node_seconds(program, cost)
+    placement: Placement = {}
+    for lv in program.levels:
+        ops = [
+            n
+            for n in lv
+            if program.nodes[n].phase == "forward" and program.nodes[n].op not in LEAF_OPS
+        ]
+        load = [0.0] * num_workers
+        for n in sorted(ops, key=lambda n: -secs[n]):
+            w = min(range(num_workers), key=lambda k: (load[k], k))
+            placement[n] = w
+            load[w] += secs[n]
+    _place_leaves_and_backward(program, placement, cost)
+    return placement
+
+
+def mincut(
+    program: Program, num_workers: int, cost: CostModel, imbalance: float = 0.1
+) -> Placement:
+    """Minimise bytes crossing workers under a per-level balance limit (see module doc)."""
+    candidates: list[Placement] = []
+    single = dict.fromkeys(program.order, 0)
+    candidates.append(single)
+    if num_workers > 1:
+        placement = _balanced_greedy(program, num_workers, cost, imbalance)
+        _refine(program, placement, num_workers, cost, imbalance)
+        _place_leaves_and_backward(program, placement, cost)
+        candidates.append(placement)
+    return min(candidates, key=lambda p: _estimate(program, p, cost))
+
+
+def _estimate(program: Program, placement: Placement, cost: CostModel) -> float:
+    from .plan import build_plan
+
+    return build_plan(program, placement, max(placement.values()) + 1, cost).estimate()
+
+
+def _forward_ops(program: Program) -> list[str]:
+    return [
+        n
+        for n in program.order
+        if program.nodes[n].phase == "forward" and program.nodes[n].op not in LEAF_OPS
+    ]
+
+
+def _level_caps(
+    program: Program, num_workers: int, secs: Mapping[str, float], imbalance: float
+) -> dict[int, float]:
+    caps: dict[int, float] = {}
+    totals: dict[int, float] = {}
+    biggest: dict[int, float] = {}
+    for n in _forward_ops(program):
+        lv = program.level[n]
+        totals[lv] = totals.get(lv, 0.0) + secs[n]
+        biggest[lv] = max(biggest.get(lv, 0.0), secs[n])
+    for lv, total in totals.items():
+        caps[lv] = max(total / num_workers * (1 + imbalance), biggest[lv])
+    return caps
+
+
+def _balanced_greedy(
+    program: Program, num_workers: int, cost: CostModel, imbalance: float
+) -> Placement:
+    """Level by level, each node goes where most of its input bytes already are, within the cap."""
+    nodes = program.nodes
+    secs = node_seconds(program, cost)
+    caps = _level_caps(program, num_workers, secs, imbalance)
+    placement: Placement = {}
+    for lv_index, lv in enumerate(program.levels):
+        ops = [n for n in lv if nodes[n].phase == "forward" and nodes[n].op not in LEAF_OPS]
+        load = [0.0] * num_workers
+        for n in sorted(ops, key=lambda n: -secs[n]):
+            affinity = [0.0] * num_workers
+            for i in nodes[n].inputs:
+                if i in placement:
+                    affinity[placement[i]] += cost.nbytes(nodes[i])
+            fits = [
+                w
+                for w in range(num_workers)
+                if load[w] + secs[n] <= caps.get(lv_index, 0.0) + 1e-15
+            ]
+            pool = fits or list(range(num_workers))
+            w = max(pool, key=lambda k: (affinity[k], -load[k], -k))
+            placement[n] = w
+            load[w] += secs[n]
+    return placement
+
+
+def _refine(
+    program: Program,
+    placement: Placement,
+    num_workers: int,
+    cost: CostModel,
+    imbalance: float,
+    passes: int = 4,
+) -> None:
+    """Move single nodes to the worker holding most of their neighbours' bytes, within the caps."""
+    nodes = program.nodes
+    secs = node_seconds(program, cost)
+    caps = _level_caps(program, num_workers, secs, imbalance)
+    ops = _forward_ops(program)
+    load: dict[tuple[int, int], float] = {}
+    for n in ops:
+        key = (program.level[n], placement[n])
+        load[key] = load.get(key, 0.0) + secs[n]
+    nbytes = {n: cost.nbytes(nodes[n]) for n in ops}
+    neighbours: dict[str, list[tuple[str, int]]] = {n: [] for n in ops}
+    for n in ops:
+        for i in nodes[n].inputs:
+            if i in neighbours:
+                neighbours[n].append((i, nbytes[i]))
+                neighbours[i].append((n, nbytes[i]))
+    for _ in range(passes):
+        moved = 0
+        for n in ops:
+            here = placement[n]
+            weight = [0.0] * num_workers
+            for m, b in neighbours[n]:
+                weight[placement[m]] += b
+            best = max(range(num_workers), key=lambda k: (weight[k], k == here))
+            if best == here or weight[best] <= weight[here]:
+                continue
+            lv = program.level[n]
+            if load.get((lv, best), 0.0) + secs[n] > caps[lv] + 1e-15:
+                continue
+            load[(lv, here)] -= secs[n]
+            load[(lv, best)] = load.get((lv, best), 0.0) + secs[n]
+            placement[n] = best
+            moved += 1
+        if not moved:
+            break
+
+
+def _place_leaves_and_backward(program: Program, placement: Placement, cost: CostModel) -> None:
+    """Leaves go with their heaviest consumer; backward nodes go with the node they differentiate."""
+    nodes = program.nodes
+    for n in program.order:
+        node = nodes[n]
+        if node.op in LEAF_OPS and n not in placement:
+            consumers = [c for c in program.consumers.get(n, []) if c in placement]
+            placement[n] = placement[consumers[0]] if consumers else 0
+    for n in program.order:
+        node = nodes[n]
+        if n in placement:
+            continue
+        origin = node.origin
+        if origin is not None and origin in placement:
+            placement[n] = placement[origin]
+        else:  # no origin placed: follow the first input that is placed
+            placement[n] = next((placement[i] for i in node.inputs if i in placement), 0)
+
+
+STRATEGIES: dict[str, Strategy] = {"round_robin": round_robin, "level": level, "mincut": mincut}
+
+
+def partition(
+    program: Any,
+    num_workers: int,
+    strategy: str | Strategy | Mapping[str, int] = "mincut",
+    cost: CostModel | None = None,
+) -> Placement:
+    """Place every node of ``program`` (a Program or a Graph) on a worker in ``0..num_workers-1``.
+
+    ``strategy`` is a name from ``STRATEGIES``, a callable ``(program, num_workers, cost) ->
+    placement``, or an explicit ``{node: worker}`` dict (nodes it leaves out follow the
+    ``mincut`` rules for leaves and backward nodes).
+    """
+    from .graph import Graph
+    from .program import compile_program
+
+    if isinstance(program, Graph):
+        program = compile_program(program, grad=program.grad_of)
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
+    cost = cost or CostModel()
+    if isinstance(strategy, Mapping):
+        placement = {n: w for n, w in strategy.items() if n in program.nodes}
+        _place_leaves_and_backward(program, placement, cost)
+    elif callable(strategy):
+        placement = dict(strategy(program, num_workers, cost))
+    elif strategy in STRATEGIES:
+        placement = STRATEGIES[strategy](program, num_workers, cost)
+    else:
+        raise ConfigError(
+            f"unknown partition strategy {strategy!r}; choose from {sorted(STRATEGIES)}, a callable or a dict"
+        )
+    missing = [n for n in program.order if n not in placement]
+    if missing:
+        raise ConfigError(f"strategy left nodes unplaced: {missing[:10]}")
+    bad = {n: w for n, w in placement.items() if not (isinstance(w, int) and 0 <= w < num_workers)}
+    if bad:
+        raise ConfigError(
+            f"strategy placed nodes outside workers 0..{num_workers - 1}: {dict(list(bad.items())[:10])}"
+        )
+    return placement

@@ -1,0 +1,94 @@
+"""The parameter server: master parameters, optimizer state, versions and checkpoints.
+
+State: a :class:`~distgraph.paramstore.ParameterStore` (params, optimizer state, the record of
+applied step ids) and, per worker, the names of the params that worker keeps resident.
+
+Order of a step: the driver submits ``apply(step, *grad_dicts)`` right after the backward wave;
+Ray runs it once every gradient ref resolves (it never runs if any producing task failed, so a
+failed step's partial gradients are never applied). ``apply`` updates the store exactly once
+per step id, checkpoints every ``checkpoint_every`` versions, and returns the new version plus
+one dict of fresh params per worker; each worker's first call of the next step takes its dict.
+
+This module does not import Ray: ``runtime/ray.py`` wraps ``ParameterServer`` as an actor.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..optim import Optimizer
+from ..paramstore import ParameterStore
+
+
+class ParameterServer:
+    """Thin shell over a ParameterStore, with per-worker routing and periodic checkpoints."""
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        optimizer: Optimizer,
+        routes: dict[int, list[str]],
+        grad_names: dict[str, str],
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 0,
+        opt_state: dict | None = None,
+    ):
+        self.store = ParameterStore(params, optimizer, opt_state)
+        self.routes = routes
+        self._grad_names = dict(grad_names)
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+
+    def apply(self, step_id: int, *grad_dicts: dict[str, Any]) -> tuple:
+        """Apply one step's gradients once; returns (status, params for worker 0, 1, ...)."""
+        grads: dict[str, Any] = {}
+        for d in grad_dicts:
+            grads.update(d)
+        applied = self.store.apply(step_id, {p: grads[g] for p, g in self._grad_names.items()})
+        if applied and self.checkpoint_every and self.store.version % self.checkpoint_every == 0:
+            self.save(self.checkpoint_dir)
+        status = {"version": self.store.version, "applied": applied, "step": step_id}
+        return (status, *self.worker_params())
+
+    def worker_params(self) -> list[dict[str, Any]]:
+        """Current params split by the workers that keep them."""
+        return [
+            {p: self.store.params[p] for p in self.routes.get(w, [])}
+            for w in range(max(self.routes, default=-1) + 1)
+        ]
+
+    def params(self) -> dict[str, Any]:
+        """All current params."""
+        return dict(self.store.params)
+
+    def checkpoint(self) -> Checkpoint:
+        """A snapshot of the store."""
+        return self.store.to_checkpoint()
+
+    def save(self, path: str | None) -> str | None:
+        """Write a checkpoint to ``path`` (a directory every node can reach)."""
+        if not path:
+            return None
+        self.store.save(path)
+        return path
+
+    def restore(self, ckpt: Checkpoint | str) -> int:
+        """Load a checkpoint (an object or a path); returns the version."""
+        if isinstance(ckpt, (str, os.PathLike)):
+            ckpt = load_checkpoint(ckpt)
+        self.store = ParameterStore.from_checkpoint(ckpt, self.store.params)
+        return self.store.version
+
+    def status(self) -> dict[str, Any]:
+        """Version, applied step ids and ignored duplicates."""
+        return {
+            "version": self.store.version,
+            "applied": list(self.store.applied),
+            "duplicates": list(self.store.duplicates),
+        }
+
+    def crash(self) -> None:
+        """End the process at once (for failure tests)."""
+        os._exit(1)

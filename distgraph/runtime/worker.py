@@ -1,0 +1,178 @@
+"""The worker: runs its share of each plan's tasks and keeps values until the step ends.
+
+State, per installed plan: the program, the plan's tasks, and the resident values (params and
+constants this worker reads). Per running step: ``env``, every value computed or received in
+that step, so activations stay here for the backward wave. A step's env is dropped when its
+last task on this worker finishes (or when the driver abandons the step).
+
+This module does not import Ray: ``runtime/ray.py`` wraps ``Worker`` as an actor.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from ..plan import Task
+from ..program import Program, run_nodes
+from ..result import TraceEvent
+
+
+class Worker:
+    """Holds partitions and runs tasks; one instance per Ray worker actor."""
+
+    def __init__(self, index: int, blas_threads: int | None = None):
+        self.index = index
+        self.track = f"worker {index}"
+        self.programs: dict[int, Program] = {}
+        self.tasks: dict[int, dict[int, Task]] = {}
+        self.resident: dict[int, dict[str, Any]] = {}
+        self.envs: dict[tuple[int, int], dict[str, Any]] = {}
+        self.traces: dict[tuple[int, int], list[TraceEvent]] = {}
+        self._current: tuple[int, int, str, int] | None = None  # plan, step, node, level
+        self._lock = threading.Lock()
+        self._blas = None
+        if blas_threads is not None:
+            self._limit_blas(blas_threads)
+
+    def _limit_blas(self, threads: int) -> None:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # env vars only help before numpy loads, so say nothing and go on
+            return
+        self._blas = threadpool_limits(limits=threads)
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "index": self.index,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+        }
+
+    def install(
+        self, plan_id: int, program: Program, tasks: list[Task], resident: dict[str, Any]
+    ) -> bool:
+        """Load a plan's program, this worker's tasks and its resident values."""
+        self.programs[plan_id] = program
+        self.tasks[plan_id] = {t.id: t for t in tasks}
+        self.resident[plan_id] = dict(resident)
+        return True
+
+    def uninstall(self, plan_id: int) -> None:
+        """Forget a plan and any of its unfinished steps."""
+        self.programs.pop(plan_id, None)
+        self.tasks.pop(plan_id, None)
+        self.resident.pop(plan_id, None)
+        for key in [k for k in self.envs if k[0] == plan_id]:
+            del self.envs[key]
+
+    def set_resident(self, plan_id: int, values: dict[str, Any]) -> None:
+        """Replace resident values (a new parameter version)."""
+        self.resident[plan_id].update(values)
+
+    def run_task(self, plan_id: int, step: int, task_id: int, flags: int, *args: Any) -> Any:
+        """Run one task: ``args`` = [param update] + feeds + imported value dicts, in plan order.
+
+        ``flags``: bit 0 trace, bit 1 check_finite, bit 2 a param update comes first.
+        Returns one dict per output of the task (a bare dict when it has one, None for none).
+        """
+        task = self.tasks[plan_id][task_id]
+        program = self.programs[plan_id]
+        args_iter = iter(args)
+        if flags & 4:
+            self.resident[plan_id].update(next(args_iter))
+        key = (plan_id, step)
+        env = self.envs.get(key)
+        if env is None:
+            env = self.envs[key] = dict(self.resident[plan_id])
+        for name in task.feeds:
+            env[name] = next(args_iter)
+        for _src, _slot, names in task.imports:
+            received = next(args_iter)
+            for name in names:
+                env[name] = received[name]
+        events = self.traces.setdefault(key, []) if flags & 1 else None
+        start = time.time()
+        try:
+            with self._lock:
+                self._current = (plan_id, step, "", task.first_level)
+            run_nodes(
+                program,
+                task.nodes,
+                env,
+                check_finite=bool(flags & 2),
+                trace=events,
+                track=self.track,
+                worker=self.index,
+                on_node=self._on_node,
+            )
+        except BaseException:
+            self.envs.pop(key, None)
+            raise
+        finally:
+            with self._lock:
+                self._current = None
+        if events is not None:
+            events.append(
+                TraceEvent(
+                    f"call {task_id}",
+                    "call",
+                    "/".join(task.phases),
+                    task.first_level,
+                    self.track,
+                    start,
+                    time.time(),
+                    worker=self.index,
+                    args={"levels": [task.first_level, task.last_level], "nodes": len(task.nodes)},
+                )
+            )
+        outputs = tuple({n: env[n] for n in names} for _dest, names in task.outputs)
+        if task.last_on_worker:
+            del self.envs[key]
+        if not outputs:
+            return None
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def _on_node(self, name: str, level: int) -> None:
+        cur = self._current
+        if cur is not None:
+            self._current = (cur[0], cur[1], name, level)
+
+    def progress(self) -> dict[str, Any] | None:
+        """The node running right now (answered from a separate thread while a task runs)."""
+        cur = self._current
+        if cur is None:
+            return None
+        return {
+            "plan": cur[0],
+            "step": cur[1],
+            "node": cur[2],
+            "level": cur[3],
+            "worker": self.index,
+        }
+
+    def take_trace(self, plan_id: int, step: int) -> list[TraceEvent]:
+        """Hand over (and forget) a step's trace events."""
+        return self.traces.pop((plan_id, step), [])
+
+    def drop_step(self, plan_id: int, step: int) -> None:
+        """Forget a step that failed or was abandoned."""
+        self.envs.pop((plan_id, step), None)
+        self.traces.pop((plan_id, step), None)
+
+    def held_steps(self) -> list[tuple[int, int]]:
+        """Steps whose values are still held (for leak checks)."""
+        return list(self.envs)
+
+    def crash(self) -> None:
+        """End this worker's process at once (for failure tests)."""
+        os._exit(1)
