@@ -196,9 +196,10 @@ def _index_vjp(g: Any, out: Any, x: Any, index: Sequence[Any]) -> Any:
 
 
 def _concat_vjp(i: int, g: Any, out: Any, *xs: Any, axis: int = 0) -> Any:
-    ax = axis % np.ndim(out)
+    # ``out`` is not passed (concat does not use it): ``g`` has the output's shape.
+    ax = axis % np.ndim(g)
     start = sum(np.shape(x)[ax] for x in xs[:i])
-    sl = [slice(None)] * np.ndim(out)
+    sl = [slice(None)] * np.ndim(g)
     sl[ax] = slice(start, start + np.shape(xs[i])[ax])
     return g[tuple(sl)]
 

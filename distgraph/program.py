@@ -91,11 +91,12 @@ def compile_program(
     order = [n for n in nodes if n in needed]
     inputs_of = {n: nodes[n].inputs for n in order}
     level = schedule.node_levels(order, inputs_of)
-    consumers: dict[str, list[str]] = {n: [] for n in order}
+    # Dicts as ordered sets: a shared constant can have tens of thousands of consumers.
+    consumer_sets: dict[str, dict[str, None]] = {n: {} for n in order}
     for n in order:
         for i in nodes[n].inputs:
-            if n not in consumers[i]:
-                consumers[i].append(n)
+            consumer_sets[i][n] = None
+    consumers = {n: list(c) for n, c in consumer_sets.items()}
     return Program(
         nodes={n: nodes[n] for n in order},
         order=order,

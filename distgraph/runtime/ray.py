@@ -18,6 +18,7 @@ Only this module imports ``ray``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -211,16 +212,12 @@ class RayExecutor(Executor):
     def close(self) -> None:
         """Stop the actors, release the placement group, and shut down an embedded Ray."""
         for w in self.workers:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(w)
-            except Exception:  # already dead
-                pass
         self.workers = []
         if self._pg is not None:
-            try:
+            with contextlib.suppress(Exception):
                 remove_placement_group(self._pg)
-            except Exception:
-                pass
             self._pg = None
         self._plans.clear()
         if self._owns_ray and ray.is_initialized():
@@ -561,10 +558,8 @@ class _RaySession(TrainingSession):
 
     def close(self) -> None:
         if self.ps is not None:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(self.ps)
-            except Exception:
-                pass
             self.ps = None
         if self.plan is not None:
             for w in self.ex.workers:

@@ -1,0 +1,453 @@
+"""The ``distgraph`` command: demo, train, run, explain, viz, bench."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import models
+from .errors import DistgraphError
+from .graph import Graph
+from .optim import SGD, Adam, Momentum, Optimizer
+from .runtime.base import Executor
+from .runtime.local import LocalExecutor
+from .train import Trainer
+
+log = logging.getLogger("distgraph")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend", choices=["local", "ray"], default="local", help="executor (default: local)"
+    )
+    p.add_argument("--workers", type=int, default=2, help="Ray worker actors (default: 2)")
+    p.add_argument(
+        "--strategy", default="mincut", help="partition strategy: mincut, level, round_robin"
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="join a Ray cluster ('auto', 'host:6379'); default: embedded Ray",
+    )
+    p.add_argument(
+        "--placement",
+        choices=["spread", "pack"],
+        default="spread",
+        help="worker placement over nodes",
+    )
+
+
+@contextlib.contextmanager
+def _executor(args: argparse.Namespace) -> Iterator[Executor]:
+    if args.backend == "local":
+        ex: Executor = LocalExecutor()
+    else:
+        from .runtime.ray import RayExecutor
+
+        address = args.address
+        if address is not None and args.backend != "ray":
+            raise DistgraphError("--address needs --backend ray")
+        ex = RayExecutor(
+            num_workers=args.workers,
+            strategy=args.strategy,
+            address=address,
+            placement=args.placement,
+        )
+    try:
+        yield ex
+    finally:
+        ex.close()
+
+
+def _load_graph(source: str) -> tuple[Graph, dict[str, Any], str | None]:
+    if source in models.BUILTIN:
+        return models.builtin_graph(source)
+    path = Path(source)
+    if not path.exists():
+        raise DistgraphError(
+            f"no such graph file {source!r} (or use one of {', '.join(models.BUILTIN)})"
+        )
+    g = Graph.from_json(path.read_bytes())
+    return g, {}, g.grad_of
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    g, feeds = models.seed_graph()
+    with _executor(args) as ex:
+        res = ex.run(g, feeds, grad="z", trace=True)
+    workers = sorted(set(res.placement.values()))
+    if args.json:
+        out: dict[str, Any] = {"values": res.values, "grads": res.grads, "levels": res.levels}
+        if args.backend == "ray":
+            out["placement"] = res.placement
+        print(json.dumps(_jsonable(out)))
+    else:
+        print("z = x * w + b with x = 2, w = 3, b = 1")
+        print(
+            f"backend: {args.backend}"
+            + (
+                f", {args.workers} workers, strategy {args.strategy}"
+                if args.backend == "ray"
+                else ""
+            )
+        )
+        ran = {e.name: e for e in res.trace if e.kind == "node"}
+        total = len(res.placement)
+        done = 0
+        for i, level in enumerate(res.levels):
+            phase = (
+                "forward" if all(not n.startswith(("grad:", "vjp:")) for n in level) else "backward"
+            )
+            cells = []
+            for n in level:
+                where = f"worker {res.placement[n]}"
+                cells.append(f"{n}@{where}" if n in ran else f"{n} (given)")
+            done += len(level)
+            print(
+                f"  level {i} [{phase:8s}] active: {', '.join(cells)}  | completed {done}/{total}, waiting {total - done}"
+            )
+        print("values:", ", ".join(f"{k} = {v:g}" for k, v in res.values.items()))
+        print("gradients of z:", ", ".join(f"d{'z'}/d{k} = {v:g}" for k, v in res.grads.items()))
+        if args.backend == "ray":
+            print(f"nodes ran on workers {workers}")
+    if args.trace:
+        _write_trace(args.trace, res.trace)
+    if args.report:
+        path = _write_report(args.report, g, res, None, "distgraph demo: z = x * w + b")
+        print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _write_trace(path: str, events: list) -> None:
+    from .trace import write_chrome_trace
+
+    write_chrome_trace(path, events)
+    log.info("trace written to %s", path)
+
+
+def _write_report(path: str, g: Graph, res: Any, history: dict | None, title: str) -> Path:
+    from .autodiff import grad as differentiate
+    from .viz import write_report
+
+    spec = differentiate(g, g.outputs[-1]).spec if res.grads else g.spec
+    return Path(
+        write_report(
+            path,
+            spec,
+            placement=res.placement,
+            trace=res.trace,
+            values=res.values,
+            grads=res.grads,
+            history=history,
+            title=title,
+        )
+    ).resolve()
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def _optimizer(args: argparse.Namespace, default_lr: float) -> Optimizer:
+    lr = args.lr if args.lr is not None else default_lr
+    if args.optimizer == "sgd":
+        return SGD(lr=lr)
+    if args.optimizer == "momentum":
+        return Momentum(lr=lr)
+    return Adam(lr=lr)
+
+
+def _train_task(
+    task: str, args: argparse.Namespace
+) -> tuple[Graph, dict[str, np.ndarray], Optimizer, int]:
+    if task == "linear":
+        return (
+            models.linear_regression(),
+            models.linear_data(200, args.seed),
+            _optimizer(args, 0.05),
+            16,
+        )
+    return (
+        models.mlp_classifier(seed=args.seed),
+        models.spirals(200, seed=args.seed),
+        _optimizer(args, 0.01 if args.optimizer == "adam" else 0.1),
+        32,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.optimizer is None:
+        args.optimizer = "sgd" if args.task == "linear" else "adam"
+    g, data, opt, batch = _train_task(args.task, args)
+    batch = args.batch_size or batch
+    epochs = args.epochs if args.epochs is not None else (200 if args.task == "linear" else 60)
+    quiet = args.quiet or args.json
+    with _executor(args) as ex:
+        trainer = Trainer(
+            g, loss="loss", optimizer=opt, executor=ex, progress=None if not quiet else False
+        )
+        history = trainer.fit(data, epochs=epochs, batch_size=batch, seed=args.seed)
+        params = trainer.params
+        worker_nodes = {str(i): ip for i, ip in enumerate(getattr(ex, "nodes", []))}
+        trained = g.with_params(params)
+        res = ex.run(trained, data, outputs=[g.outputs[0]], trace=bool(args.trace or args.report))
+        trainer.close()
+    out: dict[str, Any] = {
+        "task": args.task,
+        "backend": args.backend,
+        "workers": args.workers if args.backend == "ray" else 1,
+        "epochs": epochs,
+        "loss": history.loss,
+        "params": params,
+    }
+    if worker_nodes:
+        out["worker_nodes"] = worker_nodes
+    if args.task == "mlp":
+        out["accuracy"] = models.accuracy(res.values["logits"], data["y"])
+    status = 0
+    if args.check_local:
+        ref = Trainer(g, loss="loss", optimizer=opt, executor=LocalExecutor(), progress=False)
+        ref.fit(data, epochs=epochs, batch_size=batch, seed=args.seed)
+        diff = max(
+            float(
+                np.max(
+                    np.abs(np.asarray(params[k]) - np.asarray(v))
+                    / np.maximum(np.abs(np.asarray(v)), 1e-300)
+                )
+            )
+            for k, v in ref.params.items()
+        )
+        out["max_rel_diff"] = diff
+        out["matches_local"] = diff <= 1e-9
+        status = 0 if out["matches_local"] else 1
+    if args.json:
+        print(json.dumps(_jsonable(out)))
+    else:
+        print(
+            f"trained {args.task} on {args.backend} for {epochs} epochs: loss {history.loss[0]:.6g} -> {history.loss[-1]:.6g}"
+        )
+        for k, v in params.items():
+            print(f"  {k} = {v:.6g}" if isinstance(v, float) else f"  {k}: shape {np.shape(v)}")
+        if "accuracy" in out:
+            print(f"  training accuracy: {out['accuracy']:.1%}")
+        if worker_nodes:
+            print(f"  workers on nodes: {worker_nodes}")
+        if args.check_local:
+            print(
+                f"  matches LocalExecutor: {out['matches_local']} (max relative difference {out['max_rel_diff']:.3g})"
+            )
+    if args.trace:
+        _write_trace(args.trace, res.trace)
+    if args.report:
+        path = _write_report(args.report, g, res, history.to_dict(), f"distgraph train {args.task}")
+        print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
+    return status
+
+
+# --- run / explain / viz / bench ----------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    g, feeds, _ = _load_graph(args.graph)
+    if args.feeds:
+        with np.load(args.feeds, allow_pickle=False) as f:
+            feeds = {k: f[k] for k in f.files}
+    with _executor(args) as ex:
+        res = ex.run(
+            g, feeds, outputs=args.outputs or None, grad=args.grad, check_finite=args.check_finite
+        )
+    if args.json:
+        out: dict[str, Any] = {"values": res.values, "grads": res.grads}
+        if args.backend == "ray":
+            out["placement"] = res.placement
+        print(json.dumps(_jsonable(out)))
+    else:
+        for k, v in res.values.items():
+            print(f"{k} = {v}")
+        for k, v in res.grads.items():
+            print(f"d/d{k} = {v}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .cost import CostModel
+    from .partition import partition
+    from .plan import build_plan
+    from .program import compile_program
+
+    g, _, grad = _load_graph(args.graph)
+    grad = args.grad or grad or (g.outputs[-1] if g.outputs else None)
+    prog = compile_program(g, grad=grad)
+    cost = CostModel(batch_size=args.batch_size)
+    placement = partition(prog, args.workers, args.strategy, cost)
+    plan = build_plan(prog, placement, args.workers, cost, strategy=args.strategy)
+    print(plan.explain())
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from .autodiff import grad as differentiate
+    from .cost import CostModel
+    from .partition import partition
+    from .program import compile_program
+    from .viz import render_svg, to_dot
+
+    g, _, grad = _load_graph(args.graph)
+    if args.backward and grad and g.grad_of is None:
+        g = differentiate(g, grad)
+    prog = (
+        compile_program(g, grad=None, outputs=g.outputs or None)
+        if g.outputs
+        else compile_program(g, grad=grad)
+    )
+    placement = partition(prog, args.workers, args.strategy, CostModel(batch_size=args.batch_size))
+    placement.update({n.name: 0 for n in g.nodes if n.name not in placement})
+    text = (
+        to_dot(g.spec, placement=placement, batch_size=args.batch_size)
+        if args.output.endswith(".dot")
+        else render_svg(g.spec, placement=placement, batch_size=args.batch_size, title=args.graph)
+    )
+    Path(args.output).write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__init__.py").exists():
+        raise DistgraphError(
+            "distgraph bench runs from a source checkout (benchmarks/ sits beside distgraph/)"
+        )
+    sys.path.insert(0, str(root))
+    import benchmarks
+
+    results = benchmarks.run(
+        args.names or None, quick=args.quick, progress=not args.json and sys.stderr.isatty()
+    )
+    print(
+        json.dumps(_jsonable(results), indent=1) if args.json else benchmarks.format_table(results)
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    p = argparse.ArgumentParser(
+        prog="distgraph",
+        description="Computational graphs with autodiff, run level by level on Ray actors.",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log progress (-vv for debug)"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the seed graph z = x*w + b forward and backward")
+    _add_backend(d)
+    d.add_argument(
+        "--json", action="store_true", help="print values, grads, levels (and placement) as JSON"
+    )
+    d.add_argument("--report", help="write a self-contained HTML report here")
+    d.add_argument("--trace", help="write a Chrome trace (JSON) here")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser(
+        "train", help="train a built-in model (linear regression or an MLP on spirals)"
+    )
+    t.add_argument("task", choices=["linear", "mlp"])
+    _add_backend(t)
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--check-local",
+        action="store_true",
+        help="also train with LocalExecutor and compare (exit 1 on mismatch)",
+    )
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--report", help="write a self-contained HTML report here")
+    t.add_argument("--trace", help="write a Chrome trace of one step here")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("run", help="run a serialized graph (JSON) on feeds (npz)")
+    r.add_argument("graph", help="GRAPH.json or a built-in: seed, linear, mlp")
+    r.add_argument("--feeds", help="an .npz file with one array per input")
+    r.add_argument("--outputs", nargs="*", help="outputs to compute (default: the graph's)")
+    r.add_argument("--grad", help="output to differentiate")
+    r.add_argument("--check-finite", action="store_true")
+    r.add_argument("--json", action="store_true")
+    _add_backend(r)
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("explain", help="show how a graph would be partitioned and run")
+    e.add_argument("graph", help="GRAPH.json or a built-in: seed, linear, mlp")
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--strategy", default="mincut")
+    e.add_argument("--grad", help="output to differentiate (default: the last output)")
+    e.add_argument("--batch-size", type=int, default=1, help="size assumed for batch dimensions")
+    e.set_defaults(func=cmd_explain)
+
+    v = sub.add_parser("viz", help="draw a graph with its placement as SVG (or DOT with -o x.dot)")
+    v.add_argument("graph", help="GRAPH.json or a built-in: seed, linear, mlp")
+    v.add_argument("-o", "--output", default="graph.svg")
+    v.add_argument("--workers", type=int, default=2)
+    v.add_argument("--strategy", default="mincut")
+    v.add_argument("--batch-size", type=int, default=1)
+    v.add_argument("--backward", action="store_true", help="include the backward nodes")
+    v.set_defaults(func=cmd_viz)
+
+    b = sub.add_parser("bench", help="run the benchmark suite (from a source checkout)")
+    b.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    b.add_argument("--quick", action="store_true", help="small sizes")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``distgraph`` console script."""
+    args = build_parser().parse_args(argv)
+    level = (
+        logging.WARNING
+        if args.verbose == 0
+        else logging.INFO
+        if args.verbose == 1
+        else logging.DEBUG
+    )
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except DistgraphError as e:
+        print(f"distgraph: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distgraph: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
