@@ -136,7 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.trace:
         _write_trace(args.trace, res.trace)
     if args.report:
-        path = _write_report(args.report, g, res, None, "distgraph demo: z = x * w + b")
+        path = _write_report(args.report, g, res, feeds, None, "distgraph demo: z = x * w + b")
         print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -148,23 +148,32 @@ def _write_trace(path: str, events: list) -> None:
     log.info("trace written to %s", path)
 
 
-def _write_report(path: str, g: Graph, res: Any, history: dict | None, title: str) -> Path:
-    from .autodiff import grad as differentiate
+def _write_report(
+    path: str, g: Graph, res: Any, feeds: dict[str, Any], history: dict | None, title: str
+) -> Path:
     from .viz import write_report
 
-    spec = differentiate(g, g.outputs[-1]).spec if res.grads else g.spec
-    return Path(
-        write_report(
-            path,
-            spec,
-            placement=res.placement,
-            trace=res.trace,
-            values=res.values,
-            grads=res.grads,
-            history=history,
-            title=title,
-        )
-    ).resolve()
+    # Every node's value as the run saw it: feeds, params, then what each forward event produced.
+    values: dict[str, Any] = {**feeds, **g.params}
+    values.update(
+        {
+            e.name: e.args["value"]
+            for e in res.trace
+            if e.kind == "node" and e.phase == "forward" and "value" in e.args
+        }
+    )
+    values.update(res.values)
+    report = write_report(
+        path,
+        g.spec,
+        placement=res.placement,
+        trace=res.trace,
+        values=values,
+        grads=res.grads,
+        history=history,
+        title=title,
+    )
+    return Path(report).resolve()
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -212,7 +221,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         params = trainer.params
         worker_nodes = {str(i): ip for i, ip in enumerate(getattr(ex, "nodes", []))}
         trained = g.with_params(params)
-        res = ex.run(trained, data, outputs=[g.outputs[0]], trace=bool(args.trace or args.report))
+        res = ex.run(trained, data, outputs=[g.outputs[0]])
+        if args.trace or args.report:  # one traced forward+backward step on the first batch
+            batch_feeds = {k: v[:batch] for k, v in data.items()}
+            traced = ex.run(trained, batch_feeds, grad="loss", trace=True)
         trainer.close()
     out: dict[str, Any] = {
         "task": args.task,
@@ -259,9 +271,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"  matches LocalExecutor: {out['matches_local']} (max relative difference {out['max_rel_diff']:.3g})"
             )
     if args.trace:
-        _write_trace(args.trace, res.trace)
+        _write_trace(args.trace, traced.trace)
     if args.report:
-        path = _write_report(args.report, g, res, history.to_dict(), f"distgraph train {args.task}")
+        path = _write_report(
+            args.report,
+            trained,
+            traced,
+            batch_feeds,
+            history.to_dict(),
+            f"distgraph train {args.task}",
+        )
         print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
     return status
 

@@ -421,6 +421,18 @@ class Graph:
         keep = [n for n in order if phase is None or self._nodes[n].phase == phase]
         return [lv for lv in schedule.group_levels(keep, level) if lv]
 
+    def to_svg(self, placement: dict[str, int] | None = None, batch_size: int = 1) -> str:
+        """An SVG picture: variables, operations and outputs in columns by level."""
+        from .viz import render_svg
+
+        return render_svg(self.spec, placement=placement, batch_size=batch_size)
+
+    def to_dot(self, placement: dict[str, int] | None = None, batch_size: int = 1) -> str:
+        """The graph in Graphviz DOT."""
+        from .viz import to_dot
+
+        return to_dot(self.spec, placement=placement, batch_size=batch_size)
+
     def to_json(self, indent: int | None = None) -> str:
         """Serialize (param values and constants included) to JSON text."""
         return self.spec.to_json(indent=indent)

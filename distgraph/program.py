@@ -218,19 +218,22 @@ def run_nodes(
             _check_finite(node, value, args)
         env[name] = value
         if trace is not None:
-            trace.append(
-                TraceEvent(
-                    name,
-                    "node",
-                    node.phase,
-                    program.level[name],
-                    track,
-                    start,
-                    time.time(),
-                    _op_label(node),
-                    worker,
-                )
+            info = {"value": preview(value)}
+            if node.origin is not None:
+                info["origin"] = node.origin
+            event = TraceEvent(
+                name,
+                "node",
+                node.phase,
+                program.level[name],
+                track,
+                start,
+                time.time(),
+                _op_label(node),
+                worker,
+                info,
             )
+            trace.append(event)
 
 
 def _op_label(node: NodeSpec) -> str:
@@ -244,6 +247,25 @@ def _check_finite(node: NodeSpec, value: Any, args: Sequence[Any]) -> None:
         raise NonFiniteError(
             f"node {node.name!r} (op {_op_label(node)}) produced {bad} from inputs {node.inputs}"
         )
+
+
+#: Values with at most this many elements are copied whole into trace events.
+PREVIEW_ELEMENTS = 16
+
+
+def preview(value: Any) -> Any:
+    """A JSON-able look at a value for traces and reports: small values whole, else a summary."""
+    arr = np.asarray(value)
+    if arr.size <= PREVIEW_ELEMENTS:
+        return arr.tolist()
+    flat = arr.reshape(-1)
+    mean = float(np.mean(flat)) if arr.dtype.kind in "fiu" else None
+    return {
+        "shape": list(arr.shape),
+        "dtype": arr.dtype.name,
+        "first": flat[:4].tolist(),
+        "mean": mean,
+    }
 
 
 def to_python(value: Any) -> Any:

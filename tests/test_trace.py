@@ -1,0 +1,154 @@
+"""Chrome trace export: hand-made events, a local run, and a 2-worker Ray training step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import distgraph as dg
+from distgraph.result import TraceEvent
+from distgraph.trace import to_chrome_trace, track_sort_key, write_chrome_trace
+
+
+def hand_events() -> list[TraceEvent]:
+    t = 1_700_000_000.0  # wall-clock seconds, as executors record them
+    return [
+        TraceEvent("step", "call", "forward", 0, "driver", t, t + 0.010),
+        TraceEvent("mul_1", "node", "forward", 1, "worker 1", t + 0.001, t + 0.0015, "mul", 1),
+        TraceEvent("z", "node", "forward", 2, "worker 0", t + 0.002, t + 0.0025, "add", 0),
+        TraceEvent("mul_1", "transfer", "forward", 1, "worker 0", t + 0.0016, t + 0.0019, worker=0),
+        TraceEvent(
+            "vjp:z:0", "node", "backward", 4, "worker 10", t + 0.003, t + 0.004, "vjp", 10,
+            args={"origin": "z", "bytes": np.int64(8), "norm": np.float32(0.5), "bad": float("nan")},
+        ),
+        TraceEvent("apply", "update", "update", 0, "parameter server", t + 0.005, t + 0.006),
+    ]  # fmt: skip
+
+
+def thread_names(trace: dict) -> dict[int, str]:
+    return {
+        e["tid"]: e["args"]["name"]
+        for e in trace["traceEvents"]
+        if e["ph"] == "M" and e["name"] == "thread_name"
+    }
+
+
+def test_chrome_trace_shape_and_units():
+    trace = to_chrome_trace(hand_events())
+    assert trace["displayTimeUnit"] == "ms"
+    json.dumps(trace, allow_nan=False)  # strict JSON: no NaN leaks out of args
+    names = thread_names(trace)
+    assert list(names.values()) == sorted(names.values(), key=track_sort_key)
+    assert list(names.values()) == [
+        "worker 0",
+        "worker 1",
+        "worker 10",
+        "driver",
+        "parameter server",
+    ]
+    complete = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(complete) == 6
+    assert {e["pid"] for e in trace["traceEvents"]} == {1}
+    assert min(e["ts"] for e in complete) == 0
+    by = {(e["name"], e["args"]["kind"]): e for e in complete}
+    assert by[("z", "node")]["ts"] == pytest.approx(
+        2000, abs=0.5
+    )  # microseconds (epoch floats: ~0.2 us grain)
+    assert by[("z", "node")]["dur"] == pytest.approx(500, abs=0.5)
+    assert names[by[("z", "node")]["tid"]] == "worker 0"
+    assert names[by[("mul_1", "node")]["tid"]] == "worker 1"
+    assert names[by[("apply", "update")]["tid"]] == "parameter server"
+    args = by[("z", "node")]["args"]
+    assert args == {
+        "kind": "node",
+        "phase": "forward",
+        "level": 2,
+        "node": "z",
+        "op": "add",
+        "worker": 0,
+    }
+    vjp = by[("vjp:z:0", "node")]["args"]
+    assert vjp["bytes"] == 8 and vjp["norm"] == 0.5 and vjp["bad"] == "nan"
+    assert vjp["origin"] == "z" and vjp["phase"] == "backward"
+    ts = [e["ts"] for e in complete]
+    assert ts == sorted(ts)
+
+
+def test_write_chrome_trace_round_trips(tmp_path):
+    path = tmp_path / "deep" / "out.trace.json"
+    assert write_chrome_trace(path, hand_events()) is None
+    assert json.loads(path.read_text()) == to_chrome_trace(hand_events())
+
+
+def test_empty_trace_is_valid():
+    trace = to_chrome_trace([])
+    assert [e for e in trace["traceEvents"] if e["ph"] == "X"] == []
+    json.dumps(trace, allow_nan=False)
+
+
+def linear_graph() -> dg.Graph:
+    g = dg.Graph()
+    x = g.input("x", shape=(None,))
+    y = g.input("y", shape=(None,))
+    w = g.param("w", -2.0)
+    b = g.param("b", 15.0)
+    g.output("loss", dg.mse(x * w + b, y))
+    return g
+
+
+def training_feeds() -> dict[str, np.ndarray]:
+    x = np.linspace(-1.0, 1.0, 8)
+    return {"x": x, "y": 3 * x + 7}
+
+
+def check_step_trace(g: dg.Graph, events: list[TraceEvent], workers: int) -> None:
+    """Forward and backward node events for every operation node; a track per worker."""
+    trace = json.loads(json.dumps(to_chrome_trace(events), allow_nan=False))
+    names = thread_names(trace)
+    for k in range(workers):
+        assert f"worker {k}" in names.values()
+    complete = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert complete and all({"ts", "dur", "pid", "tid", "name"} <= set(e) for e in complete)
+    nodes = [e for e in complete if e["args"]["kind"] == "node"]
+    assert all(names[e["tid"]].startswith("worker ") for e in nodes)
+    # Backward nodes are generated per forward node; map each back through the gradient graph.
+    origin = {n.name: n.origin for n in dg.grad(g, of="loss").spec.nodes if n.phase == "backward"}
+    forward = {e["args"]["node"] for e in nodes if e["args"]["phase"] == "forward"}
+    backward = {
+        origin.get(e["args"]["node"], e["args"]["node"])
+        for e in nodes
+        if e["args"]["phase"] == "backward"
+    }
+    ops = [n.name for n in g.spec.nodes if n.op not in ("input", "param", "const")]
+    assert ops
+    for name in ops:
+        assert name in forward, f"no forward event for {name}"
+        assert name in backward, f"no backward event for {name}"
+
+
+def test_local_training_step_trace():
+    g = linear_graph()
+    res = dg.LocalExecutor().run(g, training_feeds(), grad="loss", trace=True)
+    check_step_trace(g, res.trace, workers=1)
+
+
+def test_ray_two_worker_training_step_trace(tmp_path):
+    ray = pytest.importorskip("ray")
+    try:
+        ray_executor = dg.RayExecutor
+    except (AttributeError, ImportError) as e:
+        pytest.skip(f"RayExecutor not available yet: {e}")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        g = linear_graph()
+        with ray_executor(num_workers=2, strategy="round_robin") as ex:
+            res = ex.run(g, training_feeds(), grad="loss", trace=True)
+        check_step_trace(g, res.trace, workers=2)
+        path = tmp_path / "step.trace.json"
+        write_chrome_trace(path, res.trace)
+        loaded = json.loads(path.read_text())
+        assert {"worker 0", "worker 1"} <= set(thread_names(loaded).values())
+    finally:
+        ray.shutdown()
