@@ -18,6 +18,7 @@ from .errors import DTypeError, GraphError, ShapeError, SpecError
 from .ops import LEAF_OPS, get_op, run_op
 from .spec import (
     ALLOWED_DTYPES,
+    MAX_SPEC_BYTES,
     NAME_PATTERN,
     ArrayData,
     GraphSpec,
@@ -245,7 +246,7 @@ class Graph:
         names = [n.name for n in inputs]
         shapes = [n.spec.shape for n in inputs]
         dtypes = [n.spec.dtype for n in inputs]
-        label = name or "(new)"
+        label = name or f"{op}({', '.join(names)})"  # unnamed: say what it was built from
         shape, dtype = infer(op, shapes, dtypes, attrs, self._weak_values(names), label)
         return self._add(name, op, names, attrs, shape, dtype, user_named=name is not None)
 
@@ -438,9 +439,9 @@ class Graph:
         return self.spec.to_json(indent=indent)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> Graph:
+    def from_json(cls, text: str | bytes, max_bytes: int = MAX_SPEC_BYTES) -> Graph:
         """Load and validate a graph written by :meth:`to_json`; never unpickles."""
-        return cls.from_spec(GraphSpec.from_json(text))
+        return cls.from_spec(GraphSpec.from_json(text, max_bytes=max_bytes))
 
     @classmethod
     def from_spec(cls, spec: GraphSpec) -> Graph:
@@ -456,7 +457,9 @@ class Graph:
                 except GraphError as e:
                     raise SpecError(f"nodes.{i}.op: {e}") from None
             by_name[node.name] = node
-        order = schedule.toposort({n.name: n.inputs for n in spec.nodes})
+        order = schedule.toposort({n.name: n.inputs for n in spec.nodes})  # cycles, dangling
+        if _is_topological(spec.nodes):  # keep the file's order: to_json(from_json(t)) == t
+            order = list(by_name)
         params = {k: v.to_numpy() for k, v in spec.params.items()}
         constants = {k: decode_constant(v) for k, v in spec.constants.items()}
         for name in order:
@@ -660,6 +663,15 @@ def _infer_dtype(
     raise DTypeError(
         f"node {node!r} (op {op}): dtypes {list(dtypes)} do not fit: {error}"
     ) from None
+
+
+def _is_topological(nodes: Sequence[NodeSpec]) -> bool:
+    seen: set[str] = set()
+    for node in nodes:
+        if any(i not in seen for i in node.inputs):
+            return False
+        seen.add(node.name)
+    return True
 
 
 def _fmt(shapes: Sequence[Any]) -> str:

@@ -8,6 +8,7 @@ explicit dtype from an allow-list, so loading a spec never unpickles anything.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import re
 from typing import Any, Literal
@@ -67,7 +68,10 @@ class ArrayData(BaseModel):
     def to_numpy(self) -> np.ndarray:
         """Decode to a fresh writable array in native byte order."""
         dt = np.dtype(self.dtype).newbyteorder("<")
-        raw = base64.b64decode(self.data.encode("ascii"), validate=True)
+        try:
+            raw = base64.b64decode(self.data.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError) as e:
+            raise SpecError(f"array data is not valid base64: {e}") from None
         count = int(np.prod(self.shape, dtype=np.int64))
         if len(raw) != count * dt.itemsize:
             raise SpecError(

@@ -88,6 +88,7 @@ class Trainer:
         self.history = History()
         self.epoch = 0
         self._store = ParameterStore(graph.params, optimizer)
+        self._steps_done = 0
         self._session: TrainingSession | None = None
         self._data_n: int | None = None
 
@@ -110,8 +111,8 @@ class Trainer:
 
     @property
     def step(self) -> int:
-        """Number of updates applied so far."""
-        return len(self.applied_steps)
+        """Number of training steps taken so far (the last step id)."""
+        return self._steps_done
 
     @property
     def applied_steps(self) -> list[int]:
@@ -147,8 +148,9 @@ class Trainer:
             for _ in range(epochs):
                 losses, weights = [], []
                 for idx in batch_indices(n, batch_size, seed, self.epoch, shuffle):
-                    step_id = self.step + 1
+                    step_id = self._steps_done + 1
                     loss = session.step(step_id, {k: v[idx] for k, v in arrays.items()})
+                    self._steps_done = step_id
                     losses.append(loss)
                     weights.append(len(idx))
                     self.history.step_loss.append(loss)
@@ -201,7 +203,9 @@ class Trainer:
         store = ParameterStore.load(path, self.graph.params)
         from .checkpoint import load_checkpoint
 
-        extra = load_checkpoint(path).extra
+        ckpt = load_checkpoint(path)
+        extra = ckpt.extra
+        self._steps_done = max(ckpt.applied_steps, default=ckpt.step)
         self.epoch = int(extra.get("epoch", 0))
         hist = extra.get("history") or {}
         self.history = History(
@@ -215,6 +219,8 @@ class Trainer:
     def close(self) -> None:
         """Close the training session (the executor stays open)."""
         if self._session is not None:
+            # Keep the trained state: a later fit() reopens a session from this store.
+            self._store = ParameterStore.from_checkpoint(self._session.checkpoint())
             self._session.close()
             self._session = None
 

@@ -147,6 +147,7 @@ class RayExecutor(Executor):
             self._owns_ray = True
             return
         _check_reachable(self.address, timeout)
+        _check_token(self.address)
         done: dict[str, Any] = {}
 
         def connect() -> None:
@@ -164,7 +165,12 @@ class RayExecutor(Executor):
         err = done.get("error")
         hint = ""
         text = f"{type(err).__name__}: {err}" if err else f"no answer within {timeout:.0f} s"
-        if err is None or "auth" in text.lower() or "token" in text.lower():
+        if (
+            err is None
+            or isinstance(err, ConnectionError)
+            or "auth" in text.lower()
+            or "token" in text.lower()
+        ):
             hint = (
                 "; if the cluster uses token authentication, check that RAY_AUTH_MODE=token and "
                 "RAY_AUTH_TOKEN match the cluster's token"
@@ -174,8 +180,20 @@ class RayExecutor(Executor):
     def _start_workers(self) -> None:
         bundles = [dict(self.resources) for _ in range(self.num_workers)]
         strategy = "SPREAD" if self.placement == "spread" else "PACK"
-        self._pg = placement_group(bundles, strategy=strategy)
         timeout = min(self.deadline, 60.0)
+        total = ray.cluster_resources()
+        short = {
+            k: v * self.num_workers
+            for k, v in self.resources.items()
+            if v * self.num_workers > total.get(k, 0)
+        }
+        if short:  # can never fit: say so now instead of waiting for the placement group
+            raise ClusterError(
+                f"cannot place {self.num_workers} workers with {self.resources} each: they need "
+                f"{_fmt_resources(short)} but the cluster has {_fmt_resources(total)} in all; lower "
+                "num_workers or resources_per_worker"
+            )
+        self._pg = placement_group(bundles, strategy=strategy)
         try:
             ray.get(self._pg.ready(), timeout=timeout)
         except GetTimeoutError:
@@ -255,7 +273,8 @@ class RayExecutor(Executor):
         batch: int,
         key_extra: Any = None,
     ) -> tuple[Plan, int]:
-        key = (id(program), training, key_extra)
+        strategy = self.strategy if isinstance(self.strategy, str) else id(self.strategy)
+        key = (id(program), training, key_extra, strategy)
         hit = self._plans.get(key)
         if hit is not None and hit[0].program is program:
             return hit
@@ -549,6 +568,15 @@ class _RaySession(TrainingSession):
             return self._initial
         return self._ps_call("checkpoint")
 
+    def save(self, path: str) -> None:
+        """Have the parameter server write its checkpoint to ``path`` (on the PS's node)."""
+        if self.ps is None:
+            from ..checkpoint import save_checkpoint
+
+            save_checkpoint(path, self._initial)
+            return
+        self._ps_call("save", str(path))
+
     def restore(self, ckpt: Checkpoint) -> None:
         if self.ps is None:
             self._initial = ckpt
@@ -607,8 +635,33 @@ def _check_reachable(address: str, timeout: float) -> None:
         ) from None
 
 
+def _check_token(address: str) -> None:
+    """Ask the GCS once before ray.init, whose own retries would hide a refused token."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    try:
+        from ray._raylet import GcsClient  # Ray's CLI probes the same way (ray health-check)
+    except ImportError:
+        return
+    try:
+        GcsClient(address=address).internal_kv_get(b"distgraph-probe", None, timeout=5)
+    except ray.exceptions.AuthenticationError as e:
+        raise ClusterError(
+            f"could not connect to Ray at {address!r}: the cluster refused the authentication "
+            f"token ({str(e).splitlines()[0][:160]}); set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+            "to the cluster's token"
+        ) from None
+    except Exception:  # anything else: let ray.init report it in its own words
+        return
+
+
 def _fmt_resources(res: Mapping[str, float]) -> str:
-    keep = {k: v for k, v in res.items() if not k.startswith(("node:", "memory", "object_store"))}
+    keep = {
+        k: v
+        for k, v in res.items()
+        if not k.startswith(("node:", "memory", "object_store", "bundle_group"))
+        and "_group_" not in k
+    }
     return ", ".join(f"{v:g} {k}" for k, v in sorted(keep.items())) or "no resources"
 
 

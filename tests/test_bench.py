@@ -1,0 +1,183 @@
+"""The benchmark suite: every benchmark runs in quick mode and reports the named fields.
+
+Timings are never asserted (the machine is shared); the shape of the report is, and so is the
+correctness of the hand-written peers the figures are compared against.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import benchmarks
+from benchmarks import fine, mlp, scale
+from benchmarks.__main__ import main as bench_main
+from benchmarks._harness import Record, ray_runtime
+
+#: The figures each benchmark must report (more are allowed; optional peers are not listed).
+REQUIRED_FIGURES = {
+    "fine": [
+        "numpy_s",
+        "dask_threaded_s",
+        "ray_tasks_s",
+        "distgraph_local_s",
+        "distgraph_mincut_s",
+        "distgraph_level_s",
+    ],
+    "mlp": ["numpy_s", "ray_ps_s", "distgraph_local_s", "distgraph_ray_s"],
+    "wide": ["numpy_1thread_s", "distgraph_local_s", "distgraph_ray_s"],
+    "latency": ["ray_round_trip_s", "ray_round_trip_pipelined_s", "distgraph_step_s"],
+    "scale": [
+        "build_s",
+        "grad_s",
+        "levels_s",
+        "partition_s",
+        "total_s",
+        "mincut_cut_edges",
+        "mincut_balance",
+        "metis_cut_edges",
+        "metis_balance",
+    ],
+    "soak": [
+        "steps",
+        "rss_first_mb",
+        "rss_last_mb",
+        "store_first_bytes",
+        "store_last_bytes",
+        "driver_refs_first",
+        "driver_refs_last",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One Ray runtime for every benchmark in this module (reused if one is already up)."""
+    with ray_runtime():
+        yield
+
+
+@pytest.fixture(scope="module")
+def quick_results(ray_session):
+    """The whole suite in quick mode, run once for the module."""
+    return {r["name"]: r for r in benchmarks.run(None, quick=True, progress=False)}
+
+
+def test_suite_lists_every_benchmark():
+    assert set(REQUIRED_FIGURES) == set(benchmarks.NAMES)
+
+
+@pytest.mark.parametrize("name", benchmarks.NAMES)
+def test_quick_run_reports_named_fields(quick_results, name):
+    result = quick_results[name]
+    assert result["error"] is None, result["error"]
+    assert set(result) == {"name", "figures", "ratios", "targets", "notes", "error"}
+    assert result["name"] == name
+    missing = [f for f in REQUIRED_FIGURES[name] if f not in result["figures"]]
+    assert not missing, f"{name} did not report {missing}"
+    for label, value in result["figures"].items():
+        assert isinstance(value, float) and math.isfinite(value), (label, value)
+    for label, value in result["ratios"].items():
+        assert isinstance(value, float), (label, value)
+    module = __import__(f"benchmarks.{name}", fromlist=["TARGETS"])
+    assert set(result["targets"]) == set(module.TARGETS)
+    for label, t in result["targets"].items():
+        assert set(t) == {"value", "target", "met"}, label
+        assert isinstance(t["met"], bool)
+        if (
+            name == "scale"
+            and label == "cut_vs_metis"
+            and result["figures"]["mincut_parts_used"] < 8
+        ):
+            assert not t["met"] and "not judged" in result["notes"]
+            continue
+        assert math.isfinite(t["value"]), f"target {label} was not measured"
+        op, bound = module.TARGETS[label]
+        assert t["target"] == f"{op} {bound:g}"
+        assert t["met"] == (t["value"] <= bound if op == "<=" else t["value"] >= bound)
+    assert isinstance(result["notes"], str) and result["notes"]
+
+
+def test_json_and_table_render_the_results(quick_results):
+    results = list(quick_results.values())
+    doc = json.loads(benchmarks.to_json(results))
+    assert [r["name"] for r in doc["results"]] == list(benchmarks.NAMES)
+    for key in ("logical_cores", "memory_gib", "python", "numpy", "ray", "dask"):
+        assert key in doc["machine"]
+    table = benchmarks.format_table(results)
+    for name in benchmarks.NAMES:
+        assert f"== {name} ==" in table
+    assert "targets met:" in table
+
+
+def test_unknown_benchmark_is_refused():
+    with pytest.raises(ValueError, match="nosuch"):
+        benchmarks.run(["nosuch"], quick=True)
+    with pytest.raises(SystemExit):
+        bench_main(["nosuch"])
+
+
+def test_failed_benchmark_keeps_its_targets_as_not_met():
+    rec = Record("x", goals={"speed": ("<=", 1.0), "gain": (">=", 2.0)})
+    rec.target("gain", 2.5)
+    out = rec.as_dict()
+    assert out["targets"]["gain"] == {"value": 2.5, "target": ">= 2", "met": True}
+    assert math.isnan(out["targets"]["speed"]["value"]) and not out["targets"]["speed"]["met"]
+    assert rec.ratio("r", 1.0, 0.0) != rec.ratio("r", 1.0, 0.0)  # NaN, not a ZeroDivisionError
+
+
+def test_numpy_mlp_gradients_match_finite_differences():
+    params, x, y = mlp.make_problem([5, 4, 3], batch=6, seed=3)
+    params = [p.astype(np.float64) for p in params]
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    _, grads = mlp.loss_and_grads(params, x, y)
+    rng = np.random.default_rng(0)
+    for p, g in zip(params, grads, strict=True):
+        idx = tuple(rng.integers(0, s) for s in p.shape)
+        old = p[idx]
+        p[idx] = old + 1e-6
+        up, _ = mlp.loss_and_grads(params, x, y)
+        p[idx] = old - 1e-6
+        down, _ = mlp.loss_and_grads(params, x, y)
+        p[idx] = old
+        assert g[idx] == pytest.approx((up - down) / 2e-6, rel=1e-4, abs=1e-8)
+
+
+def test_numpy_mlp_step_lowers_the_loss():
+    params, x, y = mlp.make_problem([8, 16, 4], batch=16, seed=1)
+    first = mlp.numpy_step(params, x, y, lr=0.1)
+    for _ in range(20):
+        last = mlp.numpy_step(params, x, y, lr=0.1)
+    assert last < first
+
+
+def test_dask_graph_matches_the_numpy_loop():
+    import dask.threaded
+
+    inputs, edges = fine.make_dag(levels=3, width=5, dim=4, seed=2)
+    dsk, keys = fine.dask_graph(inputs, edges)
+    want = fine.run_numpy(inputs, edges)
+    got = dask.threaded.get(dsk, keys)
+    assert all(np.allclose(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_cut_metric_and_metis_on_two_cliques():
+    # Two 4-cliques joined by one edge: the best 2-way cut is that edge.
+    clique = [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    edges = np.array(clique + [(a + 4, b + 4) for a, b in clique] + [(3, 4)])
+    parts = scale.metis_parts(8, edges, 2, imbalance=1.0)
+    cut, balance = scale.cut_and_balance(parts, edges, 2)
+    assert cut == 1 and balance == 1.0
+    cut, balance = scale.cut_and_balance(np.array([0] * 7 + [1]), edges, 2)
+    assert cut == 3 and balance == pytest.approx(7 / 4)
+
+
+def test_scale_structure_has_the_requested_size():
+    rows = scale.sized_structure(3_000, seed=1)
+    sinks = scale._sinks(rows)
+    total = len(rows) + len(sinks)  # the reduction tree adds one node per sink
+    assert abs(total - 3_000) < 300
+    assert all(p < i for i, (_, parents) in enumerate(rows) for p in parents)

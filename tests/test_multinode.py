@@ -1,0 +1,183 @@
+"""Real multi-node runs on one machine: ray.cluster_utils.Cluster and a `ray start` head (issue 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from graphs import mlp
+
+import distgraph as dg
+from distgraph import models
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture
+def three_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the suite's shared runtime; raysupport.ensure_ray() restarts it later
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_spread_workers_cross_nodes_and_match_local(three_node_cluster):
+    g, feeds, out = mlp()
+    local = dg.LocalExecutor().run(g, feeds, grad=out)
+    with dg.RayExecutor(
+        num_workers=3,
+        strategy="round_robin",
+        address=three_node_cluster.address,
+        placement="spread",
+    ) as ex:
+        nodes = {i["node_id"] for i in ex.worker_info}
+        assert len(nodes) >= 2, ex.worker_info
+        res = ex.run(g, feeds, grad=out)
+        plan = ex.plan(g, grad=out)
+        node_of = {i["index"]: i["node_id"] for i in ex.worker_info}
+        crossing_nodes = [
+            (v, d) for v, d, _ in plan.cross_edges if node_of[plan.placement[v]] != node_of[d]
+        ]
+        assert crossing_nodes, "some tensors must travel between nodes"
+        for k, v in local.values.items():
+            np.testing.assert_array_equal(res.values[k], v)
+        for k, v in local.grads.items():
+            np.testing.assert_array_equal(res.grads[k], v)
+        # Training across nodes ends where the reference does.
+        g2, data = models.mlp_classifier((2, 8, 8, 2), seed=1), models.spirals(24)
+        ref = dg.Trainer(g2, loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
+        ref.fit(data, epochs=2, batch_size=16)
+        tr = dg.Trainer(g2, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex, progress=False)
+        tr.fit(data, epochs=2, batch_size=16)
+        for k, v in ref.params.items():
+            np.testing.assert_allclose(tr.params[k], v, rtol=1e-12, atol=0)
+        tr.close()
+    assert ray.is_initialized()  # joined, not owned: the executor leaves the connection alone
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DRIVER = """
+import json, sys
+import distgraph as dg
+from distgraph import models
+g, feeds = models.seed_graph()
+with dg.RayExecutor(num_workers=2, address=sys.argv[1]) as ex:
+    res = ex.run(g, feeds, grad="z")
+    print(json.dumps({"values": res.values, "grads": res.grads, "nodes": ex.nodes}))
+"""
+
+
+def test_existing_cluster_started_with_ray_start(tmp_path):
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - lives as long as the head process
+    head = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+        ]
+        + ["--include-dashboard=false", "--disable-usage-stats"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopping it never touches other Ray runtimes
+    )
+
+    def status() -> int:
+        return subprocess.run(
+            [RAY, "status", f"--address={address}"], env=env, capture_output=True, timeout=60
+        ).returncode
+
+    try:
+        deadline = time.time() + 90
+        while status() != 0:
+            assert time.time() < deadline, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(1)
+        run = subprocess.run(
+            [sys.executable, "-c", DRIVER, address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = json.loads(run.stdout.strip().splitlines()[-1])
+        assert got["values"] == {"z": 7.0}
+        assert got["grads"] == {"x": 3.0, "w": 2.0, "b": 1.0}
+        assert status() == 0, "the cluster must still be up after the driver leaves"
+
+        # A driver with the wrong token is refused with a clear error, within the connect timeout.
+        bad = dict(env, RAY_AUTH_TOKEN=secrets.token_hex(16))
+        probe = "import distgraph as dg, sys\ndg.RayExecutor(num_workers=1, address=sys.argv[1], connect_timeout=20)"
+        started = time.time()
+        wrong = subprocess.run(
+            [sys.executable, "-c", probe, address],
+            env=bad,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert wrong.returncode != 0
+        assert "could not connect to Ray" in wrong.stderr and "RAY_AUTH_TOKEN" in wrong.stderr, (
+            wrong.stderr[-2000:]
+        )
+        assert time.time() - started < 90
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        log.close()
+    assert (
+        subprocess.run(["pgrep", "-f", f"gcs_server_port={port}"], capture_output=True).returncode
+        == 1
+    )
+
+
+def test_unreachable_address_fails_fast():
+    port = _free_port()  # nothing listens there
+    started = time.time()
+    probe = "import distgraph as dg, sys\ndg.RayExecutor(num_workers=1, address=sys.argv[1])"
+    run = subprocess.run(
+        [sys.executable, "-c", probe, f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "ClusterError" in run.stderr and f"127.0.0.1:{port}" in run.stderr
+    assert time.time() - started < 30

@@ -1,0 +1,206 @@
+"""A real multi-host Ray cluster on one machine: docker-compose.yml's services in network namespaces.
+
+deploy/netns-cluster.sh gives ray-head, ray-worker-1, ray-worker-2 and driver each its own network,
+PID and mount namespace and address, and runs the command/environment/healthcheck of each service
+as written in docker-compose.yml. Needs root and iproute2 (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "deploy" / "netns-cluster.sh"
+PREFIX = "dgtest"  # distinct from the script's default so a hand-started cluster is left alone
+SUBNET = "10.231.7.0/24"
+RAY_SERVICES = ("ray-head", "ray-worker-1", "ray-worker-2")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not hasattr(os, "geteuid") or os.geteuid() != 0, reason="network namespaces need root"
+    ),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (`ip`)"),
+]
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DISTGRAPH_NETNS_PREFIX": PREFIX,
+        "DISTGRAPH_NETNS_SUBNET": SUBNET,
+    }
+
+
+def netns(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run deploy/netns-cluster.sh with this module's prefix."""
+    return subprocess.run(
+        [str(SCRIPT), *args], env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{PREFIX}-")]
+
+
+def _pids_in_namespaces() -> dict[int, str]:
+    """Host pid -> command line of every process inside this module's namespaces."""
+    pids: dict[int, str] = {}
+    for ns in _namespaces():
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+        for pid in map(int, out.split()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            pids[pid] = cmdline.decode(errors="replace").strip()
+    return pids
+
+
+def _alive(pid: int, cmdline: str) -> bool:
+    try:
+        now = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return False
+    return now == cmdline  # same pid and command line: the same process, not a reused pid
+
+
+def _json_line(stdout: str, key: str) -> dict[str, Any]:
+    for line in stdout.splitlines():
+        if line.startswith("{") and key in line:
+            return json.loads(line)
+    raise AssertionError(f"no JSON object with {key!r} in output:\n{stdout[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, str]]:
+    """The namespace cluster, up for the whole module and torn down whatever happens."""
+    leftovers = _namespaces()
+    assert not leftovers, f"namespaces from an earlier run: {leftovers}"
+    try:
+        up = netns("up", timeout=420)
+        assert up.returncode == 0, f"up failed:\n{up.stdout}\n{up.stderr}"
+        yield json.loads(up.stdout.strip().splitlines()[-1])
+    finally:
+        netns("down", timeout=120)
+
+
+def test_three_ray_nodes_on_distinct_addresses(cluster: dict[str, str]) -> None:
+    status = netns("status", timeout=120)
+    assert status.returncode == 0, status.stderr
+    nodes = json.loads(status.stdout)
+    addresses = sorted(n["address"] for n in nodes)
+    assert addresses == sorted(cluster[s] for s in RAY_SERVICES)
+    assert len(set(addresses)) == 3
+
+
+def test_nodes_run_the_commands_from_compose(
+    cluster: dict[str, str], compose: dict[str, Any]
+) -> None:
+    for service in RAY_SERVICES:
+        expected = shlex.split(compose["services"][service]["command"])
+        expected = [a.replace("ray-head", cluster["ray-head"]) for a in expected]
+        out = subprocess.run(
+            ["ip", "netns", "pids", f"{PREFIX}-{service}"], capture_output=True, text=True
+        ).stdout
+        cmdlines = []
+        for pid in out.split():
+            try:
+                cmdlines.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1])
+            except OSError:
+                continue
+        argvs = [[a.decode() for a in c] for c in cmdlines]
+        # `ray start` runs as `python .../bin/ray start ...`: compare from "start" on.
+        starts = [a[a.index("start") :] for a in argvs if "start" in a and "--block" in a]
+        assert expected[1:] in starts, f"{service}: {expected} not among {argvs}"
+
+
+@pytest.fixture(scope="module")
+def driver_run(cluster: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The driver service's own command from docker-compose.yml, in the driver namespace."""
+    return netns("run", "--timeout", "900", timeout=960)
+
+
+def test_driver_trains_across_nodes_and_matches_local(
+    cluster: dict[str, str], driver_run: subprocess.CompletedProcess[str]
+) -> None:
+    assert driver_run.returncode == 0, f"{driver_run.stdout[-3000:]}\n{driver_run.stderr[-3000:]}"
+    result = _json_line(driver_run.stdout, '"matches_local"')
+    assert result["backend"] == "ray" and result["workers"] == 3
+    nodes = set(result["worker_nodes"].values())
+    assert len(nodes) >= 2, result["worker_nodes"]
+    assert nodes <= {cluster[s] for s in RAY_SERVICES}, "workers must run on the Ray nodes"
+    assert result["matches_local"] is True, result["max_rel_diff"]
+
+
+def test_cluster_parameters_equal_an_independent_local_run(
+    driver_run: subprocess.CompletedProcess[str],
+) -> None:
+    remote = _json_line(driver_run.stdout, '"matches_local"')
+    exe = Path(sys.executable).with_name("distgraph")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "distgraph.cli"]
+    local_run = subprocess.run(
+        [*cmd, "train", "mlp", "--backend", "local", "--epochs", str(remote["epochs"]), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert local_run.returncode == 0, local_run.stderr
+    local = _json_line(local_run.stdout, '"params"')
+    assert set(local["params"]) == set(remote["params"])
+    for name, value in local["params"].items():
+        np.testing.assert_allclose(remote["params"][name], value, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(remote["loss"], local["loss"], rtol=1e-6)
+
+
+def test_driver_with_wrong_token_is_refused(cluster: dict[str, str]) -> None:
+    """The compose driver command, with a token the cluster does not know."""
+    run = netns("run", "--env", "RAY_AUTH_TOKEN=not-the-token", "--timeout", "240", timeout=300)
+    assert run.returncode not in (0, 124), f"expected a refusal, got {run.returncode}"
+    assert "InvalidAuthToken" in run.stderr, run.stderr[-3000:]
+
+
+def test_distgraph_reports_a_refused_token_clearly(cluster: dict[str, str]) -> None:
+    run = netns(
+        "run", "--env", "RAY_AUTH_TOKEN=not-the-token", "--timeout", "240", "--",
+        "distgraph", "train", "mlp", "--backend", "ray", "--address", "ray-head:6379",
+        "--workers", "3", "--epochs", "1", "--json",
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2, f"rc={run.returncode}\n{run.stderr[-3000:]}"
+    errors = [ln for ln in run.stderr.splitlines() if ln.startswith("distgraph: error:")]
+    assert errors, run.stderr[-3000:]
+    assert "could not connect" in errors[-1] and "token" in errors[-1].lower(), errors[-1]
+
+
+def test_down_removes_every_namespace_and_process(cluster: dict[str, str]) -> None:
+    before = _pids_in_namespaces()
+    assert len(_namespaces()) == 5
+    assert any("raylet" in c for c in before.values()) and any(
+        "gcs_server" in c for c in before.values()
+    )
+    down = netns("down", timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert _namespaces() == []
+    survivors = {pid: c for pid, c in before.items() if _alive(pid, c)}
+    assert survivors == {}, survivors
+    assert not Path(f"/tmp/distgraph-netns-{PREFIX}").exists(), "state (and the token) remain"

@@ -1,0 +1,377 @@
+"""Every registry op against finite differences, in float64, and its dtype kept in float32.
+
+Each case builds the op under test on leaves of the requested dtype; the harness then adds a
+probe ``out = sum(op_output * C)`` with a random constant ``C``, so a wrong VJP cannot hide
+behind a gradient that happens to be all ones (``sum(softmax(x))`` is constant, for example).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+import distgraph as dg
+from distgraph.ops import LEAF_OPS, OPS
+
+#: Autodiff plumbing: inserted by ``dg.grad`` only, with no useful gradient of its own.
+PLUMBING = {"ones_like", "zeros_like", "add_n"}
+
+Build = Callable[["Leaves"], dg.Node]
+
+
+class Leaves:
+    """Creates inputs and params of one dtype on a graph and records the feeds."""
+
+    def __init__(self, g: dg.Graph, dtype: str, rng: np.random.Generator):
+        self.g, self.dtype, self.rng = g, dtype, rng
+        self.feeds: dict[str, Any] = {}
+
+    def _values(self, shape: tuple[int, ...], low: float | None, high: float | None) -> Any:
+        if low is None:
+            v = self.rng.standard_normal(shape)
+        else:
+            v = self.rng.uniform(low, high, size=shape)
+        return v.astype(self.dtype)
+
+    def input(self, name: str, shape: tuple[int, ...], low=None, high=None) -> dg.Node:
+        """A fed input of this dtype (values uniform in [low, high) when given)."""
+        self.feeds[name] = self._values(shape, low, high)
+        return self.g.input(name, shape=shape, dtype=self.dtype)
+
+    def param(self, name: str, shape: tuple[int, ...], low=None, high=None) -> dg.Node:
+        """A param of this dtype."""
+        return self.g.param(name, self._values(shape, low, high))
+
+    def feed(self, name: str, value: Any, dtype: str) -> dg.Node:
+        """An input with a fixed value and dtype (labels, conditions)."""
+        value = np.asarray(value, dtype=dtype)
+        self.feeds[name] = value
+        return self.g.input(name, shape=value.shape, dtype=dtype)
+
+    def away_from_zero(self, name: str, shape: tuple[int, ...], param: bool = False) -> dg.Node:
+        """Values with |v| in [0.2, 2): no kink of abs/relu within a finite-difference step."""
+        mag = self.rng.uniform(0.2, 2.0, size=shape)
+        v = (mag * self.rng.choice([-1.0, 1.0], size=shape)).astype(self.dtype)
+        if param:
+            return self.g.param(name, v)
+        self.feeds[name] = v
+        return self.g.input(name, shape=shape, dtype=self.dtype)
+
+
+@dataclass
+class Case:
+    """One op configuration: ``build`` returns the node under test."""
+
+    id: str
+    build: Build
+    wrt: list[str] | None = None
+    eps: float = 1e-6
+    rtol: float = 1e-5
+
+
+def _distinct(lv: Leaves, name: str, shape: tuple[int, ...], param: bool = False) -> dg.Node:
+    """A permutation of well-separated values: max has no near ties."""
+    v = (lv.rng.permutation(int(np.prod(shape))).reshape(shape) * 0.37 - 1.0).astype(lv.dtype)
+    if param:
+        return lv.g.param(name, v)
+    lv.feeds[name] = v
+    return lv.g.input(name, shape=shape, dtype=lv.dtype)
+
+
+def _other(dtype: str) -> str:
+    return "float32" if dtype == "float64" else "float64"
+
+
+def _separated(lv: Leaves, a_shape: tuple, b_shape: tuple) -> tuple[dg.Node, dg.Node]:
+    """Operands for maximum/minimum whose broadcast values never tie."""
+    a = lv.input("a", a_shape)
+    base = np.broadcast_to(lv.feeds["a"], np.broadcast_shapes(a_shape, b_shape))
+    # b = a shifted by at least 0.1 where they meet; only possible when b is the full shape.
+    gap = lv.rng.uniform(0.1, 1.0, size=base.shape) * lv.rng.choice([-1.0, 1.0], size=base.shape)
+    value = (base + gap).astype(lv.dtype)
+    lv.feeds["b"] = value
+    return a, lv.g.input("b", shape=value.shape, dtype=lv.dtype)
+
+
+CASES: list[Case] = [
+    # Elementwise arithmetic with broadcasting and reversed operands.
+    Case("add_row", lambda lv: lv.input("a", (3, 4)) + lv.param("b", (4,))),
+    Case("add_col", lambda lv: lv.input("a", (3, 4)) + lv.input("b", (3, 1))),
+    Case("add_rconst", lambda lv: 2.5 + lv.input("a", (3, 4))),
+    Case("sub_row_col", lambda lv: lv.input("a", (3, 1)) - lv.param("b", (4,))),
+    Case("sub_rconst", lambda lv: 1.0 - lv.input("a", (2, 3))),
+    Case("mul_col", lambda lv: lv.input("a", (3, 4)) * lv.param("b", (3, 1))),
+    Case("mul_batched", lambda lv: lv.input("a", (2, 3, 4)) * lv.input("b", (4,))),
+    Case("div_row", lambda lv: lv.input("a", (3, 4)) / lv.param("b", (4,), 0.5, 2.0)),
+    Case("div_rconst", lambda lv: 1.0 / lv.input("a", (3, 1), 0.5, 2.0)),
+    Case("div_col", lambda lv: lv.param("a", (4,)) / lv.input("b", (3, 1), 0.5, 2.0)),
+    Case("neg", lambda lv: -lv.input("a", (3, 4))),
+    Case("pow_int", lambda lv: lv.input("a", (3, 4)) ** 3),
+    Case("pow_sqrt", lambda lv: lv.input("a", (3, 4), 0.5, 2.0) ** 0.5),
+    Case("pow_negative", lambda lv: lv.param("a", (3, 1), 0.5, 2.0) ** -1.5),
+    Case("maximum_row", lambda lv: dg.maximum(*_separated(lv, (4,), (3, 4)))),
+    Case("minimum_col", lambda lv: dg.minimum(*_separated(lv, (3, 1), (3, 4)))),
+    # Elementwise functions.
+    Case("exp", lambda lv: dg.exp(lv.input("a", (3, 4)))),
+    Case("log", lambda lv: dg.log(lv.input("a", (3, 4), 0.3, 3.0))),
+    Case("sqrt", lambda lv: dg.sqrt(lv.param("a", (3, 4), 0.3, 3.0))),
+    Case("abs", lambda lv: dg.abs(lv.away_from_zero("a", (3, 4)))),
+    Case("relu", lambda lv: dg.relu(lv.away_from_zero("a", (3, 4), param=True))),
+    Case("sigmoid", lambda lv: dg.sigmoid(lv.input("a", (3, 4), -8.0, 8.0))),
+    Case("tanh", lambda lv: dg.tanh(lv.input("a", (3, 4)))),
+    Case("softplus", lambda lv: dg.softplus(lv.input("a", (3, 4), -30.0, 30.0))),
+    Case("identity", lambda lv: lv.g.apply("identity", lv.input("a", (3, 4)))),
+    Case(
+        "where_bcast",
+        lambda lv: dg.where(
+            lv.feed("cond", lv.rng.random((3, 4)) > 0.5, "bool"),
+            lv.input("a", (3, 4)),
+            lv.param("b", (4,)),
+        ),
+    ),
+    Case(
+        "where_col_cond",
+        lambda lv: dg.where(
+            lv.feed("cond", [[True], [False], [True]], "bool"),
+            lv.input("a", (3, 1)),
+            lv.input("b", (3, 4)),
+        ),
+    ),
+    # stop_gradient: x's own gradient is checked; y (behind the stop) is asserted zero below.
+    Case(
+        "stop_gradient",
+        lambda lv: lv.input("x", (3, 4)) * dg.stop_gradient(lv.input("y", (3, 4))),
+        wrt=["x"],
+    ),
+    # cast: a round trip through the other float dtype (float32 precision: wider step).
+    Case(
+        "cast_round_trip",
+        lambda lv: lv.input("a", (3, 4)).astype(_other(lv.dtype)).astype(lv.dtype) * 1.0,
+        eps=1e-3,
+        rtol=1e-3,
+    ),
+    # Linear algebra.
+    Case("matmul_2d", lambda lv: lv.input("a", (3, 4)) @ lv.param("b", (4, 5))),
+    Case("matmul_batched", lambda lv: lv.input("a", (2, 3, 4)) @ lv.input("b", (2, 4, 5))),
+    Case("matmul_bcast_batch", lambda lv: lv.input("a", (2, 3, 4)) @ lv.param("b", (4, 5))),
+    Case("matmul_bcast_left", lambda lv: lv.param("a", (3, 4)) @ lv.input("b", (2, 4, 5))),
+    Case("matmul_vec_mat", lambda lv: lv.input("a", (4,)) @ lv.param("b", (4, 5))),
+    Case("matmul_mat_vec", lambda lv: dg.matmul(lv.input("a", (3, 4)), lv.input("b", (4,)))),
+    Case("matmul_vec_vec", lambda lv: lv.input("a", (4,)) @ lv.input("b", (4,))),
+    Case("matmul_batched_vec", lambda lv: lv.input("a", (2, 3, 4)) @ lv.param("b", (4,))),
+    Case("matmul_vec_batched", lambda lv: lv.input("a", (3,)) @ lv.input("b", (2, 3, 4))),
+    Case("matmul_rconst", lambda lv: np.ones((2, 3), lv.dtype) @ lv.input("a", (3, 4))),
+]
+
+# Reductions: every axis form, with and without keepdims.
+_AXES: list[Any] = [None, 0, -1, 1, [0, 2], [-1, 0, 1]]
+for _op in ("sum", "mean", "max"):
+    for _axis in _AXES:
+        for _keep in (False, True):
+
+            def _reduce(lv: Leaves, op=_op, axis=_axis, keep=_keep) -> dg.Node:
+                x = _distinct(lv, "a", (2, 3, 4)) if op == "max" else lv.input("a", (2, 3, 4))
+                return getattr(dg, op)(x, axis=axis, keepdims=keep)
+
+            CASES.append(Case(f"{_op}_axis{_axis}_keep{_keep}".replace(" ", ""), _reduce))
+
+CASES += [
+    Case("max_method_param", lambda lv: _distinct(lv, "a", (3, 4), param=True).max(axis=1)),
+    Case("sum_method_scalar_in", lambda lv: (lv.input("a", (3, 4)) * 2.0).sum()),
+    # Shape manipulation.
+    Case("reshape", lambda lv: lv.input("a", (2, 3, 4)).reshape(6, 4)),
+    Case("reshape_flat", lambda lv: dg.reshape(lv.param("a", (2, 3, 4)), (-1,))),
+    Case("reshape_expand", lambda lv: lv.input("a", (12,)).reshape((3, 1, 4))),
+    Case("transpose_reverse", lambda lv: lv.input("a", (2, 3, 4)).T),
+    Case("transpose_axes", lambda lv: dg.transpose(lv.input("a", (2, 3, 4)), (1, 0, 2))),
+    Case("transpose_axes_2", lambda lv: lv.param("a", (2, 3, 4)).transpose(2, 0, 1)),
+    Case("broadcast_to_row", lambda lv: dg.broadcast_to(lv.input("a", (4,)), (3, 4))),
+    Case("broadcast_to_col", lambda lv: dg.broadcast_to(lv.param("a", (3, 1)), (2, 3, 4))),
+    Case(
+        "concat_axis0",
+        lambda lv: dg.concat([lv.input("a", (2, 4)), lv.param("b", (3, 4))], axis=0),
+    ),
+    Case(
+        "concat_last_three",
+        lambda lv: dg.concat(
+            [lv.input("a", (2, 3, 1)), lv.input("b", (2, 3, 4)), lv.param("c", (2, 3, 2))],
+            axis=-1,
+        ),
+    ),
+    Case(
+        "concat_repeated_input",
+        lambda lv: dg.concat([(a := lv.input("a", (3, 2))), lv.input("b", (3, 1)), a], axis=1),
+    ),
+    Case("index_int", lambda lv: lv.input("a", (3, 4))[1]),
+    Case("index_negative_int", lambda lv: lv.input("a", (3, 4))[-1, 2]),
+    Case("index_slices", lambda lv: lv.input("a", (4, 5))[1:3, ::2]),
+    Case("index_reverse", lambda lv: lv.param("a", (4, 5))[::-1, 4:0:-2]),
+    Case("index_newaxis", lambda lv: lv.input("a", (3, 4))[None, :, None, 1]),
+    Case("index_ellipsis", lambda lv: lv.input("a", (2, 3, 4))[..., 1:3]),
+    Case("index_list_repeats", lambda lv: lv.input("a", (4, 3))[[0, 2, 2, 3, 0]]),
+    Case("index_list_mixed", lambda lv: lv.input("a", (3, 4))[1:, [0, 0, 3]]),
+    Case("index_two_lists", lambda lv: lv.param("a", (3, 4))[[0, 1, 1], [2, 2, 3]]),
+    # Softmax family over several axes.
+    Case("softmax_last", lambda lv: dg.softmax(lv.input("a", (3, 5)))),
+    Case("softmax_axis0", lambda lv: dg.softmax(lv.input("a", (3, 5)), axis=0)),
+    Case("softmax_3d_mid", lambda lv: dg.softmax(lv.param("a", (2, 3, 4)), axis=1)),
+    Case("log_softmax_last", lambda lv: dg.log_softmax(lv.input("a", (3, 5)))),
+    Case("log_softmax_axis0", lambda lv: dg.log_softmax(lv.input("a", (2, 3, 4)), axis=0)),
+    Case("log_softmax_3d_mid", lambda lv: dg.log_softmax(lv.input("a", (2, 3, 4)), axis=-2)),
+    # Losses.
+    Case("mse", lambda lv: dg.mse(lv.input("p", (3, 4)), lv.input("t", (3, 4)))),
+    Case("mse_bcast", lambda lv: dg.mse(lv.param("p", (3, 4)), lv.input("t", (4,)))),
+    Case("mse_bcast_pred", lambda lv: dg.mse(lv.input("p", (3, 1)), lv.param("t", (3, 4)))),
+    Case(
+        "cross_entropy_int",
+        lambda lv: dg.cross_entropy(
+            lv.input("logits", (5, 4)), lv.feed("y", lv.rng.integers(0, 4, 5), "int64")
+        ),
+    ),
+    Case(
+        "cross_entropy_int_3d",
+        lambda lv: dg.cross_entropy(
+            lv.param("logits", (2, 3, 4)), lv.feed("y", lv.rng.integers(0, 4, (2, 3)), "int32")
+        ),
+    ),
+    Case(
+        "cross_entropy_probs",
+        lambda lv: dg.cross_entropy(
+            lv.input("logits", (5, 4)),
+            lv.g.apply("softmax", lv.input("q", (5, 4)), axis=-1),
+        ),
+    ),
+]
+
+
+def build_case(case: Case, dtype: str, seed: int = 0) -> tuple[dg.Graph, dict, dg.Node, set]:
+    """The case's graph with ``out`` (a probed scalar) and ``value`` (the op output, flat)."""
+    g = dg.Graph()
+    lv = Leaves(g, dtype, np.random.default_rng(seed))
+    node = case.build(lv)
+    covered = {n.op for n in g.nodes if n.op not in LEAF_OPS}
+    c = g.const(np.random.default_rng(seed + 1).standard_normal(node.shape).astype(dtype))
+    g.output("out", (node * c).sum())
+    g.output("value", node.reshape(-1))
+    return g, lv.feeds, node, covered
+
+
+def _case_ids() -> list[str]:
+    return [c.id for c in CASES]
+
+
+def test_case_ids_unique():
+    assert len(set(_case_ids())) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_ids())
+def test_op_gradient_float64(case: Case):
+    g, feeds, _node, _ = build_case(case, "float64")
+    dg.testing.check_grads(g, feeds, of="out", wrt=case.wrt, eps=case.eps, rtol=case.rtol)
+    res = dg.LocalExecutor().run(g, feeds, grad="out")
+    assert set(res.grads) >= set(case.wrt or [])
+    if case.id == "stop_gradient":
+        np.testing.assert_array_equal(res.grads["y"], np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_ids())
+def test_op_preserves_float32(case: Case):
+    g, feeds, node, _ = build_case(case, "float32")
+    assert node.dtype == np.float32, f"inferred dtype of {node.op} is {node.dtype}"
+    res = dg.LocalExecutor().run(g, feeds, outputs=["value", "out"], grad="out")
+    assert res.values["value"].dtype == np.float32
+    float_leaves = [n for n in g.inputs + list(g.params) if g[n].dtype.kind == "f"]
+    assert float_leaves and set(float_leaves) <= set(res.grads)
+    for name in float_leaves:
+        grad = res.grads[name]
+        assert isinstance(grad, np.ndarray) and grad.dtype == np.float32, (name, grad)
+    # The float32 run agrees with the float64 run of the same values to float32 precision.
+    g64, feeds64, _, _ = build_case(case, "float64")
+    ref = dg.LocalExecutor().run(g64, feeds64, outputs=["value"], grad="out")
+    np.testing.assert_allclose(res.values["value"], ref.values["value"], rtol=2e-3, atol=2e-3)
+    for name in float_leaves:
+        np.testing.assert_allclose(res.grads[name], ref.grads[name], rtol=2e-3, atol=2e-3)
+
+
+def test_every_registry_op_is_covered():
+    covered: set[str] = set()
+    for case in CASES:
+        covered |= build_case(case, "float64")[3]
+    assert covered == set(OPS) - PLUMBING
+
+
+def test_cast_float32_to_float64():
+    g = dg.Graph()
+    x = g.input("x", shape=(3,), dtype="float32")
+    y = x.astype("float64")
+    assert y.dtype == np.float64
+    g.output("out", (y * np.array([1.0, -2.0, 3.0])).sum())
+    g.output("y", y)
+    feeds = {"x": np.array([0.5, 1.5, -2.0], dtype=np.float32)}
+    res = dg.LocalExecutor().run(g, feeds, outputs=["y"], grad="out")
+    assert res.values["y"].dtype == np.float64
+    # The gradient has the dtype of the value it is the gradient of.
+    assert res.grads["x"].dtype == np.float32
+    np.testing.assert_array_equal(res.grads["x"], np.array([1.0, -2.0, 3.0], np.float32))
+    dg.testing.check_grads(g, feeds, of="out", eps=1e-3, rtol=1e-3)
+
+
+def test_max_ties_share_the_gradient():
+    g = dg.Graph()
+    x = g.input("x", shape=(2, 3))
+    g.output("out", x.max(axis=1).sum())
+    res = dg.LocalExecutor().run(g, {"x": np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]])}, grad="out")
+    np.testing.assert_allclose(res.grads["x"], [[0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]])
+
+
+def test_maximum_and_minimum_ties_go_to_the_first_operand():
+    g = dg.Graph()
+    a, b = g.input("a"), g.input("b")
+    g.output("out", dg.maximum(a, b) + 10.0 * dg.minimum(a, b))
+    res = dg.LocalExecutor().run(g, {"a": 1.0, "b": 1.0}, grad="out")
+    assert res.grads == {"a": 11.0, "b": 0.0}
+
+
+def test_relu_and_abs_subgradient_at_zero_is_zero():
+    g = dg.Graph()
+    x = g.input("x")
+    g.output("out", dg.relu(x) + dg.abs(x))
+    assert dg.LocalExecutor().run(g, {"x": 0.0}, grad="out").grads == {"x": 0.0}
+
+
+def test_stable_extremes_stay_finite():
+    g = dg.Graph()
+    x = g.input("x", shape=(4,))
+    out = dg.sigmoid(x).sum() + dg.softplus(x).sum() + dg.log_softmax(x).sum()
+    g.output("out", out + dg.softmax(x * 10.0).max())
+    feeds = {"x": np.array([-1000.0, -50.0, 50.0, 1000.0])}
+    res = dg.LocalExecutor().run(g, feeds, grad="out", check_finite=True)
+    assert np.isfinite(res.values["out"]) and np.all(np.isfinite(res.grads["x"]))
+
+
+def test_cross_entropy_int_labels_equal_one_hot_rows():
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((6, 3))
+    labels = rng.integers(0, 3, 6)
+    results = []
+    for y in (labels, np.eye(3)[labels]):
+        g = dg.Graph()
+        z = g.input("z", shape=(6, 3))
+        yy = g.input("y", shape=y.shape, dtype=y.dtype)
+        g.output("loss", dg.cross_entropy(z, yy))
+        results.append(dg.LocalExecutor().run(g, {"z": logits, "y": y}, grad="loss"))
+    assert results[0].values["loss"] == pytest.approx(results[1].values["loss"], rel=1e-12)
+    np.testing.assert_allclose(results[0].grads["z"], results[1].grads["z"], rtol=1e-12)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    assert results[0].values["loss"] == pytest.approx(-logp[np.arange(6), labels].mean())
+
+
+def test_unknown_op_is_an_error_not_an_eval():
+    g = dg.Graph()
+    x = g.input("x")
+    with pytest.raises(dg.UnknownOpError, match="__import__"):
+        g.apply("__import__('os').system('true')", x)
