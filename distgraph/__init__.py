@@ -51,6 +51,9 @@ from .optim import SGD as SGD
 from .optim import Adam as Adam
 from .optim import Momentum as Momentum
 from .optim import Optimizer as Optimizer
+from .partition import STRATEGIES as STRATEGIES
+from .partition import partition as partition
+from .plan import Plan as Plan
 from .result import Result as Result
 from .result import TraceEvent as TraceEvent
 from .runtime.local import LocalExecutor as LocalExecutor
@@ -68,9 +71,4 @@ def __getattr__(name: str):
         from .runtime.ray import RayExecutor
 
         return RayExecutor
-    if name in ("Plan", "partition"):
-        from . import partition as _partition
-        from . import plan as _plan
-
-        return {"Plan": _plan.Plan, "partition": _partition.partition}[name]
     raise AttributeError(f"module 'distgraph' has no attribute {name!r}")

@@ -89,6 +89,9 @@ class Trainer:
         self.epoch = 0
         self._store = ParameterStore(graph.params, optimizer)
         self._steps_done = 0
+        #: One entry per fit() call: (first step id, data, batch size, seed, shuffle, first epoch),
+        #: so any step's batch can be rebuilt when a parameter server has to replay steps.
+        self._segments: list[tuple[int, dict[str, np.ndarray], int, int, bool, int]] = []
         self._session: TrainingSession | None = None
         self._data_n: int | None = None
 
@@ -143,6 +146,9 @@ class Trainer:
             )
         n = next(iter(sizes.values()))
         session = self.session
+        self._segments.append((self._steps_done + 1, arrays, batch_size, seed, shuffle, self.epoch))
+        if hasattr(session, "replay"):
+            session.replay = self.feeds_for_step
         bar = self._bar(epochs)
         try:
             for _ in range(epochs):
@@ -168,6 +174,17 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return self.history
+
+    def feeds_for_step(self, step_id: int) -> dict[str, np.ndarray]:
+        """The mini-batch that step ``step_id`` used (deterministic for the data and seed)."""
+        for first, arrays, batch_size, seed, shuffle, first_epoch in reversed(self._segments):
+            if step_id >= first:
+                n = len(next(iter(arrays.values())))
+                per_epoch = steps_per_epoch(n, batch_size)
+                epoch, index = divmod(step_id - first, per_epoch)
+                idx = batch_indices(n, batch_size, seed, first_epoch + epoch, shuffle)[index]
+                return {k: v[idx] for k, v in arrays.items()}
+        raise ConfigError(f"step {step_id} was not taken by this trainer's fit() calls")
 
     def _small_params(self) -> dict[str, Any]:
         out = {}

@@ -19,13 +19,14 @@ Only this module imports ``ray``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..cost import CostModel
 from ..errors import ClusterError, ConfigError, DistgraphError, WaveTimeoutError, WorkerLostError
 from ..graph import Graph
@@ -95,6 +96,8 @@ class RayExecutor(Executor):
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 0,
         max_recoveries: int = 3,
+        ops_modules: Sequence[str] = (),
+        worker_runtime_env: Mapping[str, Any] | None = None,
         ray_init_kwargs: Mapping[str, Any] | None = None,
     ):
         super().__init__()
@@ -116,9 +119,16 @@ class RayExecutor(Executor):
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self.max_recoveries = max_recoveries
+        self.ops_modules = list(ops_modules)
+        self.worker_runtime_env = dict(worker_runtime_env) if worker_runtime_env else None
+        for module in self.ops_modules:  # the driver builds graphs with these ops too
+            importlib.import_module(module)
         self.address = address if address is not None else os.environ.get("RAY_ADDRESS") or None
         self._owns_ray = False
-        self._plans: dict[tuple, tuple[Plan, int]] = {}
+        #: Installed run() plans: key -> (plan, plan id, resident values to reinstall them with).
+        self._plans: dict[tuple, tuple[Plan, int, Mapping[str, Any]]] = {}
+        #: Workers replaced after a crash or node loss, by index.
+        self.replacements: list[int] = []
         self._plan_ids = itertools.count(1)
         self._run_steps = itertools.count(1)
         #: (worker, first level, last level, phases) of every actor call of the latest step.
@@ -143,7 +153,8 @@ class RayExecutor(Executor):
         if self.address is None:
             need = int(np.ceil(self.resources.get("CPU", 1) * self.num_workers))
             init_kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, need))
-            ray.init(**init_kwargs)
+            # "local" starts a new runtime even when another cluster runs on this machine.
+            ray.init(address="local", **init_kwargs)
             self._owns_ray = True
             return
         _check_reachable(self.address, timeout)
@@ -208,19 +219,65 @@ class RayExecutor(Executor):
         self.workers = [self._new_worker(i) for i in range(self.num_workers)]
         self.worker_info = fetch([w.info.remote() for w in self.workers], timeout=timeout)
 
-    def _new_worker(self, index: int) -> Any:
+    def _new_worker(self, index: int, in_group: bool = True) -> Any:
         res = dict(self.resources)
         cpus = res.pop("CPU", 0)
         gpus = res.pop("GPU", 0)
-        return _WorkerActor.options(
-            num_cpus=cpus,
-            num_gpus=gpus,
-            resources=res or None,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
+        options: dict[str, Any] = {
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "resources": res or None,
+            "max_restarts": 0,
+        }
+        if in_group and self._pg is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self._pg, placement_group_bundle_index=index
-            ),
-            max_restarts=0,
-        ).remote(index, self.blas_threads)
+            )
+        if self.worker_runtime_env:
+            options["runtime_env"] = self.worker_runtime_env
+        return _WorkerActor.options(**options).remote(index, self.blas_threads, self.ops_modules)
+
+    def _replace_worker(self, index: int) -> None:
+        """Start a fresh worker ``index``: in its placement-group bundle if that can still be
+        placed (Ray re-places bundles of a lost node), else anywhere the cluster has room."""
+        with contextlib.suppress(Exception):
+            ray.kill(self.workers[index])
+        timeout = min(self.deadline, 60.0)
+        for in_group in (True, False):
+            worker = self._new_worker(index, in_group)
+            try:
+                info = fetch(worker.info.remote(), timeout=timeout)
+            except (GetTimeoutError, RayActorError):
+                with contextlib.suppress(Exception):
+                    ray.kill(worker)
+                continue
+            self.workers[index] = worker
+            self.worker_info[index] = info
+            self.replacements.append(index)
+            log.warning("replaced worker %d; it now runs on node %s", index, info["node_ip"])
+            return
+        raise WorkerLostError(
+            f"worker {index} died and no node has room for a replacement ({self.resources})"
+        )
+
+    def _dead_workers(self) -> list[int]:
+        probes = [(i, w.info.remote()) for i, w in enumerate(self.workers)]
+        dead = []
+        for i, ref in probes:
+            try:
+                fetch(ref, timeout=30)
+            except (RayActorError, GetTimeoutError, RayTaskError):
+                dead.append(i)
+        return dead
+
+    def recover(self) -> list[int]:
+        """Replace dead workers and reinstall the run() plans on them; returns their indices."""
+        dead = self._dead_workers()
+        for i in dead:
+            self._replace_worker(i)
+            for plan, plan_id, resident in self._plans.values():
+                self._install(plan, plan_id, resident, only=[i])
+        return dead
 
     @property
     def nodes(self) -> list[str]:
@@ -277,24 +334,59 @@ class RayExecutor(Executor):
         key = (id(program), training, key_extra, strategy)
         hit = self._plans.get(key)
         if hit is not None and hit[0].program is program:
-            return hit
+            return hit[0], hit[1]
         plan = self._make_plan(program, training, batch)
         plan_id = next(self._plan_ids)
+        self._check_fits(plan, resident_values)
         self._install(plan, plan_id, resident_values)
-        self._plans[key] = (plan, plan_id)
+        self._plans[key] = (plan, plan_id, resident_values)
         return plan, plan_id
 
-    def _install(self, plan: Plan, plan_id: int, resident_values: Mapping[str, Any]) -> None:
+    def _install(
+        self,
+        plan: Plan,
+        plan_id: int,
+        resident_values: Mapping[str, Any],
+        only: Sequence[int] | None = None,
+    ) -> None:
         prog_ref = ray.put(plan.program)
         calls = []
-        for w, worker in enumerate(self.workers):
+        for w in only if only is not None else range(len(self.workers)):
             tasks = [t for t in plan.tasks if t.worker == w]
             values = {
                 n: resident_values[n] if n in resident_values else plan.program.constants[n]
                 for n in plan.resident[w]
             }
-            calls.append(worker.install.remote(plan_id, prog_ref, tasks, values))
+            calls.append(self.workers[w].install.remote(plan_id, prog_ref, tasks, values))
         self._get(calls, "installing the plan")
+
+    def _object_store_capacity(self) -> float:
+        """Bytes of object store on the largest node (one value must fit on one node)."""
+        per_node = [
+            n.get("Resources", {}).get("object_store_memory", 0.0)
+            for n in ray.nodes()
+            if n.get("Alive")
+        ]
+        return max(per_node, default=ray.cluster_resources().get("object_store_memory", 0.0))
+
+    def _check_fits(self, plan: Plan, values: Mapping[str, Any]) -> None:
+        """Refuse a param or a predicted cross-worker value that cannot fit in the object store."""
+        capacity = self._object_store_capacity()
+        if not capacity:
+            return
+        too_big = [
+            (n, int(np.asarray(v).nbytes))
+            for n, v in values.items()
+            if np.asarray(v).nbytes > capacity
+        ]
+        too_big += [(v, b) for v, _, b in plan.cross_edges if b > capacity]
+        if too_big:
+            name, nbytes = max(too_big, key=lambda t: t[1])
+            raise ClusterError(
+                f"{name!r} needs {nbytes:,} bytes but the object store holds at most {int(capacity):,} "
+                "bytes per node; shrink the tensor (smaller batch) or start Ray with a larger "
+                "object_store_memory"
+            )
 
     # Running ------------------------------------------------------------------------------------
     def run(
@@ -311,14 +403,23 @@ class RayExecutor(Executor):
         t0 = time.time()
         prog = self.program(graph, outputs, grad)
         arrays = prepare_feeds(prog, feeds or {}, check_finite)
+        self._check_feeds_fit(arrays)
         plan, plan_id = self._installed(
             prog, False, graph._params, _batch_size(prog, arrays), key_extra=graph.version
         )
-        step = next(self._run_steps)
         events: list[TraceEvent] = []
-        t_submit = time.time()
-        refs = self._submit(plan, plan_id, step, arrays, {}, trace, check_finite)
-        got = self._finish(plan, plan_id, step, refs, extra=[])
+        for attempt in range(self.max_recoveries + 1):
+            step = next(self._run_steps)
+            t_submit = time.time()
+            try:
+                refs = self._submit(plan, plan_id, step, arrays, {}, trace, check_finite)
+                got = self._finish(plan, plan_id, step, refs, extra=[])
+                break
+            except WorkerLostError:
+                if attempt == self.max_recoveries:
+                    raise
+                log.warning("a worker died during a run; replacing it and running again")
+                self.recover()
         env: dict[str, Any] = {}
         for d in got["driver"]:
             env.update(d)
@@ -340,6 +441,18 @@ class RayExecutor(Executor):
             placement=dict(plan.placement),
             levels=[list(lv) for lv in prog.levels],
         )
+
+    def _check_feeds_fit(self, arrays: Mapping[str, np.ndarray]) -> None:
+        big = {n: a for n, a in arrays.items() if a.nbytes > INLINE_BYTES}
+        if big:
+            capacity = self._object_store_capacity()
+            for name, arr in big.items():
+                if capacity and arr.nbytes > capacity:
+                    raise ClusterError(
+                        f"feed {name!r} is {arr.nbytes:,} bytes but the object store holds at most "
+                        f"{int(capacity):,} bytes per node; feed smaller batches or start Ray with a "
+                        "larger object_store_memory"
+                    )
 
     def _submit(
         self,
@@ -479,6 +592,15 @@ class RayExecutor(Executor):
 
 
 class _RaySession(TrainingSession):
+    """Training on the executor's workers with a parameter-server actor.
+
+    Recovery: a step that loses a worker is run again (same step id, same feeds) after the
+    executor replaces the worker and this session reinstalls its plan with the parameter
+    server's current params. A lost parameter server is restarted from its latest checkpoint
+    (or the initial state) and the steps it had applied since are replayed through ``replay``
+    (the Trainer's deterministic batch order) before the failed step runs again.
+    """
+
     def __init__(
         self,
         ex: RayExecutor,
@@ -496,6 +618,10 @@ class _RaySession(TrainingSession):
         self._initial = store.to_checkpoint()
         self.ps: Any = None
         self._updates: dict[int, Any] = {}
+        self._done: list[int] = list(self._initial.applied_steps)
+        #: step id -> feeds; set by the Trainer so a restarted parameter server can catch up.
+        self.replay: Callable[[int], Mapping[str, Any]] | None = None
+        self.recoveries: list[str] = []
         self.last_trace: list[TraceEvent] = []
 
     def _ensure(self, batch: int) -> None:
@@ -504,30 +630,48 @@ class _RaySession(TrainingSession):
         ex = self.ex
         self.plan = ex._make_plan(self.prog, training=True, batch_size=batch)
         self.plan_id = next(ex._plan_ids)
+        ex._check_fits(self.plan, self._initial.params)
+        self._start_ps(self._initial)
+        ex._install(self.plan, self.plan_id, self._initial.params)
+
+    def _start_ps(self, ckpt: Checkpoint) -> None:
+        assert self.plan is not None
         routes = {
             w: [p for p in self.plan.resident[w] if p in self.prog.params]
-            for w in range(ex.num_workers)
+            for w in range(self.ex.num_workers)
         }
-        self.ps = _ParamServerActor.options(num_cpus=0).remote(
-            self._initial.params,
+        self.ps = _ParamServerActor.options(num_cpus=0, max_restarts=0).remote(
+            ckpt.params,
             self.optimizer,
             routes,
             self.prog.grads,
-            ex.checkpoint_dir,
-            ex.checkpoint_every,
+            self.ex.checkpoint_dir,
+            self.ex.checkpoint_every,
         )
-        ex._get([self.ps.restore.remote(self._initial)], "starting the parameter server")
-        ex._install(self.plan, self.plan_id, self._initial.params)
+        self.ex._get([self.ps.restore.remote(ckpt)], "starting the parameter server")
 
     def step(self, step_id: int, feeds: Mapping[str, Any]) -> float:
         arrays = prepare_feeds(self.prog, feeds, self.check_finite)
+        self.ex._check_feeds_fit(arrays)
         self._ensure(_batch_size(self.prog, arrays))
+        for attempt in range(self.ex.max_recoveries + 1):
+            try:
+                loss = self._step_once(step_id, arrays)
+                break
+            except WorkerLostError as e:
+                if attempt == self.ex.max_recoveries:
+                    raise
+                log.warning("step %d lost a worker (%s); recovering", step_id, e)
+                self._recover(step_id)
+        if step_id not in self._done:
+            self._done.append(step_id)
+        return loss
+
+    def _step_once(self, step_id: int, arrays: Mapping[str, np.ndarray]) -> float:
         plan, ex = self.plan, self.ex
         assert plan is not None
-        refs = ex._submit(
-            plan, self.plan_id, step_id, arrays, self._updates, False, self.check_finite
-        )
-        self._updates = {}
+        updates, self._updates = self._updates, {}
+        refs = ex._submit(plan, self.plan_id, step_id, arrays, updates, False, self.check_finite)
         grads = [
             refs[t.id][t.slot(PARAM_SERVER)]
             for t in plan.tasks
@@ -537,8 +681,57 @@ class _RaySession(TrainingSession):
         status_ref, worker_refs = out[0], out[1:]
         got = ex._finish(plan, self.plan_id, step_id, refs, extra=[status_ref])
         self._updates = dict(enumerate(worker_refs))
-        loss = next(d[self.loss] for d in got["driver"] if self.loss in d)
-        return float(loss)
+        return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
+
+    def _ps_alive(self) -> bool:
+        try:
+            fetch(self.ps.status.remote(), timeout=30)
+            return True
+        except (RayActorError, GetTimeoutError, RayTaskError):
+            return False
+
+    def _recover(self, failed_step: int) -> None:
+        ex = self.ex
+        assert self.plan is not None
+        replaced = ex.recover()
+        if replaced:
+            self.recoveries.append(f"step {failed_step}: replaced workers {replaced}")
+        if self._ps_alive():
+            params = self._ps_call("worker_params")
+            for w in replaced:
+                ex._install(self.plan, self.plan_id, params[w], only=[w])
+            # Survivors may or may not have taken the last update before the failure: resend it.
+            self._updates = dict(enumerate(params))
+            return
+        ckpt = self._latest_checkpoint()
+        with contextlib.suppress(Exception):
+            ray.kill(self.ps)
+        self._start_ps(ckpt)
+        applied = set(ckpt.applied_steps)
+        missing = [s for s in self._done if s not in applied and s != failed_step]
+        self.recoveries.append(
+            f"step {failed_step}: parameter server restarted from version {ckpt.step}, replaying steps {missing}"
+        )
+        params = self._ps_call("worker_params")
+        ex._install(self.plan, self.plan_id, {k: v for d in params for k, v in d.items()})
+        self._updates = {}
+        if missing and self.replay is None:
+            raise WorkerLostError(
+                f"the parameter server died and steps {missing} cannot be replayed: no data source "
+                "(train through Trainer.fit, which provides one)"
+            )
+        for s in missing:
+            assert self.replay is not None
+            arrays = prepare_feeds(self.prog, self.replay(s), self.check_finite)
+            self._step_once(s, arrays)
+
+    def _latest_checkpoint(self) -> Checkpoint:
+        path = self.ex.checkpoint_dir
+        if path and os.path.exists(os.path.join(path, "state.json")):
+            ckpt = load_checkpoint(path)
+            if set(ckpt.params) == set(self._initial.params):
+                return ckpt
+        return self._initial
 
     def _ps_call(self, method: str, *args: Any) -> Any:
         if self.ps is None:
@@ -571,13 +764,12 @@ class _RaySession(TrainingSession):
     def save(self, path: str) -> None:
         """Have the parameter server write its checkpoint to ``path`` (on the PS's node)."""
         if self.ps is None:
-            from ..checkpoint import save_checkpoint
-
             save_checkpoint(path, self._initial)
             return
         self._ps_call("save", str(path))
 
     def restore(self, ckpt: Checkpoint) -> None:
+        self._done = list(ckpt.applied_steps)
         if self.ps is None:
             self._initial = ckpt
             return

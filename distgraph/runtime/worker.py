@@ -10,10 +10,12 @@ This module does not import Ray: ``runtime/ray.py`` wraps ``Worker`` as an actor
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ..plan import Task
@@ -24,7 +26,9 @@ from ..result import TraceEvent
 class Worker:
     """Holds partitions and runs tasks; one instance per Ray worker actor."""
 
-    def __init__(self, index: int, blas_threads: int | None = None):
+    def __init__(
+        self, index: int, blas_threads: int | None = None, ops_modules: Sequence[str] = ()
+    ):
         self.index = index
         self.track = f"worker {index}"
         self.programs: dict[int, Program] = {}
@@ -37,6 +41,8 @@ class Worker:
         self._blas = None
         if blas_threads is not None:
             self._limit_blas(blas_threads)
+        for module in ops_modules:  # custom ops are registered by importing code, never by name
+            importlib.import_module(module)
 
     def _limit_blas(self, threads: int) -> None:
         try:

@@ -1,0 +1,168 @@
+"""Failures in the middle of training: worker crash, parameter-server crash, node loss, stalls (issue 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import slow_ops  # noqa: F401 - registers the "sleep" op in this process too
+from raysupport import ensure_ray
+
+import distgraph as dg
+from distgraph import models
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+def mlp_setup():
+    g = models.mlp_classifier((2, 16, 16, 2), seed=4)
+    return g, models.spirals(48, seed=3), dg.Adam(lr=0.02)
+
+
+def reference_params():
+    g, data, opt = mlp_setup()
+    ref = dg.Trainer(g, loss="loss", optimizer=opt, progress=False)
+    ref.fit(data, epochs=4, batch_size=16, seed=11)  # 6 steps an epoch, 24 in all
+    return ref.params
+
+
+def assert_params_equal(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=0, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_params()
+
+
+@pytest.fixture
+def ex(tmp_path):
+    ensure_ray()
+    with dg.RayExecutor(
+        num_workers=2,
+        strategy="round_robin",
+        checkpoint_dir=str(tmp_path / "ps"),
+        checkpoint_every=5,
+    ) as executor:
+        yield executor
+
+
+def train_with(ex, on_step):
+    g, data, opt = mlp_setup()
+    tr = dg.Trainer(g, loss="loss", optimizer=opt, executor=ex, progress=False)
+    tr.fit(data, epochs=4, batch_size=16, seed=11, callback=lambda step, loss: on_step(tr, step))
+    return tr
+
+
+def test_worker_crash_mid_training(ex, reference):
+    crashed = []
+
+    def crash(tr, step):
+        if step == 9:
+            ex.workers[1].crash.remote()  # os._exit inside the actor, before step 10 runs
+            crashed.append(step)
+
+    tr = train_with(ex, crash)
+    assert crashed == [9] and ex.replacements == [1]
+    assert_params_equal(tr.params, reference)
+    status = tr.session.status()
+    assert status["applied"] == list(range(1, 25)), status  # each step exactly once, in order
+    tr.close()
+
+
+def test_parameter_server_crash_between_checkpoints(ex, reference):
+    def crash(tr, step):
+        if step == 13:  # checkpoints at 5 and 10: steps 11-13 must be replayed
+            tr.session.ps.crash.remote()
+
+    tr = train_with(ex, crash)
+    assert any("replaying steps [11, 12, 13]" in r for r in tr.session.recoveries), (
+        tr.session.recoveries
+    )
+    assert_params_equal(tr.params, reference)
+    assert tr.session.status()["applied"] == list(range(1, 25))
+    tr.close()
+
+
+def test_both_crash_in_the_same_step(ex, reference):
+    def crash(tr, step):
+        if step == 7:
+            tr.session.ps.crash.remote()
+            ex.workers[0].crash.remote()
+
+    tr = train_with(ex, crash)
+    assert_params_equal(tr.params, reference)
+    assert tr.session.status()["applied"] == list(range(1, 25))
+    tr.close()
+
+
+def test_run_survives_a_worker_crash(ex):
+    g, feeds = models.seed_graph()
+    assert ex.run(g, feeds, grad="z").grads == {"x": 3.0, "w": 2.0, "b": 1.0}
+    ex.workers[0].crash.remote()
+    res = ex.run(g, feeds, grad="z")
+    assert res.values == {"z": 7.0} and res.grads == {"x": 3.0, "w": 2.0, "b": 1.0}
+    assert 0 in ex.replacements
+
+
+def test_stalled_node_names_node_level_and_worker():
+    ensure_ray()
+    g = dg.Graph()
+    x = g.input("x")
+    w = g.param("w", 3.0)
+    h = g.apply("sleep", x * w, seconds=15.0, name="stuck")
+    g.output("z", h + 1.0)
+    with dg.RayExecutor(
+        num_workers=2,
+        strategy={"mul_1": 0, "stuck": 1, "z": 0},
+        deadline=3.0,
+        ops_modules=["slow_ops"],
+        worker_runtime_env={"env_vars": {"PYTHONPATH": TESTS}},
+    ) as ex:
+        level = ex.plan(g).program.level["stuck"]
+        with pytest.raises(dg.WaveTimeoutError) as info:
+            ex.run(g, {"x": 2.0})
+        msg = str(info.value)
+        assert (
+            "'stuck'" in msg and f"level {level}" in msg and "worker 1" in msg and "forward" in msg
+        ), msg
+        assert "3 s" in msg
+
+
+@pytest.mark.slow
+def test_node_loss_replaces_workers_on_surviving_nodes(tmp_path, reference):
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        with dg.RayExecutor(
+            num_workers=2,
+            strategy="round_robin",
+            address=cluster.address,
+            checkpoint_dir=str(tmp_path / "ps"),
+            checkpoint_every=4,
+        ) as ex:
+            by_id = {n.node_id: n for n in nodes}
+            victim = next(by_id[i["node_id"]] for i in ex.worker_info if i["node_id"] in by_id)
+            lost = {i["index"] for i in ex.worker_info if i["node_id"] == victim.node_id}
+
+            def remove(tr, step):
+                if step == 10:
+                    cluster.remove_node(victim)
+
+            tr = train_with(ex, remove)
+            assert set(ex.replacements) >= lost
+            assert all(i["node_id"] != victim.node_id for i in ex.worker_info)
+            assert_params_equal(tr.params, reference)
+            assert tr.session.status()["applied"] == list(range(1, 25))
+            tr.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
