@@ -1,0 +1,94 @@
+"""`latency`: the seed graph's forward + backward step against one raw Ray actor round trip.
+
+The graph ``z = x*w + b`` does almost no work, so its step time is pure runtime overhead; the
+yardstick is the cheapest thing Ray can do, a no-op actor method call, measured in the same run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._harness import Record, log, measure
+
+NAME = "latency"
+#: label -> (comparison, bound) of every target this benchmark checks.
+TARGETS = {"step_vs_round_trip": ("<=", 2.0)}
+
+
+def _noop_actor() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Noop:
+        """An actor whose method does nothing: one call is one round trip."""
+
+        def ping(self) -> None:
+            return None
+
+    return Noop.remote()
+
+
+def round_trips(calls: int, repeats: int) -> tuple[float, float]:
+    """(sequential, pipelined) seconds per no-op actor call."""
+    import ray
+
+    actor = _noop_actor()
+    try:
+        ray.get(actor.ping.remote())
+        sequential = measure(lambda: ray.get(actor.ping.remote()), calls, warmup=50)
+
+        def burst() -> None:
+            ray.get([actor.ping.remote() for _ in range(calls)])
+
+        pipelined = measure(burst, repeats) / calls
+    finally:
+        ray.kill(actor)
+    return sequential, pipelined
+
+
+def build_seed_graph() -> Any:
+    """z = x*w + b with w=3, b=1 (the seed story)."""
+    import distgraph as dg
+
+    g = dg.Graph()
+    x = g.input("x")
+    w = g.param("w", 3.0)
+    b = g.param("b", 1.0)
+    g.output("z", x * w + b)
+    return g
+
+
+def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
+    """Median seed-graph step on RayExecutor(2) over the median no-op round trip."""
+    import distgraph as dg
+
+    calls, steps = (50, 20) if quick else (500, 200)
+
+    log(progress, NAME, "raw ray actor round trips")
+    seq, pipe = round_trips(calls, repeats=3 if quick else 7)
+    rec.figure("ray_round_trip_s", seq)
+    rec.figure("ray_round_trip_pipelined_s", pipe)
+
+    log(progress, NAME, "distgraph seed graph, forward + backward")
+    g = build_seed_graph()
+    with dg.RayExecutor(num_workers=2) as ex:
+        res = ex.run(g, feeds={"x": 2.0}, grad="z")
+        if res.values["z"] != 7.0 or res.grads.get("w") != 2.0:
+            raise AssertionError(f"seed graph gave z={res.values['z']}, grads={res.grads}")
+        step = rec.figure(
+            "distgraph_step_s",
+            measure(lambda: ex.run(g, feeds={"x": 2.0}, grad="z"), steps, warmup=10),
+        )
+        # A second round-trip sample after the steps guards against drift during the run.
+        seq_after, _ = round_trips(calls, repeats=1)
+    rec.figure("ray_round_trip_after_s", seq_after)
+    rec.target(
+        "step_vs_round_trip",
+        rec.ratio("step_vs_round_trip", step, seq),
+    )
+    rec.ratio("step_vs_pipelined_round_trip", step, pipe)
+    rec.note(
+        f"Round trip: median of {calls} sequential ray.get(actor.ping.remote()); pipelined: "
+        f"{calls} calls submitted then one ray.get, per call. Step: median of {steps} "
+        "ex.run(g, feeds, grad='z') on a warm executor."
+    )

@@ -1,0 +1,248 @@
+"""`mlp`: one SGD step of a ReLU MLP with softmax cross-entropy, float32.
+
+Peers: the step written by hand in numpy, PyTorch on the CPU (when importable), and a
+hand-written Ray parameter server with two data-parallel workers in the pattern of Ray's docs
+(a PS actor holds the weights; each worker holds half the batch, computes its gradients from the
+latest weights; the PS averages them and applies the update).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ._harness import Record, log, measure
+
+NAME = "mlp"
+LR = 0.01
+#: label -> (comparison, bound) of every target this benchmark checks.
+TARGETS = {
+    "local_vs_numpy": ("<=", 1.15),
+    "ray_vs_ray_ps": ("<=", 1.0),
+    "ray_vs_numpy": ("<=", 1.5),
+}
+
+
+def make_problem(
+    sizes: list[int], batch: int, seed: int = 0
+) -> tuple[list, np.ndarray, np.ndarray]:
+    """He-initialised float32 params [W1, b1, W2, b2, ...], a batch x and its one-hot labels."""
+    rng = np.random.default_rng(seed)
+    params: list[np.ndarray] = []
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        scale = np.sqrt(2.0 / fan_in)
+        params.append((rng.standard_normal((fan_in, fan_out)) * scale).astype(np.float32))
+        params.append(np.zeros(fan_out, dtype=np.float32))
+    x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    labels = rng.integers(0, sizes[-1], size=batch)
+    y = np.eye(sizes[-1], dtype=np.float32)[labels]
+    return params, x, y
+
+
+def loss_and_grads(params: list, x: np.ndarray, y: np.ndarray) -> tuple[float, list]:
+    """Forward and backward by hand: mean softmax cross-entropy and d loss / d params."""
+    acts, pre = [x], []
+    n_layers = len(params) // 2
+    h = x
+    for i in range(n_layers):
+        z = h @ params[2 * i] + params[2 * i + 1]
+        pre.append(z)
+        h = np.maximum(z, 0) if i < n_layers - 1 else z
+        acts.append(h)
+    logits = acts[-1]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    n = x.shape[0]
+    loss = float(-(y * (shifted - np.log(total))).sum() / n)
+    grad = (exp / total - y) / np.float32(n)
+    grads: list[np.ndarray] = [None] * len(params)  # type: ignore[list-item]
+    for i in reversed(range(n_layers)):
+        grads[2 * i] = acts[i].T @ grad
+        grads[2 * i + 1] = grad.sum(axis=0)
+        if i > 0:
+            grad = (grad @ params[2 * i].T) * (pre[i - 1] > 0)
+    return loss, grads
+
+
+def numpy_step(params: list, x: np.ndarray, y: np.ndarray, lr: float = LR) -> float:
+    """One SGD step in place; returns the loss before the update."""
+    loss, grads = loss_and_grads(params, x, y)
+    for p, g in zip(params, grads, strict=True):
+        p -= np.float32(lr) * g
+    return loss
+
+
+def _ray_ps_classes() -> tuple[Any, Any]:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ParameterServer:
+        """Holds the weights; averages the workers' gradients and applies SGD."""
+
+        def __init__(self, params: list, lr: float) -> None:
+            self.params = [p.copy() for p in params]
+            self.lr = np.float32(lr)
+
+        def get_weights(self) -> list:
+            return self.params
+
+        def apply_gradients(self, *grads: list) -> list:
+            for i, p in enumerate(self.params):
+                p -= self.lr * (sum(g[i] for g in grads) / np.float32(len(grads)))
+            return self.params
+
+    @ray.remote(num_cpus=1)
+    class DataWorker:
+        """Holds its shard of the batch, as a data loader would, and returns its gradients."""
+
+        def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+            self.x, self.y = x, y
+
+        def compute_gradients(self, weights: list) -> list:
+            return loss_and_grads(weights, self.x, self.y)[1]
+
+    return ParameterServer, DataWorker
+
+
+class RayParameterServer:
+    """The hand-written data-parallel peer: one PS actor, ``n`` gradient workers."""
+
+    def __init__(self, params: list, x: np.ndarray, y: np.ndarray, n: int = 2) -> None:
+        import ray
+
+        ps_cls, worker_cls = _ray_ps_classes()
+        self.ps = ps_cls.remote(params, LR)
+        shards = zip(np.array_split(x, n), np.array_split(y, n), strict=True)
+        self.workers = [worker_cls.remote(xs, ys) for xs, ys in shards]
+        self.weights = self.ps.get_weights.remote()
+        ray.wait([self.weights])
+
+    def step(self) -> None:
+        """One synchronous step; waits for the new weights without copying them to the driver."""
+        import ray
+
+        grads = [w.compute_gradients.remote(self.weights) for w in self.workers]
+        self.weights = self.ps.apply_gradients.remote(*grads)
+        ray.wait([self.weights])
+
+    def close(self) -> None:
+        """Kill the actors."""
+        import ray
+
+        for actor in [self.ps, *self.workers]:
+            ray.kill(actor)
+
+
+def _torch_step_fn(params: list, x: np.ndarray, y: np.ndarray) -> Any:
+    import torch
+
+    tensors = [torch.tensor(p, requires_grad=True) for p in params]
+    xt, labels = torch.tensor(x), torch.tensor(y.argmax(axis=1))
+    opt = torch.optim.SGD(tensors, lr=LR)
+    n_layers = len(tensors) // 2
+
+    def step() -> None:
+        opt.zero_grad()
+        h = xt
+        for i in range(n_layers):
+            h = h @ tensors[2 * i] + tensors[2 * i + 1]
+            if i < n_layers - 1:
+                h = torch.relu(h)
+        torch.nn.functional.cross_entropy(h, labels).backward()
+        opt.step()
+
+    return step
+
+
+def build_distgraph(sizes: list[int], params: list, batch: int) -> Any:
+    """The MLP as a dg.Graph with output ``loss`` (mean softmax cross-entropy)."""
+    import distgraph as dg
+
+    g = dg.Graph()
+    h = g.input("x", shape=(None, sizes[0]), dtype=np.float32)
+    y = g.input("y", shape=(None, sizes[-1]), dtype=np.float32)
+    n_layers = len(params) // 2
+    for i in range(n_layers):
+        w = g.param(f"W{i + 1}", params[2 * i])
+        b = g.param(f"b{i + 1}", params[2 * i + 1])
+        h = dg.matmul(h, w) + b
+        if i < n_layers - 1:
+            h = dg.relu(h)
+    g.output("loss", dg.cross_entropy(h, y))
+    return g
+
+
+def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
+    """Time one training step of every system and compare distgraph with numpy and the Ray PS."""
+    sizes, batch = ([64, 32, 32, 10], 32) if quick else ([784, 512, 512, 10], 256)
+    repeats = 5 if quick else 30
+    params, x, y = make_problem(sizes, batch)
+    rec.note(f"MLP {'-'.join(map(str, sizes))}, batch {batch}, float32, SGD lr={LR}.")
+
+    log(progress, NAME, "numpy by hand")
+    np_params = [p.copy() for p in params]
+    numpy_s = rec.figure("numpy_s", measure(lambda: numpy_step(np_params, x, y), repeats, 3))
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        rec.note("PyTorch peer skipped: torch is not importable.")
+    else:
+        log(progress, NAME, "pytorch cpu")
+        rec.figure("torch_s", measure(_torch_step_fn(params, x, y), repeats, 3))
+
+    log(progress, NAME, "ray parameter server, 2 data-parallel workers")
+    ps = RayParameterServer(params, x, y, n=2)
+    try:
+        ray_ps_s = rec.figure("ray_ps_s", measure(ps.step, repeats, 3))
+    finally:
+        ps.close()
+    rec.note("Ray PS peer: data resident in the workers (as in Ray's docs), one BLAS thread each.")
+
+    log(progress, NAME, "distgraph")
+    _time_distgraph(rec, sizes, params, x, y, batch, repeats)
+
+    local_s, ray_s = rec.figures.get("distgraph_local_s"), rec.figures.get("distgraph_ray_s")
+    if "torch_s" in rec.figures:
+        rec.ratio("torch_vs_numpy", rec.figures["torch_s"], numpy_s)
+    rec.ratio("ray_ps_vs_numpy", ray_ps_s, numpy_s)
+    rec.target("local_vs_numpy", rec.ratio("local_vs_numpy", local_s, numpy_s))
+    rec.target("ray_vs_ray_ps", rec.ratio("ray_vs_ray_ps", ray_s, ray_ps_s))
+    rec.target("ray_vs_numpy", rec.ratio("ray_vs_numpy", ray_s, numpy_s))
+
+
+def _time_distgraph(
+    rec: Record,
+    sizes: list[int],
+    params: list,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch: int,
+    repeats: int,
+) -> None:
+    import distgraph as dg
+
+    g = build_distgraph(sizes, params, batch)
+    feeds = {"x": x, "y": y}
+    want, _ = loss_and_grads(params, x, y)
+    local = dg.LocalExecutor()
+    got = local.run(g, feeds=feeds, grad="loss").values["loss"]
+    if not np.isclose(got, want, rtol=1e-4):
+        raise AssertionError(f"distgraph loss {got} != numpy loss {want}")
+    step = training_step(dg, g, local, feeds)
+    rec.figure("distgraph_local_s", measure(step, repeats, 3))
+    with dg.RayExecutor(num_workers=2) as ex:
+        step = training_step(dg, g, ex, feeds)
+        rec.figure("distgraph_ray_s", measure(step, repeats, 3))
+
+
+def training_step(dg: Any, g: Any, executor: Any, feeds: dict) -> Callable[[], float]:
+    """A zero-argument callable doing one forward + backward + SGD update; returns the loss."""
+    trainer = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=LR), executor=executor, progress=False)
+    session = trainer.session  # the executor's training session, bound to a parameter store
+    step_ids = itertools.count()
+    return lambda: session.step(next(step_ids), feeds)

@@ -1,0 +1,116 @@
+"""`wide`: independent branches of heavy matmuls, where two workers should nearly halve the time.
+
+Each branch is a chain ``h = tanh(h @ W_k)``; branches share nothing, so a partitioner that keeps
+each chain on one worker moves only the inputs and the outputs. BLAS is pinned to one thread in
+every process, so the speedup measures distgraph's parallelism, not OpenBLAS's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._harness import Record, blas_threads, log, measure
+
+NAME = "wide"
+#: label -> (comparison, bound) of every target this benchmark checks.
+TARGETS = {"ray_speedup_over_local": (">=", 1.8)}
+
+
+def make_problem(branches: int, depth: int, n: int, seed: int = 0) -> tuple[dict, dict]:
+    """Feeds ``x{b}`` (n x n) and params ``W{b}_{k}`` (n x n), float32, scaled to keep tanh live."""
+    rng = np.random.default_rng(seed)
+    feeds = {f"x{b}": rng.standard_normal((n, n)).astype(np.float32) for b in range(branches)}
+    params = {
+        f"W{b}_{k}": (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+        for b in range(branches)
+        for k in range(depth)
+    }
+    return feeds, params
+
+
+def run_numpy(feeds: dict, params: dict, branches: int, depth: int) -> list[np.ndarray]:
+    """The branches one after the other in this process."""
+    outs = []
+    for b in range(branches):
+        h = feeds[f"x{b}"]
+        for k in range(depth):
+            h = np.tanh(h @ params[f"W{b}_{k}"])
+        outs.append(h)
+    return outs
+
+
+def build_distgraph(params: dict, branches: int, depth: int, n: int) -> tuple[Any, list[str]]:
+    """The branches as one dg.Graph; outputs ``out{b}``."""
+    import distgraph as dg
+
+    g = dg.Graph()
+    names = []
+    for b in range(branches):
+        h = g.input(f"x{b}", shape=(n, n), dtype=np.float32)
+        for k in range(depth):
+            h = dg.tanh(dg.matmul(h, g.param(f"W{b}_{k}", params[f"W{b}_{k}"])))
+        names.append(f"out{b}")
+        g.output(names[-1], h)
+    return g, names
+
+
+def _worker_blas_threads() -> list[int]:
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def probe() -> list[int]:
+        import numpy  # noqa: F401  (BLAS must be loaded for threadpoolctl to see it)
+
+        try:  # self-contained: the worker may not see this checkout on its sys.path
+            from threadpoolctl import threadpool_info
+        except ImportError:
+            return []
+        return [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
+
+    return ray.get(probe.remote())
+
+
+def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
+    """Time the branches on LocalExecutor (1 BLAS thread) and RayExecutor(2)."""
+    import distgraph as dg
+
+    branches, depth, n = (2, 2, 64) if quick else (8, 4, 512)
+    repeats = 3 if quick else 7
+    feeds, params = make_problem(branches, depth, n)
+    rec.note(f"{branches} branches x {depth} of ({n}x{n} float32 matmul + tanh), forward only.")
+    g, names = build_distgraph(params, branches, depth, n)
+
+    with blas_threads(1) as how:
+        rec.note(how + ".")
+        want = run_numpy(feeds, params, branches, depth)
+        log(progress, NAME, "numpy, 1 BLAS thread")
+        rec.figure(
+            "numpy_1thread_s", measure(lambda: run_numpy(feeds, params, branches, depth), repeats)
+        )
+        log(progress, NAME, "distgraph local, 1 BLAS thread")
+        local = dg.LocalExecutor()
+        got = local.run(g, feeds=feeds).values
+        for name, w in zip(names, want, strict=True):
+            if not np.allclose(got[name], w, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"distgraph local {name} disagrees with numpy")
+        local_s = rec.figure(
+            "distgraph_local_s", measure(lambda: local.run(g, feeds=feeds), repeats)
+        )
+
+    worker_threads = _worker_blas_threads()
+    rec.note(f"Ray worker BLAS threads: {worker_threads or 'unknown'}.")
+    log(progress, NAME, "distgraph ray, 2 workers")
+    with dg.RayExecutor(num_workers=2) as ex:
+        got = ex.run(g, feeds=feeds).values
+        for name, w in zip(names, want, strict=True):
+            if not np.allclose(got[name], w, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"distgraph ray {name} disagrees with numpy")
+        ray_s = rec.figure("distgraph_ray_s", measure(lambda: ex.run(g, feeds=feeds), repeats))
+
+    rec.ratio("local_vs_numpy_1thread", local_s, rec.figures["numpy_1thread_s"])
+    rec.target(
+        "ray_speedup_over_local",
+        rec.ratio("ray_speedup_over_local", local_s, ray_s),
+    )
