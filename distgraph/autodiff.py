@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ._util import gc_paused
 from .errors import GraphError
 from .graph import Graph
 from .ops import LEAF_OPS, get_op
@@ -23,6 +24,7 @@ def grad_name(node: str) -> str:
     return f"grad:{node}"
 
 
+@gc_paused
 def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
     """Return a copy of ``graph`` with backward nodes for d(``of``)/d(``wrt``) appended.
 

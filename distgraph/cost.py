@@ -6,6 +6,8 @@ from a call's fixed overhead, so the partitioner can keep cheap nodes together.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,14 +33,11 @@ class CostModel:
         """Element count of a node's value (unknown shapes count as one element)."""
         if node.shape is None:
             return 1
-        return int(
-            np.prod([self.batch_size if d is None else d for d in node.shape], dtype=np.int64)
-        )
+        return math.prod(self.batch_size if d is None else d for d in node.shape)
 
     def nbytes(self, node: NodeSpec) -> int:
         """Bytes of a node's value."""
-        itemsize = np.dtype(node.dtype).itemsize if node.dtype else 8
-        return self.numel(node) * itemsize
+        return self.numel(node) * _itemsize(node.dtype)
 
     def flops(self, node: NodeSpec, inputs: list[NodeSpec]) -> float:
         """Estimated floating-point operations of a node."""
@@ -64,3 +63,8 @@ class CostModel:
     def transfer_seconds(self, nbytes: int) -> float:
         """Estimated time to move ``nbytes`` between workers."""
         return nbytes / self.bytes_per_second
+
+
+@functools.cache
+def _itemsize(dtype: str | None) -> int:
+    return np.dtype(dtype).itemsize if dtype else 8

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import schedule
+from ._util import gc_paused
 from .errors import DTypeError, GraphError, ShapeError, SpecError
 from .ops import LEAF_OPS, get_op, run_op
 from .spec import (
@@ -26,6 +27,7 @@ from .spec import (
     Shape,
     decode_constant,
     encode_constant,
+    make_node,
 )
 
 Scalar = int | float | bool
@@ -291,15 +293,8 @@ class Graph:
         if name in self._nodes:
             raise GraphError(f"a node named {name!r} already exists")
         self.version += 1
-        self._nodes[name] = NodeSpec.model_construct(
-            name=name,
-            op=op,
-            inputs=inputs,
-            attrs=attrs,
-            shape=None if shape is None else list(shape),
-            dtype=dtype,
-            phase=phase,
-            origin=origin,
+        self._nodes[name] = make_node(
+            name, op, inputs, attrs, None if shape is None else list(shape), dtype, phase, origin
         )
         return Node(self, name)
 
@@ -414,6 +409,7 @@ class Graph:
             grad_of=self._grad_of,
         )
 
+    @gc_paused
     def levels(self, phase: str | None = None) -> list[list[str]]:
         """Node names grouped by topological level (``phase`` filters forward/backward)."""
         inputs_of = {n.name: n.inputs for n in self._nodes.values()}
@@ -444,6 +440,7 @@ class Graph:
         return cls.from_spec(GraphSpec.from_json(text, max_bytes=max_bytes))
 
     @classmethod
+    @gc_paused
     def from_spec(cls, spec: GraphSpec) -> Graph:
         """Rebuild a graph from its spec, re-checking ops, names, order, shapes and dtypes."""
         g = cls()
@@ -652,6 +649,21 @@ def _infer_dtype(
 ) -> str | None:
     if any(d is None for d in dtypes):
         return None
+    # The result dtype depends on the op, the input dtypes, the Python types of weak scalars
+    # and small attrs (pow's exponent, cast's dtype): cache it instead of running numpy per node.
+    key = (op, tuple(dtypes), tuple(type(w) for w in weak), repr(attrs) if attrs else "")
+    hit = _DTYPE_CACHE.get(key)
+    if hit is None:
+        hit = _DTYPE_CACHE[key] = _run_for_dtype(op, dtypes, attrs, weak, node)
+    return hit
+
+
+_DTYPE_CACHE: dict[tuple, str] = {}
+
+
+def _run_for_dtype(
+    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str
+) -> str:
     error: Exception | None = None
     for shape in ((), (1, 1)):  # scalars first; ops such as matmul need 2-D operands
         args = [w if w is not None else np.zeros(shape, d) for d, w in zip(dtypes, weak)]

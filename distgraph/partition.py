@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._util import gc_paused
 from .cost import CostModel
 from .errors import ConfigError
 from .ops import LEAF_OPS
-from .plan import node_seconds
+from .plan import node_bytes, node_seconds
 from .program import Program
 
 Placement = dict[str, int]
@@ -63,9 +64,31 @@ def mincut(
 
 
 def _estimate(program: Program, placement: Placement, cost: CostModel) -> float:
-    from .plan import build_plan
-
-    return build_plan(program, placement, max(placement.values()) + 1, cost).estimate()
+    """Makespan estimate without building the plan: busiest worker per level, plus one call
+    per worker and one more each time a worker must wait for another's values, plus transfers."""
+    nodes = program.nodes
+    secs = node_seconds(program, cost)
+    nbytes = node_bytes(program, cost)
+    level = program.level
+    total = 0.0
+    for lv in program.levels:
+        per: dict[int, float] = {}
+        for n in lv:
+            w = placement[n]
+            per[w] = per.get(w, 0.0) + secs[n]
+        total += max(per.values(), default=0.0)
+    crossing: set[tuple[str, int]] = set()
+    waits: set[tuple[int, int]] = set()
+    for n in program.order:
+        w = placement[n]
+        for i in nodes[n].inputs:
+            if placement[i] != w and nodes[i].op not in LEAF_OPS:
+                crossing.add((i, w))
+                waits.add((w, level[n]))
+    busy = {placement[n] for n in program.order if nodes[n].op not in LEAF_OPS}
+    calls = len(busy) + 2 * len(waits)
+    moved = sum(nbytes[i] for i, _ in crossing)
+    return total + calls * cost.call_overhead + cost.transfer_seconds(moved)
 
 
 def _forward_ops(program: Program) -> list[str]:
@@ -97,6 +120,7 @@ def _balanced_greedy(
     """Level by level, each node goes where most of its input bytes already are, within the cap."""
     nodes = program.nodes
     secs = node_seconds(program, cost)
+    nbytes = node_bytes(program, cost)
     caps = _level_caps(program, num_workers, secs, imbalance)
     placement: Placement = {}
     for lv_index, lv in enumerate(program.levels):
@@ -106,7 +130,7 @@ def _balanced_greedy(
             affinity = [0.0] * num_workers
             for i in nodes[n].inputs:
                 if i in placement:
-                    affinity[placement[i]] += cost.nbytes(nodes[i])
+                    affinity[placement[i]] += nbytes[i]
             fits = [
                 w
                 for w in range(num_workers)
@@ -136,7 +160,7 @@ def _refine(
     for n in ops:
         key = (program.level[n], placement[n])
         load[key] = load.get(key, 0.0) + secs[n]
-    nbytes = {n: cost.nbytes(nodes[n]) for n in ops}
+    nbytes = node_bytes(program, cost)
     neighbours: dict[str, list[tuple[str, int]]] = {n: [] for n in ops}
     for n in ops:
         for i in nodes[n].inputs:
@@ -186,6 +210,7 @@ def _place_leaves_and_backward(program: Program, placement: Placement, cost: Cos
 STRATEGIES: dict[str, Strategy] = {"round_robin": round_robin, "level": level, "mincut": mincut}
 
 
+@gc_paused
 def partition(
     program: Any,
     num_workers: int,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ._util import gc_paused
 from .cost import CostModel
 from .errors import ConfigError
 from .ops import LEAF_OPS
@@ -142,9 +143,23 @@ class Plan:
 
 
 def node_seconds(program: Program, cost: CostModel) -> dict[str, float]:
-    """Estimated seconds per node."""
-    nodes = program.nodes
-    return {n: cost.seconds(nodes[n], [nodes[i] for i in nodes[n].inputs]) for n in program.order}
+    """Estimated seconds per node (computed once per program and cost model)."""
+    cache = program.memo.setdefault(("seconds", cost), {})
+    if not cache:
+        nodes = program.nodes
+        cache.update(
+            {n: cost.seconds(nodes[n], [nodes[i] for i in nodes[n].inputs]) for n in program.order}
+        )
+    return cache
+
+
+def node_bytes(program: Program, cost: CostModel) -> dict[str, int]:
+    """Bytes of each node's value (computed once per program and cost model)."""
+    cache = program.memo.setdefault(("bytes", cost), {})
+    if not cache:
+        nodes = program.nodes
+        cache.update({n: cost.nbytes(nodes[n]) for n in program.order})
+    return cache
 
 
 def estimate_makespan(
@@ -161,6 +176,7 @@ def estimate_makespan(
     return total + calls * cost.call_overhead + cost.transfer_seconds(cross_bytes)
 
 
+@gc_paused
 def build_plan(
     program: Program,
     placement: Mapping[str, int],
@@ -172,6 +188,7 @@ def build_plan(
     """Group a placed program into tasks; ``training`` sends param gradients to the PS."""
     cost = cost or CostModel()
     nodes = program.nodes
+    nbytes = node_bytes(program, cost)
     missing = [n for n in program.order if n not in placement]
     if missing:
         raise ConfigError(f"placement has no worker for nodes {missing[:10]}")
@@ -234,7 +251,7 @@ def build_plan(
                     else:
                         src = task_of[v]
                         imports[task.id].setdefault(src.id, []).append(v)
-                        cross.append((v, w, cost.nbytes(nodes[v])))
+                        cross.append((v, w, nbytes[v]))
                     has_value[w].add(v)
                 task.nodes.append(n)
                 task_of[n] = task

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import schedule
+from ._util import gc_paused
 from .autodiff import grad as differentiate
 from .errors import (
     DistgraphError,
@@ -46,6 +47,8 @@ class Program:
     constants: dict[str, Any] = field(default_factory=dict)
     #: Every input the graph declares, needed or not (feeding an unneeded one is fine).
     graph_inputs: list[str] = field(default_factory=list)
+    #: Derived tables (node costs per cost model), filled on first use.
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     #: Consumers of each node within the program (for placement and transfers).
     consumers: dict[str, list[str]] = field(default_factory=dict)
 
@@ -57,6 +60,7 @@ class Program:
         return list(seen)
 
 
+@gc_paused
 def compile_program(
     graph: Graph,
     outputs: Sequence[str] | str | None = None,
@@ -214,6 +218,13 @@ def run_nodes(
             raise ExecutionError(
                 f"node {name!r} (op {_op_label(node)}) failed on inputs {shapes}: {e}"
             ) from e
+        if isinstance(value, np.ndarray) and not (
+            value.flags.c_contiguous or value.flags.f_contiguous
+        ):
+            # A strided or broadcast view comes out of pickling (between Ray workers) as a
+            # contiguous copy, and numpy's matmul sums in a different order for each layout:
+            # give every executor the layout a transfer would give, so results agree bit for bit.
+            value = np.ascontiguousarray(value)
         if check_finite:
             _check_finite(node, value, args)
         env[name] = value

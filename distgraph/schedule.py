@@ -62,9 +62,10 @@ def find_cycle(
 def node_levels(order: Sequence[str], inputs_of: Mapping[str, Sequence[str]]) -> dict[str, int]:
     """Level of each node: 0 for nodes without inputs, else one more than its deepest input."""
     level: dict[str, int] = {}
+    get = level.__getitem__
     for name in order:
         ins = inputs_of[name]
-        level[name] = 1 + max(level[i] for i in ins) if ins else 0
+        level[name] = 1 + max(map(get, ins)) if ins else 0
     return level
 
 

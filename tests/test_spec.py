@@ -181,3 +181,25 @@ def test_spec_in_any_order_is_sorted_topologically():
     order = [n.name for n in g.nodes]
     assert order[-1] == "z" and order.index("x") < order.index("m")
     assert dg.LocalExecutor().run(g, {"x": 2.0}).values == {"z": 7.0}
+
+
+def test_make_node_matches_model_construct():
+    from distgraph.spec import NodeSpec, make_node
+
+    fields = dict(
+        name="n",
+        op="add",
+        inputs=["a", "b"],
+        attrs={"k": 1},
+        shape=[None, 3],
+        dtype="float32",
+        phase="backward",
+        origin="m",
+    )
+    fast = make_node(**fields)
+    slow = NodeSpec.model_construct(**fields)
+    assert fast == slow
+    assert fast.model_dump() == slow.model_dump() == fields
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert fast.model_copy(update={"name": "m2"}).name == "m2"
+    assert NodeSpec.model_validate_json(fast.model_dump_json()) == slow

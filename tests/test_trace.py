@@ -135,20 +135,14 @@ def test_local_training_step_trace():
 
 
 def test_ray_two_worker_training_step_trace(tmp_path):
-    ray = pytest.importorskip("ray")
-    try:
-        ray_executor = dg.RayExecutor
-    except (AttributeError, ImportError) as e:
-        pytest.skip(f"RayExecutor not available yet: {e}")
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        g = linear_graph()
-        with ray_executor(num_workers=2, strategy="round_robin") as ex:
-            res = ex.run(g, training_feeds(), grad="loss", trace=True)
-        check_step_trace(g, res.trace, workers=2)
-        path = tmp_path / "step.trace.json"
-        write_chrome_trace(path, res.trace)
-        loaded = json.loads(path.read_text())
-        assert {"worker 0", "worker 1"} <= set(thread_names(loaded).values())
-    finally:
-        ray.shutdown()
+    from raysupport import ensure_ray
+
+    ensure_ray()
+    g = linear_graph()
+    with dg.RayExecutor(num_workers=2, strategy="round_robin") as ex:
+        res = ex.run(g, training_feeds(), grad="loss", trace=True)
+    check_step_trace(g, res.trace, workers=2)
+    path = tmp_path / "step.trace.json"
+    write_chrome_trace(path, res.trace)
+    loaded = json.loads(path.read_text())
+    assert {"worker 0", "worker 1"} <= set(thread_names(loaded).values())
