@@ -375,3 +375,7 @@ def run_op(op_name: str, inputs: Sequence[Any], attrs: dict) -> Any:
         out, fwd_inputs = (rest[0], rest[1:]) if op.uses_out else (None, rest)
         return run_vjp(attrs["op"], attrs["argnum"], g, out, fwd_inputs, attrs.get("attrs", {}))
     return get_op(op_name).forward(*inputs, **attrs)
+
+
+#: The ops distgraph itself defines (custom ops registered later are not in this set).
+BUILTIN_OPS = frozenset(OPS)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import distgraph as dg
-from distgraph.ops import LEAF_OPS, OPS
+from distgraph.ops import BUILTIN_OPS, LEAF_OPS
 
 #: Autodiff plumbing: inserted by ``dg.grad`` only, with no useful gradient of its own.
 PLUMBING = {"ones_like", "zeros_like", "add_n"}
@@ -301,7 +301,7 @@ def test_every_registry_op_is_covered():
     covered: set[str] = set()
     for case in CASES:
         covered |= build_case(case, "float64")[3]
-    assert covered == set(OPS) - PLUMBING
+    assert covered == set(BUILTIN_OPS) - PLUMBING
 
 
 def test_cast_float32_to_float64():
