@@ -547,6 +547,24 @@ def infer(
     node: str,
 ) -> tuple[Shape | None, str | None]:
     """Output shape and dtype of ``op`` on inputs of these shapes/dtypes; raises on mismatch."""
+    shape, dtype = _infer(op, shapes, dtypes, attrs, weak, node)
+    if dtype is not None and dtype not in ALLOWED_DTYPES:
+        # e.g. a cast to object or str: such values could not be checked, fed or serialized.
+        raise DTypeError(
+            f"node {node!r} (op {op}): result dtype {dtype} is not supported "
+            f"(allowed: {', '.join(sorted(ALLOWED_DTYPES))})"
+        )
+    return shape, dtype
+
+
+def _infer(
+    op: str,
+    shapes: Sequence[Sequence[int | None] | None],
+    dtypes: Sequence[str | None],
+    attrs: dict,
+    weak: Sequence[Any],
+    node: str,
+) -> tuple[Shape | None, str | None]:
     spec = get_op(op)
     if spec.arity is not None and len(shapes) != spec.arity:
         raise GraphError(f"node {node!r} (op {op}): takes {spec.arity} inputs, got {len(shapes)}")

@@ -26,7 +26,7 @@ from .errors import (
     NonFiniteError,
 )
 from .graph import Graph
-from .ops import LEAF_OPS, run_op
+from .ops import LEAF_OPS, get_op, run_op, run_vjp
 from .result import TraceEvent
 from .spec import NodeSpec
 
@@ -157,6 +157,8 @@ def prepare_feeds(
                     f"feed {name!r}: dtype {arr.dtype} cannot be used as {want} (input {name!r} declares {want})"
                 )
             arr = arr.astype(want)
+        if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+            arr = np.ascontiguousarray(arr)  # the layout it would have on a Ray worker
         if node.shape is not None:
             shape = tuple(node.shape)
             if arr.ndim != len(shape) or any(
@@ -197,17 +199,24 @@ def run_nodes(
     trace: list[TraceEvent] | None = None,
     track: str = "worker 0",
     worker: int = 0,
-    on_node: Any = None,
+    current: list[str] | None = None,
 ) -> None:
-    """Evaluate ``names`` in order, reading inputs from and writing results to ``env``."""
+    """Evaluate ``names`` in order, reading inputs from and writing results to ``env``.
+
+    ``current``, when given, holds the name of the node being evaluated (a worker reports it
+    when a wave passes its deadline).
+    """
+    if not check_finite and trace is None:
+        _run_fast(program, names, env, current)
+        return
     nodes = program.nodes
     for name in names:
         node = nodes[name]
         if node.op in LEAF_OPS:
             continue
         args = [env[i] for i in node.inputs]
-        if on_node is not None:
-            on_node(name, program.level[name])
+        if current is not None:
+            current[0] = name
         start = time.time() if trace is not None else 0.0
         try:
             value = run_op(node.op, args, node.attrs)
@@ -245,6 +254,63 @@ def run_nodes(
                 info,
             )
             trace.append(event)
+
+
+def _run_fast(
+    program: Program, names: Iterable[str], env: dict[str, Any], current: list[str] | None
+) -> None:
+    """The same loop without checks or tracing: prepared kernels, one dict lookup per input."""
+    kernels = _kernels(program)
+    track = current if current is not None else [""]
+    name = ""
+    try:
+        for name in names:
+            kernel = kernels.get(name)
+            if kernel is None:  # a leaf
+                continue
+            track[0] = name
+            fn, inputs, attrs = kernel
+            value = fn(*[env[i] for i in inputs], **attrs)
+            if type(value) is np.ndarray and not (
+                value.flags.c_contiguous or value.flags.f_contiguous
+            ):
+                value = np.ascontiguousarray(value)  # see run_nodes: match what a transfer gives
+            env[name] = value
+    except DistgraphError:
+        raise
+    except Exception as e:
+        node = program.nodes[name]
+        shapes = ", ".join(f"{i}{tuple(np.shape(env[i]))}" for i in node.inputs if i in env)
+        raise ExecutionError(
+            f"node {name!r} (op {_op_label(node)}) failed on inputs {shapes}: {e}"
+        ) from e
+
+
+def _kernels(program: Program) -> dict[str, tuple[Any, list[str], dict[str, Any]]]:
+    """name -> (function, input names, keyword attrs) for every non-leaf node, built once."""
+    kernels = program.memo.get("kernels")
+    if kernels is None:
+        kernels = {}
+        for name, node in program.nodes.items():
+            if node.op in LEAF_OPS:
+                continue
+            if node.op == "vjp":
+                kernels[name] = (_vjp_kernel(node.attrs), node.inputs, {})
+            else:
+                kernels[name] = (get_op(node.op).forward, node.inputs, node.attrs)
+        program.memo["kernels"] = kernels
+    return kernels
+
+
+def _vjp_kernel(attrs: dict[str, Any]) -> Any:
+    op_name, argnum, fwd_attrs = attrs["op"], attrs["argnum"], attrs.get("attrs", {})
+    uses_out = get_op(op_name).uses_out
+
+    def kernel(g: Any, *rest: Any) -> Any:
+        out, inputs = (rest[0], rest[1:]) if uses_out else (None, rest)
+        return run_vjp(op_name, argnum, g, out, inputs, fwd_attrs)
+
+    return kernel
 
 
 def _op_label(node: NodeSpec) -> str:

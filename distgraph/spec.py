@@ -171,10 +171,14 @@ class GraphSpec(BaseModel):
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SpecError(f"spec is not valid JSON: {e}") from None
+        except RecursionError:
+            raise SpecError("spec is not valid JSON: nested too deeply") from None
         try:
             return cls.model_validate(data)
         except ValidationError as e:
             raise SpecError(format_validation_error(e)) from None
+        except RecursionError:
+            raise SpecError("invalid graph spec: values nested too deeply") from None
 
 
 def format_validation_error(e: ValidationError) -> str:

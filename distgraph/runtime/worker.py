@@ -36,7 +36,8 @@ class Worker:
         self.resident: dict[int, dict[str, Any]] = {}
         self.envs: dict[tuple[int, int], dict[str, Any]] = {}
         self.traces: dict[tuple[int, int], list[TraceEvent]] = {}
-        self._current: tuple[int, int, str, int] | None = None  # plan, step, node, level
+        self._current: tuple[int, int] | None = None  # (plan, step) of the running task
+        self._node = [""]  # the node running now; run_nodes writes it, progress() reads it
         self._lock = threading.Lock()
         self._blas = None
         if blas_threads is not None:
@@ -110,7 +111,8 @@ class Worker:
         start = time.time()
         try:
             with self._lock:
-                self._current = (plan_id, step, "", task.first_level)
+                self._current = (plan_id, step)
+                self._node[0] = ""
             run_nodes(
                 program,
                 task.nodes,
@@ -119,7 +121,7 @@ class Worker:
                 trace=events,
                 track=self.track,
                 worker=self.index,
-                on_node=self._on_node,
+                current=self._node,
             )
         except BaseException:
             self.envs.pop(key, None)
@@ -148,23 +150,13 @@ class Worker:
             return None
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def _on_node(self, name: str, level: int) -> None:
-        cur = self._current
-        if cur is not None:
-            self._current = (cur[0], cur[1], name, level)
-
     def progress(self) -> dict[str, Any] | None:
         """The node running right now (answered from a separate thread while a task runs)."""
-        cur = self._current
-        if cur is None:
+        cur, node = self._current, self._node[0]
+        if cur is None or not node:
             return None
-        return {
-            "plan": cur[0],
-            "step": cur[1],
-            "node": cur[2],
-            "level": cur[3],
-            "worker": self.index,
-        }
+        level = self.programs[cur[0]].level.get(node, -1) if cur[0] in self.programs else -1
+        return {"plan": cur[0], "step": cur[1], "node": node, "level": level, "worker": self.index}
 
     def take_trace(self, plan_id: int, step: int) -> list[TraceEvent]:
         """Hand over (and forget) a step's trace events."""
