@@ -57,6 +57,7 @@ def mincut(
     candidates.append(single)
     if num_workers > 1:
         placement = _balanced_greedy(program, num_workers, cost, imbalance)
+        _refine_chains(program, placement, num_workers, cost, imbalance)
         _refine(program, placement, num_workers, cost, imbalance)
         _place_leaves_and_backward(program, placement, cost)
         candidates.append(placement)
@@ -123,21 +124,42 @@ def _balanced_greedy(
     nbytes = node_bytes(program, cost)
     caps = _level_caps(program, num_workers, secs, imbalance)
     placement: Placement = {}
+    fair: dict[int, float] = {}
+    for n in _forward_ops(program):
+        fair[program.level[n]] = fair.get(program.level[n], 0.0) + secs[n] / num_workers
     for lv_index, lv in enumerate(program.levels):
         ops = [n for n in lv if nodes[n].phase == "forward" and nodes[n].op not in LEAF_OPS]
         load = [0.0] * num_workers
-        for n in sorted(ops, key=lambda n: -secs[n]):
+        last = 0
+        for n in ops:  # creation order: neighbours in the code tend to be neighbours in the graph
             affinity = [0.0] * num_workers
-            for i in nodes[n].inputs:
+            for rank, i in enumerate(nodes[n].inputs):
                 if i in placement:
-                    affinity[placement[i]] += nbytes[i]
+                    # The tiny bonus for earlier inputs breaks ties toward the first operand's
+                    # worker, so a chain's boundary does not drift level by level.
+                    affinity[placement[i]] += nbytes[i] * (1 + 1e-6 / (rank + 1))
             fits = [
                 w
                 for w in range(num_workers)
                 if load[w] + secs[n] <= caps.get(lv_index, 0.0) + 1e-15
             ]
             pool = fits or list(range(num_workers))
-            w = max(pool, key=lambda k: (affinity[k], -load[k], -k))
+            if max(affinity) > 0:
+                # The most-connected worker with room; among unconnected ones, the nearest by
+                # index to the preferred worker, so an overflowing band spills into its neighbour.
+                pref = max(range(num_workers), key=lambda k: (affinity[k], -k))
+                w = max(pool, key=lambda k: (affinity[k], -abs(k - pref), -k))
+            else:
+                # No placed inputs: stay with the previous node of the level while it has room
+                # below an even share, then move to the next worker, so nodes created together
+                # (a band, a branch) stay together and every worker keeps some slack.
+                share = fair.get(lv_index, 0.0)
+                order = [(last + j) % num_workers for j in range(num_workers)]
+                w = next(
+                    (k for k in order if load[k] + secs[n] <= share + 1e-15),
+                    min(pool, key=lambda k: load[k]),
+                )
+            last = w
             placement[n] = w
             load[w] += secs[n]
     return placement
@@ -149,7 +171,7 @@ def _refine(
     num_workers: int,
     cost: CostModel,
     imbalance: float,
-    passes: int = 4,
+    passes: int = 8,
 ) -> None:
     """Move single nodes to the worker holding most of their neighbours' bytes, within the caps."""
     nodes = program.nodes
@@ -174,16 +196,100 @@ def _refine(
             weight = [0.0] * num_workers
             for m, b in neighbours[n]:
                 weight[placement[m]] += b
-            best = max(range(num_workers), key=lambda k: (weight[k], k == here))
-            if best == here or weight[best] <= weight[here]:
-                continue
             lv = program.level[n]
-            if load.get((lv, best), 0.0) + secs[n] > caps[lv] + 1e-15:
+            # The heaviest-connected worker that still has room on this level, if it gains.
+            best = here
+            for k in sorted(range(num_workers), key=lambda k: -weight[k]):
+                if weight[k] <= weight[here]:
+                    break
+                if load.get((lv, k), 0.0) + secs[n] <= caps[lv] + 1e-15:
+                    best = k
+                    break
+            if best == here:
                 continue
             load[(lv, here)] -= secs[n]
             load[(lv, best)] = load.get((lv, best), 0.0) + secs[n]
             placement[n] = best
             moved += 1
+        if not moved:
+            break
+
+
+def _chains(program: Program, ops: list[str]) -> dict[int, list[str]]:
+    """Split forward ops into chains: a node continues the chain of its first operand when that
+    operand is an op no other node continues yet (one step of coarsening, as in multilevel
+    partitioners, so a whole column or layer stack can move at once)."""
+    nodes = program.nodes
+    chain: dict[str, int] = {}
+    continued: set[str] = set()
+    members: dict[int, list[str]] = {}
+    for n in ops:
+        ins = nodes[n].inputs
+        first = ins[0] if ins else None
+        if first in chain and first not in continued:
+            continued.add(first)
+            cid = chain[first]
+        else:
+            cid = len(members)
+            members[cid] = []
+        chain[n] = cid
+        members[cid].append(n)
+    return members
+
+
+def _refine_chains(
+    program: Program,
+    placement: Placement,
+    num_workers: int,
+    cost: CostModel,
+    imbalance: float,
+    passes: int = 4,
+) -> None:
+    """Move whole chains to the worker most of their outside neighbours' bytes are on, when
+    every level the chain touches has room there; breaks islands single-node moves cannot."""
+    nodes = program.nodes
+    secs = node_seconds(program, cost)
+    nbytes = node_bytes(program, cost)
+    caps = _level_caps(program, num_workers, secs, imbalance)
+    ops = _forward_ops(program)
+    members = _chains(program, ops)
+    chain_of = {n: cid for cid, ns in members.items() for n in ns}
+    load: dict[tuple[int, int], float] = {}
+    for n in ops:
+        key = (program.level[n], placement[n])
+        load[key] = load.get(key, 0.0) + secs[n]
+    outside: dict[int, list[tuple[str, int]]] = {cid: [] for cid in members}
+    for n in ops:
+        for i in nodes[n].inputs:
+            if i in chain_of and chain_of[i] != chain_of[n]:
+                outside[chain_of[n]].append((i, nbytes[i]))
+                outside[chain_of[i]].append((n, nbytes[i]))
+    for _ in range(passes):
+        moved = 0
+        for cid, ns in members.items():
+            here = {placement[n] for n in ns}
+            weight = [0.0] * num_workers
+            for m, b in outside[cid]:
+                weight[placement[m]] += b
+            current = sum(weight[placement[n]] for n in ns[:1]) if len(here) == 1 else -1.0
+            for k in sorted(range(num_workers), key=lambda k: -weight[k]):
+                if weight[k] <= current:
+                    break
+                if all(
+                    placement[n] == k
+                    or load.get((program.level[n], k), 0.0) + secs[n]
+                    <= caps[program.level[n]] + 1e-15
+                    for n in ns
+                ):
+                    for n in ns:
+                        if placement[n] != k:
+                            load[(program.level[n], placement[n])] -= secs[n]
+                            load[(program.level[n], k)] = (
+                                load.get((program.level[n], k), 0.0) + secs[n]
+                            )
+                            placement[n] = k
+                    moved += 1
+                    break
         if not moved:
             break
 
