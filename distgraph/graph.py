@@ -248,7 +248,7 @@ class Graph:
         names = [n.name for n in inputs]
         shapes = [n.spec.shape for n in inputs]
         dtypes = [n.spec.dtype for n in inputs]
-        label = name or f"{op}({', '.join(names)})"  # unnamed: say what it was built from
+        label = name or _Label(op, names)  # unnamed: say what it was built from (on error only)
         shape, dtype = infer(op, shapes, dtypes, attrs, self._weak_values(names), label)
         return self._add(name, op, names, attrs, shape, dtype, user_named=name is not None)
 
@@ -535,6 +535,21 @@ class Graph:
         )
 
 
+class _Label:
+    """``add(x, y)``: the name of a node that has none yet, formatted only if an error needs it."""
+
+    __slots__ = ("names", "op")
+
+    def __init__(self, op: str, names: list[str]):
+        self.op, self.names = op, names
+
+    def __str__(self) -> str:
+        return f"{self.op}({', '.join(self.names)})"
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+
 # --- shape and dtype inference --------------------------------------------------------------
 
 
@@ -544,7 +559,7 @@ def infer(
     dtypes: Sequence[str | None],
     attrs: dict,
     weak: Sequence[Any],
-    node: str,
+    node: str | _Label,
 ) -> tuple[Shape | None, str | None]:
     """Output shape and dtype of ``op`` on inputs of these shapes/dtypes; raises on mismatch."""
     shape, dtype = _infer(op, shapes, dtypes, attrs, weak, node)
@@ -563,7 +578,7 @@ def _infer(
     dtypes: Sequence[str | None],
     attrs: dict,
     weak: Sequence[Any],
-    node: str,
+    node: str | _Label,
 ) -> tuple[Shape | None, str | None]:
     spec = get_op(op)
     if spec.arity is not None and len(shapes) != spec.arity:
@@ -583,7 +598,7 @@ def _infer(
     return _infer_by_running(op, shapes, dtypes, attrs, weak, node)
 
 
-def _broadcast(shapes: Sequence[Shape], op: str, node: str) -> Shape:
+def _broadcast(shapes: Sequence[Shape], op: str, node: str | _Label) -> Shape:
     ndim = max(len(s) for s in shapes)
     out: list[int | None] = []
     for i in range(ndim):
@@ -598,7 +613,7 @@ def _broadcast(shapes: Sequence[Shape], op: str, node: str) -> Shape:
     return tuple(out)
 
 
-def _matmul_shape(a: Shape, b: Shape, node: str) -> Shape:
+def _matmul_shape(a: Shape, b: Shape, node: str | _Label) -> Shape:
     if not a or not b:
         raise ShapeError(
             f"node {node!r} (op matmul): operands must be at least 1-D, got {_fmt([a, b])}"
@@ -635,7 +650,7 @@ def _infer_by_running(
     dtypes: Sequence[str | None],
     attrs: dict,
     weak: Sequence[Any],
-    node: str,
+    node: str | _Label,
 ) -> tuple[Shape | None, str | None]:
     has_batch = any(d is None for s in shapes for d in s)
     results = []
@@ -663,7 +678,7 @@ def _infer_by_running(
 
 
 def _infer_dtype(
-    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str
+    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str | _Label
 ) -> str | None:
     if any(d is None for d in dtypes):
         return None
@@ -680,7 +695,7 @@ _DTYPE_CACHE: dict[tuple, str] = {}
 
 
 def _run_for_dtype(
-    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str
+    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str | _Label
 ) -> str:
     error: Exception | None = None
     for shape in ((), (1, 1)):  # scalars first; ops such as matmul need 2-D operands
