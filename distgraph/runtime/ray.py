@@ -357,8 +357,22 @@ class RayExecutor(Executor):
                 n: resident_values[n] if n in resident_values else plan.program.constants[n]
                 for n in plan.resident[w]
             }
-            calls.append(self.workers[w].install.remote(plan_id, prog_ref, tasks, values))
+            threads = self._plan_threads(plan, w)
+            calls.append(self.workers[w].install.remote(plan_id, prog_ref, tasks, values, threads))
         self._get(calls, "installing the plan")
+
+    def _plan_threads(self, plan: Plan, worker: int) -> int | None:
+        """BLAS threads for ``worker`` under ``plan``: its node's cores shared by the workers the
+        plan keeps busy there, so one active worker uses every core and two split them."""
+        if self.blas_threads is not None:
+            return self.blas_threads
+        info = self.worker_info
+        active = {t.worker for t in plan.tasks}
+        if worker not in active or worker >= len(info) or "cpus" not in info[worker]:
+            return None
+        node = info[worker]["node_id"]
+        sharing = sum(1 for w in active if w < len(info) and info[w]["node_id"] == node)
+        return max(1, int(info[worker]["cpus"] or 1) // max(1, sharing))
 
     def _object_store_capacity(self) -> float:
         """Bytes of object store on the largest node (one value must fit on one node)."""

@@ -39,18 +39,26 @@ class Worker:
         self._current: tuple[int, int] | None = None  # (plan, step) of the running task
         self._node = [""]  # the node running now; run_nodes writes it, progress() reads it
         self._lock = threading.Lock()
-        self._blas = None
+        self._blas_threads: int | None = None
+        self._plan_threads: dict[int, int | None] = {}
+        self._controller: Any = None
         if blas_threads is not None:
             self._limit_blas(blas_threads)
         for module in ops_modules:  # custom ops are registered by importing code, never by name
             importlib.import_module(module)
 
-    def _limit_blas(self, threads: int) -> None:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # env vars only help before numpy loads, so say nothing and go on
+    def _limit_blas(self, threads: int | None) -> None:
+        """Set the BLAS thread pools' size (kept until changed; a no-op when unchanged)."""
+        if threads is None or threads == self._blas_threads:
             return
-        self._blas = threadpool_limits(limits=threads)
+        if self._controller is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:  # env vars only help before numpy loads: go on without
+                return
+            self._controller = ThreadpoolController()
+        self._controller.limit(limits=threads)
+        self._blas_threads = threads
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs."""
@@ -63,12 +71,22 @@ class Worker:
             "host": socket.gethostname(),
             "node_id": ctx.get_node_id(),
             "node_ip": ray.util.get_node_ip_address(),
+            "cpus": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(),
         }
 
     def install(
-        self, plan_id: int, program: Program, tasks: list[Task], resident: dict[str, Any]
+        self,
+        plan_id: int,
+        program: Program,
+        tasks: list[Task],
+        resident: dict[str, Any],
+        blas_threads: int | None = None,
     ) -> bool:
-        """Load a plan's program, this worker's tasks and its resident values."""
+        """Load a plan's program, this worker's tasks, its resident values, and how many BLAS
+        threads its calls may use (the driver divides each node's cores among active workers)."""
+        self._plan_threads[plan_id] = blas_threads
         self.programs[plan_id] = program
         self.tasks[plan_id] = {t.id: t for t in tasks}
         self.resident[plan_id] = dict(resident)
@@ -94,6 +112,7 @@ class Worker:
         """
         task = self.tasks[plan_id][task_id]
         program = self.programs[plan_id]
+        self._limit_blas(self._plan_threads.get(plan_id))
         args_iter = iter(args)
         if flags & 4:
             self.resident[plan_id].update(next(args_iter))
