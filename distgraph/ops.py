@@ -156,8 +156,8 @@ def _softmax(x: Any, axis: int = -1) -> Any:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def _matmul_grads(g: Any, a: Any, b: Any) -> tuple[Any, Any]:
-    """Both matmul VJPs; 1-D operands are promoted the way ``np.matmul`` promotes them."""
+def _matmul_promoted(g: Any, a: Any, b: Any) -> tuple[Any, Any, Any]:
+    """Operands and gradient with 1-D operands promoted the way ``np.matmul`` promotes them."""
     a2 = a[None, :] if np.ndim(a) == 1 else a
     b2 = b[:, None] if np.ndim(b) == 1 else b
     g2 = g
@@ -165,13 +165,23 @@ def _matmul_grads(g: Any, a: Any, b: Any) -> tuple[Any, Any]:
         g2 = np.expand_dims(g2, -1)
     if np.ndim(a) == 1:
         g2 = np.expand_dims(g2, -2)
+    return g2, a2, b2
+
+
+def _matmul_vjp_a(g: Any, out: Any, a: Any, b: Any) -> Any:
+    g2, a2, b2 = _matmul_promoted(g, a, b)
     ga = np.matmul(g2, np.swapaxes(b2, -1, -2))
-    gb = np.matmul(np.swapaxes(a2, -1, -2), g2)
     if np.ndim(a) == 1:
         ga = unbroadcast(ga, (1,) * (ga.ndim - 2) + a2.shape)[..., 0, :].reshape(a.shape)
+    return ga
+
+
+def _matmul_vjp_b(g: Any, out: Any, a: Any, b: Any) -> Any:
+    g2, a2, b2 = _matmul_promoted(g, a, b)
+    gb = np.matmul(np.swapaxes(a2, -1, -2), g2)
     if np.ndim(b) == 1:
         gb = unbroadcast(gb, (1,) * (gb.ndim - 2) + b2.shape)[..., :, 0].reshape(b.shape)
-    return ga, gb
+    return gb
 
 
 def _index_key(index: Sequence[Any]) -> tuple[Any, ...]:
@@ -302,8 +312,8 @@ defop("cast", lambda a, dtype: np.asarray(a).astype(dtype),
 
 # Linear algebra
 defop("matmul", np.matmul,
-      lambda g, out, a, b: _matmul_grads(g, a, b)[0],
-      lambda g, out, a, b: _matmul_grads(g, a, b)[1])
+      _matmul_vjp_a,
+      _matmul_vjp_b)
 
 # Reductions (axis: int, list of ints or None)
 defop("sum", lambda a, axis=None, keepdims=False: np.sum(a, axis=_tuple(axis), keepdims=keepdims),
