@@ -19,7 +19,7 @@ browser:
 	  else echo "install Debian's chromium package for the browser tests"; fi; }
 
 demo: $(STAMP)
-	$(BIN)/distgraph demo --backend ray --workers 2 --report report.html
+	$(BIN)/distgraph demo --backend ray --workers 2 --strategy round_robin --report report.html
 	$(BIN)/distgraph train linear --backend ray --workers 2
 
 test: $(STAMP) browser

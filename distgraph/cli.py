@@ -133,6 +133,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("gradients of z:", ", ".join(f"d{'z'}/d{k} = {v:g}" for k, v in res.grads.items()))
         if args.backend == "ray":
             print(f"nodes ran on workers {workers}")
+            if len(workers) == 1 and args.workers > 1:
+                print(
+                    "(the cost model keeps a graph this small on one worker; --strategy round_robin spreads it)"
+                )
     if args.trace:
         _write_trace(args.trace, res.trace)
     if args.report:
