@@ -219,14 +219,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet = args.quiet or args.json
     with _executor(args) as ex:
         trainer = Trainer(
-            g, loss="loss", optimizer=opt, executor=ex, progress=None if not quiet else False
+            g,
+            loss="loss",
+            optimizer=opt,
+            executor=ex,
+            progress=None if not quiet else False,
+            trace=bool(args.trace),  # keeps the last training step's events, update included
         )
         history = trainer.fit(data, epochs=epochs, batch_size=batch, seed=args.seed)
         params = trainer.params
         worker_nodes = {str(i): ip for i, ip in enumerate(getattr(ex, "nodes", []))}
         trained = g.with_params(params)
         res = ex.run(trained, data, outputs=[g.outputs[0]])
-        if args.trace or args.report:  # one traced forward+backward step on the first batch
+        if args.report:  # one traced forward+backward run on the first batch, for the replay
             batch_feeds = {k: v[:batch] for k, v in data.items()}
             traced = ex.run(trained, batch_feeds, grad="loss", trace=True)
         trainer.close()
@@ -275,7 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"  matches LocalExecutor: {out['matches_local']} (max relative difference {out['max_rel_diff']:.3g})"
             )
     if args.trace:
-        _write_trace(args.trace, traced.trace)
+        _write_trace(args.trace, trainer.last_trace)
     if args.report:
         path = _write_report(
             args.report,

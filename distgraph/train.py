@@ -72,6 +72,7 @@ class Trainer:
         *,
         check_finite: bool = False,
         progress: bool | None = None,
+        trace: bool = False,
     ):
         from .runtime.local import LocalExecutor
 
@@ -85,6 +86,9 @@ class Trainer:
         self.executor = executor if executor is not None else LocalExecutor()
         self.check_finite = check_finite
         self.progress = progress
+        #: With ``trace=True``, the events of the latest step (see ``distgraph.trace``).
+        self.trace = trace
+        self.last_trace: list = []
         self.history = History()
         self.epoch = 0
         self._store = ParameterStore(graph.params, optimizer)
@@ -155,7 +159,11 @@ class Trainer:
                 losses, weights = [], []
                 for idx in batch_indices(n, batch_size, seed, self.epoch, shuffle):
                     step_id = self._steps_done + 1
-                    loss = session.step(step_id, {k: v[idx] for k, v in arrays.items()})
+                    loss = session.step(
+                        step_id, {k: v[idx] for k, v in arrays.items()}, trace=self.trace
+                    )
+                    if self.trace:
+                        self.last_trace = session.last_trace
                     self._steps_done = step_id
                     losses.append(loss)
                     weights.append(len(idx))

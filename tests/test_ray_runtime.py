@@ -123,7 +123,7 @@ def test_driver_fetches_only_requested_outputs(ex2, monkeypatch):
     tensors = [d for d in fetched if isinstance(d, dict) and "version" not in d]
     assert tensors == [{"loss": tensors[0]["loss"]}], fetched
     statuses = [d for d in fetched if isinstance(d, dict) and "version" in d]
-    assert len(statuses) == 1 and set(statuses[0]) == {"version", "applied", "step"}
+    assert len(statuses) == 1 and set(statuses[0]) == {"version", "applied", "step", "start", "end"}
     assert len(fetched) == 2
     plan = tr.session.plan
     assert plan.cross_edges, "the round-robin plan should move values between workers"

@@ -146,3 +146,32 @@ def test_ray_two_worker_training_step_trace(tmp_path):
     write_chrome_trace(path, res.trace)
     loaded = json.loads(path.read_text())
     assert {"worker 0", "worker 1"} <= set(thread_names(loaded).values())
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_training_step_trace_has_every_track_and_the_update(backend):
+    from raysupport import ensure_ray
+
+    g = linear_graph()
+    feeds = training_feeds()
+    if backend == "ray":
+        ensure_ray()
+        ex = dg.RayExecutor(num_workers=2, strategy="round_robin")
+    else:
+        ex = dg.LocalExecutor()
+    with ex:
+        tr = dg.Trainer(
+            g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, trace=True, progress=False
+        )
+        tr.fit(feeds, epochs=2, batch_size=8)
+        events = tr.last_trace
+        tr.close()
+    workers = 2 if backend == "ray" else 1
+    check_step_trace(g, events, workers=workers)
+    tracks = {e.track for e in events}
+    assert "parameter server" in tracks
+    updates = [e for e in events if e.kind == "update"]
+    assert len(updates) == 1 and updates[0].name == "apply step 2"
+    if backend == "ray":
+        assert {"driver", "worker 0", "worker 1"} <= tracks
+        assert any(e.kind == "transfer" for e in events)

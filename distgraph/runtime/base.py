@@ -19,8 +19,12 @@ class TrainingSession(abc.ABC):
     """A graph, a loss and an optimizer bound to an executor, stepping by step id."""
 
     @abc.abstractmethod
-    def step(self, step_id: int, feeds: Mapping[str, Any]) -> float:
-        """Forward, backward and one optimizer update as step ``step_id``; returns the loss."""
+    def step(self, step_id: int, feeds: Mapping[str, Any], trace: bool = False) -> float:
+        """Forward, backward and one optimizer update as step ``step_id``; returns the loss.
+
+        With ``trace=True`` the step's events (nodes, calls, transfers, the parameter update)
+        are kept in ``last_trace``.
+        """
 
     @property
     @abc.abstractmethod

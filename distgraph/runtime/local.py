@@ -8,6 +8,7 @@ values from the same inputs in any order.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -107,12 +108,27 @@ class _LocalSession(TrainingSession):
         self.loss = self.prog.outputs[0]
         self.last_trace: list[TraceEvent] = []
 
-    def step(self, step_id: int, feeds: Mapping[str, Any]) -> float:
+    def step(self, step_id: int, feeds: Mapping[str, Any], trace: bool = False) -> float:
         env: dict[str, Any] = dict(prepare_feeds(self.prog, feeds, self.check_finite))
         env.update({p: self.store.params[p] for p in self.prog.params})
         env.update(self.prog.constants)
-        self.ex.execute(self.prog, env, self.check_finite, None)
+        events: list[TraceEvent] | None = [] if trace else None
+        self.ex.execute(self.prog, env, self.check_finite, events)
+        start = time.time()
         self.store.apply(step_id, {p: env[self.prog.grads[p]] for p in self.store.params})
+        if events is not None:
+            events.append(
+                TraceEvent(
+                    f"apply step {step_id}",
+                    "update",
+                    "update",
+                    -1,
+                    "parameter server",
+                    start,
+                    time.time(),
+                )
+            )
+            self.last_trace = events
         return float(env[self.loss])
 
     @property

@@ -15,6 +15,7 @@ This module does not import Ray: ``runtime/ray.py`` wraps ``ParameterServer`` as
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from ..checkpoint import Checkpoint, load_checkpoint
@@ -43,13 +44,20 @@ class ParameterServer:
 
     def apply(self, step_id: int, *grad_dicts: dict[str, Any]) -> tuple:
         """Apply one step's gradients once; returns (status, params for worker 0, 1, ...)."""
+        start = time.time()
         grads: dict[str, Any] = {}
         for d in grad_dicts:
             grads.update(d)
         applied = self.store.apply(step_id, {p: grads[g] for p, g in self._grad_names.items()})
         if applied and self.checkpoint_every and self.store.version % self.checkpoint_every == 0:
             self.save(self.checkpoint_dir)
-        status = {"version": self.store.version, "applied": applied, "step": step_id}
+        status = {
+            "version": self.store.version,
+            "applied": applied,
+            "step": step_id,
+            "start": start,
+            "end": time.time(),
+        }
         return (status, *self.worker_params())
 
     def worker_params(self) -> list[dict[str, Any]]:

@@ -664,13 +664,13 @@ class _RaySession(TrainingSession):
         )
         self.ex._get([self.ps.restore.remote(ckpt)], "starting the parameter server")
 
-    def step(self, step_id: int, feeds: Mapping[str, Any]) -> float:
+    def step(self, step_id: int, feeds: Mapping[str, Any], trace: bool = False) -> float:
         arrays = prepare_feeds(self.prog, feeds, self.check_finite)
         self.ex._check_feeds_fit(arrays)
         self._ensure(_batch_size(self.prog, arrays))
         for attempt in range(self.ex.max_recoveries + 1):
             try:
-                loss = self._step_once(step_id, arrays)
+                loss = self._step_once(step_id, arrays, trace)
                 break
             except WorkerLostError as e:
                 if attempt == self.ex.max_recoveries:
@@ -681,11 +681,14 @@ class _RaySession(TrainingSession):
             self._done.append(step_id)
         return loss
 
-    def _step_once(self, step_id: int, arrays: Mapping[str, np.ndarray]) -> float:
+    def _step_once(
+        self, step_id: int, arrays: Mapping[str, np.ndarray], trace: bool = False
+    ) -> float:
         plan, ex = self.plan, self.ex
         assert plan is not None
+        t_submit = time.time()
         updates, self._updates = self._updates, {}
-        refs = ex._submit(plan, self.plan_id, step_id, arrays, updates, False, self.check_finite)
+        refs = ex._submit(plan, self.plan_id, step_id, arrays, updates, trace, self.check_finite)
         grads = [
             refs[t.id][t.slot(PARAM_SERVER)]
             for t in plan.tasks
@@ -695,6 +698,27 @@ class _RaySession(TrainingSession):
         status_ref, worker_refs = out[0], out[1:]
         got = ex._finish(plan, self.plan_id, step_id, refs, extra=[status_ref])
         self._updates = dict(enumerate(worker_refs))
+        if trace:
+            status = got["extra"][0]
+            events = [
+                TraceEvent(f"step {step_id}", "call", "step", -1, "driver", t_submit, time.time())
+            ]
+            for w in sorted({t.worker for t in plan.tasks}):
+                events.extend(fetch(ex.workers[w].take_trace.remote(self.plan_id, step_id)))
+            events.extend(_transfer_events(plan, events))
+            events.append(
+                TraceEvent(
+                    f"apply step {step_id}",
+                    "update",
+                    "update",
+                    -1,
+                    "parameter server",
+                    status["start"],
+                    status["end"],
+                    args={"version": status["version"]},
+                )
+            )
+            self.last_trace = sorted(events, key=lambda e: e.start)
         return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
 
     def _ps_alive(self) -> bool:
