@@ -37,7 +37,7 @@ class CostModel:
 
     def nbytes(self, node: NodeSpec) -> int:
         """Bytes of a node's value."""
-        return self.numel(node) * _itemsize(node.dtype)
+        return self.numel(node) * itemsize(node.dtype)
 
     def flops(self, node: NodeSpec, inputs: list[NodeSpec]) -> float:
         """Estimated floating-point operations of a node."""
@@ -66,5 +66,6 @@ class CostModel:
 
 
 @functools.cache
-def _itemsize(dtype: str | None) -> int:
+def itemsize(dtype: str | None) -> int:
+    """Bytes per element of a dtype name (unknown dtypes count as float64)."""
     return np.dtype(dtype).itemsize if dtype else 8

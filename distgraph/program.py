@@ -7,8 +7,9 @@ executor and the Ray workers both call it, so they cannot drift apart.
 
 from __future__ import annotations
 
+import operator
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,13 @@ class Program:
     #: Derived tables (node costs per cost model), filled on first use.
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     #: Consumers of each node within the program (for placement and transfers).
-    consumers: dict[str, list[str]] = field(default_factory=dict)
+    consumers: Mapping[str, list[str]] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The memo is derived data (and can be large): rebuild it where the program is used.
+        state = dict(self.__dict__)
+        state["memo"] = {}
+        return state
 
     @property
     def fetches(self) -> list[str]:
@@ -86,35 +93,137 @@ def compile_program(
             raise GraphError(f"cannot take the gradient of {grad!r}: no such node")
         full = differentiate(graph, graph[grad].name, wrt) if graph.grad_of is None else graph
     grads = full.grads
-    nodes = {n.name: n for n in full.nodes}
-
-    needed: set[str] = set(outputs) | set(grads.values())
-    for name in reversed(list(nodes)):
-        if name in needed:
-            needed.update(nodes[name].inputs)
-    order = [n for n in nodes if n in needed]
-    inputs_of = {n: nodes[n].inputs for n in order}
-    level = schedule.node_levels(order, inputs_of)
-    # Dicts as ordered sets: a shared constant can have tens of thousands of consumers.
-    consumer_sets: dict[str, dict[str, None]] = {n: {} for n in order}
-    for n in order:
-        for i in nodes[n].inputs:
-            consumer_sets[i][n] = None
-    consumers = {n: list(c) for n, c in consumer_sets.items()}
-    return Program(
-        nodes={n: nodes[n] for n in order},
+    nodes: dict[str, NodeSpec] = full._nodes  # name -> spec in topological (insertion) order
+    names = list(nodes)
+    inputs_lists = list(map(_INPUTS, nodes.values()))
+    roots = set(outputs) | set(grads.values())
+    edges = schedule.edge_arrays(names, inputs_lists)
+    sinks = np.flatnonzero(np.bincount(edges[0], minlength=len(names)) == 0).tolist()
+    if all(names[i] in roots for i in sinks):
+        # Every sink is requested, so every node is needed (the common case): no pruning walk.
+        order = names
+        kept = dict(nodes)
+    else:
+        needed: set[str] = set(roots)
+        for name in reversed(names):
+            if name in needed:
+                needed.update(nodes[name].inputs)
+        order = [n for n in names if n in needed]
+        kept = {n: nodes[n] for n in order}
+        edges = schedule.edge_arrays(order, [nodes[n].inputs for n in order])
+    leaves: dict[str, list[str]] = {"input": [], "param": [], "const": []}
+    specs = list(kept.values())
+    ops = list(map(_OP, specs))
+    for n, op in zip(order, ops):
+        if op in leaves:
+            leaves[op].append(n)
+    level_of = schedule.level_array(len(order), edges[0], edges[1])
+    level = dict(zip(order, level_of.tolist()))
+    named = np.array(order, dtype=object)
+    by_level = np.argsort(level_of, kind="stable")
+    bounds = np.searchsorted(level_of[by_level], np.arange(int(level_of.max(initial=-1)) + 2))
+    grouped = named[by_level].tolist()
+    levels = [grouped[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    program = Program(
+        nodes=kept,
         order=order,
         level=level,
-        levels=[lv for lv in schedule.group_levels(order, level) if lv],
+        levels=[lv for lv in levels if lv],
         outputs=outputs,
         grads=grads,
         grad_of=full.grad_of,
-        inputs=[n for n in order if nodes[n].op == "input"],
-        params=[n for n in order if nodes[n].op == "param"],
-        constants={n: full._constants[n] for n in order if nodes[n].op == "const"},
-        consumers=consumers,
-        graph_inputs=graph.inputs,
+        inputs=leaves["input"],
+        params=leaves["param"],
+        constants={n: full._constants[n] for n in leaves["const"]},
+        consumers=_Consumers(order, edges[0], edges[1]),
+        # Differentiating adds no inputs, so unpruned, the program's inputs are the graph's.
+        graph_inputs=leaves["input"] if order is names else graph.inputs,
     )
+    # Integer views of the program for the partitioner (cheap here, dear to rebuild).
+    program.memo["edges"] = edges[:2]
+    program.memo["index"] = edges[2]
+    program.memo["level_array"] = level_of
+    program.memo["specs"] = specs
+    program.memo[("column", "op")] = ops
+    return program
+
+
+_INPUTS = operator.attrgetter("inputs")
+_OP = operator.attrgetter("op")
+
+
+def node_column(program: Program, attr: str) -> list[Any]:
+    """One NodeSpec field of every node, in ``program.order`` (memoized)."""
+    key = ("column", attr)
+    col = program.memo.get(key)
+    if col is None:
+        specs = program.memo.get("specs")
+        if specs is None:
+            specs = program.memo["specs"] = list(map(program.nodes.__getitem__, program.order))
+        col = program.memo[key] = list(map(operator.attrgetter(attr), specs))
+    return col
+
+
+def edge_arrays(program: Program) -> tuple[np.ndarray, np.ndarray]:
+    """Input edges as ``(src, dst)`` arrays of positions in ``program.order`` (memoized)."""
+    edges = program.memo.get("edges")
+    if edges is None:
+        edges = program.memo["edges"] = schedule.edge_arrays(
+            program.order, node_column(program, "inputs")
+        )[:2]
+    return edges
+
+
+def leaf_mask(program: Program) -> np.ndarray:
+    """Whether each node (in ``program.order``) is a leaf: input, param or const (memoized)."""
+    mask = program.memo.get("leaf_mask")
+    if mask is None:
+        ops = node_column(program, "op")
+        mask = program.memo["leaf_mask"] = np.fromiter(
+            map(LEAF_OPS.__contains__, ops), bool, len(ops)
+        )
+    return mask
+
+
+class _Consumers(Mapping[str, list[str]]):
+    """Consumers of each node within a program, in order, each listed once (a node may read an
+    input twice); a read-only mapping whose table is built on first use, since only some
+    callers (transfer timing, explicit placements) need it."""
+
+    def __init__(self, order: list[str], src: np.ndarray, dst: np.ndarray):
+        self._order, self._src, self._dst = order, src, dst
+        self._table: dict[str, list[str]] | None = None
+
+    def _get_table(self) -> dict[str, list[str]]:
+        if self._table is None:
+            order, src, dst = self._order, self._src, self._dst
+            by_src = np.argsort(src, kind="stable")
+            s, d = src[by_src], dst[by_src]
+            if len(s):
+                first = np.r_[True, (s[1:] != s[:-1]) | (d[1:] != d[:-1])]
+                s, d = s[first], d[first]
+            ptr = np.searchsorted(s, np.arange(len(order) + 1)).tolist()
+            names = np.array(order, dtype=object)[d].tolist()
+            self._table = dict(zip(order, map(names.__getitem__, map(slice, ptr[:-1], ptr[1:]))))
+        return self._table
+
+    def __getitem__(self, name: str) -> list[str]:
+        return self._get_table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._get_table()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Consumers, (self._order, self._src, self._dst))
+
+    def __repr__(self) -> str:
+        return repr(self._get_table())
 
 
 def prepare_feeds(

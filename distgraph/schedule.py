@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
 
 from .errors import CycleError, GraphError
 
@@ -77,3 +80,48 @@ def group_levels(order: Sequence[str], level: Mapping[str, int]) -> list[list[st
     for name in order:
         groups[level[name]].append(name)
     return groups
+
+
+def edge_arrays(
+    order: Sequence[str], inputs_lists: Sequence[Sequence[str]]
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Input edges as integer arrays ``(src, dst)`` over positions in ``order``, grouped by
+    consumer in order, each consumer's inputs in input order; and ``{name: position}``."""
+    index = dict(zip(order, range(len(order))))
+    counts = np.fromiter(map(len, inputs_lists), dtype=np.int64, count=len(order))
+    total = int(counts.sum())
+    src = np.fromiter(
+        map(index.__getitem__, itertools.chain.from_iterable(inputs_lists)),
+        dtype=np.int64,
+        count=total,
+    )
+    dst = np.repeat(np.arange(len(order), dtype=np.int64), counts)
+    return src, dst, index
+
+
+def level_array(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Levels as in :func:`node_levels` for an acyclic edge list, one wave per level (Kahn's
+    algorithm on arrays: a node's level is the wave in which its last input is done)."""
+    by_src = np.argsort(src, kind="stable")
+    out = dst[by_src]
+    ptr = np.searchsorted(src[by_src], np.arange(n + 1))
+    waiting = np.bincount(dst, minlength=n)
+    level = np.zeros(n, dtype=np.int64)
+    frontier = np.flatnonzero(waiting == 0)
+    wave = 0
+    while len(frontier):
+        level[frontier] = wave
+        starts, ends = ptr[frontier], ptr[frontier + 1]
+        lens = ends - starts
+        total = int(lens.sum())
+        if not total:
+            break
+        # Positions of every out-edge of the frontier, concatenated.
+        offsets = np.cumsum(lens) - lens
+        idx = np.arange(total) - np.repeat(offsets - starts, lens)
+        targets = out[idx]
+        np.subtract.at(waiting, targets, 1)
+        touched = np.unique(targets)
+        frontier = touched[waiting[touched] == 0]
+        wave += 1
+    return level
