@@ -17,6 +17,7 @@ from ._util import gc_paused
 from .errors import GraphError
 from .graph import Graph
 from .ops import LEAF_OPS, get_op
+from .spec import NodeSpec, make_node
 
 
 def grad_name(node: str) -> str:
@@ -73,59 +74,40 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
             )
 
     out = graph.copy()
+    table = out._nodes
+
+    def add(name: str, op: str, inputs: list[str], attrs: dict, like: NodeSpec, origin: str) -> str:
+        # Generated names hold ':', which user names cannot, so only a second grad() clashes.
+        if name in table:
+            raise GraphError(f"cannot add gradient node {name!r}: the name is taken")
+        table[name] = make_node(name, op, inputs, attrs, like.shape, like.dtype, "backward", origin)
+        return name
+
     shares: dict[str, list[str]] = {}
     grad_node: dict[str, str] = {}
     for name in reversed(list(nodes)):
         if not needs.get(name):
             continue
         node = nodes[name]
+        mine = shares.get(name)
         if name == of:
-            g = out._add(
-                grad_name(of),
-                "ones_like",
-                [of],
-                {},
-                _shape(node),
-                node.dtype,
-                False,
-                "backward",
-                of,
-            ).name
-        elif len(shares.get(name, ())) == 1:
-            g = shares[name][0]
-        elif shares.get(name):
-            g = out._add(
-                grad_name(name),
-                "add_n",
-                shares[name],
-                {},
-                _shape(node),
-                node.dtype,
-                False,
-                "backward",
-                name,
-            ).name
+            g = add(grad_name(of), "ones_like", [of], {}, node, of)
+        elif mine and len(mine) == 1:
+            g = mine[0]
+        elif mine:
+            g = add(grad_name(name), "add_n", mine, {}, node, name)
         else:
             continue
         grad_node[name] = g
         if node.op in LEAF_OPS:
             continue
         op = get_op(node.op)
+        head = [g, name] if op.uses_out else [g]
         for i, src in enumerate(node.inputs):
             if not (op.has_vjp(i) and needs.get(src)):
                 continue
-            inputs = [g, name] if op.uses_out else [g]
-            share = out._add(
-                f"vjp:{name}:{i}",
-                "vjp",
-                inputs + list(node.inputs),
-                {"op": node.op, "argnum": i, "attrs": node.attrs},
-                _shape(nodes[src]),
-                nodes[src].dtype,
-                False,
-                "backward",
-                name,
-            ).name
+            attrs = {"op": node.op, "argnum": i, "attrs": node.attrs}
+            share = add(f"vjp:{name}:{i}", "vjp", head + node.inputs, attrs, nodes[src], name)
             shares.setdefault(src, []).append(share)
 
     grads: dict[str, str] = {}
@@ -133,22 +115,8 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
         if leaf in grad_node:
             grads[leaf] = grad_node[leaf]
         else:  # no path to `of`: the gradient is zero, still a node so every executor agrees
-            node = nodes[leaf]
-            grads[leaf] = out._add(
-                grad_name(leaf),
-                "zeros_like",
-                [leaf],
-                {},
-                _shape(node),
-                node.dtype,
-                False,
-                "backward",
-                leaf,
-            ).name
+            grads[leaf] = add(grad_name(leaf), "zeros_like", [leaf], {}, nodes[leaf], leaf)
+    out.version += 1
     out._grads = grads
     out._grad_of = of
     return out
-
-
-def _shape(node) -> tuple | None:
-    return None if node.shape is None else tuple(node.shape)
