@@ -62,12 +62,20 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
         if name in ancestors:
             ancestors.update(nodes[name].inputs)
     needs: dict[str, bool] = {}
+    flows: dict[str, tuple[bool, ...]] = {}  # op -> which inputs take a gradient (short ops)
     for name, node in nodes.items():
         if name not in ancestors:
             continue
         if node.op in LEAF_OPS:
             needs[name] = name in targets
-        else:
+            continue
+        mask = flows.get(node.op)
+        if mask is None:
+            op = get_op(node.op)
+            mask = flows[node.op] = tuple(op.has_vjp(i) for i in range(op.arity or 0))
+        if mask:
+            needs[name] = any(m and needs.get(s, False) for m, s in zip(mask, node.inputs))
+        else:  # variadic
             op = get_op(node.op)
             needs[name] = any(
                 op.has_vjp(i) and needs.get(s, False) for i, s in enumerate(node.inputs)
