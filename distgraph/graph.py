@@ -8,6 +8,7 @@ a bad graph fails on the line that built the bad node. The graph's content is pl
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -453,6 +454,12 @@ class Graph:
                     get_op(node.op)
                 except GraphError as e:
                     raise SpecError(f"nodes.{i}.op: {e}") from None
+            elif node.op in LEAF_OPS and node.inputs:
+                # Rebuilding would silently drop them: say the spec is inconsistent instead.
+                raise SpecError(
+                    f"nodes.{i}.inputs: {node.op} node {node.name!r} takes no inputs, "
+                    f"got {node.inputs}"
+                )
             by_name[node.name] = node
         order = schedule.toposort({n.name: n.inputs for n in spec.nodes})  # cycles, dangling
         if _is_topological(spec.nodes):  # keep the file's order: to_json(from_json(t)) == t
@@ -482,6 +489,8 @@ class Graph:
         for src, dst in spec.grads.items():
             if src not in g._nodes or dst not in g._nodes:
                 raise SpecError(f"grads.{src}: refers to a missing node")
+        if spec.grad_of is not None and spec.grad_of not in g._nodes:
+            raise SpecError(f"grad_of: {spec.grad_of!r} is not a node")
         g._grads = dict(spec.grads)
         g._grad_of = spec.grad_of
         return g
@@ -507,8 +516,19 @@ class Graph:
 
     def _add_vjp_spec(self, node: NodeSpec) -> None:
         attrs = node.attrs
-        if not isinstance(attrs.get("op"), str) or not isinstance(attrs.get("argnum"), int):
-            raise SpecError(f"nodes.{node.name}.attrs: a vjp node needs 'op' and 'argnum'")
+        argnum = attrs.get("argnum")
+        if (
+            not isinstance(attrs.get("op"), str)
+            or not isinstance(argnum, int)
+            or isinstance(argnum, bool)
+            or argnum < 0
+        ):
+            raise SpecError(
+                f"nodes.{node.name}.attrs: a vjp node needs 'op' (a name) and 'argnum' "
+                f"(an int >= 0), got op={attrs.get('op')!r}, argnum={argnum!r}"
+            )
+        if not isinstance(attrs.get("attrs", {}), dict):
+            raise SpecError(f"nodes.{node.name}.attrs.attrs: must be an object")
         op = get_op(attrs["op"])
         if not op.has_vjp(attrs["argnum"]):
             raise SpecError(
@@ -634,6 +654,10 @@ def _matmul_shape(a: Shape, b: Shape, node: str | _Label) -> Shape:
     return out
 
 
+#: Largest input (in elements) an op is run on to infer its output shape while building.
+INFER_ELEMENTS = 2**24
+
+
 def _dummy(shape: Shape, dtype: str | None, batch: int, weak: Any) -> Any:
     if weak is not None:
         return weak
@@ -653,6 +677,12 @@ def _infer_by_running(
     node: str | _Label,
 ) -> tuple[Shape | None, str | None]:
     has_batch = any(d is None for s in shapes for d in s)
+    sizes = [math.prod(3 if d is None else d for d in s) for s in shapes]
+    if max(sizes, default=0) > INFER_ELEMENTS:
+        # Running the op on a stand-in this large could take minutes or exhaust memory (a
+        # reduction walks every element even of a zero-stride view): the shape stays unknown
+        # here and the op's own checks apply when it runs on real values.
+        return None, _infer_dtype(op, dtypes, attrs, weak, node)
     results = []
     for batch in (2, 3) if has_batch else (1,):
         args = [_dummy(s, d, batch, w) for s, d, w in zip(shapes, dtypes, weak)]

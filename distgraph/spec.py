@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from typing import Any, Literal
 
@@ -72,7 +73,7 @@ class ArrayData(BaseModel):
             raw = base64.b64decode(self.data.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError) as e:
             raise SpecError(f"array data is not valid base64: {e}") from None
-        count = int(np.prod(self.shape, dtype=np.int64))
+        count = math.prod(self.shape)  # Python ints: a huge shape cannot overflow
         if len(raw) != count * dt.itemsize:
             raise SpecError(
                 f"array data holds {len(raw)} bytes, shape {self.shape} of {self.dtype} "

@@ -496,7 +496,7 @@ def test_workers_that_fit_the_cluster_but_not_its_free_room(ray_ex):
     with pytest.raises(dg.ClusterError) as info:
         dg.RayExecutor(num_workers=2, resources_per_worker={"CPU": total / 2}, deadline=2)
     msg = str(info.value)
-    assert "cannot place 2 workers" in msg and "within 2 s" in msg
+    assert "2 workers" in msg and "CPU" in msg and "num_workers" in msg
     assert not [
         pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"
     ], "the placement group of the failed executor was left pending"

@@ -8,10 +8,13 @@ bug. Hypothesis is derandomized, so a run in CI sees the same examples as a run 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import faulthandler
 import functools
 import itertools
 import json
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +32,52 @@ from distgraph.ops import OPS
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 STRATEGIES = ("round_robin", "level", "mincut")
+
+
+class Hang(Exception):
+    """An example ran past ``HANG_SECONDS``."""
+
+
+#: No single case may take this long; the slowest legitimate one takes well under a second.
+HANG_SECONDS = 30
+
+
+#: Where a hang's tracebacks go: pytest's copy of the real stderr (fd 2 is being captured).
+_REPORT_FD = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hang_report_fd(request: pytest.FixtureRequest) -> None:
+    global _REPORT_FD
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+        _REPORT_FD = request.config.stash[fault_handler_stderr_fd_key]
+    except (ImportError, KeyError):
+        _REPORT_FD = 2
+
+
+@contextlib.contextmanager
+def no_hang(what: str) -> Iterator[None]:
+    """Turn a hang into a failure instead of a stalled run.
+
+    SIGALRM fails the test when Python code hangs; a single C call (a numpy loop) cannot be
+    interrupted, so faulthandler ends the whole process a little later, printing every
+    thread's traceback.
+    """
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise Hang(f"{what}: still running after {HANG_SECONDS} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, HANG_SECONDS)
+    faulthandler.dump_traceback_later(HANG_SECONDS * 2, exit=True, file=_REPORT_FD)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def fuzz_settings(n: int) -> settings:
@@ -145,7 +194,7 @@ def _value(shape: tuple | None, dtype: str, rng: np.random.Generator) -> np.ndar
     return (arr * 3).astype(dtype)
 
 
-def _feed(value: np.ndarray, how: str, rng: np.random.Generator) -> Any:
+def _feed(value: np.ndarray, how: str) -> Any:
     """A feed spoiled in one of many ways (or left as it is)."""
     if how == "nan":
         bad = np.array(value, dtype=np.float64)
@@ -213,7 +262,8 @@ def wild_graphs(draw: Any, max_nodes: int = 10) -> tuple[dg.Graph, dict[str, Any
     x_shape = draw(st.sampled_from([(3, 4), (None, 4), None, (3,), (), (None,)]))
     x_dtype = draw(st.sampled_from(["float64", "float64", "float32", "int64", "bool"]))
     x_name = draw(st.sampled_from(["x", "x", "x", "1x", "x y", "x:0"]))
-    pool = [n for n in [attempt(lambda: g.input(x_name, shape=x_shape, dtype=x_dtype))] if n]
+    x = attempt(lambda: g.input(x_name, shape=x_shape, dtype=x_dtype))
+    pool = [] if x is None else [x]
     pool.append(g.param("p0", rng.standard_normal((3, 4))))
     pool.append(g.param("p1", rng.standard_normal(4).astype(np.float32)))
     pool.append(g.param("p2", 0.5))
@@ -257,7 +307,7 @@ def wild_graphs(draw: Any, max_nodes: int = 10) -> tuple[dg.Graph, dict[str, Any
         spec = g[name]
         how = draw(st.sampled_from(_FEED_SPOILERS))
         if how != "missing":
-            feeds[name] = _feed(_value(spec.shape, spec.dtype.name, rng), how, rng)
+            feeds[name] = _feed(_value(spec.shape, spec.dtype.name, rng), how)
     if draw(st.integers(0, 9)) == 0:
         feeds["unexpected"] = 1.0
     kwargs = {
@@ -275,7 +325,8 @@ def test_fuzz_random_valid_graphs(ray_ex):
     @given(built=random_graphs(max_nodes=10))
     def check(built):
         g, feeds, out = built
-        assert both.run(g, feeds, grad=out) == "ok"
+        with no_hang("random graph"):
+            assert both.run(g, feeds, grad=out) == "ok"
 
     check()
     assert both.counts["ok"] >= 150
@@ -285,18 +336,19 @@ def test_fuzz_wild_graphs(ray_ex):
     """Graphs from any op/operand/attr/name and spoiled feeds: run and match, or a DistgraphError."""
     both = Both(ray_ex)
 
-    @fuzz_settings(250)
+    @fuzz_settings(300)
     @given(case=wild_graphs())
     def check(case):
         g, feeds, kwargs = case
-        both.run(g, feeds, **kwargs)
-        # A graph that could be built can be written and read back.
-        text = g.to_json()
-        again = dg.Graph.from_json(text)
-        assert again.to_json() == text
+        with no_hang("wild graph"):
+            both.run(g, feeds, **kwargs)
+            # A graph that could be built can be written and read back.
+            text = g.to_json()
+            again = dg.Graph.from_json(text)
+            assert again.to_json() == text
 
     check()
-    assert sum(both.counts.values()) >= 250
+    assert sum(both.counts.values()) >= 300
     assert both.counts["ok"] >= 25 and both.counts["error"] >= 25, both.counts
 
 
@@ -326,12 +378,17 @@ def _slots(doc: Any) -> Iterator[tuple[Any, Any]]:
                 stack.append(value)
 
 
-def _shapes(doc: dict) -> list[list]:
-    """Every shape list: node shapes, array shapes, and shape attributes."""
+def _shapes(doc: dict, where: str) -> list[list]:
+    """Shape lists of one kind: "array" (params, constants), "input" nodes, or op "attrs"."""
     found = []
     for parent, key in _slots(doc):
         value = parent[key]
-        if key == "shape" and isinstance(value, list) and value:
+        if key != "shape" or not isinstance(value, list):
+            continue
+        is_array = "data" in parent
+        is_input = parent.get("op") == "input"
+        is_attr = not is_array and "op" not in parent
+        if {"array": is_array, "input": is_input, "attrs": is_attr}[where]:
             found.append(value)
     return found
 
@@ -341,7 +398,7 @@ _OPS_TO_TRY += ["matmul", "add_n", "concat", "cast", "index", "Add", "ADD", "eva
 _DTYPES_TO_TRY = ["float128", "object", "complex64", "int64", "bool", "<f8", "f8", "float"]
 _DTYPES_TO_TRY += ["void", "U8", "datetime64", "", "float16", "i4,i4", "(2)f8", "O", "S3", "uint8"]
 _HUGE = [2**31, 2**40, 2**62, 2**63, 2**64, 2**70, 10**30]
-_DEEP = 50_000
+_DEEP = 5_000
 
 
 def _mutate(kind: str, doc: Any, draw: Callable[[Any], Any]) -> Any:
@@ -398,12 +455,32 @@ def _mutate(kind: str, doc: Any, draw: Callable[[Any], Any]) -> Any:
         holders = [v for p, k in slots if isinstance(v := p[k], dict) and "dtype" in v]
         if holders:
             draw(st.sampled_from(holders))["dtype"] = draw(st.sampled_from(_DTYPES_TO_TRY))
-    elif kind in ("huge", "negative"):
-        shapes = _shapes(doc) if isinstance(doc, dict) else []
+    elif kind in ("huge", "negative") and isinstance(doc, dict):
+        shapes = _shapes(doc, draw(st.sampled_from(["array", "input", "attrs"])))
         if shapes:
             shape = draw(st.sampled_from(shapes))
-            values = _HUGE if kind == "huge" else [-1, -7, -(2**63)]
-            shape[draw(st.integers(0, len(shape) - 1))] = draw(st.sampled_from(values))
+            value = draw(st.sampled_from(_HUGE if kind == "huge" else [-1, -7, -(2**63)]))
+            if shape and draw(st.booleans()):
+                shape[draw(st.integers(0, len(shape) - 1))] = value
+            else:
+                shape.insert(0, value)  # scalars too get a dimension
+    elif kind == "constant" and isinstance(doc, dict):
+        consts = doc.get("constants")
+        if isinstance(consts, dict) and consts:
+            key = draw(st.sampled_from(sorted(consts)))
+            consts[key] = copy.deepcopy(draw(st.sampled_from([*_JUNK, 10**30, -(2**63), 2**64])))
+    elif kind == "leaf_inputs" and nodes:
+        leaves = [n for n in nodes if isinstance(n, dict) and n.get("op") in ("input", "param")]
+        if leaves:
+            draw(st.sampled_from(leaves))["inputs"] = [nodes[-1].get("name")]
+    elif kind == "vjp" and nodes:
+        vjps = [n for n in nodes if isinstance(n, dict) and n.get("op") == "vjp"]
+        if vjps:
+            attrs = draw(st.sampled_from(vjps)).setdefault("attrs", {})
+            key = draw(st.sampled_from(["op", "argnum", "attrs"]))
+            attrs[key] = copy.deepcopy(
+                draw(st.sampled_from([*_JUNK, -1, 1, 2, 7, "add", "matmul", "concat", "ones_like"]))
+            )
     elif kind == "attrs" and node is not None:
         attrs = node.get("attrs")
         if isinstance(attrs, dict):
@@ -428,11 +505,12 @@ def _mutate(kind: str, doc: Any, draw: Callable[[Any], Any]) -> Any:
 
 _STRUCTURAL = ["delete", "rename", "retype", "op", "dangling", "cycle", "base64", "dtype"]
 _STRUCTURAL += ["huge", "negative", "attrs", "outputs", "duplicate", "shuffle", "deep"]
+_STRUCTURAL += ["constant", "leaf_inputs", "vjp", "huge", "vjp", "attrs"]
 _TEXTUAL = ["none", "none", "none", "truncate", "non_utf8", "bom", "garbage"]
 
 
 @st.composite
-def mutated_specs(draw: Any) -> tuple[str | bytes, dict[str, Any], str, bool, str]:
+def mutated_specs(draw: Any) -> tuple[str | bytes, dict[str, Any], str, bool, bool, str]:
     """A builder's spec after 1-3 structural mutations and maybe one to its text or bytes."""
     name, text, feeds, loss, differentiated = draw(st.sampled_from(base_specs()))
     doc = json.loads(text)
@@ -447,13 +525,18 @@ def mutated_specs(draw: Any) -> tuple[str | bytes, dict[str, Any], str, bool, st
     elif textual == "non_utf8":
         raw = out.encode()
         at = draw(st.integers(0, len(raw)))
-        out = raw[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x00"])) + raw[at:]
+        out = (
+            raw[:at]
+            + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x00"]))
+            + raw[at:]
+        )
     elif textual == "bom":
         out = "\ufeff" + out
     elif textual == "garbage":
         out = draw(st.sampled_from(["null", "[]", '"nodes"', "1e999", "{" * 20, "{}" * 3]))
-    label = f"{name}: {kinds} + {textual}"
-    return out, feeds, loss, differentiated, label
+    check_finite = draw(st.booleans())
+    label = f"{name}: {kinds} + {textual}, check_finite={check_finite}"
+    return out, feeds, loss, differentiated, check_finite, label
 
 
 def test_fuzz_mutated_json_specs(ray_ex):
@@ -461,27 +544,149 @@ def test_fuzz_mutated_json_specs(ray_ex):
     both = Both(ray_ex)
     loaded = {"yes": 0, "no": 0}
 
-    @fuzz_settings(400)
+    @fuzz_settings(600)
     @given(case=mutated_specs())
     def check(case):
-        text, feeds, loss, differentiated, label = case
-        try:
-            g = dg.Graph.from_json(text)
-        except dg.DistgraphError:
-            loaded["no"] += 1
-            return
-        except Exception as e:  # report which mutation got through
-            raise AssertionError(f"{label}: {type(e).__name__}: {e}") from e
-        loaded["yes"] += 1
-        again = outcome(lambda: dg.Graph.from_json(g.to_json()))
-        assert again[0] == "ok", (label, again[1])
-        run_feeds = {k: v for k, v in feeds.items() if k in g.inputs}
-        grad = None if differentiated or loss not in g else loss
-        both.run(g, run_feeds, grad=grad)
+        text, feeds, loss, differentiated, check_finite, label = case
+        with no_hang(label):
+            try:
+                g = dg.Graph.from_json(text)
+            except dg.DistgraphError:
+                loaded["no"] += 1
+                return
+            except Exception as e:  # say which mutation got through
+                raise AssertionError(f"{label}: {type(e).__name__}: {e}") from e
+            loaded["yes"] += 1
+            again = outcome(lambda: dg.Graph.from_json(g.to_json()))
+            assert again[0] == "ok", (label, again[1])
+            run_feeds = {k: v for k, v in feeds.items() if k in g.inputs}
+            grad = None if differentiated or loss not in g else loss
+            both.run(g, run_feeds, grad=grad, check_finite=check_finite)
 
     check()
-    assert loaded["yes"] + loaded["no"] >= 400
-    assert loaded["yes"] >= 40 and loaded["no"] >= 40, loaded
+    assert loaded["yes"] + loaded["no"] >= 600
+    assert loaded["yes"] >= 60 and loaded["no"] >= 60, loaded
+
+
+# --- regressions the fuzzing found -------------------------------------------------------------
+
+
+def test_views_give_the_same_bits_on_every_executor(ray_ex):
+    """sum's gradient is a broadcast view; matmul summed a view and its pickled (contiguous)
+    copy in different orders, so Ray and the reference differed in the last bit."""
+    g = dg.Graph()
+    p = g.param(
+        "p1",
+        np.array(
+            [-0.7364540870016669, -0.16290994799305278, -0.4821193126799783, 0.5988462126346276]
+        ),
+    )
+    m = g.param(
+        "m0",
+        np.array(
+            [
+                [
+                    0.019861053740829495,
+                    -0.1462283754825443,
+                    -0.39095423117842104,
+                    -0.12859612030943535,
+                ],
+                [0.004071090259171754, -0.1378014526496852, 0.6470319071991036, 0.5033621576528972],
+                [
+                    -1.3555812394829843,
+                    -0.9445066229838364,
+                    -0.08738604602758097,
+                    -0.21109520578817678,
+                ],
+                [0.10682149874930555, 0.10866096551128179, 1.0589193775255241, -0.5560103813461407],
+            ]
+        ),
+    )
+    g.output("out", (p @ m).sum())
+    local = dg.LocalExecutor().run(g, {}, grad="out")
+    np.testing.assert_array_equal(local.grads["p1"], np.ones(4) @ g.params["m0"].T)
+    for strategy in STRATEGIES:
+        ray_ex.strategy = strategy
+        assert_same(local, ray_ex.run(g, {}, grad="out"), strategy)
+    ray_ex.strategy = "mincut"
+    # The same holds for a strided feed: it is made contiguous, as a transfer would make it.
+    g2 = dg.Graph()
+    x = g2.input("x", shape=(4,))
+    g2.output("out", (x @ g2.param("m0", g.params["m0"])).sum())
+    view = np.broadcast_to(1.0, (4,))
+    assert_same(
+        dg.LocalExecutor().run(g2, {"x": view}, grad="out"),
+        ray_ex.run(g2, {"x": view}, grad="out"),
+        "feed",
+    )
+
+
+@pytest.mark.parametrize("dtype", ["str", "object", "complex128", "datetime64[s]"])
+def test_cast_to_an_unsupported_dtype_is_refused(dtype):
+    g = dg.Graph()
+    x = g.input("x", shape=(3,))
+    with pytest.raises(dg.DTypeError, match=r"'as_text'.*cast.*not supported"):
+        g.apply("cast", x, name="as_text", dtype=dtype)
+    assert "as_text" not in g
+
+
+def test_deeply_nested_json_is_a_spec_error():
+    doc = json.dumps({"nodes": [{"name": "x", "op": "input", "attrs": {"a": "DEEP"}}]})
+    with pytest.raises(dg.SpecError, match="nested too deeply"):
+        dg.Graph.from_json(doc.replace('"DEEP"', "[" * 100_000 + "]" * 100_000))
+
+
+@pytest.mark.parametrize("dims", [[2**70], [2**63], [2**40, 2**40], [3, 2**64]])
+def test_a_huge_array_shape_is_a_spec_error(dims):
+    g = dg.Graph()
+    g.output("out", g.param("w", np.ones(3)).sum())
+    doc = json.loads(g.to_json())
+    doc["params"]["w"]["shape"] = dims
+    with pytest.raises(dg.SpecError, match=r"params|bytes"):
+        dg.Graph.from_json(json.dumps(doc))
+
+
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_a_huge_broadcast_loads_at_once_and_fails_clearly_when_run(check_finite):
+    """Shape inference ran the reduction on a 2**42-element stand-in: a hang while loading."""
+    g = dg.Graph()
+    row = g.param("row", np.ones(4))
+    g.output("out", dg.broadcast_to(row, (3, 4)).mean(axis=0).sum())
+    doc = json.loads(g.to_json())
+    next(n for n in doc["nodes"] if n["op"] == "broadcast_to")["attrs"]["shape"] = [2**40, 3, 4]
+    with no_hang("loading a huge broadcast"):
+        loaded = dg.Graph.from_json(json.dumps(doc))
+        mean = next(n for n in loaded.nodes if n.op == "mean")
+        assert mean.shape is None  # too large to infer by running: checked when it runs
+        with pytest.raises(dg.ExecutionError, match=r"broadcast_to.*row\(4,\)"):
+            dg.LocalExecutor().run(loaded, {}, check_finite=check_finite)
+
+
+def test_spec_consistency_checks_found_by_fuzzing():
+    g = dg.Graph()
+    x = g.input("x", shape=(3,))
+    g.output("out", (x * g.param("w", np.ones(3))).sum())
+    base = json.loads(dg.grad(g, "out").to_json())
+
+    doc = copy.deepcopy(base)
+    doc["nodes"][1]["inputs"] = ["x"]  # a param with an input was silently rebuilt without it
+    with pytest.raises(dg.SpecError, match=r"nodes\.1\.inputs.*'w'.*no inputs"):
+        dg.Graph.from_json(json.dumps(doc))
+
+    doc = copy.deepcopy(base)
+    doc["grad_of"] = "ghost"
+    with pytest.raises(dg.SpecError, match=r"grad_of.*'ghost'"):
+        dg.Graph.from_json(json.dumps(doc))
+
+    for bad in (-1, True, "0"):
+        doc = copy.deepcopy(base)
+        next(n for n in doc["nodes"] if n["op"] == "vjp")["attrs"]["argnum"] = bad
+        with pytest.raises(dg.SpecError, match="argnum"):
+            dg.Graph.from_json(json.dumps(doc))
+    doc = copy.deepcopy(base)
+    next(n for n in doc["nodes"] if n["op"] == "vjp")["attrs"]["attrs"] = 5
+    with pytest.raises(dg.SpecError, match=r"attrs\.attrs"):
+        dg.Graph.from_json(json.dumps(doc))
 
 
 def test_ray_still_correct_after_fuzzing(ray_ex):
