@@ -218,3 +218,22 @@ def test_plan_explain_mentions_the_essentials(ex2):
         "bytes crossing workers",
     ):
         assert needle in text
+
+
+def test_old_plans_are_dropped_from_driver_and_workers(ex2):
+    import ray
+
+    ex2.strategy = "mincut"
+    keep = ex2.max_plans
+    ex2.max_plans = 3
+    try:
+        graphs = [seed_graph()[0] for _ in range(6)]
+        for g in graphs:
+            assert ex2.run(g, {"x": 2.0}, grad="z").values == {"z": 7.0}
+        assert len(ex2._plans) == 3
+        installed = ray.get([w.held_plans.remote() for w in ex2.workers])
+        live = {pid for _plan, pid, _res in ex2._plans.values()}
+        for ids in installed:
+            assert set(ids) <= live | set(), (ids, live)
+    finally:
+        ex2.max_plans = keep

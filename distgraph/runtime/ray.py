@@ -127,6 +127,8 @@ class RayExecutor(Executor):
         self._owns_ray = False
         #: Installed run() plans: key -> (plan, plan id, resident values to reinstall them with).
         self._plans: dict[tuple, tuple[Plan, int, Mapping[str, Any]]] = {}
+        #: How many run() plans stay installed (least recently used ones are dropped).
+        self.max_plans = 32
         #: Workers replaced after a crash or node loss, by index.
         self.replacements: list[int] = []
         self._plan_ids = itertools.count(1)
@@ -334,12 +336,18 @@ class RayExecutor(Executor):
         key = (id(program), training, key_extra, strategy)
         hit = self._plans.get(key)
         if hit is not None and hit[0].program is program:
+            self._plans[key] = self._plans.pop(key)  # most recently used last
             return hit[0], hit[1]
         plan = self._make_plan(program, training, batch)
         plan_id = next(self._plan_ids)
         self._check_fits(plan, resident_values)
         self._install(plan, plan_id, resident_values)
         self._plans[key] = (plan, plan_id, resident_values)
+        while len(self._plans) > self.max_plans:  # forget the oldest, here and on the workers
+            _old, (_p, old_id, _r) = next(iter(self._plans.items()))
+            del self._plans[_old]
+            for w in self.workers:
+                w.uninstall.remote(old_id)
         return plan, plan_id
 
     def _install(
@@ -688,38 +696,53 @@ class _RaySession(TrainingSession):
         assert plan is not None
         t_submit = time.time()
         updates, self._updates = self._updates, {}
-        refs = ex._submit(plan, self.plan_id, step_id, arrays, updates, trace, self.check_finite)
-        grads = [
-            refs[t.id][t.slot(PARAM_SERVER)]
-            for t in plan.tasks
-            if any(d == PARAM_SERVER for d, _ in t.outputs)
-        ]
-        out = self.ps.apply.options(num_returns=1 + ex.num_workers).remote(step_id, *grads)
-        status_ref, worker_refs = out[0], out[1:]
-        got = ex._finish(plan, self.plan_id, step_id, refs, extra=[status_ref])
+        try:
+            refs = ex._submit(
+                plan, self.plan_id, step_id, arrays, updates, trace, self.check_finite
+            )
+            grads = [
+                refs[t.id][t.slot(PARAM_SERVER)]
+                for t in plan.tasks
+                if any(d == PARAM_SERVER for d, _ in t.outputs)
+            ]
+            out = self.ps.apply.options(num_returns=1 + ex.num_workers).remote(step_id, *grads)
+            status_ref, worker_refs = out[0], out[1:]
+            got = ex._finish(plan, self.plan_id, step_id, refs, extra=[status_ref])
+        except BaseException:
+            # A worker whose first call never ran did not take its new params: resend them with
+            # the next step (taking the same version twice is harmless).
+            if not self._updates:
+                self._updates = updates
+            raise
         self._updates = dict(enumerate(worker_refs))
         if trace:
-            status = got["extra"][0]
-            events = [
-                TraceEvent(f"step {step_id}", "call", "step", -1, "driver", t_submit, time.time())
-            ]
-            for w in sorted({t.worker for t in plan.tasks}):
-                events.extend(fetch(ex.workers[w].take_trace.remote(self.plan_id, step_id)))
-            events.extend(_transfer_events(plan, events))
-            events.append(
-                TraceEvent(
-                    f"apply step {step_id}",
-                    "update",
-                    "update",
-                    -1,
-                    "parameter server",
-                    status["start"],
-                    status["end"],
-                    args={"version": status["version"]},
-                )
-            )
-            self.last_trace = sorted(events, key=lambda e: e.start)
+            self.last_trace = self._step_trace(step_id, t_submit, got["extra"][0])
         return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
+
+    def _step_trace(
+        self, step_id: int, t_submit: float, status: dict[str, Any]
+    ) -> list[TraceEvent]:
+        plan, ex = self.plan, self.ex
+        assert plan is not None
+        events = [
+            TraceEvent(f"step {step_id}", "call", "step", -1, "driver", t_submit, time.time())
+        ]
+        for w in sorted({t.worker for t in plan.tasks}):
+            events.extend(fetch(ex.workers[w].take_trace.remote(self.plan_id, step_id)))
+        events.extend(_transfer_events(plan, events))
+        events.append(
+            TraceEvent(
+                f"apply step {step_id}",
+                "update",
+                "update",
+                -1,
+                "parameter server",
+                status["start"],
+                status["end"],
+                args={"version": status["version"]},
+            )
+        )
+        return sorted(events, key=lambda e: e.start)
 
     def _ps_alive(self) -> bool:
         try:

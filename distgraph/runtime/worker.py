@@ -186,6 +186,10 @@ class Worker:
         self.envs.pop((plan_id, step), None)
         self.traces.pop((plan_id, step), None)
 
+    def held_plans(self) -> list[int]:
+        """Ids of the installed plans (for leak checks)."""
+        return list(self.programs)
+
     def held_steps(self) -> list[tuple[int, int]]:
         """Steps whose values are still held (for leak checks)."""
         return list(self.envs)
