@@ -329,6 +329,14 @@ def run_nodes(
         start = time.time() if trace is not None else 0.0
         try:
             value = run_op(node.op, args, node.attrs)
+            if isinstance(value, np.ndarray) and not (
+                value.flags.c_contiguous or value.flags.f_contiguous
+            ):
+                # A strided or broadcast view comes out of pickling (between Ray workers) as a
+                # contiguous copy, and numpy's matmul sums in a different order for each
+                # layout: give every executor the layout a transfer would give, so results
+                # agree bit for bit. (The copy can fail too: a huge broadcast.)
+                value = np.ascontiguousarray(value)
         except DistgraphError:
             raise
         except Exception as e:
@@ -336,13 +344,6 @@ def run_nodes(
             raise ExecutionError(
                 f"node {name!r} (op {_op_label(node)}) failed on inputs {shapes}: {e}"
             ) from e
-        if isinstance(value, np.ndarray) and not (
-            value.flags.c_contiguous or value.flags.f_contiguous
-        ):
-            # A strided or broadcast view comes out of pickling (between Ray workers) as a
-            # contiguous copy, and numpy's matmul sums in a different order for each layout:
-            # give every executor the layout a transfer would give, so results agree bit for bit.
-            value = np.ascontiguousarray(value)
         if check_finite:
             _check_finite(node, value, args)
         env[name] = value
