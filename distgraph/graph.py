@@ -183,6 +183,7 @@ class Graph:
         self._grad_of: str | None = None
         self._scalar_consts: dict[tuple[str, str], str] = {}
         self.version = 0  # bumped on every change, so compiled programs know they are stale
+        self._structure: tuple[int, Any] | None = None
 
     # Leaves ----------------------------------------------------------------------------------
     def input(
@@ -245,10 +246,10 @@ class Graph:
     def apply(self, op: str, *operands: Any, name: str | None = None, **attrs: Any) -> Node:
         """Add a node applying registered ``op`` to ``operands`` (nodes or constants)."""
         get_op(op)
-        inputs = [self._operand(x) for x in operands]
-        names = [n.name for n in inputs]
-        shapes = [n.spec.shape for n in inputs]
-        dtypes = [n.spec.dtype for n in inputs]
+        names = [self._operand(x).name for x in operands]
+        specs = [self._nodes[n] for n in names]
+        shapes = [sp.shape for sp in specs]
+        dtypes = [sp.dtype for sp in specs]
         label = name or _Label(op, names)  # unnamed: say what it was built from (on error only)
         shape, dtype = infer(op, shapes, dtypes, attrs, self._weak_values(names), label)
         return self._add(name, op, names, attrs, shape, dtype, user_named=name is not None)
@@ -413,11 +414,32 @@ class Graph:
     @gc_paused
     def levels(self, phase: str | None = None) -> list[list[str]]:
         """Node names grouped by topological level (``phase`` filters forward/backward)."""
-        inputs_of = {n.name: n.inputs for n in self._nodes.values()}
-        order = list(self._nodes)
-        level = schedule.node_levels(order, inputs_of)
-        keep = [n for n in order if phase is None or self._nodes[n].phase == phase]
-        return [lv for lv in schedule.group_levels(keep, level) if lv]
+        names, _edges, level_of = self.structure()
+        if phase is None:
+            keep = np.arange(len(names))
+        else:
+            keep = np.flatnonzero([n.phase == phase for n in self._nodes.values()])
+        lv = level_of[keep]
+        by_level = keep[np.argsort(lv, kind="stable")]
+        sorted_levels = level_of[by_level]
+        bounds = np.searchsorted(sorted_levels, np.arange(int(level_of.max(initial=-1)) + 2))
+        named = [names[i] for i in by_level.tolist()]
+        groups = [named[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        return [g for g in groups if g]
+
+    def structure(
+        self,
+    ) -> tuple[list[str], tuple[np.ndarray, np.ndarray, dict[str, int]], np.ndarray]:
+        """Node names, input edges as integer arrays and each node's level, cached per version
+        (levels, compilation and partitioning of one graph all start from them)."""
+        cached = self._structure
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        names = list(self._nodes)
+        edges = schedule.edge_arrays(names, [n.inputs for n in self._nodes.values()])
+        level_of = schedule.level_array(len(names), edges[0], edges[1])
+        self._structure = (self.version, (names, edges, level_of))
+        return names, edges, level_of
 
     def to_svg(self, placement: dict[str, int] | None = None, batch_size: int = 1) -> str:
         """An SVG picture: variables, operations and outputs in columns by level."""
@@ -619,6 +641,9 @@ def _infer(
 
 
 def _broadcast(shapes: Sequence[Shape], op: str, node: str | _Label) -> Shape:
+    first = shapes[0]
+    if all(s == first for s in shapes):  # the common case: nothing to broadcast
+        return first
     ndim = max(len(s) for s in shapes)
     out: list[int | None] = []
     for i in range(ndim):

@@ -94,10 +94,8 @@ def compile_program(
         full = differentiate(graph, graph[grad].name, wrt) if graph.grad_of is None else graph
     grads = full.grads
     nodes: dict[str, NodeSpec] = full._nodes  # name -> spec in topological (insertion) order
-    names = list(nodes)
-    inputs_lists = list(map(_INPUTS, nodes.values()))
+    names, edges, full_levels = full.structure()
     roots = set(outputs) | set(grads.values())
-    edges = schedule.edge_arrays(names, inputs_lists)
     sinks = np.flatnonzero(np.bincount(edges[0], minlength=len(names)) == 0).tolist()
     if all(names[i] in roots for i in sinks):
         # Every sink is requested, so every node is needed (the common case): no pruning walk.
@@ -117,7 +115,9 @@ def compile_program(
     for n, op in zip(order, ops):
         if op in leaves:
             leaves[op].append(n)
-    level_of = schedule.level_array(len(order), edges[0], edges[1])
+    level_of = (
+        full_levels if order is names else schedule.level_array(len(order), edges[0], edges[1])
+    )
     level = dict(zip(order, level_of.tolist()))
     named = np.array(order, dtype=object)
     by_level = np.argsort(level_of, kind="stable")
@@ -148,7 +148,6 @@ def compile_program(
     return program
 
 
-_INPUTS = operator.attrgetter("inputs")
 _OP = operator.attrgetter("op")
 
 
