@@ -127,6 +127,7 @@ class RayExecutor(Executor):
         self._owns_ray = False
         #: Installed run() plans: key -> (plan, plan id, resident values to reinstall them with).
         self._plans: dict[tuple, tuple[Plan, int, Mapping[str, Any]]] = {}
+        self._capacity: float | None = None
         #: How many run() plans stay installed (least recently used ones are dropped).
         self.max_plans = 32
         #: Workers replaced after a crash or node loss, by index.
@@ -275,6 +276,7 @@ class RayExecutor(Executor):
     def recover(self) -> list[int]:
         """Replace dead workers and reinstall the run() plans on them; returns their indices."""
         dead = self._dead_workers()
+        self._capacity = None  # nodes may have come or gone
         for i in dead:
             self._replace_worker(i)
             for plan, plan_id, resident in self._plans.values():
@@ -383,13 +385,18 @@ class RayExecutor(Executor):
         return max(1, int(info[worker]["cpus"] or 1) // max(1, sharing))
 
     def _object_store_capacity(self) -> float:
-        """Bytes of object store on the largest node (one value must fit on one node)."""
-        per_node = [
-            n.get("Resources", {}).get("object_store_memory", 0.0)
-            for n in ray.nodes()
-            if n.get("Alive")
-        ]
-        return max(per_node, default=ray.cluster_resources().get("object_store_memory", 0.0))
+        """Bytes of object store on the largest node (one value must fit on one node); asked
+        of the cluster once and again after a recovery, not on every step."""
+        if self._capacity is None:
+            per_node = [
+                n.get("Resources", {}).get("object_store_memory", 0.0)
+                for n in ray.nodes()
+                if n.get("Alive")
+            ]
+            self._capacity = max(
+                per_node, default=ray.cluster_resources().get("object_store_memory", 0.0)
+            )
+        return self._capacity
 
     def _check_fits(self, plan: Plan, values: Mapping[str, Any]) -> None:
         """Refuse a param or a predicted cross-worker value that cannot fit in the object store."""
@@ -490,6 +497,7 @@ class RayExecutor(Executor):
         feed_args: dict[str, Any] = {}
         for name, arr in feeds.items():
             feed_args[name] = ray.put(arr) if arr.nbytes > INLINE_BYTES else arr
+        big = {name for name, arr in feeds.items() if arr.nbytes > INLINE_BYTES}
         refs: dict[int, list[Any]] = {}
         pending_update = dict(param_updates)
         self.last_calls = []
@@ -501,7 +509,10 @@ class RayExecutor(Executor):
             if update is not None:
                 args.append(update)
                 flags |= 4
-            args.extend(feed_args[n] for n in task.feeds)
+            if task.feeds:
+                # Each argument costs Ray a round of bookkeeping: pack the small feeds into one.
+                args.append({n: feed_args[n] for n in task.feeds if n not in big})
+                args.extend(feed_args[n] for n in task.feeds if n in big)
             args.extend(refs[src][slot] for src, slot, _ in task.imports)
             n_out = max(1, len(task.outputs))
             out = (

@@ -105,7 +105,8 @@ class Worker:
         self.resident[plan_id].update(values)
 
     def run_task(self, plan_id: int, step: int, task_id: int, flags: int, *args: Any) -> Any:
-        """Run one task: ``args`` = [param update] + feeds + imported value dicts, in plan order.
+        """Run one task: ``args`` = [param update] + [small feeds as one dict, then each large
+        feed] + imported value dicts, in plan order.
 
         ``flags``: bit 0 trace, bit 1 check_finite, bit 2 a param update comes first.
         Returns one dict per output of the task (a bare dict when it has one, None for none).
@@ -120,8 +121,11 @@ class Worker:
         env = self.envs.get(key)
         if env is None:
             env = self.envs[key] = dict(self.resident[plan_id])
-        for name in task.feeds:
-            env[name] = next(args_iter)
+        if task.feeds:
+            # Small feeds come packed in one dict (one argument); large ones as their own refs.
+            small = next(args_iter)
+            for name in task.feeds:
+                env[name] = small[name] if name in small else next(args_iter)
         for _src, _slot, names in task.imports:
             received = next(args_iter)
             for name in names:
