@@ -374,10 +374,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = benchmarks.run(
         args.names or None, quick=args.quick, progress=not args.json and sys.stderr.isatty()
     )
-    print(
-        json.dumps(_jsonable(results), indent=1) if args.json else benchmarks.format_table(results)
-    )
-    return 0
+    # JSON carries the machine description BENCHMARKS.md quotes; NaN becomes null.
+    print(benchmarks.to_json(results) if args.json else benchmarks.format_table(results))
+    return 1 if any(r.get("error") for r in results) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
