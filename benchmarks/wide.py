@@ -7,6 +7,7 @@ every process, so the speedup measures distgraph's parallelism, not OpenBLAS's.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,34 @@ def build_distgraph(params: dict, branches: int, depth: int, n: int) -> tuple[An
         names.append(f"out{b}")
         g.output(names[-1], h)
     return g, names
+
+
+def _half(args: tuple) -> float:
+    """Run some branches in a fresh process with one BLAS thread; returns the loop's time."""
+    feeds, params, branches, depth, start = args
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        run_numpy(feeds, params, branches, depth)  # warm-up
+        t0 = time.perf_counter()
+        for b in range(start, branches, 2):
+            h = feeds[f"x{b}"]
+            for k in range(depth):
+                h = np.tanh(h @ params[f"W{b}_{k}"])
+        return time.perf_counter() - t0
+
+
+def _two_process_time(feeds: dict, params: dict, branches: int, depth: int, repeats: int) -> float:
+    """Median over repeats of the slower of two processes each running half the branches."""
+    import multiprocessing as mp
+
+    times = []
+    with mp.get_context("spawn").Pool(2) as pool:
+        for _ in range(repeats):
+            times.append(
+                max(pool.map(_half, [(feeds, params, branches, depth, s) for s in (0, 1)]))
+            )
+    return float(np.median(times))
 
 
 def _worker_blas_threads() -> list[int]:
@@ -109,6 +138,13 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
                 raise AssertionError(f"distgraph ray {name} disagrees with numpy")
         ray_s = rec.figure("distgraph_ray_s", measure(lambda: ex.run(g, feeds=feeds), repeats))
 
+    log(progress, NAME, "machine ceiling: the numpy branches split over 2 plain processes")
+    two = rec.figure("numpy_2proc_s", _two_process_time(feeds, params, branches, depth, repeats))
+    rec.ratio("numpy_2proc_speedup", rec.figures["numpy_1thread_s"], two)
+    rec.note(
+        "numpy_2proc_speedup is what two plain processes (1 BLAS thread each, half the branches "
+        "each, data already in place) gain over one: the ceiling this machine allows."
+    )
     rec.ratio("local_vs_numpy_1thread", local_s, rec.figures["numpy_1thread_s"])
     rec.target(
         "ray_speedup_over_local",
