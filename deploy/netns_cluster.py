@@ -342,10 +342,25 @@ def create_network(plan: ClusterPlan) -> None:
 
 
 # Runs as PID 1 of the service's PID namespace: private /dev/shm and /tmp, then the command.
+# $4 lists host paths under /tmp (the checkout, the venv) to keep visible: each is bind-mounted
+# into the private /tmp before it replaces the real one (rbind carries those mounts along).
 _CONTAINER_INIT = (
-    'mount -t tmpfs -o "size=$1" shm /dev/shm && mount --bind "$2" /tmp && cd "$3" '
-    '&& shift 3 && exec "$@"'
+    'mount -t tmpfs -o "size=$1" shm /dev/shm && '
+    'for keep in $4; do mkdir -p "$2$keep" && mount --bind "/tmp$keep" "$2$keep" || exit 1; done && '
+    'mount --rbind "$2" /tmp && cd "$3" && shift 4 && exec "$@"'
 )
+
+
+def _kept_under_tmp(*paths: str) -> str:
+    """Space-separated paths relative to /tmp (``/fresh``) of those that live under /tmp."""
+    keep = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real.startswith("/tmp/") and " " not in real:
+            rel = real[len("/tmp") :]
+            if not any(rel == k or rel.startswith(k + "/") for k in keep):
+                keep.append(rel)
+    return " ".join(keep)
 
 
 def container_argv(plan: ClusterPlan, s: ServicePlan, tmp_dir: Path, argv: list[str]) -> list[str]:
@@ -359,7 +374,8 @@ def container_argv(plan: ClusterPlan, s: ServicePlan, tmp_dir: Path, argv: list[
         _tool("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc",
         "--propagation", "private",
         "/bin/sh", "-c", _CONTAINER_INIT, "container-init",
-        str(s.shm_bytes), str(tmp_dir), plan.workdir, *argv,
+        str(s.shm_bytes), str(tmp_dir), plan.workdir,
+        _kept_under_tmp(plan.workdir, sys.prefix), *argv,
     ]  # fmt: skip
 
 
