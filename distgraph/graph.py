@@ -246,7 +246,10 @@ class Graph:
     def apply(self, op: str, *operands: Any, name: str | None = None, **attrs: Any) -> Node:
         """Add a node applying registered ``op`` to ``operands`` (nodes or constants)."""
         get_op(op)
-        names = [self._operand(x).name for x in operands]
+        names = [
+            self._resolve(x._name) if type(x) is Node and x.graph is self else self._operand(x).name
+            for x in operands
+        ]
         specs = [self._nodes[n] for n in names]
         shapes = [sp.shape for sp in specs]
         dtypes = [sp.dtype for sp in specs]
@@ -263,10 +266,10 @@ class Graph:
 
     def _weak_values(self, names: list[str]) -> list[Any]:
         """Scalar constants by value (numpy promotes them weakly); None for everything else."""
-        return [
-            self._constants.get(n) if isinstance(self._constants.get(n), (int, float)) else None
-            for n in names
-        ]
+        consts = self._constants
+        if not consts:
+            return [None] * len(names)
+        return [c if isinstance(c := consts.get(n), (int, float)) else None for n in names]
 
     def _own(self, node: Node) -> Node:
         if node.graph is not self:
@@ -627,7 +630,7 @@ def _infer(
         raise GraphError(f"node {node!r} (op {op}): takes {spec.arity} inputs, got {len(shapes)}")
     if spec.arity is None and not shapes:
         raise GraphError(f"node {node!r} (op {op}): needs at least one input")
-    if any(s is None for s in shapes):
+    if None in shapes:
         return None, _infer_dtype(op, dtypes, attrs, weak, node)
     shapes = [tuple(s) for s in shapes]  # type: ignore[misc]
     if spec.elementwise:
@@ -735,11 +738,11 @@ def _infer_by_running(
 def _infer_dtype(
     op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str | _Label
 ) -> str | None:
-    if any(d is None for d in dtypes):
+    if None in dtypes:
         return None
     # The result dtype depends on the op, the input dtypes, the Python types of weak scalars
     # and small attrs (pow's exponent, cast's dtype): cache it instead of running numpy per node.
-    key = (op, tuple(dtypes), tuple(type(w) for w in weak), repr(attrs) if attrs else "")
+    key = (op, tuple(dtypes), tuple(map(type, weak)), repr(attrs) if attrs else "")
     hit = _DTYPE_CACHE.get(key)
     if hit is None:
         hit = _DTYPE_CACHE[key] = _run_for_dtype(op, dtypes, attrs, weak, node)
