@@ -533,19 +533,19 @@ class RayExecutor(Executor):
         self, plan: Plan, plan_id: int, step: int, refs: dict[int, list[Any]], extra: list[Any]
     ) -> dict[str, Any]:
         """Wait for the step (bounded by the deadline), then fetch the driver's outputs only."""
-        every = [r for rs in refs.values() for r in rs] + list(extra)
+        driver = [
+            refs[t.id][t.slot(DRIVER)] for t in plan.tasks if any(d == DRIVER for d, _ in t.outputs)
+        ]
         try:
-            _ready, pending = ray.wait(
-                every, num_returns=len(every), timeout=self.deadline, fetch_local=False
-            )
-            if pending:
-                raise self._timeout_error(plan, plan_id, step, refs, set(pending))
-            driver = [
-                refs[t.id][t.slot(DRIVER)]
-                for t in plan.tasks
-                if any(d == DRIVER for d, _ in t.outputs)
-            ]
+            # Every task feeds the driver's outputs or the parameter server (the program holds
+            # only needed nodes), so one bounded get waits for the whole step.
             values = self._get(driver + list(extra), "running the step")
+        except WaveTimeoutError:
+            every = [r for rs in refs.values() for r in rs] + list(extra)
+            _ready, pending = ray.wait(every, num_returns=len(every), timeout=0, fetch_local=False)
+            for w in self.workers:
+                w.drop_step.remote(plan_id, step)
+            raise self._timeout_error(plan, plan_id, step, refs, set(pending)) from None
         except BaseException:
             for w in self.workers:
                 w.drop_step.remote(plan_id, step)
