@@ -93,6 +93,7 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
 
     shares: dict[str, list[str]] = {}
     grad_node: dict[str, str] = {}
+    vjp_attrs: dict[tuple[str, int, int], dict] = {}
     for name in reversed(list(nodes)):
         if not needs.get(name):
             continue
@@ -114,7 +115,11 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
         for i, src in enumerate(node.inputs):
             if not (op.has_vjp(i) and needs.get(src)):
                 continue
-            attrs = {"op": node.op, "argnum": i, "attrs": node.attrs}
+            # Equal vjp attrs share one dict (node records are never modified in place).
+            key = (node.op, i, id(node.attrs))
+            attrs = vjp_attrs.get(key)
+            if attrs is None:
+                attrs = vjp_attrs[key] = {"op": node.op, "argnum": i, "attrs": node.attrs}
             share = add(f"vjp:{name}:{i}", "vjp", head + node.inputs, attrs, nodes[src], name)
             shares.setdefault(src, []).append(share)
 
