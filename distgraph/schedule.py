@@ -72,16 +72,6 @@ def node_levels(order: Sequence[str], inputs_of: Mapping[str, Sequence[str]]) ->
     return level
 
 
-def group_levels(order: Sequence[str], level: Mapping[str, int]) -> list[list[str]]:
-    """Nodes grouped by level, each group in topological order."""
-    if not order:
-        return []
-    groups: list[list[str]] = [[] for _ in range(max(level[n] for n in order) + 1)]
-    for name in order:
-        groups[level[name]].append(name)
-    return groups
-
-
 def edge_arrays(
     order: Sequence[str], inputs_lists: Sequence[Sequence[str]]
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import schedule
+from ..errors import CycleError
 from ..spec import GraphSpec, NodeSpec
 
 #: Leaf ops: the seed calls these "variables" (inputs, parameters) and constants join them.
@@ -79,29 +81,15 @@ def node_style(spec: GraphSpec, node: NodeSpec) -> str:
 
 
 def node_levels(spec: GraphSpec) -> dict[str, int]:
-    """Topological level of every node (leaves 0, else 1 + deepest input), Kahn-style, no recursion."""
+    """Topological level of every node (leaves 0, else 1 + deepest input); inputs that name no
+    node of the spec are ignored, so a partial spec still draws."""
     names = {n.name for n in spec.nodes}
     preds = {n.name: [i for i in dict.fromkeys(n.inputs) if i in names] for n in spec.nodes}
-    children: dict[str, list[str]] = {name: [] for name in preds}
-    for name, ins in preds.items():
-        for i in ins:
-            children[i].append(name)
-    remaining = {name: len(ins) for name, ins in preds.items()}
-    level = {name: 0 for name in preds}
-    ready = [name for name, count in remaining.items() if count == 0]
-    seen = 0
-    while ready:
-        name = ready.pop()
-        seen += 1
-        for child in children[name]:
-            level[child] = max(level[child], level[name] + 1)
-            remaining[child] -= 1
-            if remaining[child] == 0:
-                ready.append(child)
-    if seen != len(preds):
-        stuck = sorted(name for name, count in remaining.items() if count > 0)
-        raise ValueError(f"graph has a cycle through {stuck[:5]}")
-    return level
+    try:
+        order = schedule.toposort(preds)
+    except CycleError as e:
+        raise ValueError(f"graph has a cycle: {' -> '.join(e.cycle)}") from None
+    return schedule.node_levels(order, preds)
 
 
 def itemsize(dtype: str | None) -> int:
