@@ -11,7 +11,9 @@ Order of a run or training step:
    the values it imports as top-level arguments, so workers resolve them directly and the
    driver never touches intermediate tensors;
 3. training only: submit ``ps.apply(step, *gradient refs)``; its per-worker results are passed
-   to each worker's first task of the next step;
+   to each worker's first task of the next step. A worker that computes every gradient of its
+   own params instead applies the same update to a local replica (``worker_updates``), so no
+   params travel back; when all workers do, the server's update overlaps the next step;
 4. wait once for the step's end, bounded by ``deadline``; fetch only the requested outputs.
 Only this module imports ``ray``.
 """
@@ -78,7 +80,8 @@ class RayExecutor(Executor):
     ``close()``; ``"auto"`` or ``"host:port"`` joins a running cluster and leaves it running; an
     already initialised Ray is reused as it is. ``strategy`` is ``"mincut"``, ``"level"``,
     ``"round_robin"``, a callable or a ``{node: worker}`` dict. ``placement="spread"`` asks Ray
-    to put workers on distinct nodes, ``"pack"`` on as few as possible.
+    to put workers on distinct nodes, ``"pack"`` on as few as possible. ``worker_updates=False``
+    makes every worker take its new params from the parameter server after each step.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class RayExecutor(Executor):
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 0,
         max_recoveries: int = 3,
+        worker_updates: bool = True,
         ops_modules: Sequence[str] = (),
         worker_runtime_env: Mapping[str, Any] | None = None,
         ray_init_kwargs: Mapping[str, Any] | None = None,
@@ -119,6 +123,9 @@ class RayExecutor(Executor):
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self.max_recoveries = max_recoveries
+        #: Training: a worker that computes every gradient of its params applies the optimizer
+        #: step to its own copy too, so new params need not come back from the server.
+        self.worker_updates = bool(worker_updates)
         self.ops_modules = list(ops_modules)
         self.worker_runtime_env = dict(worker_runtime_env) if worker_runtime_env else None
         for module in self.ops_modules:  # the driver builds graphs with these ops too
@@ -358,6 +365,7 @@ class RayExecutor(Executor):
         plan_id: int,
         resident_values: Mapping[str, Any],
         only: Sequence[int] | None = None,
+        replicas: Mapping[int, Any] | None = None,
     ) -> None:
         prog_ref = ray.put(plan.program)
         calls = []
@@ -368,7 +376,10 @@ class RayExecutor(Executor):
                 for n in plan.resident[w]
             }
             threads = self._plan_threads(plan, w)
-            calls.append(self.workers[w].install.remote(plan_id, prog_ref, tasks, values, threads))
+            replica = replicas.get(w) if replicas else None
+            calls.append(
+                self.workers[w].install.remote(plan_id, prog_ref, tasks, values, threads, replica)
+            )
         self._get(calls, "installing the plan")
 
     def _plan_threads(self, plan: Plan, worker: int) -> int | None:
@@ -656,6 +667,11 @@ class _RaySession(TrainingSession):
         self.replay: Callable[[int], Mapping[str, Any]] | None = None
         self.recoveries: list[str] = []
         self.last_trace: list[TraceEvent] = []
+        #: worker -> {param: gradient node}: workers that apply each update to a local replica.
+        self.replicas: dict[int, dict[str, str]] = {}
+        #: Whether a step may return before the server has applied it (see ``_step_once``).
+        self.pipelined = False
+        self._pending: Any = None  # status ref of the server's latest update, not yet awaited
 
     def _ensure(self, batch: int) -> None:
         if self.plan is not None:
@@ -664,13 +680,35 @@ class _RaySession(TrainingSession):
         self.plan = ex._make_plan(self.prog, training=True, batch_size=batch)
         self.plan_id = next(ex._plan_ids)
         ex._check_fits(self.plan, self._initial.params)
+        if ex.worker_updates:
+            self.replicas, self.pipelined = replica_layout(self.plan)
         self._start_ps(self._initial)
-        ex._install(self.plan, self.plan_id, self._initial.params)
+        ex._install(
+            self.plan, self.plan_id, self._initial.params, replicas=self._replicas(self._initial)
+        )
+
+    def _replicas(self, ckpt: Any, only: Sequence[int] | None = None) -> dict[int, Any]:
+        """Install arguments for the replica workers: (server state or its ref, grad names)."""
+        return {w: (ckpt, g) for w, g in self.replicas.items() if only is None or w in only}
+
+    def _reset_replicas(self) -> None:
+        """Make every replica equal the server again, after whatever the server did last.
+
+        The checkpoint is passed as a ref: the server answers after any update still queued
+        (actor calls run in order), and each worker resets after its queued calls, so a step
+        that was still running when the driver gave up cannot leave a replica ahead."""
+        if not self.replicas or self.ps is None:
+            return
+        state = self.ps.checkpoint.remote()
+        for w in self.replicas:
+            self.ex.workers[w].set_replica.remote(self.plan_id, state)
 
     def _start_ps(self, ckpt: Checkpoint) -> None:
         assert self.plan is not None
         routes = {
-            w: [p for p in self.plan.resident[w] if p in self.prog.params]
+            w: []
+            if w in self.replicas
+            else [p for p in self.plan.resident[w] if p in self.prog.params]
             for w in range(self.ex.num_workers)
         }
         self.ps = _ParamServerActor.options(num_cpus=0, max_restarts=0).remote(
@@ -707,6 +745,12 @@ class _RaySession(TrainingSession):
         assert plan is not None
         t_submit = time.time()
         updates, self._updates = self._updates, {}
+        # Pipelined (every worker updates its own replica, and every task that sends gradients
+        # also answers the driver): once the driver's outputs are in, every part of the step
+        # has succeeded, so the server's update may finish during the next step. It is awaited
+        # then, or before anything reads the server.
+        defer = self.pipelined and not trace
+        pending, self._pending = self._pending, None
         try:
             refs = ex._submit(
                 plan, self.plan_id, step_id, arrays, updates, trace, self.check_finite
@@ -718,16 +762,25 @@ class _RaySession(TrainingSession):
             ]
             out = self.ps.apply.options(num_returns=1 + ex.num_workers).remote(step_id, *grads)
             status_ref, worker_refs = out[0], out[1:]
-            got = ex._finish(plan, self.plan_id, step_id, refs, extra=[status_ref])
+            extra = [pending] if pending is not None else []
+            if not defer:
+                extra.append(status_ref)
+            got = ex._finish(plan, self.plan_id, step_id, refs, extra=extra)
+        except WorkerLostError:
+            if not self._updates:
+                self._updates = updates
+            raise  # the session recovers: replaced workers and replicas are reinstalled
         except BaseException:
             # A worker whose first call never ran did not take its new params: resend them with
             # the next step (taking the same version twice is harmless).
             if not self._updates:
                 self._updates = updates
+            self._reset_replicas()
             raise
-        self._updates = dict(enumerate(worker_refs))
+        self._pending = status_ref if defer else None
+        self._updates = {w: r for w, r in enumerate(worker_refs) if w not in self.replicas}
         if trace:
-            self.last_trace = self._step_trace(step_id, t_submit, got["extra"][0])
+            self.last_trace = self._step_trace(step_id, t_submit, got["extra"][-1])
         return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
 
     def _step_trace(
@@ -762,18 +815,22 @@ class _RaySession(TrainingSession):
         except (RayActorError, GetTimeoutError, RayTaskError):
             return False
 
-    def _recover(self, failed_step: int) -> None:
+    def _recover(self, failed_step: int | None) -> None:
         ex = self.ex
         assert self.plan is not None
         replaced = ex.recover()
         if replaced:
             self.recoveries.append(f"step {failed_step}: replaced workers {replaced}")
+        self._pending = None  # its outcome is read from the server's state below
         if self._ps_alive():
             params = self._ps_call("worker_params")
+            state = self._ps_call("checkpoint") if self.replicas else None
             for w in replaced:
-                ex._install(self.plan, self.plan_id, params[w], only=[w])
+                values = state.params if w in self.replicas else params[w]
+                ex._install(self.plan, self.plan_id, values, [w], self._replicas(state, [w]))
             # Survivors may or may not have taken the last update before the failure: resend it.
-            self._updates = dict(enumerate(params))
+            self._updates = {w: p for w, p in enumerate(params) if w not in self.replicas}
+            self._reset_replicas()
             return
         ckpt = self._latest_checkpoint()
         with contextlib.suppress(Exception):
@@ -784,8 +841,8 @@ class _RaySession(TrainingSession):
         self.recoveries.append(
             f"step {failed_step}: parameter server restarted from version {ckpt.step}, replaying steps {missing}"
         )
-        params = self._ps_call("worker_params")
-        ex._install(self.plan, self.plan_id, {k: v for d in params for k, v in d.items()})
+        state = self._ps_call("checkpoint")
+        ex._install(self.plan, self.plan_id, state.params, replicas=self._replicas(state))
         self._updates = {}
         if missing and self.replay is None:
             raise WorkerLostError(
@@ -805,9 +862,21 @@ class _RaySession(TrainingSession):
                 return ckpt
         return self._initial
 
+    def _drain(self) -> None:
+        """Wait for a deferred update, recovering (and replaying) if the server died."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            self.ex._get([pending], "applying the latest update")
+        except WorkerLostError as e:
+            log.warning("the parameter server was lost after the last step (%s); recovering", e)
+            self._recover(None)
+
     def _ps_call(self, method: str, *args: Any) -> Any:
         if self.ps is None:
             return None
+        self._drain()
         return self.ex._get(
             [getattr(self.ps, method).remote(*args)], f"calling the parameter server's {method}"
         )[0]
@@ -846,10 +915,14 @@ class _RaySession(TrainingSession):
             self._initial = ckpt
             return
         self._ps_call("restore", ckpt)
-        self._updates = dict(enumerate(self._ps_call("worker_params")))
+        params = self._ps_call("worker_params")
+        self._updates = {w: p for w, p in enumerate(params) if w not in self.replicas}
+        self._reset_replicas()
 
     def close(self) -> None:
         if self.ps is not None:
+            with contextlib.suppress(Exception):
+                self._drain()  # surface nothing here: the state is read before closing
             with contextlib.suppress(Exception):
                 ray.kill(self.ps)
             self.ps = None
@@ -868,6 +941,36 @@ def _batch_size(program: Program, arrays: Mapping[str, np.ndarray]) -> int:
         if shape and None in shape and name in arrays:
             return int(arrays[name].shape[list(shape).index(None)])
     return 1
+
+
+def replica_layout(plan: Plan) -> tuple[dict[int, dict[str, str]], bool]:
+    """Which workers can update their own params, and whether steps can be pipelined.
+
+    A worker can when every gradient of the params it keeps is computed on it (its last task
+    of a step then holds them all). Steps can be pipelined when every param-holding worker can,
+    and every task that sends gradients also answers the driver (so the driver's outputs
+    arriving proves the whole step succeeded)."""
+    prog = plan.program
+    home: dict[str, int] = {}
+    for t in plan.tasks:
+        for dest, names in t.outputs:
+            if dest == PARAM_SERVER:
+                home.update(dict.fromkeys(names, t.worker))
+    replicas: dict[int, dict[str, str]] = {}
+    holders = set()
+    for w, names in plan.resident.items():
+        params = [p for p in names if p in prog.params and p in prog.grads]
+        if not params:
+            continue
+        holders.add(w)
+        if all(home.get(prog.grads[p]) == w for p in params):
+            replicas[w] = {p: prog.grads[p] for p in params}
+    answers = all(
+        any(d == DRIVER for d, _ in t.outputs)
+        for t in plan.tasks
+        if any(d == PARAM_SERVER for d, _ in t.outputs)
+    )
+    return replicas, bool(replicas) and holders == set(replicas) and answers
 
 
 def _root_cause(e: BaseException) -> BaseException:

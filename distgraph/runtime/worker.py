@@ -1,7 +1,10 @@
 """The worker: runs its share of each plan's tasks and keeps values until the step ends.
 
 State, per installed plan: the program, the plan's tasks, and the resident values (params and
-constants this worker reads). Per running step: ``env``, every value computed or received in
+constants this worker reads). A training plan may also give a worker a *replica* of the
+parameter store for the params it keeps: when every gradient of those params is computed here,
+the worker applies the same optimizer step as the parameter server at the end of its step, so
+the new params need not travel back from the server (identical inputs, identical arithmetic). Per running step: ``env``, every value computed or received in
 that step, so activations stay here for the backward wave. A step's env is dropped when its
 last task on this worker finishes (or when the driver abandons the step).
 
@@ -18,6 +21,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..checkpoint import Checkpoint
+from ..paramstore import ParameterStore
 from ..plan import Task
 from ..program import Program, run_nodes
 from ..result import TraceEvent
@@ -34,6 +39,8 @@ class Worker:
         self.programs: dict[int, Program] = {}
         self.tasks: dict[int, dict[int, Task]] = {}
         self.resident: dict[int, dict[str, Any]] = {}
+        #: plan id -> (store replica, param -> gradient node) for workers that update locally.
+        self.replicas: dict[int, tuple[ParameterStore, dict[str, str]]] = {}
         self.envs: dict[tuple[int, int], dict[str, Any]] = {}
         self.traces: dict[tuple[int, int], list[TraceEvent]] = {}
         self._current: tuple[int, int] | None = None  # (plan, step) of the running task
@@ -83,20 +90,45 @@ class Worker:
         tasks: list[Task],
         resident: dict[str, Any],
         blas_threads: int | None = None,
+        replica: tuple[Checkpoint, dict[str, str]] | None = None,
     ) -> bool:
         """Load a plan's program, this worker's tasks, its resident values, and how many BLAS
-        threads its calls may use (the driver divides each node's cores among active workers)."""
+        threads its calls may use (the driver divides each node's cores among active workers).
+        ``replica``: (state of this worker's params, param -> gradient node) to update locally."""
         self._plan_threads[plan_id] = blas_threads
         self.programs[plan_id] = program
         self.tasks[plan_id] = {t.id: t for t in tasks}
         self.resident[plan_id] = dict(resident)
+        self.replicas.pop(plan_id, None)
+        if replica is not None:
+            self.set_replica(plan_id, replica[0], replica[1])
         return True
+
+    def set_replica(
+        self, plan_id: int, state: Checkpoint, grad_of: dict[str, str] | None = None
+    ) -> int:
+        """Replace this worker's replica (and resident params) with its params' part of the
+        server's ``state``."""
+        if grad_of is None:
+            grad_of = self.replicas[plan_id][1]
+        mine = Checkpoint(
+            params={p: state.params[p] for p in grad_of},
+            opt_state={p: state.opt_state[p] for p in grad_of},
+            optimizer=state.optimizer,
+            step=state.step,
+            applied_steps=list(state.applied_steps),
+        )
+        store = ParameterStore.from_checkpoint(mine)
+        self.replicas[plan_id] = (store, dict(grad_of))
+        self.resident[plan_id].update(store.params)
+        return store.version
 
     def uninstall(self, plan_id: int) -> None:
         """Forget a plan and any of its unfinished steps."""
         self.programs.pop(plan_id, None)
         self.tasks.pop(plan_id, None)
         self.resident.pop(plan_id, None)
+        self.replicas.pop(plan_id, None)
         for key in [k for k in self.envs if k[0] == plan_id]:
             del self.envs[key]
 
@@ -152,6 +184,9 @@ class Worker:
         finally:
             with self._lock:
                 self._current = None
+        replica = self.replicas.get(plan_id) if task.last_on_worker else None
+        if replica is not None:
+            self._update_replica(plan_id, step, env, replica, events)
         if events is not None:
             events.append(
                 TraceEvent(
@@ -173,6 +208,39 @@ class Worker:
             return None
         return outputs[0] if len(outputs) == 1 else outputs
 
+    def _update_replica(
+        self,
+        plan_id: int,
+        step: int,
+        env: dict[str, Any],
+        replica: tuple[ParameterStore, dict[str, str]],
+        events: list[TraceEvent] | None,
+    ) -> None:
+        """Apply step ``step`` to the local replica, exactly as the parameter server will."""
+        store, grad_of = replica
+        start = time.time()
+        try:
+            applied = store.apply(step, {p: env[g] for p, g in grad_of.items()})
+        except BaseException:
+            self.envs.pop((plan_id, step), None)
+            raise
+        if applied:
+            self.resident[plan_id].update(store.params)
+        if events is not None:
+            events.append(
+                TraceEvent(
+                    f"update step {step}",
+                    "update",
+                    "update",
+                    -1,
+                    self.track,
+                    start,
+                    time.time(),
+                    worker=self.index,
+                    args={"version": store.version, "params": len(grad_of)},
+                )
+            )
+
     def progress(self) -> dict[str, Any] | None:
         """The node running right now (answered from a separate thread while a task runs)."""
         cur, node = self._current, self._node[0]
@@ -193,6 +261,13 @@ class Worker:
     def held_plans(self) -> list[int]:
         """Ids of the installed plans (for leak checks)."""
         return list(self.programs)
+
+    def replica(self, plan_id: int) -> dict[str, Any] | None:
+        """This worker's replica of a training plan: version, applied steps and params."""
+        if plan_id not in self.replicas:
+            return None
+        store = self.replicas[plan_id][0]
+        return {"version": store.version, "applied": list(store.applied), "params": store.params}
 
     def held_steps(self) -> list[tuple[int, int]]:
         """Steps whose values are still held (for leak checks)."""
