@@ -153,15 +153,14 @@ class Trainer:
         self._segments.append((self._steps_done + 1, arrays, batch_size, seed, shuffle, self.epoch))
         if hasattr(session, "replay"):
             session.replay = self.feeds_for_step
+        attached = session.attach(arrays)
         bar = self._bar(epochs)
         try:
             for _ in range(epochs):
                 losses, weights = [], []
                 for idx in batch_indices(n, batch_size, seed, self.epoch, shuffle):
                     step_id = self._steps_done + 1
-                    loss = session.step(
-                        step_id, {k: v[idx] for k, v in arrays.items()}, trace=self.trace
-                    )
+                    loss = session.step_rows(step_id, attached, idx, trace=self.trace)
                     if self.trace:
                         self.last_trace = session.last_trace
                     self._steps_done = step_id

@@ -122,3 +122,59 @@ def test_failed_step_leaves_server_and_replicas_unchanged(ray_ready):
         ref.step(3, good)
         assert trainer.params["w"] == pytest.approx(float(ref.params["w"]), rel=1e-15)
         trainer.close()
+
+
+def regression_problem(n: int = 2048):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((n, 16))  # 256 KiB: large enough to go through the object store
+    y = x @ rng.standard_normal(16) + 0.5
+    g = dg.Graph()
+    xs = g.input("x", shape=(None, 16))
+    ys = g.input("y", shape=(None,))
+    w = g.param("w", np.zeros(16))
+    b = g.param("b", np.array(0.0))
+    g.output("loss", dg.mean((dg.matmul(xs, w) + b - ys) ** 2))
+    return g, {"x": x, "y": y}
+
+
+def test_training_data_is_shipped_once_per_fit(ray_ready, monkeypatch):
+    import distgraph.runtime.ray as dg_ray
+
+    g, data = regression_problem()
+    want = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.05), progress=False)
+    want.fit(data, epochs=3, batch_size=256, seed=1)
+    puts = []
+    real_put = dg_ray.ray.put
+
+    def counting_put(value, *args, **kwargs):
+        if isinstance(value, np.ndarray):
+            puts.append(value.shape)
+        return real_put(value, *args, **kwargs)
+
+    monkeypatch.setattr(dg_ray.ray, "put", counting_put)
+    with dg.RayExecutor(num_workers=2) as ex:
+        trainer = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.05), executor=ex, progress=False)
+        trainer.fit(data, epochs=3, batch_size=256, seed=1)  # 24 steps
+        assert puts == [(2048, 16)]  # x once; y (16 KiB) rides with each step's indices
+        for k, v in want.params.items():
+            np.testing.assert_allclose(trainer.params[k], v, rtol=1e-12, atol=1e-15, err_msg=k)
+        assert trainer.history.step_loss == pytest.approx(want.history.step_loss, rel=1e-12)
+        trainer.close()
+
+
+def test_bad_rows_still_fail_at_their_own_step(ray_ready):
+    g, data = regression_problem(512)
+    data["x"][300, 2] = np.nan  # in the fifth batch of 64 when not shuffled
+    with dg.RayExecutor(num_workers=2) as ex:
+        trainer = dg.Trainer(
+            g,
+            loss="loss",
+            optimizer=dg.SGD(lr=0.05),
+            executor=ex,
+            check_finite=True,
+            progress=False,
+        )
+        with pytest.raises(dg.NonFiniteError, match="feed 'x'"):
+            trainer.fit(data, epochs=1, batch_size=64, shuffle=False)
+        assert trainer.applied_steps == [1, 2, 3, 4]
+        trainer.close()

@@ -46,6 +46,16 @@ class TrainingSession(abc.ABC):
 
     last_trace: list[TraceEvent] = []
 
+    def attach(self, data: Mapping[str, Any]) -> Any:
+        """Keep a training set where the steps run; returns a handle for :meth:`step_rows`.
+
+        The default keeps the arrays here; a distributed session ships them once."""
+        return dict(data)
+
+    def step_rows(self, step_id: int, data: Any, rows: Any, trace: bool = False) -> float:
+        """:meth:`step` on rows ``rows`` (indices along the first axis) of attached ``data``."""
+        return self.step(step_id, {k: v[rows] for k, v in data.items()}, trace)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources held for the session."""
 

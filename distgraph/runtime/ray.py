@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,7 @@ from ..program import Program, prepare_feeds, to_python
 from ..result import Result, TraceEvent
 from .base import Executor, TrainingSession
 from .paramserver import ParameterServer
-from .worker import Worker
+from .worker import Rows, Worker
 
 log = logging.getLogger(__name__)
 
@@ -505,10 +506,15 @@ class RayExecutor(Executor):
         check_finite: bool,
     ) -> dict[int, list[Any]]:
         """Submit every task of a step; returns each task's output refs."""
-        feed_args: dict[str, Any] = {}
+        small: dict[str, Any] = {}
+        big: dict[str, Any] = {}
         for name, arr in feeds.items():
-            feed_args[name] = ray.put(arr) if arr.nbytes > INLINE_BYTES else arr
-        big = {name for name, arr in feeds.items() if arr.nbytes > INLINE_BYTES}
+            if isinstance(arr, _RowsFeed):
+                small[name], big[name] = Rows(arr.index), arr.ref
+            elif arr.nbytes > INLINE_BYTES:
+                big[name] = ray.put(arr)
+            else:
+                small[name] = arr
         refs: dict[int, list[Any]] = {}
         pending_update = dict(param_updates)
         self.last_calls = []
@@ -522,8 +528,8 @@ class RayExecutor(Executor):
                 flags |= 4
             if task.feeds:
                 # Each argument costs Ray a round of bookkeeping: pack the small feeds into one.
-                args.append({n: feed_args[n] for n in task.feeds if n not in big})
-                args.extend(feed_args[n] for n in task.feeds if n in big)
+                args.append({n: small[n] for n in task.feeds if n in small})
+                args.extend(big[n] for n in task.feeds if n in big)
             args.extend(refs[src][slot] for src, slot, _ in task.imports)
             n_out = max(1, len(task.outputs))
             out = (
@@ -725,6 +731,31 @@ class _RaySession(TrainingSession):
         arrays = prepare_feeds(self.prog, feeds, self.check_finite)
         self.ex._check_feeds_fit(arrays)
         self._ensure(_batch_size(self.prog, arrays))
+        return self._run_step(step_id, arrays, trace)
+
+    def attach(self, data: Mapping[str, Any]) -> Any:
+        """Check the training arrays once and put the large ones in the object store, so a
+        step sends only its row indices (the workers take the rows themselves)."""
+        try:
+            arrays = prepare_feeds(self.prog, data, self.check_finite)
+            self.ex._check_feeds_fit(arrays)
+        except DistgraphError:
+            return super().attach(data)  # each step then reports its own problem, as before
+        shipped = {k: ray.put(v) for k, v in arrays.items() if v.nbytes > INLINE_BYTES}
+        return _Attached(arrays, shipped)
+
+    def step_rows(self, step_id: int, data: Any, rows: Any, trace: bool = False) -> float:
+        if not isinstance(data, _Attached):
+            return super().step_rows(step_id, data, rows, trace)
+        index = np.asarray(rows)
+        feeds: dict[str, Any] = {
+            k: _RowsFeed(data.shipped[k], index) if k in data.shipped else v[index]
+            for k, v in data.arrays.items()
+        }
+        self._ensure(len(index))
+        return self._run_step(step_id, feeds, trace)
+
+    def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float:
         for attempt in range(self.ex.max_recoveries + 1):
             try:
                 loss = self._step_once(step_id, arrays, trace)
@@ -831,23 +862,33 @@ class _RaySession(TrainingSession):
             # Survivors may or may not have taken the last update before the failure: resend it.
             self._updates = {w: p for w, p in enumerate(params) if w not in self.replicas}
             self._reset_replicas()
+            # A pipelined step can have finished on its worker and still never reached the
+            # server (its gradients lost with a node): run it again.
+            self._replay(failed_step, self._ps_call("status")["applied"])
             return
         ckpt = self._latest_checkpoint()
         with contextlib.suppress(Exception):
             ray.kill(self.ps)
         self._start_ps(ckpt)
-        applied = set(ckpt.applied_steps)
-        missing = [s for s in self._done if s not in applied and s != failed_step]
         self.recoveries.append(
-            f"step {failed_step}: parameter server restarted from version {ckpt.step}, replaying steps {missing}"
+            f"step {failed_step}: parameter server restarted from version {ckpt.step}"
         )
         state = self._ps_call("checkpoint")
         ex._install(self.plan, self.plan_id, state.params, replicas=self._replicas(state))
         self._updates = {}
-        if missing and self.replay is None:
+        self._replay(failed_step, ckpt.applied_steps)
+
+    def _replay(self, failed_step: int | None, applied: Sequence[int]) -> None:
+        """Run again the finished steps the server has not applied (all but ``failed_step``)."""
+        done = set(applied)
+        missing = [s for s in self._done if s not in done and s != failed_step]
+        if not missing:
+            return
+        self.recoveries.append(f"step {failed_step}: replaying steps {missing}")
+        if self.replay is None:
             raise WorkerLostError(
-                f"the parameter server died and steps {missing} cannot be replayed: no data source "
-                "(train through Trainer.fit, which provides one)"
+                f"steps {missing} were lost with the parameter server's state and cannot be "
+                "replayed: no data source (train through Trainer.fit, which provides one)"
             )
         for s in missing:
             assert self.replay is not None
@@ -933,6 +974,22 @@ class _RaySession(TrainingSession):
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Attached:
+    """A training set checked once: its arrays, and object refs of the large ones."""
+
+    arrays: dict[str, np.ndarray]
+    shipped: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _RowsFeed:
+    """A step's feed as rows of a shipped array."""
+
+    ref: Any
+    index: np.ndarray
 
 
 def _batch_size(program: Program, arrays: Mapping[str, np.ndarray]) -> int:

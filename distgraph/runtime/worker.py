@@ -19,13 +19,23 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..paramstore import ParameterStore
 from ..plan import Task
 from ..program import Program, run_nodes
 from ..result import TraceEvent
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A feed given as rows of a training array the worker receives by reference."""
+
+    index: np.ndarray
 
 
 class Worker:
@@ -154,10 +164,17 @@ class Worker:
         if env is None:
             env = self.envs[key] = dict(self.resident[plan_id])
         if task.feeds:
-            # Small feeds come packed in one dict (one argument); large ones as their own refs.
+            # Small feeds come packed in one dict (one argument); large ones as their own refs,
+            # and rows of an attached training array as its ref plus (in the dict) the rows.
             small = next(args_iter)
             for name in task.feeds:
-                env[name] = small[name] if name in small else next(args_iter)
+                value = small.get(name, small)
+                if value is small:
+                    env[name] = next(args_iter)
+                elif isinstance(value, Rows):
+                    env[name] = np.take(next(args_iter), value.index, axis=0)
+                else:
+                    env[name] = value
         for _src, _slot, names in task.imports:
             received = next(args_iter)
             for name in names:
