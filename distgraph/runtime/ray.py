@@ -511,9 +511,7 @@ class RayExecutor(Executor):
         for name, arr in feeds.items():
             if isinstance(arr, _RowsFeed):
                 small[name], big[name] = Rows(arr.index), arr.ref
-            elif arr.nbytes > INLINE_BYTES:
-                big[name] = ray.put(arr)
-            else:
+            elif arr.nbytes <= INLINE_BYTES:
                 small[name] = arr
         refs: dict[int, list[Any]] = {}
         pending_update = dict(param_updates)
@@ -526,6 +524,11 @@ class RayExecutor(Executor):
             if update is not None:
                 args.append(update)
                 flags |= 4
+            for n in task.feeds:
+                if n not in small and n not in big:
+                    # Put a large feed when its first task goes out, so the first worker can
+                    # start while the driver is still putting the other workers' feeds.
+                    big[n] = ray.put(feeds[n])
             if task.feeds:
                 # Each argument costs Ray a round of bookkeeping: pack the small feeds into one.
                 args.append({n: small[n] for n in task.feeds if n in small})
