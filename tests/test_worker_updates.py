@@ -178,3 +178,20 @@ def test_bad_rows_still_fail_at_their_own_step(ray_ready):
             trainer.fit(data, epochs=1, batch_size=64, shuffle=False)
         assert trainer.applied_steps == [1, 2, 3, 4]
         trainer.close()
+
+
+def test_server_lost_after_the_last_pipelined_step_is_recovered_on_read(ray_ready):
+    data = models.spirals(32, seed=2)
+    want = fit(dg.LocalExecutor(), data, dg.Adam(lr=0.05)).params
+    with dg.RayExecutor(num_workers=2) as ex:
+        trainer = fit(ex, data, dg.Adam(lr=0.05))
+        session = trainer.session
+        assert session.pipelined
+        ray.get(session.ps.status.remote())  # let the last update land, then lose the server
+        session.ps.crash.remote()
+        got = trainer.params  # waits for the deferred update, restarts the server, replays
+        assert any("replaying steps" in r for r in session.recoveries), session.recoveries
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=0, err_msg=k)
+        assert trainer.applied_steps == list(range(1, 13))
+        trainer.close()

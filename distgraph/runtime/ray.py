@@ -681,6 +681,7 @@ class _RaySession(TrainingSession):
         #: Whether a step may return before the server has applied it (see ``_step_once``).
         self.pipelined = False
         self._pending: Any = None  # status ref of the server's latest update, not yet awaited
+        self._recovering = False
 
     def _ensure(self, batch: int) -> None:
         if self.plan is not None:
@@ -850,6 +851,13 @@ class _RaySession(TrainingSession):
             return False
 
     def _recover(self, failed_step: int | None) -> None:
+        self._recovering = True
+        try:
+            self._recover_once(failed_step)
+        finally:
+            self._recovering = False
+
+    def _recover_once(self, failed_step: int | None) -> None:
         ex = self.ex
         assert self.plan is not None
         replaced = ex.recover()
@@ -921,9 +929,16 @@ class _RaySession(TrainingSession):
         if self.ps is None:
             return None
         self._drain()
-        return self.ex._get(
-            [getattr(self.ps, method).remote(*args)], f"calling the parameter server's {method}"
-        )[0]
+        what = f"calling the parameter server's {method}"
+        try:
+            return self.ex._get([getattr(self.ps, method).remote(*args)], what)[0]
+        except WorkerLostError as e:
+            if self._recovering:
+                raise
+            # A read after the server died: restart it (checkpoint + replay), then ask again.
+            log.warning("the parameter server was lost (%s); recovering", e)
+            self._recover(None)
+            return self.ex._get([getattr(self.ps, method).remote(*args)], what)[0]
 
     @property
     def params(self) -> dict[str, Any]:
