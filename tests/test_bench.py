@@ -27,7 +27,13 @@ REQUIRED_FIGURES = {
         "distgraph_mincut_s",
         "distgraph_level_s",
     ],
-    "mlp": ["numpy_s", "ray_ps_s", "distgraph_local_s", "distgraph_ray_s"],
+    "mlp": [
+        "numpy_s",
+        "ray_ps_s",
+        "distgraph_local_s",
+        "distgraph_ray_s",
+        "distgraph_ray_unoptimised_s",
+    ],
     "wide": ["numpy_1thread_s", "distgraph_local_s", "distgraph_ray_s"],
     "latency": ["ray_round_trip_s", "ray_round_trip_pipelined_s", "distgraph_step_s"],
     "scale": [

@@ -745,7 +745,11 @@ class _RaySession(TrainingSession):
             self.ex._check_feeds_fit(arrays)
         except DistgraphError:
             return super().attach(data)  # each step then reports its own problem, as before
-        shipped = {k: ray.put(v) for k, v in arrays.items() if v.nbytes > INLINE_BYTES}
+        large = {k: v for k, v in arrays.items() if v.nbytes > INLINE_BYTES}
+        capacity = self.ex._object_store_capacity()
+        if capacity and sum(v.nbytes for v in large.values()) > capacity / 4:
+            return super().attach(data)  # too big to keep a copy: batches travel per step
+        shipped = {k: ray.put(v) for k, v in large.items()}
         return _Attached(arrays, shipped)
 
     def step_rows(self, step_id: int, data: Any, rows: Any, trace: bool = False) -> float:
