@@ -20,6 +20,18 @@ from .ops import LEAF_OPS, get_op
 from .spec import NodeSpec, make_node
 
 
+def _grad_mask(
+    masks: dict[tuple[str, int], tuple[bool, ...]], op: str, n_inputs: int
+) -> tuple[bool, ...]:
+    """Which of an ``op`` node's ``n_inputs`` inputs take a gradient, looked up once per op and
+    input count in ``masks`` rather than asked of the op for every input of every node."""
+    mask = masks.get((op, n_inputs))
+    if mask is None:
+        spec = get_op(op)
+        mask = masks[op, n_inputs] = tuple(spec.has_vjp(i) for i in range(n_inputs))
+    return mask
+
+
 def grad_name(node: str) -> str:
     """Name of the node holding the total gradient of ``node`` (when shares are summed)."""
     return f"grad:{node}"
@@ -38,7 +50,7 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
     if of not in graph:
         raise GraphError(f"cannot differentiate {of!r}: no such node")
     of = graph[of].name
-    nodes = {n.name: n for n in graph.nodes}
+    nodes = graph._nodes  # name -> record, in topological (insertion) order
     if np.dtype(nodes[of].dtype or "float64").kind != "f":
         raise GraphError(
             f"cannot differentiate {of!r}: its dtype {nodes[of].dtype} is not floating"
@@ -55,31 +67,27 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
                     f"can only take gradients with respect to inputs and params, not {n!r}"
                 )
     targets = set(wrt)
+    backwards = list(reversed(nodes))
 
     # Nodes that lie on a path from a target leaf to `of`.
     ancestors = {of}
-    for name in reversed(list(nodes)):
+    for name in backwards:
         if name in ancestors:
             ancestors.update(nodes[name].inputs)
-    needs: dict[str, bool] = {}
-    flows: dict[str, tuple[bool, ...]] = {}  # op -> which inputs take a gradient (short ops)
+    # Of those, the nodes a gradient flows through: target leaves and ops with a
+    # differentiable input that needs one.
+    needs: set[str] = set()
+    masks: dict[tuple[str, int], tuple[bool, ...]] = {}
     for name, node in nodes.items():
         if name not in ancestors:
             continue
         if node.op in LEAF_OPS:
-            needs[name] = name in targets
+            if name in targets:
+                needs.add(name)
             continue
-        mask = flows.get(node.op)
-        if mask is None:
-            op = get_op(node.op)
-            mask = flows[node.op] = tuple(op.has_vjp(i) for i in range(op.arity or 0))
-        if mask:
-            needs[name] = any(m and needs.get(s, False) for m, s in zip(mask, node.inputs))
-        else:  # variadic
-            op = get_op(node.op)
-            needs[name] = any(
-                op.has_vjp(i) and needs.get(s, False) for i, s in enumerate(node.inputs)
-            )
+        mask = _grad_mask(masks, node.op, len(node.inputs))
+        if any(m and s in needs for m, s in zip(mask, node.inputs)):
+            needs.add(name)
 
     out = graph.copy()
     table = out._nodes
@@ -94,8 +102,8 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
     shares: dict[str, list[str]] = {}
     grad_node: dict[str, str] = {}
     vjp_attrs: dict[tuple[str, int, int], dict] = {}
-    for name in reversed(list(nodes)):
-        if not needs.get(name):
+    for name in backwards:
+        if name not in needs:
             continue
         node = nodes[name]
         mine = shares.get(name)
@@ -110,18 +118,22 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
         grad_node[name] = g
         if node.op in LEAF_OPS:
             continue
-        op = get_op(node.op)
-        head = [g, name] if op.uses_out else [g]
-        for i, src in enumerate(node.inputs):
-            if not (op.has_vjp(i) and needs.get(src)):
+        inputs = node.inputs
+        head = [g, name] if get_op(node.op).uses_out else [g]
+        for i, (flows, src) in enumerate(zip(_grad_mask(masks, node.op, len(inputs)), inputs)):
+            if not (flows and src in needs):
                 continue
             # Equal vjp attrs share one dict (node records are never modified in place).
             key = (node.op, i, id(node.attrs))
             attrs = vjp_attrs.get(key)
             if attrs is None:
                 attrs = vjp_attrs[key] = {"op": node.op, "argnum": i, "attrs": node.attrs}
-            share = add(f"vjp:{name}:{i}", "vjp", head + node.inputs, attrs, nodes[src], name)
-            shares.setdefault(src, []).append(share)
+            share = add(f"vjp:{name}:{i}", "vjp", head + inputs, attrs, nodes[src], name)
+            mine = shares.get(src)
+            if mine is None:
+                shares[src] = [share]
+            else:
+                mine.append(share)
 
     grads: dict[str, str] = {}
     for leaf in wrt:

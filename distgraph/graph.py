@@ -17,7 +17,7 @@ import numpy as np
 from . import schedule
 from ._util import gc_paused
 from .errors import DTypeError, GraphError, ShapeError, SpecError
-from .ops import LEAF_OPS, get_op, run_op
+from .ops import LEAF_OPS, Op, get_op, run_op
 from .spec import (
     ALLOWED_DTYPES,
     MAX_SPEC_BYTES,
@@ -184,6 +184,7 @@ class Graph:
         self._scalar_consts: dict[tuple[str, str], str] = {}
         self.version = 0  # bumped on every change, so compiled programs know they are stale
         self._structure: tuple[int, Any] | None = None
+        self._groups: tuple[int, list[list[str]]] | None = None
 
     # Leaves ----------------------------------------------------------------------------------
     def input(
@@ -245,16 +246,25 @@ class Graph:
     # Building --------------------------------------------------------------------------------
     def apply(self, op: str, *operands: Any, name: str | None = None, **attrs: Any) -> Node:
         """Add a node applying registered ``op`` to ``operands`` (nodes or constants)."""
-        get_op(op)
-        names = [
-            self._resolve(x._name) if type(x) is Node and x.graph is self else self._operand(x).name
-            for x in operands
-        ]
-        specs = [self._nodes[n] for n in names]
-        shapes = [sp.shape for sp in specs]
-        dtypes = [sp.dtype for sp in specs]
+        spec = get_op(op)
+        nodes, alias = self._nodes, self._alias
+        names: list[str] = []
+        shapes: list[Any] = []
+        dtypes: list[str | None] = []
+        # One pass per operand (this runs once per node built, so its overhead adds up).
+        for x in operands:
+            if type(x) is Node and x.graph is self:
+                n = self._resolve(x._name) if alias else x._name
+            else:
+                n = self._operand(x).name
+            record = nodes[n]
+            names.append(n)
+            shapes.append(record.shape)
+            dtypes.append(record.dtype)
         label = name or _Label(op, names)  # unnamed: say what it was built from (on error only)
-        shape, dtype = infer(op, shapes, dtypes, attrs, self._weak_values(names), label)
+        shape, dtype = _infer_checked(
+            op, spec, shapes, dtypes, attrs, self._weak_values(names), label
+        )
         return self._add(name, op, names, attrs, shape, dtype, user_named=name is not None)
 
     def _operand(self, x: Any) -> Node:
@@ -288,19 +298,19 @@ class Graph:
         phase: str = "forward",
         origin: str | None = None,
     ) -> Node:
+        nodes = self._nodes
         if name is None:
             name = f"{op}_{next(self._counter)}"
-            while name in self._nodes:
+            while name in nodes:
                 name = f"{op}_{next(self._counter)}"
             self._auto.add(name)
-        elif user_named:
-            _check_name(name)
-        if name in self._nodes:
-            raise GraphError(f"a node named {name!r} already exists")
+        else:
+            if user_named:
+                _check_name(name)
+            if name in nodes:
+                raise GraphError(f"a node named {name!r} already exists")
         self.version += 1
-        self._nodes[name] = make_node(
-            name, op, inputs, attrs, None if shape is None else list(shape), dtype, phase, origin
-        )
+        nodes[name] = make_node(name, op, inputs, attrs, shape, dtype, phase, origin)
         return Node(self, name)
 
     def _resolve(self, name: str) -> str:
@@ -417,18 +427,22 @@ class Graph:
     @gc_paused
     def levels(self, phase: str | None = None) -> list[list[str]]:
         """Node names grouped by topological level (``phase`` filters forward/backward)."""
-        names, _edges, level_of = self.structure()
         if phase is None:
-            keep = np.arange(len(names))
-        else:
-            keep = np.flatnonzero([n.phase == phase for n in self._nodes.values()])
-        lv = level_of[keep]
-        by_level = keep[np.argsort(lv, kind="stable")]
-        sorted_levels = level_of[by_level]
-        bounds = np.searchsorted(sorted_levels, np.arange(int(level_of.max(initial=-1)) + 2))
-        named = [names[i] for i in by_level.tolist()]
-        groups = [named[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-        return [g for g in groups if g]
+            return [list(group) for group in self._level_groups()]
+        names, _edges, level_of = self.structure()
+        keep = np.flatnonzero([n.phase == phase for n in self._nodes.values()])
+        return schedule.group_by_level(names, level_of, keep)
+
+    def _level_groups(self) -> list[list[str]]:
+        """Every node grouped by level, cached per version like :meth:`structure` (compiling
+        the graph needs the same groups): callers must copy before handing them out."""
+        cached = self._groups
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        names, _edges, level_of = self.structure()
+        groups = schedule.group_by_level(names, level_of)
+        self._groups = (self.version, groups)
+        return groups
 
     def structure(
         self,
@@ -607,7 +621,20 @@ def infer(
     node: str | _Label,
 ) -> tuple[Shape | None, str | None]:
     """Output shape and dtype of ``op`` on inputs of these shapes/dtypes; raises on mismatch."""
-    shape, dtype = _infer(op, shapes, dtypes, attrs, weak, node)
+    return _infer_checked(op, get_op(op), shapes, dtypes, attrs, weak, node)
+
+
+def _infer_checked(
+    op: str,
+    spec: Op,
+    shapes: Sequence[Sequence[int | None] | None],
+    dtypes: Sequence[str | None],
+    attrs: dict,
+    weak: Sequence[Any],
+    node: str | _Label,
+) -> tuple[Shape | None, str | None]:
+    """:func:`infer` for an op already looked up (``spec`` is ``get_op(op)``)."""
+    shape, dtype = _infer(op, spec, shapes, dtypes, attrs, weak, node)
     if dtype is not None and dtype not in ALLOWED_DTYPES:
         # e.g. a cast to object or str: such values could not be checked, fed or serialized.
         raise DTypeError(
@@ -619,23 +646,29 @@ def infer(
 
 def _infer(
     op: str,
+    spec: Op,
     shapes: Sequence[Sequence[int | None] | None],
     dtypes: Sequence[str | None],
     attrs: dict,
     weak: Sequence[Any],
     node: str | _Label,
 ) -> tuple[Shape | None, str | None]:
-    spec = get_op(op)
     if spec.arity is not None and len(shapes) != spec.arity:
         raise GraphError(f"node {node!r} (op {op}): takes {spec.arity} inputs, got {len(shapes)}")
     if spec.arity is None and not shapes:
         raise GraphError(f"node {node!r} (op {op}): needs at least one input")
     if None in shapes:
         return None, _infer_dtype(op, dtypes, attrs, weak, node)
-    shapes = [tuple(s) for s in shapes]  # type: ignore[misc]
     if spec.elementwise:
-        shape = _broadcast(shapes, op, node)
+        first = shapes[0]
+        # The common case, tested in C: every input has the same shape (usually one shared
+        # list, see ``spec.make_node``), so there is nothing to broadcast.
+        if shapes.count(first) == len(shapes):
+            shape = tuple(first)  # type: ignore[arg-type]
+        else:
+            shape = _broadcast([tuple(s) for s in shapes], op, node)  # type: ignore[arg-type]
         return shape, _infer_dtype(op, dtypes, attrs, weak, node)
+    shapes = [tuple(s) for s in shapes]  # type: ignore[arg-type]
     if op == "matmul":
         return _matmul_shape(shapes[0], shapes[1], node), _infer_dtype(
             op, dtypes, attrs, weak, node

@@ -9,7 +9,9 @@ from tasks listed before it, so submitting the whole list at once cannot deadloc
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -181,19 +183,21 @@ def seconds_array(program: Program, cost: CostModel) -> np.ndarray:
     # The stock model, on arrays: overhead + factor * flops-per-element * largest operand size,
     # except matmuls (2*M*N*K), which are few and asked one by one.
     numel = _numel_array(program, cost)
-    # The op whose cost rule applies (a VJP's forward op).
-    names = [
-        a.get("op") if op == "vjp" else op for op, a in zip(ops, node_column(program, "attrs"))
-    ]
+    vjp = np.fromiter(map("vjp".__eq__, ops), bool, len(ops))
+    # The op whose cost rule applies (a VJP's forward op); only VJPs are visited one by one.
+    names = list(ops)
+    attrs = node_column(program, "attrs")
+    for i in np.flatnonzero(vjp).tolist():
+        names[i] = attrs[i].get("op")
     rates = {k: OPS[k].flops_per_element if k in OPS else 1.0 for k in set(names)}
     per = np.fromiter(map(rates.__getitem__, names), np.float64, len(names))
-    vjp = np.fromiter(map("vjp".__eq__, ops), bool, len(ops))
     factor = np.where(vjp, 2.0, 1.0) * per
     src, dst = edge_arrays(program)
     size = numel.astype(np.float64)
     np.maximum.at(size, dst, numel[src].astype(np.float64))
     flops = factor * size
-    for i in [i for i, name in enumerate(names) if name == "matmul"]:
+    matmuls = np.fromiter(map(operator.eq, names, itertools.repeat("matmul")), bool, len(names))
+    for i in np.flatnonzero(matmuls).tolist():
         s = nodes[program.order[i]]
         flops[i] = cost.flops(s, [nodes[n] for n in s.inputs])
     arr = cost.node_overhead + flops / cost.flops_per_second

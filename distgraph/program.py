@@ -112,23 +112,21 @@ def compile_program(
     leaves: dict[str, list[str]] = {"input": [], "param": [], "const": []}
     specs = list(kept.values())
     ops = list(map(_OP, specs))
-    for n, op in zip(order, ops):
-        if op in leaves:
-            leaves[op].append(n)
-    level_of = (
-        full_levels if order is names else schedule.level_array(len(order), edges[0], edges[1])
-    )
+    is_leaf = np.fromiter(map(LEAF_OPS.__contains__, ops), bool, len(ops))
+    for i in np.flatnonzero(is_leaf).tolist():  # the few leaves, not every node
+        leaves[ops[i]].append(order[i])
+    if order is names:  # unpruned: the graph's own (cached) levels
+        level_of = full_levels
+        levels = [list(group) for group in full._level_groups()]
+    else:
+        level_of = schedule.level_array(len(order), edges[0], edges[1])
+        levels = schedule.group_by_level(order, level_of)
     level = dict(zip(order, level_of.tolist()))
-    named = np.array(order, dtype=object)
-    by_level = np.argsort(level_of, kind="stable")
-    bounds = np.searchsorted(level_of[by_level], np.arange(int(level_of.max(initial=-1)) + 2))
-    grouped = named[by_level].tolist()
-    levels = [grouped[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
     program = Program(
         nodes=kept,
         order=order,
         level=level,
-        levels=[lv for lv in levels if lv],
+        levels=levels,
         outputs=outputs,
         grads=grads,
         grad_of=full.grad_of,
@@ -145,10 +143,15 @@ def compile_program(
     program.memo["level_array"] = level_of
     program.memo["specs"] = specs
     program.memo[("column", "op")] = ops
+    program.memo["leaf_mask"] = is_leaf
     return program
 
 
 _OP = operator.attrgetter("op")
+
+
+#: NodeSpec fields that partitioning and planning read for every node: fetched together.
+_READ_TOGETHER = ("phase", "origin", "attrs", "shape", "dtype")
 
 
 def node_column(program: Program, attr: str) -> list[Any]:
@@ -159,6 +162,14 @@ def node_column(program: Program, attr: str) -> list[Any]:
         specs = program.memo.get("specs")
         if specs is None:
             specs = program.memo["specs"] = list(map(program.nodes.__getitem__, program.order))
+        wanted = [a for a in _READ_TOGETHER if ("column", a) not in program.memo]
+        if attr in wanted and len(wanted) > 1 and specs:
+            # On a large program, reaching each record costs far more than reading a field of
+            # it, so one pass reads every field of the group (its users need them all).
+            columns = zip(*map(operator.attrgetter(*wanted), specs))
+            for name, values in zip(wanted, columns):
+                program.memo["column", name] = list(values)
+            return program.memo[key]
         col = program.memo[key] = list(map(operator.attrgetter(attr), specs))
     return col
 

@@ -109,9 +109,29 @@ def level_array(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         # Positions of every out-edge of the frontier, concatenated.
         offsets = np.cumsum(lens) - lens
         idx = np.arange(total) - np.repeat(offsets - starts, lens)
-        targets = out[idx]
-        np.subtract.at(waiting, targets, 1)
-        touched = np.unique(targets)
+        # Each target's count in one sort (cheaper than ``subtract.at`` plus ``unique``).
+        targets = np.sort(out[idx])
+        first = np.empty(total, dtype=bool)
+        first[0] = True
+        np.not_equal(targets[1:], targets[:-1], out=first[1:])
+        at = np.flatnonzero(first)
+        touched = targets[at]
+        waiting[touched] -= np.diff(np.append(at, total))
         frontier = touched[waiting[touched] == 0]
         wave += 1
     return level
+
+
+def group_by_level(
+    names: Sequence[str], level_of: np.ndarray, keep: np.ndarray | None = None
+) -> list[list[str]]:
+    """``names`` (or those at positions ``keep``) grouped by level, in order within a level;
+    levels left empty by ``keep`` are dropped."""
+    if keep is None:
+        by_level = np.argsort(level_of, kind="stable")
+    else:
+        by_level = keep[np.argsort(level_of[keep], kind="stable")]
+    bounds = np.searchsorted(level_of[by_level], np.arange(int(level_of.max(initial=-1)) + 2))
+    named = list(map(names.__getitem__, by_level.tolist()))
+    groups = [named[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    return [g for g in groups if g]

@@ -12,6 +12,7 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -99,12 +100,27 @@ class NodeSpec(BaseModel):
 
 
 _NODE_FIELDS = frozenset(NodeSpec.model_fields)
-_set = object.__setattr__
 # Shared by every node made here, so a 100,000-node graph does not hold 100,000 copies of each
 # for the cyclic GC to rescan: node records are treated as immutable (model_copy copies these).
 _FIELDS_SET = set(_NODE_FIELDS)
 _NO_ATTRS: dict[str, Any] = {}
 _SHAPES: dict[tuple, list[int | None]] = {}
+# The slot setters of BaseModel, called directly: what ``object.__setattr__`` ends up doing,
+# without looking the attribute up on every call (which dominated making a node).
+_new_node = NodeSpec.__new__
+_set_dict = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+
+
+def intern_shape(shape: Sequence[int | None]) -> list[int | None]:
+    """The one shared list equal to ``shape`` (any sequence): equal shapes share one list."""
+    key = tuple(shape)
+    hit = _SHAPES.get(key)
+    if hit is None:
+        hit = _SHAPES[key] = list(key)
+    return hit
 
 
 def make_node(
@@ -112,7 +128,7 @@ def make_node(
     op: str,
     inputs: list[str],
     attrs: dict[str, Any],
-    shape: list[int | None] | None,
+    shape: Sequence[int | None] | None,
     dtype: str | None,
     phase: str = "forward",
     origin: str | None = None,
@@ -120,32 +136,28 @@ def make_node(
     """Build a NodeSpec from trusted values without validation.
 
     What ``NodeSpec.model_construct`` does, minus its per-field default and alias handling,
-    which dominated building 100,000-node graphs. Equal shapes share one list, and empty attrs
-    one dict: node records are never modified in place. Specs read from files still go through
-    full validation (``GraphSpec.from_json``); a test keeps this equal to ``model_construct``.
+    which dominated building 100,000-node graphs. ``shape`` is any sequence (or None); equal
+    shapes share one list, and empty attrs one dict: node records are never modified in place.
+    Specs read from files still go through full validation (``GraphSpec.from_json``); a test
+    keeps this equal to ``model_construct``.
     """
-    node = NodeSpec.__new__(NodeSpec)
-    if shape is not None:
-        shape = _SHAPES.setdefault(tuple(shape), shape)
-    if not attrs:
-        attrs = _NO_ATTRS
-    _set(
+    node = _new_node(NodeSpec)
+    _set_dict(
         node,
-        "__dict__",
         {
             "name": name,
             "op": op,
             "inputs": inputs,
-            "attrs": attrs,
-            "shape": shape,
+            "attrs": attrs or _NO_ATTRS,
+            "shape": None if shape is None else intern_shape(shape),
             "dtype": dtype,
             "phase": phase,
             "origin": origin,
         },
     )
-    _set(node, "__pydantic_fields_set__", _FIELDS_SET)
-    _set(node, "__pydantic_extra__", None)
-    _set(node, "__pydantic_private__", None)
+    _set_fields_set(node, _FIELDS_SET)
+    _set_extra(node, None)
+    _set_private(node, None)
     return node
 
 

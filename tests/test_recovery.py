@@ -85,7 +85,10 @@ def test_parameter_server_crash_between_checkpoints(ex, reference):
             tr.session.ps.crash.remote()
 
     tr = train_with(ex, crash)
-    assert any("replaying steps [11, 12, 13]" in r for r in tr.session.recoveries), (
+    # Pipelined, step 14 may return before its update fails on the dead server (its loss
+    # arrived first); then the loss is noticed at step 15 and step 14 is replayed too.
+    lost = [[11, 12, 13], [11, 12, 13, 14]] if tr.session.pipelined else [[11, 12, 13]]
+    assert any(f"replaying steps {s}" in r for r in tr.session.recoveries for s in lost), (
         tr.session.recoveries
     )
     assert_params_equal(tr.params, reference)
