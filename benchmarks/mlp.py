@@ -4,6 +4,10 @@ Peers: the step written by hand in numpy, PyTorch on the CPU (when importable), 
 hand-written Ray parameter server with two data-parallel workers in the pattern of Ray's docs
 (a PS actor holds the weights; each worker holds half the batch, computes its gradients from the
 latest weights; the PS averages them and applies the update).
+
+distgraph is timed twice on Ray: as configured by default (the batch attached once, the worker
+updating its own copy of the params) and with both turned off (``_unoptimised``), so the report
+shows what each costs.
 """
 
 from __future__ import annotations
