@@ -141,6 +141,75 @@ class RayParameterServer:
             ray.kill(actor)
 
 
+def _ray_floor_classes() -> tuple[Any, Any]:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class GradientSink:
+        """A parameter server reduced to receiving the gradients and applying SGD."""
+
+        def __init__(self, params: list, lr: float) -> None:
+            self.params = [p.copy() for p in params]
+            self.lr = np.float32(lr)
+
+        def apply(self, grads: list) -> int:
+            for p, g in zip(self.params, grads, strict=True):
+                p -= self.lr * g
+            return 1
+
+    @ray.remote(num_cpus=1)
+    class Stepper:
+        """Data and weights resident; computes the step, updates its weights, returns grads."""
+
+        def __init__(self, params: list, x: np.ndarray, y: np.ndarray, threads: int) -> None:
+            from threadpoolctl import threadpool_limits
+
+            self.params, self.x, self.y = [p.copy() for p in params], x.copy(), y.copy()
+            self._limits = threadpool_limits(threads)  # kept: the limit lasts while it lives
+
+        @ray.method(num_returns=2)
+        def step(self) -> tuple[float, list]:
+            loss, grads = loss_and_grads(self.params, self.x, self.y)
+            for p, g in zip(self.params, grads, strict=True):
+                p -= np.float32(LR) * g
+            return loss, grads
+
+    return GradientSink, Stepper
+
+
+class RayFloor:
+    """The least a Ray step with a parameter server can cost: one actor with the data and the
+    weights resident computes the step with every core, updates its own weights, and hands the
+    gradients to a server actor, whose update overlaps the next step (what distgraph does, with
+    nothing else: no graph, no plan, no checks, no recovery)."""
+
+    def __init__(self, params: list, x: np.ndarray, y: np.ndarray) -> None:
+        import os
+
+        sink_cls, stepper_cls = _ray_floor_classes()
+        self.sink = sink_cls.remote(params, LR)
+        self.stepper = stepper_cls.remote(params, x, y, os.cpu_count() or 1)
+        self.pending: Any = None
+
+    def step(self) -> float:
+        """One step: waits for its loss and for the previous step's update."""
+        import ray
+
+        loss, grads = self.stepper.step.remote()
+        applied = self.sink.apply.remote(grads)
+        if self.pending is not None:
+            ray.get(self.pending)
+        self.pending = applied
+        return float(ray.get(loss))
+
+    def close(self) -> None:
+        """Kill the actors."""
+        import ray
+
+        for actor in (self.sink, self.stepper):
+            ray.kill(actor)
+
+
 def _torch_step_fn(params: list, x: np.ndarray, y: np.ndarray) -> Any:
     import torch
 
@@ -199,6 +268,12 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
         log(progress, NAME, "pytorch cpu")
         rec.figure("torch_s", measure(_torch_step_fn(params, x, y), repeats, 3))
 
+    # distgraph's local step right after numpy's: no Ray process is running yet.
+    log(progress, NAME, "distgraph local")
+    g = build_distgraph(sizes, params, batch)
+    feeds = {"x": x, "y": y}
+    _time_local(rec, g, feeds, params, repeats)
+
     log(progress, NAME, "ray parameter server, 2 data-parallel workers")
     ps = RayParameterServer(params, x, y, n=2)
     try:
@@ -207,38 +282,45 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
         ps.close()
     rec.note("Ray PS peer: data resident in the workers (as in Ray's docs), one BLAS thread each.")
 
-    log(progress, NAME, "distgraph")
-    _time_distgraph(rec, sizes, params, x, y, batch, repeats)
+    log(progress, NAME, "ray floor: one actor steps, a server actor takes the gradients")
+    floor = RayFloor(params, x, y)
+    try:
+        rec.figure("ray_floor_s", measure(floor.step, repeats, 3))
+    finally:
+        floor.close()
+    rec.note(
+        "ray_floor: the least a Ray step with a parameter server costs here (resident data and "
+        "weights, every core for BLAS, gradients to a server actor overlapping the next step)."
+    )
+
+    log(progress, NAME, "distgraph ray")
+    _time_ray(rec, g, feeds, repeats)
 
     local_s, ray_s = rec.figures.get("distgraph_local_s"), rec.figures.get("distgraph_ray_s")
     if "torch_s" in rec.figures:
         rec.ratio("torch_vs_numpy", rec.figures["torch_s"], numpy_s)
     rec.ratio("ray_ps_vs_numpy", ray_ps_s, numpy_s)
+    rec.ratio("ray_floor_vs_numpy", rec.figures["ray_floor_s"], numpy_s)
+    rec.ratio("ray_vs_ray_floor", ray_s, rec.figures["ray_floor_s"])
     rec.target("local_vs_numpy", rec.ratio("local_vs_numpy", local_s, numpy_s))
     rec.target("ray_vs_ray_ps", rec.ratio("ray_vs_ray_ps", ray_s, ray_ps_s))
     rec.target("ray_vs_numpy", rec.ratio("ray_vs_numpy", ray_s, numpy_s))
 
 
-def _time_distgraph(
-    rec: Record,
-    sizes: list[int],
-    params: list,
-    x: np.ndarray,
-    y: np.ndarray,
-    batch: int,
-    repeats: int,
-) -> None:
+def _time_local(rec: Record, g: Any, feeds: dict, params: list, repeats: int) -> None:
     import distgraph as dg
 
-    g = build_distgraph(sizes, params, batch)
-    feeds = {"x": x, "y": y}
-    want, _ = loss_and_grads(params, x, y)
+    want, _ = loss_and_grads(params, feeds["x"], feeds["y"])
     local = dg.LocalExecutor()
     got = local.run(g, feeds=feeds, grad="loss").values["loss"]
     if not np.isclose(got, want, rtol=1e-4):
         raise AssertionError(f"distgraph loss {got} != numpy loss {want}")
-    step = training_step(dg, g, local, feeds)
-    rec.figure("distgraph_local_s", measure(step, repeats, 3))
+    rec.figure("distgraph_local_s", measure(training_step(dg, g, local, feeds), repeats, 3))
+
+
+def _time_ray(rec: Record, g: Any, feeds: dict, repeats: int) -> None:
+    import distgraph as dg
+
     with dg.RayExecutor(num_workers=2) as ex:
         step = training_step(dg, g, ex, feeds)
         rec.figure("distgraph_ray_s", measure(step, repeats, 3))

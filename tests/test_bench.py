@@ -30,6 +30,7 @@ REQUIRED_FIGURES = {
     "mlp": [
         "numpy_s",
         "ray_ps_s",
+        "ray_floor_s",
         "distgraph_local_s",
         "distgraph_ray_s",
         "distgraph_ray_unoptimised_s",
