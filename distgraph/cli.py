@@ -1,4 +1,10 @@
-"""The ``distgraph`` command: demo, train, run, explain, viz, bench."""
+"""The ``distgraph`` command: demo, train, run, explain, viz, bench.
+
+Exit codes: 0 success; 1 a check failed (``train --check-local`` mismatch, a failed benchmark)
+or an internal error (one ``distgraph: internal error: ...`` line, the traceback under ``-v``);
+2 bad input or settings (one ``distgraph: error: ...`` line, never a traceback); 130
+interrupted. ``--json`` output is strict JSON: non-finite floats are written as ``null``.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,17 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import sys
-from collections.abc import Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import models
-from .errors import DistgraphError
+from .errors import ConfigError, DistgraphError
 from .graph import Graph
 from .optim import SGD, Adam, Momentum, Optimizer
 from .runtime.base import Executor
@@ -25,29 +33,120 @@ log = logging.getLogger("distgraph")
 
 
 def _jsonable(value: Any) -> Any:
+    """Plain JSON data; NaN and infinities become ``None`` (strict JSON has no literal for them)."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            return _jsonable(value.tolist())
         return value.tolist()
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
+
+
+def _print_json(value: Any, indent: int | None = None) -> None:
+    # allow_nan=False: fail loudly here rather than print NaN that strict parsers reject.
+    print(json.dumps(_jsonable(value), indent=indent, allow_nan=False))
+
+
+# --- argument checks ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as a ``ConfigError`` (one line, exit 2) instead of usage text."""
+
+    def error(self, message: str) -> Any:  # argparse's hook; never returns
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _checked_output(path: str | None, what: str) -> None:
+    """Refuse an output path in a missing folder before any work starts."""
+    if path is not None:
+        from .viz._paths import output_path
+
+        output_path(path, what)
+
+
+def _resolve_backend(args: argparse.Namespace) -> None:
+    """``--address`` implies ``--backend ray``; Ray-only options with ``--backend local`` are refused."""
+    if not hasattr(args, "backend"):
+        return
+    if args.backend is None:
+        args.backend = "ray" if args.address is not None else "local"
+    if args.backend == "local":
+        given = [
+            flag
+            for flag, value in (
+                ("--address", args.address),
+                ("--connect-timeout", args.connect_timeout),
+                ("--oversubscribe", args.oversubscribe or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} applies to Ray only, but --backend local was given; "
+                "drop --backend local (--address implies --backend ray) or drop " + ", ".join(given)
+            )
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--backend", choices=["local", "ray"], default="local", help="executor (default: local)"
+        "--backend",
+        choices=["local", "ray"],
+        default=None,
+        help="executor (default: local, or ray when --address is given)",
     )
-    p.add_argument("--workers", type=int, default=2, help="Ray worker actors (default: 2)")
+    p.add_argument(
+        "--workers", type=_int_at_least(1), default=2, help="Ray worker actors (default: 2)"
+    )
     p.add_argument(
         "--strategy", default="mincut", help="partition strategy: mincut, level, round_robin"
     )
     p.add_argument(
         "--address",
         default=None,
-        help="join a Ray cluster ('auto', 'host:6379'); default: embedded Ray",
+        help="join a Ray cluster ('auto', 'host:6379'); implies --backend ray; default: embedded Ray",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="give up joining the cluster at --address after this long (default: 30)",
+    )
+    p.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="let an embedded Ray start more workers than this machine has CPUs",
     )
     p.add_argument(
         "--placement",
@@ -64,14 +163,16 @@ def _executor(args: argparse.Namespace) -> Iterator[Executor]:
     else:
         from .runtime.ray import RayExecutor
 
-        address = args.address
-        if address is not None and args.backend != "ray":
-            raise DistgraphError("--address needs --backend ray")
+        options: dict[str, Any] = {}
+        if args.connect_timeout is not None:
+            options["connect_timeout"] = args.connect_timeout
         ex = RayExecutor(
             num_workers=args.workers,
             strategy=args.strategy,
-            address=address,
+            address=args.address,
             placement=args.placement,
+            oversubscribe=args.oversubscribe,
+            **options,
         )
     try:
         yield ex
@@ -95,6 +196,8 @@ def _load_graph(source: str) -> tuple[Graph, dict[str, Any], str | None]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _checked_output(args.report, "report")
+    _checked_output(args.trace, "trace")
     g, feeds = models.seed_graph()
     with _executor(args) as ex:
         res = ex.run(g, feeds, grad="z", trace=True)
@@ -103,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out: dict[str, Any] = {"values": res.values, "grads": res.grads, "levels": res.levels}
         if args.backend == "ray":
             out["placement"] = res.placement
-        print(json.dumps(_jsonable(out)))
+        _print_json(out)
     else:
         print("z = x * w + b with x = 2, w = 3, b = 1")
         print(
@@ -211,10 +314,12 @@ def _train_task(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _checked_output(args.report, "report")
+    _checked_output(args.trace, "trace")
     if args.optimizer is None:
         args.optimizer = "sgd" if args.task == "linear" else "adam"
     g, data, opt, batch = _train_task(args.task, args)
-    batch = args.batch_size or batch
+    batch = args.batch_size if args.batch_size is not None else batch
     epochs = args.epochs if args.epochs is not None else (200 if args.task == "linear" else 60)
     quiet = args.quiet or args.json
     with _executor(args) as ex:
@@ -264,7 +369,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out["matches_local"] = diff <= 1e-9
         status = 0 if out["matches_local"] else 1
     if args.json:
-        print(json.dumps(_jsonable(out)))
+        _print_json(out)
     else:
         print(
             f"trained {args.task} on {args.backend} for {epochs} epochs: loss {history.loss[0]:.6g} -> {history.loss[-1]:.6g}"
@@ -310,7 +415,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out: dict[str, Any] = {"values": res.values, "grads": res.grads}
         if args.backend == "ray":
             out["placement"] = res.placement
-        print(json.dumps(_jsonable(out)))
+        _print_json(out)
     else:
         for k, v in res.values.items():
             print(f"{k} = {v}")
@@ -326,7 +431,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .program import compile_program
 
     g, _, grad = _load_graph(args.graph)
-    grad = args.grad or grad or (g.outputs[-1] if g.outputs else None)
+    if args.grad is not None:
+        grad = args.grad
+    elif grad is None:
+        grad = g.outputs[-1] if g.outputs else None
     prog = compile_program(g, grad=grad)
     cost = CostModel(batch_size=args.batch_size)
     placement = partition(prog, args.workers, args.strategy, cost)
@@ -341,7 +449,9 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from .partition import partition
     from .program import compile_program
     from .viz import render_svg, to_dot
+    from .viz._paths import output_path
 
+    target = output_path(args.output, "picture")
     g, _, grad = _load_graph(args.graph)
     if args.backward and grad and g.grad_of is None:
         g = differentiate(g, grad)
@@ -357,7 +467,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
         if args.output.endswith(".dot")
         else render_svg(g.spec, placement=placement, batch_size=args.batch_size, title=args.graph)
     )
-    Path(args.output).write_text(text)
+    target.write_text(text)
     print(f"wrote {args.output}")
     return 0
 
@@ -371,22 +481,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(root))
     import benchmarks
 
+    unknown = [n for n in args.names if n not in benchmarks.NAMES]
+    if unknown:
+        raise ConfigError(
+            f"no benchmark named {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(benchmarks.NAMES)} (or none for all)"
+        )
     results = benchmarks.run(
         args.names or None, quick=args.quick, progress=not args.json and sys.stderr.isatty()
     )
-    # JSON carries the machine description BENCHMARKS.md quotes; NaN becomes null.
-    print(benchmarks.to_json(results) if args.json else benchmarks.format_table(results))
+    if args.json:
+        # JSON carries the machine description BENCHMARKS.md quotes. to_json writes NaN as null;
+        # the round trip also turns any infinity into null, so the output is strict JSON.
+        _print_json(json.loads(benchmarks.to_json(results)), indent=2)
+    else:
+        print(benchmarks.format_table(results))
     return 1 if any(r.get("error") for r in results) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="distgraph",
         description="Computational graphs with autodiff, run level by level on Ray actors.",
     )
     p.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log progress (-vv for debug)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log progress (-vv for debug); show the traceback of an internal error",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -404,11 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("task", choices=["linear", "mlp"])
     _add_backend(t)
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument(
+        "--epochs", type=_int_at_least(1), default=None, help="(default: linear 200, mlp 60)"
+    )
+    t.add_argument(
+        "--batch-size", type=_int_at_least(1), default=None, help="(default: linear 16, mlp 32)"
+    )
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_int_at_least(0), default=0)
     t.add_argument(
         "--check-local",
         action="store_true",
@@ -423,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a serialized graph (JSON) on feeds (npz)")
     r.add_argument("graph", help="GRAPH.json or a built-in: seed, linear, mlp")
     r.add_argument("--feeds", help="an .npz file with one array per input")
-    r.add_argument("--outputs", nargs="*", help="outputs to compute (default: the graph's)")
+    r.add_argument("--outputs", nargs="+", help="outputs to compute (default: the graph's)")
     r.add_argument("--grad", help="output to differentiate")
     r.add_argument("--check-finite", action="store_true")
     r.add_argument("--json", action="store_true")
@@ -432,18 +560,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("explain", help="show how a graph would be partitioned and run")
     e.add_argument("graph", help="GRAPH.json or a built-in: seed, linear, mlp")
-    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--workers", type=_int_at_least(1), default=2)
     e.add_argument("--strategy", default="mincut")
     e.add_argument("--grad", help="output to differentiate (default: the last output)")
-    e.add_argument("--batch-size", type=int, default=1, help="size assumed for batch dimensions")
+    e.add_argument(
+        "--batch-size", type=_int_at_least(1), default=1, help="size assumed for batch dimensions"
+    )
     e.set_defaults(func=cmd_explain)
 
     v = sub.add_parser("viz", help="draw a graph with its placement as SVG (or DOT with -o x.dot)")
     v.add_argument("graph", help="GRAPH.json or a built-in: seed, linear, mlp")
     v.add_argument("-o", "--output", default="graph.svg")
-    v.add_argument("--workers", type=int, default=2)
+    v.add_argument("--workers", type=_int_at_least(1), default=2)
     v.add_argument("--strategy", default="mincut")
-    v.add_argument("--batch-size", type=int, default=1)
+    v.add_argument("--batch-size", type=_int_at_least(1), default=1)
     v.add_argument("--backward", action="store_true", help="include the backward nodes")
     v.set_defaults(func=cmd_viz)
 
@@ -455,25 +585,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _fail(text: str) -> None:
+    print(f"distgraph: {_one_line(text)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``distgraph`` console script."""
-    args = build_parser().parse_args(argv)
-    level = (
-        logging.WARNING
-        if args.verbose == 0
-        else logging.INFO
-        if args.verbose == 1
-        else logging.DEBUG
-    )
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    """Entry point of the ``distgraph`` console script; returns the exit code.
+
+    0 success; 1 a failed check or an internal error; 2 bad input or settings; 130 interrupted.
+    Every failure prints exactly one ``distgraph: ...`` line on stderr (plus the traceback of
+    an internal error under ``-v``).
+    """
+    verbose = 0
     try:
+        args = build_parser().parse_args(argv)
+        verbose = args.verbose
+        level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        _resolve_backend(args)
         return int(args.func(args) or 0)
     except DistgraphError as e:
-        print(f"distgraph: error: {e}", file=sys.stderr)
+        if verbose >= 2:
+            traceback.print_exc()
+        _fail(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("distgraph: interrupted", file=sys.stderr)
+        _fail("interrupted")
         return 130
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: treat as a bug below
+            return _internal_error(e, verbose)
+        # The system refused a file or folder the user named (permissions, a folder given
+        # where a file is expected): bad input, not a bug.
+        _fail(f"error: {e.strerror or e}: {e.filename}")
+        return 2
+    except Exception as e:
+        return _internal_error(e, verbose)
+
+
+def _internal_error(e: Exception, verbose: int) -> int:
+    if verbose:
+        traceback.print_exc()
+    hint = "" if verbose else " (run 'distgraph -v ...' to see the traceback)"
+    _fail(f"internal error: {type(e).__name__}: {e}{hint}")
+    return 1
 
 
 if __name__ == "__main__":

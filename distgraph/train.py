@@ -138,10 +138,13 @@ class Trainer:
         callback: Callable[[int, float], None] | None = None,
     ) -> History:
         """Train ``epochs`` more epochs on ``data`` (name -> array, equal first dimensions)."""
-        if not isinstance(epochs, int) or epochs < 0:
+        if not _is_int(epochs) or epochs < 0:
             raise ConfigError(f"epochs must be an int >= 0, got {epochs!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_int(batch_size) or batch_size < 1:
             raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not _is_int(seed) or seed < 0:  # numpy's generators take only non-negative ints
+            raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
+        epochs, batch_size, seed = int(epochs), int(batch_size), int(seed)
         arrays = {k: np.asarray(v) for k, v in data.items()}
         sizes = {k: (len(v) if v.ndim else None) for k, v in arrays.items()}
         if not arrays or len(set(sizes.values())) != 1 or None in sizes.values():
@@ -149,6 +152,8 @@ class Trainer:
                 f"training data must be arrays with equal first dimensions, got lengths {sizes}"
             )
         n = next(iter(sizes.values()))
+        if n == 0:
+            raise FeedError(f"training data has no rows (lengths {sizes}); give at least one")
         session = self.session
         self._segments.append((self._steps_done + 1, arrays, batch_size, seed, shuffle, self.epoch))
         if hasattr(session, "replay"):
@@ -247,6 +252,11 @@ class Trainer:
             self._store = ParameterStore.from_checkpoint(self._session.checkpoint())
             self._session.close()
             self._session = None
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int to Python, but epochs=True is a mistake, not a count.
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

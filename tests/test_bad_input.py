@@ -9,7 +9,15 @@ what a run that never saw the bad batch gives.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -580,3 +588,209 @@ def test_ray_runtime_is_usable_after_every_kind_of_bad_input(ray_ex):
     ray_ex.strategy = "mincut"
     assert ray.get([w.held_steps.remote() for w in ray_ex.workers]) == [[], []]
     _assert_still_works(ray_ex)
+
+
+# --- CLI and argument errors ---------------------------------------------------------------------
+# (issue 12, items 5 and 8; the CLI's own table of bad invocations is in test_cli.py)
+
+
+def _seed_trainer() -> tuple[dg.Trainer, dict[str, np.ndarray]]:
+    g = log_regression()
+    return dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), progress=False), log_batch()
+
+
+@pytest.mark.parametrize("seed", [1.5, "abc", -1, True, None])
+def test_fit_refuses_a_seed_that_is_not_a_non_negative_int(seed):
+    trainer, data = _seed_trainer()
+    before = trainer.params
+    with pytest.raises(dg.ConfigError, match="seed must be an int >= 0"):
+        trainer.fit(data, epochs=1, batch_size=2, seed=seed)
+    assert trainer.step == 0
+    assert_params_equal(trainer.params, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"epochs": True}, "epochs"), ({"batch_size": 2.0}, "batch_size"), ({"epochs": -1}, "epochs")],
+)
+def test_fit_refuses_bad_counts(kwargs, field):
+    trainer, data = _seed_trainer()
+    with pytest.raises(dg.ConfigError, match=f"^{field} must be an int"):
+        trainer.fit(data, **{"epochs": 1, "batch_size": 2, **kwargs})
+    assert trainer.step == 0
+
+
+def test_fit_accepts_numpy_integers():
+    trainer, data = _seed_trainer()
+    trainer.fit(data, epochs=np.int64(1), batch_size=np.int32(2), seed=np.uint8(3))
+    assert trainer.step == 2  # 4 rows in batches of 2
+
+
+def test_fit_refuses_empty_data_by_name():
+    trainer, data = _seed_trainer()
+    empty = {k: v[:0] for k, v in data.items()}
+    assert all(len(v) == 0 for v in empty.values()) and empty  # precondition: named, no rows
+    with pytest.raises(dg.FeedError, match="no rows"):
+        trainer.fit(empty, epochs=1, batch_size=2)
+    assert trainer.step == 0 and len(trainer.history) == 0
+
+
+def test_html_report_refuses_a_missing_folder(tmp_path):
+    from distgraph.viz import write_report
+
+    g, feeds, out = seed_graph()
+    res = dg.LocalExecutor().run(g, feeds, grad=out, trace=True)
+    kwargs = dict(placement={}, trace=res.trace, values=res.values, grads=res.grads)
+    with pytest.raises(dg.ConfigError) as info:
+        write_report(tmp_path / "missing" / "r.html", g.spec, **kwargs)
+    assert str(tmp_path / "missing") in str(info.value) and "does not exist" in str(info.value)
+    assert not (tmp_path / "missing").exists()
+    # Not even at the filesystem root (the probe found a folder made there).
+    root_dir = f"/distgraph-no-such-folder-{uuid.uuid4().hex}"
+    try:
+        with pytest.raises(dg.ConfigError, match=re.escape(root_dir)):
+            write_report(f"{root_dir}/r.html", g.spec, **kwargs)
+        assert not os.path.exists(root_dir)
+    finally:
+        shutil.rmtree(root_dir, ignore_errors=True)
+    with pytest.raises(dg.ConfigError, match="it is a folder"):
+        write_report(tmp_path, g.spec, **kwargs)
+    assert write_report(tmp_path / "r.html", g.spec, **kwargs).is_file()  # an existing folder
+
+
+class _NoRay:
+    """Stands in for ``ray.init`` and records its arguments, so nothing starts."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, **kwargs: Any) -> None:
+        self.calls.append(kwargs)
+        raise RuntimeError("stop before starting Ray")
+
+
+@pytest.fixture
+def no_embedded_ray(monkeypatch):
+    """As if no Ray ran in this process (the suite shares one), with ``ray.init`` disarmed."""
+    fake = _NoRay()
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return fake
+
+
+def test_embedded_ray_refuses_more_workers_than_cpus(no_embedded_ray):
+    from distgraph.runtime.ray import _machine_cpus
+
+    cpus = _machine_cpus()
+    for workers in (cpus + 1, 1000):
+        with pytest.raises(dg.ClusterError) as info:
+            dg.RayExecutor(num_workers=workers)
+        msg = str(info.value)
+        assert f"{workers} workers" in msg and f"has {cpus}" in msg
+        assert "num_workers" in msg and "oversubscribe=True" in msg
+    # Fractional CPUs per worker still count one process per worker.
+    with pytest.raises(dg.ClusterError):
+        dg.RayExecutor(num_workers=cpus + 1, resources_per_worker={"CPU": 0.5})
+    assert no_embedded_ray.calls == []  # refused before Ray was asked to start anything
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "num_cpus"),
+    [
+        ({"oversubscribe": True}, None),  # None: the number of workers, checked below
+        ({"ray_init_kwargs": {"num_cpus": 64}}, 64),
+    ],
+    ids=["oversubscribe", "explicit-num-cpus"],
+)
+def test_embedded_ray_starts_more_workers_when_asked(no_embedded_ray, kwargs, num_cpus):
+    from distgraph.runtime.ray import _machine_cpus
+
+    workers = _machine_cpus() + 1
+    with pytest.raises(RuntimeError, match="stop before starting Ray"):
+        dg.RayExecutor(num_workers=workers, **kwargs)
+    (call,) = no_embedded_ray.calls
+    assert call["address"] == "local" and call["num_cpus"] == (num_cpus or workers)
+
+
+def test_embedded_ray_within_the_cpu_count_is_not_refused(no_embedded_ray):
+    from distgraph.runtime.ray import _machine_cpus
+
+    with pytest.raises(RuntimeError, match="stop before starting Ray"):
+        dg.RayExecutor(num_workers=_machine_cpus())
+    assert no_embedded_ray.calls[0]["num_cpus"] == _machine_cpus()
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), "10", True])
+def test_connect_timeout_must_be_positive_seconds(no_embedded_ray, timeout):
+    with pytest.raises(dg.ConfigError, match="connect_timeout"):
+        dg.RayExecutor(num_workers=1, address="127.0.0.1:1", connect_timeout=timeout)
+
+
+@pytest.fixture
+def silent_port():
+    """A local port that accepts connections and never sends a byte (127.0.0.1 only)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+# Deadline correctness, not speed: the error must come at the timeout, not minutes later. The
+# slack covers starting Python and importing Ray in the child process on a busy machine.
+CONNECT_SLACK = 20.0
+
+
+def test_connect_timeout_bounds_the_whole_connection(silent_port):
+    address, timeout = f"127.0.0.1:{silent_port}", 3
+    probe = (
+        "import sys, time, distgraph as dg\n"
+        "t = time.monotonic()\n"
+        "try:\n"
+        f"    dg.RayExecutor(num_workers=1, address={address!r}, connect_timeout={timeout})\n"
+        "except dg.ClusterError as e:\n"
+        "    print(f'{time.monotonic() - t:.2f}'); print(e); sys.exit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    elapsed, message = done.stdout.split("\n", 1)
+    assert timeout * 0.9 <= float(elapsed) <= timeout + CONNECT_SLACK, elapsed
+    assert address in message and f"connect_timeout={timeout} s" in message, message
+
+
+def test_cli_connect_timeout_names_the_address_and_the_real_timeout(silent_port):
+    address = f"127.0.0.1:{silent_port}"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "distgraph.cli", "demo", "--address", address]
+        + ["--connect-timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distgraph: error:"), done.stderr
+    assert address in lines[0] and "connect_timeout=2 s" in lines[0], lines[0]
+    assert elapsed <= 2 + CONNECT_SLACK, elapsed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from raysupport import ensure_ray
 
 import distgraph as dg
-from distgraph import models
+from distgraph import cli, models
 from distgraph.cli import main
 
 CONSOLE = str(Path(sys.executable).with_name("distgraph"))
@@ -185,3 +186,169 @@ def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
 def test_console_script_help(command):
     done = subprocess.run([CONSOLE, command, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "usage: distgraph" in done.stdout
+
+
+# --- exit codes and one-line errors (issue 12, items 5-8) ---------------------------------------
+
+
+def _one_error_line(err: str, prefix: str = "distgraph: error:") -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0]
+
+
+BAD_INVOCATIONS = {
+    "batch-size-negative": (["train", "linear", "--batch-size", "-5"], ["--batch-size", "-5"]),
+    "batch-size-zero": (["train", "linear", "--batch-size", "0"], ["--batch-size", ">= 1"]),
+    "epochs-zero": (["train", "linear", "--epochs", "0"], ["--epochs", ">= 1"]),
+    "epochs-not-int": (["train", "linear", "--epochs", "x"], ["--epochs", "'x'"]),
+    "seed-negative": (["train", "linear", "--seed", "-1"], ["--seed", ">= 0"]),
+    "lr-nan": (["train", "linear", "--lr", "nan", "--epochs", "1"], ["lr", "nan"]),
+    "unknown-task": (["train", "nosuch"], ["nosuch"]),
+    "unknown-command": (["nosuchcmd"], ["nosuchcmd"]),
+    "no-command": ([], ["command"]),
+    "explain-batch-size": (["explain", "seed", "--batch-size", "-3"], ["--batch-size"]),
+    "explain-workers": (["explain", "seed", "--workers", "0"], ["--workers"]),
+    "viz-batch-size": (["viz", "seed", "--batch-size", "0"], ["--batch-size"]),
+    "run-empty-outputs": (["run", "seed", "--outputs"], ["--outputs"]),
+    "run-unknown-output": (["run", "seed", "--outputs", "nosuch"], ["nosuch"]),
+    "bench-unknown": (["bench", "nosuch"], ["nosuch", "fine"]),
+    "local-with-address": (
+        ["demo", "--backend", "local", "--address", "127.0.0.1:1"],
+        ["--address", "--backend local"],
+    ),
+    "local-with-oversubscribe": (
+        ["demo", "--backend", "local", "--oversubscribe"],
+        ["--oversubscribe"],
+    ),
+    "connect-timeout-zero": (["demo", "--connect-timeout", "0"], ["--connect-timeout"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INVOCATIONS))
+def test_bad_invocations_exit_2_with_one_line(capsys, case):
+    argv, needles = BAD_INVOCATIONS[case]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, (code, err)
+    line = _one_error_line(err)
+    for needle in needles:
+        assert needle in line, line
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["viz", "seed", "-o", "{missing}/g.svg"], "picture"),
+        (["demo", "--report", "{missing}/r.html"], "report"),
+        (["demo", "--trace", "{missing}/t.json"], "trace"),
+        (["train", "linear", "--epochs", "1", "--report", "{missing}/r.html"], "report"),
+    ],
+    ids=["viz-o", "demo-report", "demo-trace", "train-report"],
+)
+def test_outputs_into_a_missing_folder_are_refused_before_any_work(tmp_path, capsys, argv, what):
+    missing = tmp_path / "no" / "such"
+    code, out, err = run_cli(capsys, *[a.format(missing=missing) for a in argv])
+    assert code == 2
+    line = _one_error_line(err)
+    assert what in line and str(missing) in line and "does not exist" in line
+    assert not (tmp_path / "no").exists(), "no folder may be created"
+    assert "trained" not in out  # refused before training
+
+
+def test_json_output_is_strict_json_when_training_diverges(capsys):
+    code, out, _ = run_cli(capsys, "train", "linear", "--lr", "1e6", "--epochs", "3", "--json")
+    assert code == 0
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name} in the output")
+
+    got = json.loads(out, parse_constant=refuse)
+    assert got["loss"][-1] is None  # precondition: the run did diverge, and says so as null
+    assert all(isinstance(v, (float, type(None))) for v in got["loss"])
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "prefix"),
+    [
+        (RuntimeError("boom\nsecond line"), 1, "distgraph: internal error: RuntimeError: boom"),
+        (KeyboardInterrupt(), 130, "distgraph: interrupted"),
+        (dg.ExecutionError("node 'a' failed\nwith detail"), 2, "distgraph: error: node 'a'"),
+    ],
+    ids=["internal", "interrupt", "library-error"],
+)
+def test_failures_print_one_line_and_the_exit_code(monkeypatch, capsys, exc, code, prefix):
+    def fail(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_demo", fail)
+    got, _, err = run_cli(capsys, "demo")
+    assert got == code
+    line = _one_error_line(err, prefix)
+    if code == 1:
+        assert "second line" in line and "-v" in line  # the whole message, and how to see more
+        assert "Traceback" not in err
+
+
+def test_internal_error_traceback_only_with_verbose(monkeypatch, capsys):
+    def fail(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "cmd_demo", fail)
+    code, _, err = run_cli(capsys, "-v", "demo")
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "in fail" in err
+    assert err.splitlines()[-1] == "distgraph: internal error: RuntimeError: boom"
+
+
+def test_bad_input_through_the_real_entry_point_prints_one_line():
+    """``python -m distgraph.cli``, as a user runs it: exit 2, one line, no traceback."""
+    for argv in (["train", "linear", "--epochs", "0"], ["bench", "nosuch"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "distgraph.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        _one_error_line(done.stderr)
+        assert done.stdout == ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_address_implies_the_ray_backend():
+    """``--address`` without ``--backend`` goes to Ray (here: a closed port, so it must fail)."""
+    port = _free_port()  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "distgraph.cli", "demo", "--address", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    line = _one_error_line(done.stderr)
+    assert "could not connect to Ray" in line and f"127.0.0.1:{port}" in line
+    assert "z = x * w + b" not in done.stdout  # it did not quietly run locally
+
+
+def test_embedded_runtime_refuses_more_workers_than_cpus():
+    """A fresh process (no Ray yet): refused at once, before any Ray process starts."""
+    from distgraph.runtime.ray import _machine_cpus
+
+    workers = _machine_cpus() + 1
+    done = subprocess.run(
+        [sys.executable, "-m", "distgraph.cli", "demo", "--backend", "ray"]
+        + ["--workers", str(workers)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    line = _one_error_line(done.stderr)
+    assert f"{workers} workers" in line and "--oversubscribe" in line

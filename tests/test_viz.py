@@ -340,6 +340,7 @@ def test_replay_follows_the_clock_when_backward_levels_count_down():
 
 def test_report_embeds_data_and_needs_no_network(tmp_path):
     g, res = seed_run()
+    (tmp_path / "sub").mkdir()  # write_report refuses a missing folder (issue 12)
     path = write_report(
         tmp_path / "sub" / "seed.html",
         g.spec,

@@ -83,6 +83,11 @@ class RayExecutor(Executor):
     ``"round_robin"``, a callable or a ``{node: worker}`` dict. ``placement="spread"`` asks Ray
     to put workers on distinct nodes, ``"pack"`` on as few as possible. ``worker_updates=False``
     makes every worker take its new params from the parameter server after each step.
+
+    Joining a cluster gives up after ``connect_timeout`` seconds in all (reachability probe,
+    token check and ``ray.init`` together) with a ``ClusterError``. An embedded Ray refuses more
+    workers (or worker CPUs) than this machine has CPUs, since each worker is a process of its
+    own; ``oversubscribe=True`` (or an explicit ``ray_init_kwargs["num_cpus"]``) allows it.
     """
 
     def __init__(
@@ -104,10 +109,21 @@ class RayExecutor(Executor):
         ops_modules: Sequence[str] = (),
         worker_runtime_env: Mapping[str, Any] | None = None,
         ray_init_kwargs: Mapping[str, Any] | None = None,
+        oversubscribe: bool = False,
     ):
         super().__init__()
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
+        if not (
+            isinstance(connect_timeout, (int, float))
+            and not isinstance(connect_timeout, bool)
+            and 0 < connect_timeout < float("inf")
+        ):
+            raise ConfigError(
+                f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}"
+            )
+        #: Let an embedded Ray start more workers than the machine has CPUs.
+        self.oversubscribe = bool(oversubscribe)
         if placement not in ("spread", "pack"):
             raise ConfigError(f"placement must be 'spread' or 'pack', got {placement!r}")
         if not (isinstance(deadline, (int, float)) and deadline > 0):
@@ -162,31 +178,61 @@ class RayExecutor(Executor):
         init_kwargs.setdefault("log_to_driver", True)
         init_kwargs.setdefault("configure_logging", False)
         if self.address is None:
+            cpus = _machine_cpus()
             need = int(np.ceil(self.resources.get("CPU", 1) * self.num_workers))
-            init_kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, need))
+            if (
+                max(self.num_workers, need) > cpus
+                and not self.oversubscribe
+                and "num_cpus" not in init_kwargs
+            ):
+                # Each worker is a process: past the CPU count they only add memory and
+                # contention (1000 workers meant ~90 processes and 6 GB before Ray gave up).
+                raise ClusterError(
+                    f"{self.num_workers} workers need {max(self.num_workers, need)} CPUs but this "
+                    f"machine has {cpus}; an embedded Ray runs each worker as a process of its "
+                    f"own, so lower num_workers to at most {cpus}, join a cluster with "
+                    "address=..., or pass oversubscribe=True (CLI: --oversubscribe)"
+                )
+            init_kwargs.setdefault("num_cpus", max(cpus, need))
             # "local" starts a new runtime even when another cluster runs on this machine.
             ray.init(address="local", **init_kwargs)
             self._owns_ray = True
             return
+        # One deadline for the whole connection: the probe, the token check and ray.init.
+        deadline = time.monotonic() + timeout
         _check_reachable(self.address, timeout)
-        _check_token(self.address)
         done: dict[str, Any] = {}
+        abandoned = threading.Event()
 
         def connect() -> None:
             try:
+                _check_token(self.address, max(deadline - time.monotonic(), 0.1))
+                if abandoned.is_set():
+                    return
                 ray.init(address=self.address, **init_kwargs)
+                if abandoned.is_set():  # the caller has given up: do not stay connected
+                    ray.shutdown()
+                    return
                 done["ok"] = True
             except BaseException as e:  # reported to the caller below
                 done["error"] = e
 
+        # Ray's own connection retries have no overall bound, so wait in another thread.
         t = threading.Thread(target=connect, daemon=True, name="distgraph-connect")
         t.start()
-        t.join(timeout)
+        t.join(max(deadline - time.monotonic(), 0.0))
         if "ok" in done:
             return
+        abandoned.set()
         err = done.get("error")
+        if isinstance(err, ClusterError):
+            raise err
         hint = ""
-        text = f"{type(err).__name__}: {err}" if err else f"no answer within {timeout:.0f} s"
+        text = (
+            f"{type(err).__name__}: {err}"
+            if err
+            else f"no answer within connect_timeout={timeout:g} s"
+        )
         if (
             err is None
             or isinstance(err, ConnectionError)
@@ -1063,8 +1109,18 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
+#: The HTTP/2 client preface and an empty SETTINGS frame: what a gRPC client sends first.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def _check_reachable(address: str, timeout: float) -> None:
-    """Fail in seconds, not minutes, when nothing listens at ``address``."""
+    """Fail within ``timeout`` when nothing at ``address`` answers like Ray's GCS would.
+
+    The GCS is a gRPC server: it sends its HTTP/2 settings as soon as a connection opens. A
+    port that accepts and then stays silent would hold Ray's own client for minutes, so
+    silence is refused here. Any answer at all (a TLS alert included) passes: ray.init then
+    reports in its own words.
+    """
     if address in ("auto", "local") or address.startswith("ray://"):
         return
     host, _, port = address.rpartition(":")
@@ -1072,16 +1128,34 @@ def _check_reachable(address: str, timeout: float) -> None:
         raise ClusterError(
             f"could not connect to Ray at {address!r}: expected 'host:port', 'auto' or 'ray://host:port'"
         )
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((host, int(port)), timeout=min(timeout, 5.0)):
-            pass
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except TimeoutError:
+        raise ClusterError(
+            f"could not connect to Ray at {address!r}: the connection did not open within "
+            f"connect_timeout={timeout:g} s (is the head node running and reachable?)"
+        ) from None
     except OSError as e:
         raise ClusterError(
             f"could not connect to Ray at {address!r}: {e} (is the head node running and reachable?)"
         ) from None
+    with sock:
+        try:
+            sock.sendall(_H2_PREFACE)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.recv(1)  # b"" (the peer closed) counts as an answer too
+        except TimeoutError:
+            raise ClusterError(
+                f"could not connect to Ray at {address!r}: no answer within "
+                f"connect_timeout={timeout:g} s (something accepts connections there but never "
+                "answers like a Ray head node; is this the GCS port, 6379 by default?)"
+            ) from None
+        except OSError:  # reset by the peer, say: an answer of sorts; ray.init will explain
+            pass
 
 
-def _check_token(address: str) -> None:
+def _check_token(address: str, timeout: float = 5.0) -> None:
     """Ask the GCS once before ray.init, whose own retries would hide a refused token."""
     if address in ("auto", "local") or address.startswith("ray://"):
         return
@@ -1090,7 +1164,9 @@ def _check_token(address: str) -> None:
     except ImportError:
         return
     try:
-        GcsClient(address=address).internal_kv_get(b"distgraph-probe", None, timeout=5)
+        GcsClient(address=address).internal_kv_get(
+            b"distgraph-probe", None, timeout=min(timeout, 5.0)
+        )
     except ray.exceptions.AuthenticationError as e:
         raise ClusterError(
             f"could not connect to Ray at {address!r}: the cluster refused the authentication "
@@ -1099,6 +1175,14 @@ def _check_token(address: str) -> None:
         ) from None
     except Exception:  # anything else: let ray.init report it in its own words
         return
+
+
+def _machine_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _fmt_resources(res: Mapping[str, float]) -> str:

@@ -22,6 +22,7 @@ from ..result import TraceEvent
 from ..spec import GraphSpec, decode_constant
 from ..trace import event_track, jsonable, ordered_tracks
 from ._model import format_shape, node_kind, node_levels, node_style
+from ._paths import output_path
 from .svg import render_svg
 
 _HERE = Path(__file__).resolve().parent
@@ -549,9 +550,11 @@ def write_report(
     title: str = "distgraph run",
     batch_size: int = 1,
 ) -> Path:
-    """Write the self-contained HTML report of a run and return its path."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Write the self-contained HTML report of a run and return its path.
+
+    The folder must exist: a missing one raises ``ConfigError`` naming it (nothing is created).
+    """
+    target = output_path(path, "report")
     page = render_report(
         spec,
         placement=placement,
