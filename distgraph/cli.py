@@ -96,26 +96,30 @@ def _checked_output(path: str | None, what: str) -> None:
 
 
 def _resolve_backend(args: argparse.Namespace) -> None:
-    """``--address`` implies ``--backend ray``; Ray-only options with ``--backend local`` are refused."""
+    """``--address`` implies ``--backend ray``; Ray-only options on the local backend are refused."""
     if not hasattr(args, "backend"):
         return
-    if args.backend is None:
+    chosen = args.backend
+    if chosen is None:
         args.backend = "ray" if args.address is not None else "local"
-    if args.backend == "local":
-        given = [
-            flag
-            for flag, value in (
-                ("--address", args.address),
-                ("--connect-timeout", args.connect_timeout),
-                ("--oversubscribe", args.oversubscribe or None),
-            )
-            if value is not None
-        ]
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)} applies to Ray only, but --backend local was given; "
-                "drop --backend local (--address implies --backend ray) or drop " + ", ".join(given)
-            )
+    if args.backend != "local":
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--address", args.address),
+            ("--connect-timeout", args.connect_timeout),
+            ("--oversubscribe", args.oversubscribe or None),
+        )
+        if value is not None
+    ]
+    if given:
+        flags = ", ".join(given)
+        why = "--backend local was given" if chosen == "local" else "the backend is local"
+        raise ConfigError(
+            f"{flags} applies to Ray only, but {why}; use --backend ray "
+            f"(--address alone implies it) or drop {flags}"
+        )
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:

@@ -223,6 +223,10 @@ BAD_INVOCATIONS = {
         ["--oversubscribe"],
     ),
     "connect-timeout-zero": (["demo", "--connect-timeout", "0"], ["--connect-timeout"]),
+    "connect-timeout-without-ray": (
+        ["demo", "--connect-timeout", "3"],
+        ["--connect-timeout", "backend is local"],
+    ),
 }
 
 
