@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -356,3 +357,28 @@ def test_embedded_runtime_refuses_more_workers_than_cpus():
     assert done.returncode == 2, (done.stdout, done.stderr)
     line = _one_error_line(done.stderr)
     assert f"{workers} workers" in line and "--oversubscribe" in line
+
+
+def test_ctrl_c_exits_130_with_one_line():
+    """SIGINT in the middle of training: exit 130 and ``distgraph: interrupted``, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distgraph.cli", "-v", "train", "linear"]
+        + ["--epochs", "1000000", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # -v logs each epoch: wait until training is under way
+            if "epoch 1:" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, rest[-2000:]
+    assert "Traceback" not in rest
+    assert rest.splitlines()[-1] == "distgraph: interrupted"
