@@ -203,6 +203,7 @@ class RayExecutor(Executor):
         _check_reachable(self.address, timeout)
         done: dict[str, Any] = {}
         abandoned = threading.Event()
+        decided = threading.Lock()  # connected-in-time and given-up are mutually exclusive
 
         def connect() -> None:
             try:
@@ -210,10 +211,11 @@ class RayExecutor(Executor):
                 if abandoned.is_set():
                     return
                 ray.init(address=self.address, **init_kwargs)
-                if abandoned.is_set():  # the caller has given up: do not stay connected
-                    ray.shutdown()
-                    return
-                done["ok"] = True
+                with decided:
+                    if abandoned.is_set():  # the caller has given up: do not stay connected
+                        ray.shutdown()
+                        return
+                    done["ok"] = True
             except BaseException as e:  # reported to the caller below
                 done["error"] = e
 
@@ -221,9 +223,10 @@ class RayExecutor(Executor):
         t = threading.Thread(target=connect, daemon=True, name="distgraph-connect")
         t.start()
         t.join(max(deadline - time.monotonic(), 0.0))
-        if "ok" in done:
-            return
-        abandoned.set()
+        with decided:
+            if "ok" in done:
+                return
+            abandoned.set()
         err = done.get("error")
         if isinstance(err, ClusterError):
             raise err
