@@ -11,7 +11,7 @@ from ..checkpoint import Checkpoint
 from ..graph import Graph
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
-from ..program import Program, compile_program
+from ..program import Program, compile_program, feed_signature
 from ..result import Result, TraceEvent
 
 
@@ -61,7 +61,7 @@ class TrainingSession(abc.ABC):
 
 
 class Executor(abc.ABC):
-    """Base class; compiled programs are cached per (graph version, request)."""
+    """Base class; compiled programs are cached per (graph version, request, feed signature)."""
 
     _cache_size = 16
 
@@ -98,20 +98,27 @@ class Executor(abc.ABC):
         outputs: Sequence[str] | str | None = None,
         grad: str | None = None,
         wrt: Sequence[str] | None = None,
+        feeds: Mapping[str, Any] | None = None,
     ) -> Program:
-        """The compiled program for a request (cached while the graph is unchanged)."""
+        """The compiled program for a request (cached while the graph is unchanged).
+
+        With ``feeds``, inputs declared without a dtype or shape are compiled for the dtype and
+        rank they are fed (one cached program per such signature); without, they stay open and
+        each new signature is checked when fed."""
+        fed = feed_signature(graph, feeds)
         key = (
             id(graph),
             graph.version,
             None if outputs is None else tuple([outputs] if isinstance(outputs, str) else outputs),
             grad,
             None if wrt is None else tuple(wrt),
+            fed,
         )
         hit = self._programs.get(key)
         if hit is not None and hit[0] is graph:
             self._programs.move_to_end(key)
             return hit[1]
-        prog = compile_program(graph, outputs, grad, wrt)
+        prog = compile_program(graph, outputs, grad, wrt, fed)
         self._programs[key] = (graph, prog)
         while len(self._programs) > self._cache_size:
             self._programs.popitem(last=False)

@@ -46,7 +46,7 @@ class LocalExecutor(Executor):
         trace: bool = False,
     ) -> Result:
         """Compute ``outputs`` and, with ``grad``, the gradients of that output."""
-        prog = self.program(graph, outputs, grad)
+        prog = self.program(graph, outputs, grad, feeds=feeds)
         env: dict[str, Any] = dict(prepare_feeds(prog, feeds or {}, check_finite))
         env.update({p: graph._params[p] for p in prog.params})
         env.update(prog.constants)

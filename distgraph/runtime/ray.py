@@ -442,7 +442,7 @@ class RayExecutor(Executor):
     ) -> Result:
         """Compute ``outputs`` (and gradients of ``grad``) across the workers."""
         t0 = time.time()
-        prog = self.program(graph, outputs, grad)
+        prog = self.program(graph, outputs, grad, feeds=feeds)
         arrays = prepare_feeds(prog, feeds or {}, check_finite)
         self._check_feeds_fit(arrays)
         plan, plan_id = self._installed(
