@@ -477,12 +477,15 @@ class Graph:
         self._open = (self.version, names)
         return names
 
-    def _specialized(self, fed: Mapping[str, tuple[str, int]]) -> Graph:
-        """A graph for one feed signature: inputs declared without a dtype (shape) take the fed
-        dtype (rank, every dimension unknown), and every node they reach is inferred again, so
-        a feed that does not fit fails here with the node named. An input fed non-float values
-        takes no gradient (its entry in ``grads`` is dropped). Param arrays are shared: the
-        result is for compiling, not for changing."""
+    def _specialized(self, fed: Mapping[str, tuple[str, int]], ranks: bool = False) -> Graph:
+        """A graph for one feed signature: inputs declared without a dtype take the fed dtype,
+        and every node they reach is inferred again, so a feed that does not fit fails here
+        with the node named. An input declared without a shape stays of unknown shape unless
+        fed a scalar; with ``ranks`` it takes the fed rank, every dimension unknown (inference
+        then treats them all as one batch size, which a feed of shape (batch, classes) would
+        fail: only for estimates). An input fed non-float values takes no gradient (its entry
+        in ``grads`` is dropped). Param arrays are shared: the result is for compiling, not
+        for changing."""
         g = Graph()
         g._params = _Params(g, self._params)
         g._constants = dict(self._constants)
@@ -493,7 +496,9 @@ class Graph:
             for name, node in self._nodes.items():
                 if node.op == "input" and name in fed:
                     dtype, ndim = fed[name]
-                    shape = node.shape if node.shape is not None else [None] * ndim
+                    shape = node.shape
+                    if shape is None and (ranks or ndim == 0):
+                        shape = [None] * ndim
                     if node.shape is not None and len(node.shape) != ndim:
                         raise FeedError(
                             f"feed {name!r}: {ndim} dimensions, input {name!r} declares "
@@ -924,7 +929,11 @@ def _infer_by_running(
         # here and the op's own checks apply when it runs on real values.
         return None, _infer_dtype(op, dtypes, attrs, weak, node)
     results = []
-    for batch in (2, 3) if has_batch else (1,):
+    # Two stand-in batch sizes, neither equal to a fixed dimension: a batch of 3 against 3
+    # classes would broadcast where a real batch does not.
+    fixed = {d for s in shapes for d in s}
+    batches = [b for b in (2, 3, 5, 7, 11, 13, 17, 19, 23) if b not in fixed][:2]
+    for batch in batches if has_batch else (1,):
         args = [_dummy(s, d, batch, w) for s, d, w in zip(shapes, dtypes, weak)]
         try:
             with np.errstate(all="ignore"):

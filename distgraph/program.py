@@ -26,6 +26,7 @@ from .errors import (
     FeedError,
     GraphError,
     NonFiniteError,
+    ShapeError,
 )
 from .graph import PROVISIONAL_DTYPE, Graph
 from .ops import LEAF_OPS, get_op, run_op, run_vjp
@@ -59,6 +60,9 @@ class Program:
     #: For inputs compiled for a feed signature: the (shape, dtype) they were declared with,
     #: which feeds are checked against (their nodes carry the fed dtype and rank).
     declared: dict[str, tuple[list[int | None] | None, str | None]] = field(default_factory=dict)
+    #: Outputs that must be scalars (a training loss): checked at compile time when their shape
+    #: is known, else for each feed signature before anything runs.
+    scalar_outputs: list[str] = field(default_factory=list)
 
     def __getstate__(self) -> dict[str, Any]:
         # The memo is derived data (and can be large): rebuild it where the program is used.
@@ -440,6 +444,19 @@ def _refuse_value(
     )
 
 
+def check_scalar_loss(program: Program, loss: str) -> None:
+    """Refuse a training loss whose inferred shape is not a scalar (naming node and shape); one
+    whose shape is unknown yet is checked per feed signature (see :func:`prepare_feeds`)."""
+    shape = program.nodes[loss].shape
+    if shape is not None and len(shape) != 0:
+        raise ShapeError(
+            f"loss {loss!r} has shape {_fmt_shape(shape)}, but a training loss must be a "
+            f"scalar: reduce it (e.g. .mean() over the batch) before training on it"
+        )
+    if loss not in program.scalar_outputs:
+        program.scalar_outputs.append(loss)
+
+
 def _check_signature(program: Program, arrays: Mapping[str, np.ndarray]) -> None:
     """A program compiled without knowing some inputs' dtype or rank (a training session's)
     is checked once per feed signature, so a feed that does not fit the graph fails here
@@ -461,6 +478,21 @@ def _check_signature(program: Program, arrays: Mapping[str, np.ndarray]) -> None
     scratch._nodes = dict(program.nodes)
     scratch._constants = dict(program.constants)
     scratch._specialized({n: (d, k) for n, d, k in sig})
+    for loss in program.scalar_outputs:
+        # The loss's rank, estimated from the feeds' ranks: a refusal now beats a step that
+        # fails after its update was applied; an estimate that fails says nothing.
+        try:
+            shape = (
+                scratch._specialized({n: (d, k) for n, d, k in sig}, ranks=True)._nodes[loss].shape
+            )
+        except DistgraphError:
+            continue
+        if shape is not None and len(shape) != 0:
+            raise ShapeError(
+                f"loss {loss!r} has shape {_fmt_shape(shape)} for these feeds (dtypes and ranks "
+                f"{[s[1:] for s in sig]}), but a training loss must be a scalar: reduce it "
+                "(e.g. .mean() over the batch) or declare the inputs' shapes"
+            )
     checked.add(sig)
 
 
@@ -517,6 +549,7 @@ def run_nodes(
             shapes = ", ".join(f"{i}{tuple(np.shape(a))}" for i, a in zip(node.inputs, args))
             raise ExecutionError(
                 f"node {name!r} (op {_op_label(node)}) failed on inputs {shapes}: {e}"
+                + _undeclared_hint(program, name, env)
             ) from e
         if check_finite:
             _check_finite(node, value, args)
@@ -567,7 +600,33 @@ def _run_fast(
         shapes = ", ".join(f"{i}{tuple(np.shape(env[i]))}" for i in node.inputs if i in env)
         raise ExecutionError(
             f"node {name!r} (op {_op_label(node)}) failed on inputs {shapes}: {e}"
+            + _undeclared_hint(program, name, env)
         ) from e
+
+
+def _undeclared_hint(program: Program, name: str, env: Mapping[str, Any]) -> str:
+    """For a node that failed at run time: the inputs it reads that were declared without a
+    dtype or shape (their mismatches could not be caught while building), and what to do."""
+    nodes, declared = program.nodes, program.declared
+    upstream, stack = set(), [name]
+    while stack:
+        for i in nodes[stack.pop()].inputs:
+            if i not in upstream:
+                upstream.add(i)
+                stack.append(i)
+    found = []
+    for n in program.inputs:
+        shape, dtype = declared.get(n, (nodes[n].shape, nodes[n].dtype))
+        if n in upstream and (shape is None or dtype is None):
+            fed = f" (fed {env[n].dtype} of shape {tuple(env[n].shape)})" if n in env else ""
+            found.append(f"{n!r}{fed}")
+    if not found:
+        return ""
+    return (
+        f"; it reads inputs declared without a dtype or shape: {', '.join(found)}; declare "
+        "them so the graph is checked when built, e.g. g.input('y', shape=(None,), "
+        "dtype='int64') for class labels"
+    )
 
 
 def _kernels(program: Program) -> dict[str, tuple[Any, list[str], dict[str, Any]]]:

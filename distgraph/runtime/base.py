@@ -11,7 +11,7 @@ from ..checkpoint import Checkpoint
 from ..graph import Graph
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
-from ..program import Program, compile_program, feed_signature
+from ..program import Program, check_scalar_loss, compile_program, feed_signature
 from ..result import Result, TraceEvent
 
 
@@ -122,6 +122,14 @@ class Executor(abc.ABC):
         self._programs[key] = (graph, prog)
         while len(self._programs) > self._cache_size:
             self._programs.popitem(last=False)
+        return prog
+
+    def training_program(self, graph: Graph, loss: str, wrt: Sequence[str]) -> Program:
+        """The program of a training step: ``loss`` and its gradients for ``wrt`` (every param
+        a session trains: one with no path to the loss gets a zero gradient). A loss whose
+        shape is known not to be a scalar is refused here, before any step runs."""
+        prog = self.program(graph, [loss], grad=loss, wrt=wrt)
+        check_scalar_loss(prog, prog.outputs[0])
         return prog
 
     def close(self) -> None:  # noqa: B027 - optional hook

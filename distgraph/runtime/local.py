@@ -104,7 +104,7 @@ class _LocalSession(TrainingSession):
         self, ex: LocalExecutor, graph: Graph, loss: str, store: ParameterStore, check_finite: bool
     ):
         self.ex, self.graph, self.store, self.check_finite = ex, graph, store, check_finite
-        self.prog = ex.program(graph, [loss], grad=loss, wrt=list(store.params))
+        self.prog = ex.training_program(graph, loss, list(store.params))
         self.loss = self.prog.outputs[0]
         self.last_trace: list[TraceEvent] = []
 

@@ -664,7 +664,7 @@ class _RaySession(TrainingSession):
         check_finite: bool,
     ):
         self.ex, self.graph, self.optimizer, self.check_finite = ex, graph, optimizer, check_finite
-        self.prog = ex.program(graph, [loss], grad=loss, wrt=list(store.params))
+        self.prog = ex.training_program(graph, loss, list(store.params))
         self.loss = self.prog.outputs[0]
         self.plan: Plan | None = None
         self.plan_id = 0
