@@ -771,7 +771,7 @@ class Graph:
             list(node.inputs),
             dict(attrs),
             _opt_shape(ref.shape),
-            _inferred_dtype(ref),
+            ref.dtype,  # as autodiff makes it, so a spec round-trips unchanged
             False,
             "backward",
             node.origin,

@@ -165,15 +165,8 @@ class NodeSpec(BaseModel):
     #: For a backward node: the forward node whose gradient rule produced it (for placement).
     origin: str | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, v: str) -> str:
-        # Forward nodes carry user-style names, backward nodes generated ones; which is which
-        # is checked against ``phase`` when the graph is rebuilt (Graph.from_spec).
-        problem = generated_name_problem(v) if ":" in v else name_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
+    # Names are checked where a spec becomes a graph (Graph.from_spec), against ``phase``:
+    # forward nodes carry names a user may give, backward nodes the ones autodiff generates.
 
     @field_validator("shape")
     @classmethod
