@@ -308,6 +308,9 @@ class Graph:
         else:
             value = np.array(value)
             _dtype_name(value.dtype, "constant")
+            problem = shape_problem(value.shape, batch=False)
+            if problem:
+                raise ShapeError(f"constant {name if name is not None else ''}: {problem}")
             shape, dtype = value.shape, value.dtype.name
         node = self._add(name, "const", [], {}, shape, dtype, user_named=name is not None)
         self._constants[node.name] = value

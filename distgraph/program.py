@@ -419,7 +419,7 @@ def _convert_feed(name: str, arr: np.ndarray, want: np.dtype) -> np.ndarray:
         out = arr.astype(want)
     if have.kind != "b" and want.itemsize < 8 and arr.size:
         overflow = np.isinf(out)
-        if have.kind == "f":
+        if have.kind == "f" and overflow.any():  # an inf fed as inf is no overflow
             overflow &= np.isfinite(arr)
         if overflow.any():
             top = float(np.finfo(want).max)

@@ -382,3 +382,10 @@ def test_labels_that_do_not_fit_say_what_to_declare(ex):
         t.fit({"x": feeds["x"], "y": feeds["y"].astype(float)}, batch_size=10)
     assert t.applied_steps == []
     t.close()
+
+
+def test_params_and_constants_are_bounded_through_the_api():
+    with pytest.raises(dg.ShapeError, match=r"param 'w'.*40 dimensions"):
+        dg.Graph().param("w", np.zeros((1,) * 40))
+    with pytest.raises(dg.ShapeError, match=r"constant c.*40 dimensions"):
+        dg.Graph().const(np.zeros((1,) * 40), name="c")
