@@ -268,7 +268,9 @@ class Graph:
                 raise ShapeError(f"input {name!r}: shape must be a sequence, got {shape!r}")
             dims = []
             for d in shape:
-                if d is not None and not isinstance(d, (int, np.integer)):
+                if d is not None and (
+                    not isinstance(d, (int, np.integer)) or isinstance(d, (bool, np.bool_))
+                ):
                     if isinstance(d, float) and d.is_integer():
                         d = int(d)  # 1e3 is a fine way to write 1000
                     else:

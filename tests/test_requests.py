@@ -238,6 +238,7 @@ def test_float_feed_overflowing_float32_is_refused_but_narrowing_is_fine(ex):
         ((2**63, 0), "larger than the limit"),
         ((2**20, 2**20), "elements"),
         ((1.5,), "not an int"),
+        ((True, 2), "not an int"),
     ],
 )
 def test_declared_dimensions_are_bounded_through_the_api(shape, message):
