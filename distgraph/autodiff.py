@@ -60,11 +60,20 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
     if wrt is None:
         wrt = [n for n in leaves if np.dtype(nodes[n].dtype or "float64").kind == "f"]
     else:
+        for n in wrt:
+            if n not in graph:
+                raise GraphError(f"cannot take a gradient with respect to {n!r}: no such node")
         wrt = [graph[n].name for n in wrt]
         for n in wrt:
             if nodes[n].op not in ("input", "param"):
                 raise GraphError(
                     f"can only take gradients with respect to inputs and params, not {n!r}"
+                )
+            if np.dtype(nodes[n].dtype or "float64").kind != "f":
+                # A vjp would return a value of the wrong shape or meaning (e.g. for labels).
+                raise GraphError(
+                    f"cannot take a gradient with respect to {n!r}: its dtype "
+                    f"{nodes[n].dtype} is not floating"
                 )
     targets = set(wrt)
     backwards = list(reversed(nodes))
@@ -141,7 +150,27 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
             grads[leaf] = grad_node[leaf]
         else:  # no path to `of`: the gradient is zero, still a node so every executor agrees
             grads[leaf] = add(grad_name(leaf), "zeros_like", [leaf], {}, nodes[leaf], leaf)
-    out.version += 1
     out._grads = grads
     out._grad_of = of
+    out._touch()  # nodes were added to its table directly
+    return out
+
+
+def forward_part(graph: Graph) -> Graph:
+    """A copy of ``graph`` without its backward pass: backward nodes, nodes computed from them
+    and the ``grads``/``grad_of`` record are dropped (outputs among them too)."""
+    out = graph.copy()
+    dropped: set[str] = set()
+    kept = {}
+    for name, node in graph._nodes.items():
+        if node.phase == "backward" or not dropped.isdisjoint(node.inputs):
+            dropped.add(name)
+        else:
+            kept[name] = node
+    out._nodes = kept
+    out._outputs = [o for o in out._outputs if o not in dropped]
+    out._constants = {k: v for k, v in out._constants.items() if k not in dropped}
+    out._grads = {}
+    out._grad_of = None
+    out._touch()
     return out

@@ -9,30 +9,90 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import schedule
 from ._util import gc_paused
-from .errors import DTypeError, GraphError, ShapeError, SpecError
+from .errors import DTypeError, FeedError, GraphError, ShapeError, SpecError
 from .ops import LEAF_OPS, Op, get_op, run_op
 from .spec import (
     ALLOWED_DTYPES,
     MAX_SPEC_BYTES,
-    NAME_PATTERN,
     ArrayData,
     GraphSpec,
     NodeSpec,
     Shape,
     decode_constant,
     encode_constant,
+    generated_name_problem,
     make_node,
+    name_problem,
+    shape_problem,
 )
 
 Scalar = int | float | bool
 Operand = "Node | np.ndarray | Scalar"
+
+#: What building assumes of an input declared without a dtype; each run is compiled for the
+#: dtype actually fed (see ``Graph._specialized``).
+PROVISIONAL_DTYPE = "float64"
+
+
+def _inferred_dtype(record: NodeSpec) -> str | None:
+    """A node's dtype for inference: an undeclared input's is provisionally float64."""
+    if record.dtype is None and record.op == "input":
+        return PROVISIONAL_DTYPE
+    return record.dtype
+
+
+#: Graph versions come from one counter, so no two states of any graphs share a version.
+_VERSIONS = itertools.count(1)
+
+
+class _Params(dict):
+    """A graph's param values: any change makes the graph a new version (compiled programs and
+    installed plans hold the values they were built with)."""
+
+    __slots__ = ("_graph",)
+
+    def __init__(self, graph: Graph, values: Any = ()):
+        super().__init__(values)
+        self._graph = graph
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._graph._touch()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._graph._touch()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._graph._touch()
+
+    def pop(self, *args: Any) -> Any:
+        self._graph._touch()
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._graph._touch()
+        return super().popitem()
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._graph._touch()
+        return super().setdefault(key, default)
+
+    def clear(self) -> None:
+        super().clear()
+        self._graph._touch()
+
+    def __ior__(self, other: Any) -> _Params:
+        self.update(other)
+        return self
 
 
 class Node:
@@ -173,7 +233,7 @@ class Graph:
 
     def __init__(self) -> None:
         self._nodes: dict[str, NodeSpec] = {}
-        self._params: dict[str, np.ndarray] = {}
+        self._params: dict[str, np.ndarray] = _Params(self)
         self._constants: dict[str, Any] = {}
         self._outputs: list[str] = []
         self._alias: dict[str, str] = {}
@@ -182,20 +242,47 @@ class Graph:
         self._grads: dict[str, str] = {}
         self._grad_of: str | None = None
         self._scalar_consts: dict[tuple[str, str], str] = {}
-        self.version = 0  # bumped on every change, so compiled programs know they are stale
+        #: Changes with every change of the graph (nodes, outputs, param values, gradients), so
+        #: programs compiled from an earlier state are never reused; unique across graphs.
+        self.version = next(_VERSIONS)
         self._structure: tuple[int, Any] | None = None
         self._groups: tuple[int, list[list[str]]] | None = None
+        self._open: tuple[int, list[str]] | None = None
+
+    def _touch(self) -> None:
+        """Record a change: what was compiled from the previous state is stale."""
+        self.version = next(_VERSIONS)
 
     # Leaves ----------------------------------------------------------------------------------
     def input(
         self, name: str, shape: Sequence[int | None] | None = None, dtype: Any = None
     ) -> Node:
-        """Declare a fed input. ``None`` in ``shape`` marks a batch dimension; no shape: any."""
-        dt = _dtype_name(dtype if dtype is not None else "float64", f"input {name!r}")
+        """Declare a fed input. ``None`` in ``shape`` marks a batch dimension.
+
+        Without ``shape`` the input takes any shape, and without ``dtype`` it takes the dtype of
+        its feed: each run is compiled for the dtypes and ranks it is fed (and checked then).
+        """
+        dt = None if dtype is None else _dtype_name(dtype, f"input {name!r}")
         if shape is not None:
-            shape = tuple(None if d is None else int(d) for d in shape)
-            if any(d is not None and d < 0 for d in shape):
-                raise ShapeError(f"input {name!r}: negative dimension in shape {shape}")
+            if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+                raise ShapeError(f"input {name!r}: shape must be a sequence, got {shape!r}")
+            dims = []
+            for d in shape:
+                if d is not None and (
+                    not isinstance(d, (int, np.integer)) or isinstance(d, (bool, np.bool_))
+                ):
+                    if isinstance(d, float) and d.is_integer():
+                        d = int(d)  # 1e3 is a fine way to write 1000
+                    else:
+                        raise ShapeError(
+                            f"input {name!r}: dimension {d!r} of shape {tuple(shape)} is not "
+                            "an int or None"
+                        )
+                dims.append(None if d is None else int(d))
+            shape = tuple(dims)
+            problem = shape_problem(shape)
+            if problem:
+                raise ShapeError(f"input {name!r}: {problem}")
         return self._add(name, "input", [], {}, shape, dt, user_named=True)
 
     def param(self, name: str, value: Any) -> Node:
@@ -205,6 +292,9 @@ class Graph:
             arr = arr.astype(np.float64)
         if arr.dtype.kind != "f":
             raise DTypeError(f"param {name!r}: values must be floating point, got {arr.dtype}")
+        problem = shape_problem(arr.shape, batch=False)
+        if problem:
+            raise ShapeError(f"param {name!r}: {problem}")
         node = self._add(name, "param", [], {}, arr.shape, arr.dtype.name, user_named=True)
         self._params[name] = arr
         return node
@@ -220,6 +310,9 @@ class Graph:
         else:
             value = np.array(value)
             _dtype_name(value.dtype, "constant")
+            problem = shape_problem(value.shape, batch=False)
+            if problem:
+                raise ShapeError(f"constant {name if name is not None else ''}: {problem}")
             shape, dtype = value.shape, value.dtype.name
         node = self._add(name, "const", [], {}, shape, dtype, user_named=name is not None)
         self._constants[node.name] = value
@@ -234,13 +327,16 @@ class Graph:
         if name == current:
             if name not in self._outputs:
                 self._outputs.append(name)
+                self._touch()
             return node
         if current in self._auto and current not in self._outputs:
             self._rename(current, name)
             self._outputs.append(name)
+            self._touch()
             return Node(self, name)
         out = self.apply("identity", node, name=name)
         self._outputs.append(name)
+        self._touch()
         return out
 
     # Building --------------------------------------------------------------------------------
@@ -260,7 +356,10 @@ class Graph:
             record = nodes[n]
             names.append(n)
             shapes.append(record.shape)
-            dtypes.append(record.dtype)
+            dtype = record.dtype
+            if dtype is None and record.op == "input":
+                dtype = PROVISIONAL_DTYPE
+            dtypes.append(dtype)
         label = name or _Label(op, names)  # unnamed: say what it was built from (on error only)
         shape, dtype = _infer_checked(
             op, spec, shapes, dtypes, attrs, self._weak_values(names), label
@@ -309,8 +408,8 @@ class Graph:
                 _check_name(name)
             if name in nodes:
                 raise GraphError(f"a node named {name!r} already exists")
-        self.version += 1
         nodes[name] = make_node(name, op, inputs, attrs, shape, dtype, phase, origin)
+        self.version = next(_VERSIONS)  # inline _touch(): this runs once per node built
         return Node(self, name)
 
     def _resolve(self, name: str) -> str:
@@ -333,7 +432,7 @@ class Graph:
                 )
             renamed[key] = spec
         self._nodes = renamed
-        self.version += 1
+        self._touch()
         self._auto.discard(old)
         if old in self._constants:
             self._constants[new] = self._constants.pop(old)
@@ -343,7 +442,7 @@ class Graph:
         """An independent copy (node records are immutable and shared)."""
         new = Graph()
         new._nodes = dict(self._nodes)
-        new._params = {k: v.copy() for k, v in self._params.items()}
+        new._params = _Params(new, {k: v.copy() for k, v in self._params.items()})
         new._constants = dict(self._constants)
         new._outputs = list(self._outputs)
         new._alias = dict(self._alias)
@@ -352,6 +451,7 @@ class Graph:
         new._grads = dict(self._grads)
         new._grad_of = self._grad_of
         new._scalar_consts = dict(self._scalar_consts)
+        new._touch()
         return new
 
     def with_params(self, values: dict[str, Any]) -> Graph:
@@ -367,6 +467,76 @@ class Graph:
                 )
             new._params[name] = arr
         return new
+
+    # Compiling for a feed signature -----------------------------------------------------------
+    def _open_inputs(self) -> list[str]:
+        """Inputs declared without a dtype or without a shape (cached per version)."""
+        cached = self._open
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        names = [
+            n.name
+            for n in self._nodes.values()
+            if n.op == "input" and (n.dtype is None or n.shape is None)
+        ]
+        self._open = (self.version, names)
+        return names
+
+    def _specialized(self, fed: Mapping[str, tuple[str, int]], ranks: bool = False) -> Graph:
+        """A graph for one feed signature: inputs declared without a dtype take the fed dtype,
+        and every node they reach is inferred again, so a feed that does not fit fails here
+        with the node named. An input declared without a shape stays of unknown shape unless
+        fed a scalar; with ``ranks`` it takes the fed rank, every dimension unknown (inference
+        then treats them all as one batch size, which a feed of shape (batch, classes) would
+        fail: only for estimates). An input fed non-float values takes no gradient (its entry
+        in ``grads`` is dropped). Param arrays are shared: the result is for compiling, not
+        for changing."""
+        g = Graph()
+        g._params = _Params(g, self._params)
+        g._constants = dict(self._constants)
+        g._outputs = list(self._outputs)
+        g._alias = dict(self._alias)
+        changed: set[str] = set()
+        try:
+            for name, node in self._nodes.items():
+                if node.op == "input" and name in fed:
+                    dtype, ndim = fed[name]
+                    shape = node.shape
+                    if shape is None and (ranks or ndim == 0):
+                        shape = [None] * ndim
+                    if node.shape is not None and len(node.shape) != ndim:
+                        raise FeedError(
+                            f"feed {name!r}: {ndim} dimensions, input {name!r} declares "
+                            f"shape {tuple(node.shape)}"
+                        )
+                    g._nodes[name] = make_node(name, "input", [], {}, shape, node.dtype or dtype)
+                    changed.add(name)
+                elif node.op in LEAF_OPS or changed.isdisjoint(node.inputs):
+                    g._nodes[name] = node
+                elif node.op == "vjp":
+                    g._add_vjp_spec(node)
+                    changed.add(name)
+                else:
+                    g._rebuild(node)
+                    changed.add(name)
+        except (GraphError, ShapeError, DTypeError) as e:
+            fedinfo = "; ".join(
+                f"input {n!r} was fed {d} values with {k} dimension{'s' if k != 1 else ''}"
+                for n, (d, k) in fed.items()
+            )
+            raise type(e)(
+                f"{e} ({fedinfo}; an input declared without dtype or shape takes its feed's: "
+                "declare the intended ones, e.g. g.input('y', shape=(None,), dtype='int64') "
+                "for class labels)"
+            ) from None
+        g._grads = {
+            leaf: node
+            for leaf, node in self._grads.items()
+            if leaf not in fed or np.dtype(g._nodes[leaf].dtype or "float64").kind == "f"
+        }
+        g._grad_of = self._grad_of
+        g._touch()
+        return g
 
     # Views -------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Node:
@@ -488,6 +658,14 @@ class Graph:
         for i, node in enumerate(spec.nodes):
             if node.name in by_name:
                 raise SpecError(f"nodes.{i}.name: duplicate node name {node.name!r}")
+            # The same names the API accepts: generated gradient names only on backward nodes.
+            problem = (
+                generated_name_problem(node.name)
+                if node.phase == "backward"
+                else name_problem(node.name)
+            )
+            if problem:
+                raise SpecError(f"nodes.{i}.name: {problem} (a {node.phase} node)")
             if node.op != "vjp" and node.op not in LEAF_OPS:
                 try:
                     get_op(node.op)
@@ -503,6 +681,16 @@ class Graph:
         order = schedule.toposort({n.name: n.inputs for n in spec.nodes})  # cycles, dangling
         if _is_topological(spec.nodes):  # keep the file's order: to_json(from_json(t)) == t
             order = list(by_name)
+        for i, node in enumerate(spec.nodes):
+            if node.origin is not None and node.origin not in by_name:
+                raise SpecError(f"nodes.{i}.origin: {node.origin!r} is not a node")
+        for field, values, op in (
+            ("params", spec.params, "param"),
+            ("constants", spec.constants, "const"),
+        ):
+            for key in values:
+                if key not in by_name or by_name[key].op != op:
+                    raise SpecError(f"{field}.{key}: there is no {op} node named {key!r}")
         params = {k: v.to_numpy() for k, v in spec.params.items()}
         constants = {k: decode_constant(v) for k, v in spec.constants.items()}
         for name in order:
@@ -532,12 +720,13 @@ class Graph:
             raise SpecError(f"grad_of: {spec.grad_of!r} is not a node")
         g._grads = dict(spec.grads)
         g._grad_of = spec.grad_of
+        g._touch()
         return g
 
     def _rebuild(self, node: NodeSpec) -> None:
         names = list(node.inputs)
         shapes = [self._nodes[n].shape for n in names]
-        dtypes = [self._nodes[n].dtype for n in names]
+        dtypes = [_inferred_dtype(self._nodes[n]) for n in names]
         shape, dtype = infer(
             node.op, shapes, dtypes, node.attrs, self._weak_values(names), node.name
         )
@@ -587,7 +776,7 @@ class Graph:
             list(node.inputs),
             dict(attrs),
             _opt_shape(ref.shape),
-            ref.dtype,
+            ref.dtype,  # as autodiff makes it, so a spec round-trips unchanged
             False,
             "backward",
             node.origin,
@@ -745,7 +934,11 @@ def _infer_by_running(
         # here and the op's own checks apply when it runs on real values.
         return None, _infer_dtype(op, dtypes, attrs, weak, node)
     results = []
-    for batch in (2, 3) if has_batch else (1,):
+    # Two stand-in batch sizes, neither equal to a fixed dimension: a batch of 3 against 3
+    # classes would broadcast where a real batch does not.
+    fixed = {d for s in shapes for d in s}
+    batches = [b for b in (2, 3, 5, 7, 11, 13, 17, 19, 23) if b not in fixed][:2]
+    for batch in batches if has_batch else (1,):
         args = [_dummy(s, d, batch, w) for s, d, w in zip(shapes, dtypes, weak)]
         try:
             with np.errstate(all="ignore"):
@@ -789,8 +982,11 @@ def _run_for_dtype(
     op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str | _Label
 ) -> str:
     error: Exception | None = None
-    for shape in ((), (1, 1)):  # scalars first; ops such as matmul need 2-D operands
-        args = [w if w is not None else np.zeros(shape, d) for d, w in zip(dtypes, weak)]
+    # Scalars first; ops such as matmul need 2-D operands, and cross_entropy's integer labels
+    # one dimension fewer than its logits.
+    n = len(dtypes)
+    for shapes in ([()] * n, [(1, 1)] * n, [(1, 1)] + [(1,)] * (n - 1)):
+        args = [w if w is not None else np.zeros(s, d) for s, d, w in zip(shapes, dtypes, weak)]
         try:
             with np.errstate(all="ignore"):
                 return np.asarray(run_op(op, args, attrs)).dtype.name
@@ -819,11 +1015,9 @@ def _opt_shape(shape: Any) -> Shape | None:
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise GraphError(
-            f"invalid node name {name!r}: use letters, digits, '_', '.', '-', '/', '[', ']' "
-            "and start with a letter or '_' (':' is reserved for generated gradient nodes)"
-        )
+    problem = name_problem(name)
+    if problem:
+        raise GraphError(problem)
 
 
 def _dtype_name(dtype: Any, what: str) -> str:

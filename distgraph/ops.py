@@ -222,9 +222,24 @@ def _max_vjp(g: Any, out: Any, x: Any, axis: Any = None, keepdims: bool = False)
     return g * hit / np.sum(hit, axis=_axes(axis, np.ndim(x)), keepdims=True)
 
 
+def _check_labels(logits: Any, labels: Any) -> None:
+    """Class indices must lie in [0, classes): numpy would wrap -1 to the last class."""
+    classes = np.shape(logits)[-1] if np.ndim(logits) else 0
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = (labels < 0) | (labels >= classes)
+        idx = np.unravel_index(int(np.argmax(bad)), labels.shape) if labels.ndim else ()
+        raise ValueError(
+            f"integer labels must be class indices in [0, {classes}); found {labels[idx].item()}"
+            + (f" at index {list(map(int, idx))}" if labels.ndim else "")
+            + f" ({int(np.count_nonzero(bad))} out of range)"
+        )
+
+
 def _cross_entropy(logits: Any, labels: Any) -> Any:
     logp = _log_softmax(logits, axis=-1)
     if np.issubdtype(np.asarray(labels).dtype, np.integer):
+        _check_labels(logits, labels)
         picked = np.take_along_axis(logp, np.expand_dims(labels, -1), axis=-1)[..., 0]
         return -np.mean(picked)
     return -np.mean(np.sum(labels * logp, axis=-1))
@@ -233,6 +248,7 @@ def _cross_entropy(logits: Any, labels: Any) -> Any:
 def _ce_target(logits: Any, labels: Any) -> Any:
     """Labels as a distribution: integer classes become one-hot rows."""
     if np.issubdtype(np.asarray(labels).dtype, np.integer):
+        _check_labels(logits, labels)
         onehot = np.zeros(np.shape(logits), dtype=logits.dtype)
         np.put_along_axis(onehot, np.expand_dims(labels, -1), 1, axis=-1)
         return onehot

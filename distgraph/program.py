@@ -17,6 +17,7 @@ import numpy as np
 
 from . import schedule
 from ._util import gc_paused
+from .autodiff import forward_part
 from .autodiff import grad as differentiate
 from .errors import (
     DistgraphError,
@@ -25,11 +26,15 @@ from .errors import (
     FeedError,
     GraphError,
     NonFiniteError,
+    ShapeError,
 )
-from .graph import Graph
+from .graph import PROVISIONAL_DTYPE, Graph
 from .ops import LEAF_OPS, get_op, run_op, run_vjp
 from .result import TraceEvent
-from .spec import NodeSpec
+from .spec import ALLOWED_DTYPES, NodeSpec
+
+#: One feed's type as far as compiling cares: (input name, dtype name, number of dimensions).
+FeedType = tuple[str, str, int]
 
 
 @dataclass
@@ -52,6 +57,12 @@ class Program:
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     #: Consumers of each node within the program (for placement and transfers).
     consumers: Mapping[str, list[str]] = field(default_factory=dict)
+    #: For inputs compiled for a feed signature: the (shape, dtype) they were declared with,
+    #: which feeds are checked against (their nodes carry the fed dtype and rank).
+    declared: dict[str, tuple[list[int | None] | None, str | None]] = field(default_factory=dict)
+    #: Outputs that must be scalars (a training loss): checked at compile time when their shape
+    #: is known, else for each feed signature before anything runs.
+    scalar_outputs: list[str] = field(default_factory=list)
 
     def __getstate__(self) -> dict[str, Any]:
         # The memo is derived data (and can be large): rebuild it where the program is used.
@@ -67,16 +78,56 @@ class Program:
         return list(seen)
 
 
+def feed_signature(graph: Graph, feeds: Mapping[str, Any] | None) -> tuple[FeedType, ...]:
+    """The dtype and rank of each feed for an input declared without a dtype or a shape: what
+    a program must be compiled for (see :func:`compile_program`); empty when all are declared."""
+    open_inputs = graph._open_inputs()
+    if not feeds or not open_inputs:
+        return ()
+    out = []
+    for name in open_inputs:
+        if name not in feeds:
+            continue
+        value = feeds[name]
+        try:
+            arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except Exception:
+            continue  # prepare_feeds reports it
+        if arr.dtype.name in ALLOWED_DTYPES:
+            out.append((name, _undeclared_dtype(value, arr).name, arr.ndim))
+    return tuple(out)
+
+
+def _undeclared_dtype(value: Any, arr: np.ndarray) -> np.dtype:
+    """The dtype an input declared without one takes from its feed: a numpy array's (or numpy
+    scalar's) own; Python numbers and lists, which carry none, are read as float64."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return arr.dtype
+    return np.dtype(PROVISIONAL_DTYPE)
+
+
 @gc_paused
 def compile_program(
     graph: Graph,
     outputs: Sequence[str] | str | None = None,
     grad: str | None = None,
     wrt: Sequence[str] | None = None,
+    fed: Sequence[FeedType] = (),
 ) -> Program:
-    """Differentiate (when ``grad`` is given), prune to what the request needs, and level it."""
+    """Differentiate (when ``grad`` is given), prune to what the request needs, and level it.
+
+    ``fed`` (from :func:`feed_signature`) gives the dtype and rank of the feeds for inputs
+    declared without them: the program is compiled, and checked, for those. A graph that
+    already holds a backward pass answers for its own ``grad_of``; asked for another output's
+    gradient (or for params it has no gradient for) its forward part is differentiated anew.
+    """
     if isinstance(outputs, str):
         outputs = [outputs]
+    declared: dict[str, tuple[list[int | None] | None, str | None]] = {}
+    if fed:
+        nodes0 = graph._nodes
+        declared = {n: (nodes0[n].shape, nodes0[n].dtype) for n, _, _ in fed}
+        graph = graph._specialized({n: (d, k) for n, d, k in fed})
     if outputs is None:
         outputs = graph.outputs or ([grad] if grad else [])
         if not outputs:
@@ -91,8 +142,15 @@ def compile_program(
     if grad is not None:
         if grad not in graph:
             raise GraphError(f"cannot take the gradient of {grad!r}: no such node")
-        full = differentiate(graph, graph[grad].name, wrt) if graph.grad_of is None else graph
+        of = graph[grad].name
+        if graph.grad_of is None:
+            full = differentiate(graph, of, wrt)
+        elif of != graph.grad_of or (wrt is not None and not set(wrt) <= set(graph.grads)):
+            full = _redifferentiate(graph, of, wrt, outputs)
     grads = full.grads
+    if grad is not None and wrt is not None:
+        wanted = {full[n].name for n in wrt if n in full}
+        grads = {k: v for k, v in grads.items() if k in wanted}
     nodes: dict[str, NodeSpec] = full._nodes  # name -> spec in topological (insertion) order
     names, edges, full_levels = full.structure()
     roots = set(outputs) | set(grads.values())
@@ -136,6 +194,7 @@ def compile_program(
         consumers=_Consumers(order, edges[0], edges[1]),
         # Differentiating adds no inputs, so unpruned, the program's inputs are the graph's.
         graph_inputs=leaves["input"] if order is names else graph.inputs,
+        declared=declared,
     )
     # Integer views of the program for the partitioner (cheap here, dear to rebuild).
     program.memo["edges"] = edges[:2]
@@ -148,6 +207,23 @@ def compile_program(
 
 
 _OP = operator.attrgetter("op")
+
+
+def _redifferentiate(
+    graph: Graph, of: str, wrt: Sequence[str] | None, outputs: Sequence[str]
+) -> Graph:
+    """``graph`` holds the backward pass of another output (or for other leaves): differentiate
+    its forward part for ``of`` instead of answering with the gradient it holds."""
+    forward = forward_part(graph)
+    lost = [o for o in outputs if o not in forward]
+    if lost:
+        raise GraphError(
+            f"cannot take the gradient of {of!r}: the graph holds the backward pass of "
+            f"{graph.grad_of!r} (for {sorted(graph.grads)}) and the requested outputs {lost} "
+            f"are part of it; ask for grad={graph.grad_of!r}, or differentiate the forward "
+            f"graph with dg.grad(g, of={of!r})"
+        )
+    return differentiate(forward, of, wrt if wrt is not None else (list(graph.grads) or None))
 
 
 #: NodeSpec fields that partitioning and planning read for every node: fetched together.
@@ -241,8 +317,14 @@ def prepare_feeds(
 ) -> dict[str, np.ndarray]:
     """Check feeds against the declared inputs and convert them to arrays of the declared dtype.
 
-    Every problem is reported at once: missing inputs, unexpected names, wrong ranks, fixed
-    dimensions and batch sizes that disagree between inputs.
+    Missing inputs, unexpected names, wrong ranks, fixed dimensions and batch sizes that
+    disagree between inputs are reported at once. A value that does not fit the declared dtype
+    is refused, never wrapped: an integer out of the dtype's range, a float that is not a whole
+    number (or out of range) for an integer input, a finite value that would overflow to inf.
+    Floats may narrow (float64 to float32 rounds). An input declared without a dtype takes the
+    dtype of a numpy array fed to it (Python numbers and lists are read as float64); without a
+    shape, any shape (the feeds' dtypes and ranks are checked against the graph once per
+    signature).
     """
     missing = [n for n in program.inputs if n not in feeds]
     problems: list[str] = []
@@ -258,8 +340,10 @@ def prepare_feeds(
         raise FeedError("; ".join(problems))
     arrays: dict[str, np.ndarray] = {}
     batch: dict[int, list[str]] = {}
+    declared = program.declared
     for name in program.inputs:
         node = program.nodes[name]
+        shape, dtype = declared.get(name, (node.shape, node.dtype))
         value = feeds[name]
         try:
             arr = np.asarray(value)
@@ -267,19 +351,23 @@ def prepare_feeds(
             raise FeedError(
                 f"feed {name!r}: cannot convert {type(value).__name__} to an array: {e}"
             ) from None
-        want = np.dtype(node.dtype or "float64")
+        if arr.dtype.name not in ALLOWED_DTYPES:
+            raise DTypeError(
+                f"feed {name!r}: dtype {arr.dtype} is not supported (feed numbers or booleans; "
+                f"allowed dtypes: {', '.join(sorted(ALLOWED_DTYPES))})"
+            )
+        want = np.dtype(dtype) if dtype is not None else _undeclared_dtype(value, arr)
         if arr.dtype != want:
-            if not np.can_cast(arr.dtype, want, casting="same_kind") and not (
-                arr.dtype.kind in "iub" and want.kind in "f"
-            ):
-                raise DTypeError(
-                    f"feed {name!r}: dtype {arr.dtype} cannot be used as {want} (input {name!r} declares {want})"
-                )
-            arr = arr.astype(want)
+            arr = _convert_feed(name, arr, want)
+        elif node.dtype is not None and arr.dtype != node.dtype:
+            # Compiled for another signature: a caller bypassed Executor.program's cache key.
+            raise DTypeError(
+                f"feed {name!r}: dtype {arr.dtype}, but the program was compiled for {node.dtype}"
+            )
         if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
             arr = np.ascontiguousarray(arr)  # the layout it would have on a Ray worker
-        if node.shape is not None:
-            shape = tuple(node.shape)
+        if shape is not None:
+            shape = tuple(shape)
             if arr.ndim != len(shape) or any(
                 d is not None and d != a for d, a in zip(shape, arr.shape)
             ):
@@ -297,7 +385,115 @@ def prepare_feeds(
     if len(batch) > 1:
         detail = ", ".join(f"{names} have batch size {b}" for b, names in sorted(batch.items()))
         raise FeedError(f"feeds disagree on the batch size: {detail}")
+    _check_signature(program, arrays)
     return arrays
+
+
+def _convert_feed(name: str, arr: np.ndarray, want: np.dtype) -> np.ndarray:
+    """``arr`` as ``want``, refusing values that would not survive the conversion."""
+    have = arr.dtype
+    if want.kind == "b" or have.kind not in "biuf":
+        raise DTypeError(
+            f"feed {name!r}: dtype {have} cannot be used as {want} (input {name!r} declares {want})"
+        )
+    if want.kind in "iu":
+        info = np.iinfo(want)
+        if have.kind == "f":
+            # Whole numbers only (labels read from a CSV arrive as floats), within range.
+            with np.errstate(invalid="ignore"):
+                fraction = ~np.isfinite(arr) | (arr != np.trunc(arr))
+            if fraction.any():  # a float that is not a whole number: the wrong kind of data
+                _refuse_value(name, arr, fraction, want, "whole numbers", DTypeError)
+            bad = (arr < info.min) | (arr >= float(info.max) + 1)  # max + 1: a power of two
+            if bad.any():
+                _refuse_value(name, arr, bad, want, f"[{info.min}, {info.max}]")
+        elif have.kind in "iu" and arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < info.min or hi > info.max:
+                bad = arr > info.max if hi > info.max else arr < info.min
+                _refuse_value(name, arr, bad, want, f"[{info.min}, {info.max}]")
+        with np.errstate(all="ignore"):
+            return arr.astype(want)
+    # want is floating: narrowing rounds, but a finite value must not become inf.
+    with np.errstate(all="ignore"):
+        out = arr.astype(want)
+    if have.kind != "b" and want.itemsize < 8 and arr.size:
+        overflow = np.isinf(out)
+        if have.kind == "f" and overflow.any():  # an inf fed as inf is no overflow
+            overflow &= np.isfinite(arr)
+        if overflow.any():
+            top = float(np.finfo(want).max)
+            _refuse_value(name, arr, overflow, want, f"magnitudes up to {top:g}")
+    return out
+
+
+def _refuse_value(
+    name: str,
+    arr: np.ndarray,
+    bad: np.ndarray,
+    want: np.dtype,
+    fits: str,
+    error: type[DistgraphError] = FeedError,
+) -> None:
+    idx = np.unravel_index(int(np.argmax(bad)), arr.shape) if arr.ndim else ()
+    where = f" at index {list(map(int, idx))}" if arr.ndim else ""
+    raise error(
+        f"feed {name!r}: {arr.dtype} value {arr[idx].item()!r}{where} does not fit {want} "
+        f"(input {name!r} declares {want}, which holds {fits}; {int(np.count_nonzero(bad))} "
+        "such value(s)): fix the data or declare another dtype"
+    )
+
+
+def check_scalar_loss(program: Program, loss: str) -> None:
+    """Refuse a training loss whose inferred shape is not a scalar (naming node and shape); one
+    whose shape is unknown yet is checked per feed signature (see :func:`prepare_feeds`)."""
+    shape = program.nodes[loss].shape
+    if shape is not None and len(shape) != 0:
+        raise ShapeError(
+            f"loss {loss!r} has shape {_fmt_shape(shape)}, but a training loss must be a "
+            f"scalar: reduce it (e.g. .mean() over the batch) before training on it"
+        )
+    if loss not in program.scalar_outputs:
+        program.scalar_outputs.append(loss)
+
+
+def _check_signature(program: Program, arrays: Mapping[str, np.ndarray]) -> None:
+    """A program compiled without knowing some inputs' dtype or rank (a training session's)
+    is checked once per feed signature, so a feed that does not fit the graph fails here
+    naming the node instead of deep inside a run."""
+    open_inputs = program.memo.get("open_inputs")
+    if open_inputs is None:
+        open_inputs = program.memo["open_inputs"] = [
+            n
+            for n in program.inputs
+            if program.nodes[n].dtype is None or program.nodes[n].shape is None
+        ]
+    if not open_inputs:
+        return
+    sig = tuple((n, arrays[n].dtype.name, arrays[n].ndim) for n in open_inputs)
+    checked = program.memo.setdefault("signatures", set())
+    if sig in checked:
+        return
+    scratch = Graph()
+    scratch._nodes = dict(program.nodes)
+    scratch._constants = dict(program.constants)
+    scratch._specialized({n: (d, k) for n, d, k in sig})
+    for loss in program.scalar_outputs:
+        # The loss's rank, estimated from the feeds' ranks: a refusal now beats a step that
+        # fails after its update was applied; an estimate that fails says nothing.
+        try:
+            shape = (
+                scratch._specialized({n: (d, k) for n, d, k in sig}, ranks=True)._nodes[loss].shape
+            )
+        except DistgraphError:
+            continue
+        if shape is not None and len(shape) != 0:
+            raise ShapeError(
+                f"loss {loss!r} has shape {_fmt_shape(shape)} for these feeds (dtypes and ranks "
+                f"{[s[1:] for s in sig]}), but a training loss must be a scalar: reduce it "
+                "(e.g. .mean() over the batch) or declare the inputs' shapes"
+            )
+    checked.add(sig)
 
 
 def _fmt_shape(shape: Sequence[int | None]) -> str:
@@ -353,6 +549,7 @@ def run_nodes(
             shapes = ", ".join(f"{i}{tuple(np.shape(a))}" for i, a in zip(node.inputs, args))
             raise ExecutionError(
                 f"node {name!r} (op {_op_label(node)}) failed on inputs {shapes}: {e}"
+                + _undeclared_hint(program, name, env)
             ) from e
         if check_finite:
             _check_finite(node, value, args)
@@ -403,7 +600,33 @@ def _run_fast(
         shapes = ", ".join(f"{i}{tuple(np.shape(env[i]))}" for i in node.inputs if i in env)
         raise ExecutionError(
             f"node {name!r} (op {_op_label(node)}) failed on inputs {shapes}: {e}"
+            + _undeclared_hint(program, name, env)
         ) from e
+
+
+def _undeclared_hint(program: Program, name: str, env: Mapping[str, Any]) -> str:
+    """For a node that failed at run time: the inputs it reads that were declared without a
+    dtype or shape (their mismatches could not be caught while building), and what to do."""
+    nodes, declared = program.nodes, program.declared
+    upstream, stack = set(), [name]
+    while stack:
+        for i in nodes[stack.pop()].inputs:
+            if i not in upstream:
+                upstream.add(i)
+                stack.append(i)
+    found = []
+    for n in program.inputs:
+        shape, dtype = declared.get(n, (nodes[n].shape, nodes[n].dtype))
+        if n in upstream and (shape is None or dtype is None):
+            fed = f" (fed {env[n].dtype} of shape {tuple(env[n].shape)})" if n in env else ""
+            found.append(f"{n!r}{fed}")
+    if not found:
+        return ""
+    return (
+        f"; it reads inputs declared without a dtype or shape: {', '.join(found)}; declare "
+        "them so the graph is checked when built, e.g. g.input('y', shape=(None,), "
+        "dtype='int64') for class labels"
+    )
 
 
 def _kernels(program: Program) -> dict[str, tuple[Any, list[str], dict[str, Any]]]:

@@ -29,8 +29,74 @@ ALLOWED_DTYPES = frozenset(
 MAX_SPEC_BYTES = 512 * 1024 * 1024
 #: Names users give: no ':' (reserved for generated backward nodes) and no whitespace.
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/\[\]]*$")
+#: Names autodiff gives backward nodes: ``grad:NAME`` and ``vjp:NAME:ARGNUM``.
+GENERATED_NAME_PATTERN = re.compile(
+    r"^(?:grad:(?P<grad>.+)|vjp:(?P<vjp>.+):(?:0|[1-9][0-9]{0,5}))$"
+)
+#: Longest name a user may give a node (generated gradient names add a few characters).
+MAX_NAME_LENGTH = 256
+#: Most dimensions a declared shape may have (numpy's own limit is 64; ops add a few).
+MAX_NDIM = 32
+#: Largest declared dimension, and largest element count of a declared shape (batch
+#: dimensions counted as 1): 2**36 float64 elements are 512 GiB, beyond any one process, and
+#: byte counts of such shapes times any batch size stay far from int64 overflow.
+MAX_DIM = 2**36
 
 Shape = tuple[int | None, ...]
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` is not a valid user-given node name, or None when it is.
+
+    Letters, digits, ``_ . - / [ ]``, starting with a letter or ``_``, at most
+    :data:`MAX_NAME_LENGTH` characters; ``/``-separated parts are neither empty nor ``.``/``..``
+    (names may become paths or keys elsewhere), and ``:`` is reserved for gradient nodes.
+    """
+    if not isinstance(name, str):
+        return f"a node name must be a string, got {type(name).__name__}"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"name of {len(name)} characters is longer than {MAX_NAME_LENGTH}"
+    if not NAME_PATTERN.match(name):
+        return (
+            f"invalid node name {name!r}: use letters, digits, '_', '.', '-', '/', '[', ']' "
+            "and start with a letter or '_' (':' is reserved for generated gradient nodes)"
+        )
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return f"invalid node name {name!r}: '/'-separated parts must not be empty, '.' or '..'"
+    return None
+
+
+def generated_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a name autodiff generates (``grad:X``, ``vjp:X:N``), or None."""
+    m = GENERATED_NAME_PATTERN.match(name)
+    if m is None:
+        return (
+            f"invalid backward node name {name!r}: autodiff names its nodes 'grad:NAME' and "
+            "'vjp:NAME:ARGNUM'"
+        )
+    return name_problem(m.group("grad") or m.group("vjp"))
+
+
+def shape_problem(shape: Sequence[Any], batch: bool = True) -> str | None:
+    """Why a declared shape is out of bounds, or None (``batch``: ``None`` dims allowed)."""
+    if len(shape) > MAX_NDIM:
+        return f"shape has {len(shape)} dimensions, more than the limit of {MAX_NDIM}"
+    count = 1
+    for d in shape:
+        if d is None and batch:
+            continue
+        if not isinstance(d, int) or isinstance(d, bool):
+            return f"dimension {d!r} is not an int" + (" or None" if batch else "")
+        if d < 0:
+            return f"shape {list(shape)} has a negative dimension"
+        if d > MAX_DIM:
+            return f"dimension {d} is larger than the limit of {MAX_DIM} (2**36)"
+        count *= d
+    if count > MAX_DIM:
+        return (
+            f"shape {list(shape)} holds {count} elements, more than the limit of {MAX_DIM} (2**36)"
+        )
+    return None
 
 
 class ArrayData(BaseModel):
@@ -51,9 +117,10 @@ class ArrayData(BaseModel):
 
     @field_validator("shape")
     @classmethod
-    def _non_negative(cls, v: list[int]) -> list[int]:
-        if any(d < 0 for d in v):
-            raise ValueError(f"shape {v} has a negative dimension")
+    def _bounded(cls, v: list[int]) -> list[int]:
+        problem = shape_problem(v, batch=False)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @classmethod
@@ -97,6 +164,18 @@ class NodeSpec(BaseModel):
     phase: Literal["forward", "backward"] = "forward"
     #: For a backward node: the forward node whose gradient rule produced it (for placement).
     origin: str | None = None
+
+    # Names are checked where a spec becomes a graph (Graph.from_spec), against ``phase``:
+    # forward nodes carry names a user may give, backward nodes the ones autodiff generates.
+
+    @field_validator("shape")
+    @classmethod
+    def _bounded_shape(cls, v: list[int | None] | None) -> list[int | None] | None:
+        if v is not None:
+            problem = shape_problem(v)
+            if problem:
+                raise ValueError(problem)
+        return v
 
 
 _NODE_FIELDS = frozenset(NodeSpec.model_fields)

@@ -11,7 +11,7 @@ from ..checkpoint import Checkpoint
 from ..graph import Graph
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
-from ..program import Program, compile_program
+from ..program import Program, check_scalar_loss, compile_program, feed_signature
 from ..result import Result, TraceEvent
 
 
@@ -61,7 +61,7 @@ class TrainingSession(abc.ABC):
 
 
 class Executor(abc.ABC):
-    """Base class; compiled programs are cached per (graph version, request)."""
+    """Base class; compiled programs are cached per (graph version, request, feed signature)."""
 
     _cache_size = 16
 
@@ -98,23 +98,38 @@ class Executor(abc.ABC):
         outputs: Sequence[str] | str | None = None,
         grad: str | None = None,
         wrt: Sequence[str] | None = None,
+        feeds: Mapping[str, Any] | None = None,
     ) -> Program:
-        """The compiled program for a request (cached while the graph is unchanged)."""
+        """The compiled program for a request (cached while the graph is unchanged).
+
+        With ``feeds``, inputs declared without a dtype or shape are compiled for the dtype and
+        rank they are fed (one cached program per such signature); without, they stay open and
+        each new signature is checked when fed."""
+        fed = feed_signature(graph, feeds)
         key = (
             id(graph),
             graph.version,
             None if outputs is None else tuple([outputs] if isinstance(outputs, str) else outputs),
             grad,
             None if wrt is None else tuple(wrt),
+            fed,
         )
         hit = self._programs.get(key)
         if hit is not None and hit[0] is graph:
             self._programs.move_to_end(key)
             return hit[1]
-        prog = compile_program(graph, outputs, grad, wrt)
+        prog = compile_program(graph, outputs, grad, wrt, fed)
         self._programs[key] = (graph, prog)
         while len(self._programs) > self._cache_size:
             self._programs.popitem(last=False)
+        return prog
+
+    def training_program(self, graph: Graph, loss: str, wrt: Sequence[str]) -> Program:
+        """The program of a training step: ``loss`` and its gradients for ``wrt`` (every param
+        a session trains: one with no path to the loss gets a zero gradient). A loss whose
+        shape is known not to be a scalar is refused here, before any step runs."""
+        prog = self.program(graph, [loss], grad=loss, wrt=wrt)
+        check_scalar_loss(prog, prog.outputs[0])
         return prog
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -46,7 +46,7 @@ class LocalExecutor(Executor):
         trace: bool = False,
     ) -> Result:
         """Compute ``outputs`` and, with ``grad``, the gradients of that output."""
-        prog = self.program(graph, outputs, grad)
+        prog = self.program(graph, outputs, grad, feeds=feeds)
         env: dict[str, Any] = dict(prepare_feeds(prog, feeds or {}, check_finite))
         env.update({p: graph._params[p] for p in prog.params})
         env.update(prog.constants)
@@ -104,7 +104,7 @@ class _LocalSession(TrainingSession):
         self, ex: LocalExecutor, graph: Graph, loss: str, store: ParameterStore, check_finite: bool
     ):
         self.ex, self.graph, self.store, self.check_finite = ex, graph, store, check_finite
-        self.prog = ex.program(graph, [loss], grad=loss, wrt=list(store.params))
+        self.prog = ex.training_program(graph, loss, list(store.params))
         self.loss = self.prog.outputs[0]
         self.last_trace: list[TraceEvent] = []
 

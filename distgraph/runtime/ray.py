@@ -491,7 +491,7 @@ class RayExecutor(Executor):
     ) -> Result:
         """Compute ``outputs`` (and gradients of ``grad``) across the workers."""
         t0 = time.time()
-        prog = self.program(graph, outputs, grad)
+        prog = self.program(graph, outputs, grad, feeds=feeds)
         arrays = prepare_feeds(prog, feeds or {}, check_finite)
         self._check_feeds_fit(arrays)
         plan, plan_id = self._installed(
@@ -713,7 +713,7 @@ class _RaySession(TrainingSession):
         check_finite: bool,
     ):
         self.ex, self.graph, self.optimizer, self.check_finite = ex, graph, optimizer, check_finite
-        self.prog = ex.program(graph, [loss], grad=loss, wrt=list(store.params))
+        self.prog = ex.training_program(graph, loss, list(store.params))
         self.loss = self.prog.outputs[0]
         self.plan: Plan | None = None
         self.plan_id = 0
