@@ -38,6 +38,7 @@ def read_npz(
     *,
     max_bytes: int = MAX_BYTES,
     expect: Expect | None = None,
+    require_all: bool = True,
     error: type[DistgraphError] = FeedError,
     what: str = "feeds file",
 ) -> dict[str, np.ndarray]:
@@ -45,7 +46,8 @@ def read_npz(
 
     ``max_bytes`` bounds the decompressed size of all members together; ``expect`` (if given)
     lists the only names allowed and each one's shape and dtype; every member named in it must
-    be present. Failures raise ``error`` naming the file and the member.
+    be present unless ``require_all=False``. Failures raise ``error`` naming the file and the
+    member.
     """
     where = f"{what} {os.fspath(path)}"
     if not os.path.exists(path):
@@ -66,7 +68,7 @@ def read_npz(
         infos = zf.infolist()
         members = _check_directory(infos, max_bytes, where, error)
         headers = {name: _read_header(zf, info, where, error) for name, info in members.items()}
-        _check_expect(headers, expect, where, error)
+        _check_expect(headers, expect, require_all, where, error)
         total = sum(nbytes for _, _, _, nbytes in headers.values())
         if total > max_bytes:
             raise error(
@@ -147,6 +149,7 @@ def _read_header(
 def _check_expect(
     headers: Mapping[str, tuple[tuple[int, ...], bool, np.dtype, int]],
     expect: Expect | None,
+    require_all: bool,
     where: str,
     error: type[DistgraphError],
 ) -> None:
@@ -156,9 +159,11 @@ def _check_expect(
     if unknown:
         raise error(f"{where}: unexpected members {unknown}; expected {sorted(expect)}")
     missing = sorted(set(expect) - set(headers))
-    if missing:
+    if missing and require_all:
         raise error(f"{where}: missing members {missing}")
     for name, (want_shape, want_dtype) in expect.items():
+        if name not in headers:
+            continue
         shape, _, dtype, _ = headers[name]
         if want_shape is not None and (
             len(shape) != len(want_shape)
