@@ -137,7 +137,6 @@ def test_checkpoint_dir_of_another_run_is_refused_then_resumed_on_purpose(ray_ex
     first = dg.Trainer(g, loss="loss", optimizer=opt, executor=ray_ex, progress=False)
     first.fit(data, epochs=2, batch_size=16, seed=11)
     first.close()
-    assert load_checkpoint(fresh_dir).run_id == first.run_id
 
     # A second run in the same directory; its server dies before its first checkpoint. Without
     # the run binding it restarted from the first run's state and ended there silently.
@@ -154,6 +153,7 @@ def test_checkpoint_dir_of_another_run_is_refused_then_resumed_on_purpose(ray_ex
     assert second.step == 0 and second.applied_steps == []
     assert_params_identical(second.params, initial)
     assert load_checkpoint(fresh_dir).run_id == first.run_id  # nothing was overwritten
+    assert load_checkpoint(fresh_dir).step == 10  # the first run's last checkpoint
 
     # Resuming that run on purpose: load it, then train on (the server may die again).
     second.load(fresh_dir)
@@ -174,7 +174,7 @@ def test_a_new_run_in_an_empty_dir_restarts_from_its_own_state(ray_ex, fresh_dir
 
     tr.fit(data, epochs=2, batch_size=16, seed=11, callback=crash)
     assert_params_identical(tr.params, local_run(2).params)
-    assert load_checkpoint(fresh_dir).run_id == tr.run_id
+    assert load_checkpoint(fresh_dir).step == 10  # this run's own checkpoint
     tr.close()
 
 
@@ -327,12 +327,26 @@ def test_checkpoint_dir_with_user_files_is_refused(ray_ex, tmp_path):
 
 SAVER = textwrap.dedent(
     """
-    import sys
+    import os, shutil, signal, sys
     import numpy as np
     from distgraph.checkpoint import Checkpoint, save_checkpoint
-    path = sys.argv[1]
+
+    path, k, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    calls = 0
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            global calls
+            calls += 1
+            if calls == kill_at:  # die just before this file-system operation
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for module, name in [(os, "replace"), (os, "rename"), (os, "mkdir"), (os, "fsync"),
+                         (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"), (np, "savez")]:
+        setattr(module, name, counted(getattr(module, name)))
     print("ready", flush=True)
-    k = int(sys.argv[2])
     while True:
         k += 1
         w = np.full(200_000, float(k))
@@ -350,26 +364,33 @@ def _complete(path: Path) -> int:
 
 
 def test_save_killed_at_random_points_leaves_a_loadable_checkpoint(tmp_path):
+    """40 SIGKILLs of a process saving in a loop: half at a random time from outside, half
+    from inside just before a random file-system operation of a save (rename, fsync, ...)."""
     path = tmp_path / "ck"
     w = np.zeros(200_000)
     save_checkpoint(path, Checkpoint({"w": w}, {"w": {"velocity": -w}}, {"kind": "sgd"}, 0))
     rng = random.Random(7)
-    last, deadline = 0, time.monotonic() + 240
+    steps, deadline = set(), time.monotonic() + 300
     for kill in range(40):
+        kill_at = rng.randint(1, 40) if kill % 2 else 0
         proc = subprocess.Popen(
-            [sys.executable, "-c", SAVER, str(path), str(last + 1000 * (kill + 1))],
+            [sys.executable, "-c", SAVER, str(path), str(1000 * (kill + 1)), str(kill_at)],
             stdout=subprocess.PIPE,
             cwd=ROOT,
         )
         try:
             assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-            time.sleep(rng.uniform(0.0, 0.3))
+            if kill_at:
+                proc.wait(timeout=60)
+            else:
+                time.sleep(rng.uniform(0.0, 0.3))
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        last = _complete(path)  # the old version or the new one, never a broken one
+        assert proc.returncode == -signal.SIGKILL
+        steps.add(_complete(path))  # the old version or the new one, never a broken one
         assert time.monotonic() < deadline, f"only {kill + 1} kills in the time allowed"
-    assert last > 0  # the savers did write new versions between kills
+    assert len(steps) > 10  # the savers did write new versions between kills
     save_checkpoint(path, load_checkpoint(path))  # the next save cleans up after the crashes
     entries = sorted(os.listdir(path))
     assert len(entries) == 2 and entries[0] == "checkpoint.json", entries
