@@ -380,12 +380,23 @@ def load_checkpoint(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> C
     )
 
 
+class _OldState(BaseModel):
+    """The fields of a format-1 ``state.json`` that are read."""
+
+    format: Literal["distgraph.checkpoint/1"]
+    step: StrictInt = Field(ge=0)
+    applied_steps: list[StrictInt] = []
+    optimizer: dict[str, Any]
+    extra: Progress = Progress()
+
+
 def _load_old(path: Path, max_bytes: int) -> Checkpoint:
     """Format 1: ``params.npz`` (names as keys), ``optimizer.npz`` (``param/field``), state."""
-    meta = _read_json(path / "state.json", f"checkpoint {path}/state.json")
-    if not isinstance(meta, dict) or meta.get("format") != _OLD_FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path}: not a distgraph checkpoint (format {fmt!r})")
+    where = f"checkpoint {path}/state.json"
+    try:
+        state = _OldState.model_validate(_read_json(path / "state.json", where))
+    except ValidationError as e:
+        raise _invalid(where, e) from None
     params = read_npz(
         path / "params.npz", max_bytes=max_bytes, error=CheckpointError, what="checkpoint file"
     )
@@ -396,19 +407,11 @@ def _load_old(path: Path, max_bytes: int) -> Checkpoint:
     for key, value in flat.items():
         p, _, k = key.rpartition("/")
         opt_state.setdefault(p, {})[k] = value
-    try:
-        progress = Progress.model_validate(meta.get("extra") or {})
-        return Checkpoint(
-            params=params,
-            opt_state=opt_state,
-            optimizer=dict(meta["optimizer"]),
-            step=int(meta["step"]),
-            applied_steps=[int(s) for s in meta.get("applied_steps", [])],
-            extra=progress.model_dump(),
-        )
-    except ValidationError as e:
-        raise _invalid(f"checkpoint {path}/state.json: extra", e) from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {path}/state.json: field {e}: missing or invalid"
-        ) from None
+    return Checkpoint(
+        params=params,
+        opt_state=opt_state,
+        optimizer=dict(state.optimizer),
+        step=state.step,
+        applied_steps=list(state.applied_steps),
+        extra=state.extra.model_dump(),
+    )
