@@ -760,7 +760,10 @@ def _old_format(ckpt: Any, params: Callable[[Any], None], step: Any = 1) -> None
 
 def _checkpoint_case(ckpt: Any, case: str) -> None:
     """Tamper with the good checkpoint ``ckpt`` (a copy) as ``case`` says."""
-    version = ckpt / json.loads((ckpt / "checkpoint.json").read_text())["current"]
+    if case.startswith("format 1"):
+        version = None  # the whole directory is replaced
+    else:
+        version = ckpt / json.loads((ckpt / "checkpoint.json").read_text())["current"]
     if case == "format 1 bomb":
         _old_format(ckpt, lambda p: _bomb(p, "w.npy"))
     elif case == "format 1 lying header":
