@@ -124,6 +124,7 @@ class State(_Strict):
 class _Pointer(_Strict):
     format: Literal["distgraph.checkpoint/2"]
     current: str = Field(pattern=_VERSION.pattern)
+    run_id: str = Field("", pattern=r"^[0-9a-f]{0,64}$")  # a copy, for a cheap run check
 
 
 def _invalid(where: str, e: ValidationError) -> CheckpointError:
@@ -188,16 +189,22 @@ def _check_writable(path: Path) -> None:
         )
 
 
-def _current(path: Path) -> str | None:
-    """The current version directory's name, or None when ``path`` holds no format-2 pointer."""
+def _pointer(path: Path) -> _Pointer | None:
+    """The pointer file's content, or None when ``path`` holds no format-2 checkpoint."""
     pointer = path / POINTER
     if not pointer.exists():
         return None
     where = f"checkpoint {path}: {POINTER}"
     try:
-        return _Pointer.model_validate(_read_json(pointer, where)).current
+        return _Pointer.model_validate(_read_json(pointer, where))
     except ValidationError as e:
         raise _invalid(where, e) from None
+
+
+def _current(path: Path) -> str | None:
+    """The current version directory's name, or None when ``path`` holds no format-2 pointer."""
+    pointer = _pointer(path)
+    return None if pointer is None else pointer.current
 
 
 def _fsync_dir(path: Path) -> None:
@@ -271,7 +278,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, *, same_run: bool
         os.rename(tmp, path / name)
         _fsync_dir(path)
         pointer_tmp = path / f"{_TMP_PREFIX}{name}.json"
-        pointer = json.dumps({"format": FORMAT, "current": name}).encode()
+        pointer = json.dumps({"format": FORMAT, "current": name, "run_id": ckpt.run_id}).encode()
         _write_file(pointer_tmp, lambda f: f.write(pointer))
         os.replace(pointer_tmp, path / POINTER)  # the one atomic switch
         _fsync_dir(path)
@@ -310,14 +317,9 @@ def foreign_run_error(path: str | os.PathLike, other: str) -> CheckpointError:
 
 
 def checkpoint_run_id(path: str | os.PathLike) -> str:
-    """The run id of the checkpoint in ``path`` (reads ``state.json`` only)."""
-    path = Path(path)
-    current = _current(path)
-    if current is None:
-        return str(
-            _read_json(path / "state.json", f"checkpoint {path}/state.json").get("run_id", "")
-        )
-    return _read_state(path / current).run_id
+    """The run id of the checkpoint in ``path`` (from the pointer file; "" for format 1)."""
+    pointer = _pointer(Path(path))
+    return "" if pointer is None else pointer.run_id
 
 
 def _read_state(version: Path) -> State:

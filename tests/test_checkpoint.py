@@ -129,6 +129,31 @@ def test_server_checkpoint_resumes_mid_epoch_exactly(ray_ex, fresh_dir):
     resumed.close()
 
 
+def test_server_checkpoint_at_an_epoch_end_keeps_that_epochs_history(ray_ex, fresh_dir):
+    whole = local_run(4)
+    per_epoch = len(whole.history.step_loss) // 4
+    g, data, opt = mlp_setup()
+    ray_ex.checkpoint_every = per_epoch  # every checkpoint lands on an epoch's last step
+    try:
+        tr = dg.Trainer(g, loss="loss", optimizer=opt, executor=ray_ex, progress=False)
+        with pytest.raises(Stop):
+            tr.fit(data, epochs=4, batch_size=16, seed=11, callback=stop_after(2 * per_epoch + 2))
+        tr.close()
+    finally:
+        ray_ex.checkpoint_every = 5
+    g2, _, _ = mlp_setup()
+    resumed = dg.Trainer(g2, loss="loss", optimizer=opt, executor=ray_ex, progress=False)
+    resumed.load(fresh_dir)
+    assert resumed.step == 2 * per_epoch and resumed.epoch == 2
+    # The history of the epoch the checkpoint closed arrived after it and was written too.
+    assert resumed.history.loss == whole.history.loss[:2]
+    assert resumed.history.step_loss == whole.history.step_loss[: 2 * per_epoch]
+    resumed.fit(data, epochs=2, batch_size=16, seed=11)
+    assert_params_identical(resumed.params, whole.params)
+    assert resumed.history.loss == whole.history.loss
+    resumed.close()
+
+
 # --- item 1: a checkpoint belongs to its run ---------------------------------------------------
 
 

@@ -43,6 +43,7 @@ class ParameterServer:
         self.checkpoint_every = checkpoint_every
         #: The Trainer's progress (epoch, fit segments, history), written into checkpoints.
         self.progress: dict[str, Any] = {}
+        self._saved_version = -1  # the version last written to checkpoint_dir
 
     def apply(self, step_id: int, *grad_dicts: dict[str, Any]) -> tuple:
         """Apply one step's gradients once; returns (status, params for worker 0, 1, ...)."""
@@ -81,6 +82,10 @@ class ParameterServer:
         """Keep the Trainer's progress for the next checkpoints (the driver sends it when a fit
         starts and after each epoch; calls run in order with the updates)."""
         self.progress = dict(progress)
+        if self.checkpoint_dir and self._saved_version == self.store.version:
+            # The checkpoint of this very version (an epoch's last step) was written before
+            # the epoch's history arrived: write it again with it.
+            self.save(self.checkpoint_dir)
 
     def save(self, path: str | None) -> str | None:
         """Write a checkpoint to ``path`` (a directory every node can reach); a directory
@@ -88,6 +93,8 @@ class ParameterServer:
         if not path:
             return None
         save_checkpoint(path, self.checkpoint(), same_run=True)
+        if path == self.checkpoint_dir:
+            self._saved_version = self.store.version
         return path
 
     def restore(self, ckpt: Checkpoint | str) -> int:
