@@ -336,6 +336,8 @@ def load_checkpoint(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> C
     ``max_bytes`` bounds the bytes its arrays may hold once read (default 1 GiB).
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory (a checkpoint is a folder)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is missing (no such directory)")
     current = _current(path)

@@ -145,7 +145,13 @@ class Trainer:
         shuffle: bool = True,
         callback: Callable[[int, float], None] | None = None,
     ) -> History:
-        """Train ``epochs`` more epochs on ``data`` (name -> array, equal first dimensions)."""
+        """Train ``epochs`` more epochs on ``data`` (name -> array, equal first dimensions).
+
+        When the last step stopped inside an epoch (an error or interrupt mid-fit, or a
+        checkpoint taken mid-epoch and loaded), a fit with the same number of rows, batch size,
+        seed and shuffle first finishes that epoch, skipping its batches already applied; it
+        counts as one of ``epochs``. Otherwise (a warning is logged) a new epoch starts.
+        """
         if not isinstance(epochs, int) or epochs < 0:
             raise ConfigError(f"epochs must be an int >= 0, got {epochs!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
