@@ -45,7 +45,7 @@ _VERSION = re.compile(r"^v(\d{8})-[0-9a-f]{8}$")
 _TMP_PREFIX = ".tmp-"
 _OLD_FILES = ("params.npz", "optimizer.npz", "state.json")
 #: ``state.json`` larger than this is refused unread (it holds names and the loss history).
-MAX_STATE_BYTES = 256 << 20
+MAX_STATE_BYTES = 64 << 20
 
 
 @dataclass

@@ -800,6 +800,9 @@ def _checkpoint_case(ckpt: Any, case: str) -> None:
         (ckpt / "checkpoint.json").write_text(
             json.dumps({"format": "distgraph.checkpoint/2", "current": "../../etc"})
         )
+    elif case == "state.json is too large":  # valid JSON, 65 MiB of blanks
+        state = (version / "state.json").read_text()
+        (version / "state.json").write_text(state[:-1] + " " * (65 << 20) + "}")
     elif case == "optimizer lr is negative":
         _edit_state(ckpt, lambda s: s["optimizer"].update(lr=-1))
     else:
@@ -823,6 +826,7 @@ CHECKPOINT_CASES = {
     "state.json is not JSON": "state.json",
     "pointer leaves the folder": "field current",
     "optimizer lr is negative": "optimizer",
+    "state.json is too large": "limit",
 }
 
 
