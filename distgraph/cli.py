@@ -406,11 +406,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- run / explain / viz / bench ----------------------------------------------------------------
 
 
+def _load_feeds(path: str, graph: Graph, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a feeds ``.npz``, each member's name, shape and size checked against the
+    graph's inputs (and ``max_bytes``, default 1 GiB) before its data is read; FeedError else."""
+    from .npzio import MAX_BYTES, read_npz
+
+    expect = {name: (graph[name].spec.shape, None) for name in graph.inputs}
+    return read_npz(
+        path,
+        max_bytes=MAX_BYTES if max_bytes is None else max_bytes,
+        expect=expect,
+        require_all=False,  # a missing input is named by run(), which knows what it needs
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     g, feeds, _ = _load_graph(args.graph)
     if args.feeds:
-        with np.load(args.feeds, allow_pickle=False) as f:
-            feeds = {k: f[k] for k in f.files}
+        feeds = _load_feeds(args.feeds, g)
     with _executor(args) as ex:
         res = ex.run(
             g, feeds, outputs=args.outputs or None, grad=args.grad, check_finite=args.check_finite

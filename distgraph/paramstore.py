@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .optim import Optimizer
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,18 @@ class ParameterStore:
     """Parameters plus optimizer state; applies each step id at most once.
 
     ``version`` counts applied updates; ``applied`` lists their step ids in order, and
-    ``duplicates`` the step ids that were submitted again and ignored.
+    ``duplicates`` the step ids that were submitted again and ignored. ``run_id`` names the
+    training run (a fresh one unless given); checkpoints carry it.
     """
 
     def __init__(
-        self, params: Mapping[str, Any], optimizer: Optimizer, opt_state: Mapping | None = None
+        self,
+        params: Mapping[str, Any],
+        optimizer: Optimizer,
+        opt_state: Mapping | None = None,
+        run_id: str | None = None,
     ):
+        self.run_id = run_id if run_id is not None else uuid.uuid4().hex
         self.optimizer = optimizer
         self.params = {k: np.array(v) for k, v in params.items()}
         self.opt_state = dict(opt_state) if opt_state is not None else optimizer.init(self.params)
@@ -63,6 +70,7 @@ class ParameterStore:
             step=self.version,
             applied_steps=list(self.applied),
             extra=extra or {},
+            run_id=self.run_id,
         )
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
@@ -73,18 +81,13 @@ class ParameterStore:
     def from_checkpoint(
         cls, ckpt: Checkpoint, expect: Mapping[str, Any] | None = None
     ) -> ParameterStore:
-        """Rebuild a store; ``expect`` (name -> array) checks names and shapes match the graph."""
+        """Rebuild a store; with ``expect`` (name -> array, the graph's params) every array is
+        validated first (see :func:`validate_checkpoint`)."""
         if expect is not None:
-            if set(expect) != set(ckpt.params):
-                raise CheckpointError(
-                    f"checkpoint params {sorted(ckpt.params)} do not match the graph's {sorted(expect)}"
-                )
-            for k, v in expect.items():
-                if np.shape(v) != ckpt.params[k].shape:
-                    raise CheckpointError(
-                        f"checkpoint param {k!r} has shape {ckpt.params[k].shape}, graph has {np.shape(v)}"
-                    )
-        store = cls(ckpt.params, Optimizer.from_config(ckpt.optimizer), ckpt.opt_state)
+            optimizer = validate_checkpoint(ckpt, expect)
+        else:
+            optimizer = Optimizer.from_config(ckpt.optimizer)
+        store = cls(ckpt.params, optimizer, ckpt.opt_state, run_id=ckpt.run_id)
         store.applied = list(ckpt.applied_steps) or list(range(1, ckpt.step + 1))
         store._applied_set = set(store.applied)
         return store
@@ -95,3 +98,68 @@ class ParameterStore:
     ) -> ParameterStore:
         """Read a checkpoint from disk."""
         return cls.from_checkpoint(load_checkpoint(path), expect)
+
+
+def validate_checkpoint(ckpt: Checkpoint, expect: Mapping[str, Any]) -> Optimizer:
+    """Check a checkpoint against the graph's params and its own optimizer; returns that
+    optimizer. Raises :class:`CheckpointError` naming the param or field at fault.
+
+    Params: the same names, shapes and float dtypes as the graph's, finite values. Optimizer:
+    a valid config; per param exactly the state fields the optimizer keeps, each shaped and
+    typed like a fresh state's (so a vector of momentum cannot turn a scalar param into a
+    vector), float fields finite, integer counters (Adam's ``t``) >= 0. Step ids >= 1, unique.
+    """
+    try:
+        optimizer = Optimizer.from_config(ckpt.optimizer)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint field optimizer: {e}") from None
+    if set(expect) != set(ckpt.params):
+        raise CheckpointError(
+            f"checkpoint params {sorted(ckpt.params)} do not match the graph's {sorted(expect)}"
+        )
+    for name, graph_value in expect.items():
+        value, want = np.asarray(ckpt.params[name]), np.asarray(graph_value)
+        if value.shape != want.shape:
+            raise CheckpointError(
+                f"checkpoint param {name!r} has shape {value.shape}, graph has {want.shape}"
+            )
+        if value.dtype.kind != "f" or value.dtype != want.dtype:
+            raise CheckpointError(
+                f"checkpoint param {name!r} has dtype {value.dtype}, graph has {want.dtype}"
+            )
+        if not np.all(np.isfinite(value)):
+            raise CheckpointError(f"checkpoint param {name!r} holds NaN or Inf")
+    unknown = sorted(set(ckpt.opt_state) - set(expect))
+    if unknown:
+        raise CheckpointError(f"checkpoint optimizer state names unknown params {unknown}")
+    for name in expect:
+        fresh = optimizer.init_one(np.asarray(ckpt.params[name]))
+        state = ckpt.opt_state.get(name, {})
+        if set(state) != set(fresh):
+            raise CheckpointError(
+                f"checkpoint optimizer state of param {name!r} has fields {sorted(state)}; "
+                f"{type(optimizer).__name__} keeps {sorted(fresh)}"
+            )
+        for k, template in fresh.items():
+            value = np.asarray(state[k])
+            field = f"optimizer state {name!r}.{k}"
+            if value.shape != template.shape:
+                raise CheckpointError(
+                    f"checkpoint {field} has shape {value.shape}, expected {template.shape}"
+                )
+            if value.dtype.kind != template.dtype.kind:
+                raise CheckpointError(
+                    f"checkpoint {field} has dtype {value.dtype}, expected {template.dtype}"
+                )
+            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                raise CheckpointError(f"checkpoint {field} holds NaN or Inf")
+            if value.dtype.kind in "iu" and np.any(value < 0):
+                raise CheckpointError(f"checkpoint {field} is negative ({value.min()})")
+    steps = list(ckpt.applied_steps)
+    if any(int(s) < 1 for s in steps) or len(set(steps)) != len(steps):
+        raise CheckpointError("checkpoint field applied_steps: step ids must be unique and >= 1")
+    if ckpt.step < 0 or (steps and ckpt.step != len(steps)):
+        raise CheckpointError(
+            f"checkpoint field step: {ckpt.step} does not count the {len(steps)} applied steps"
+        )
+    return optimizer

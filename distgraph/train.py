@@ -6,13 +6,14 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, FeedError
+from .errors import CheckpointError, ConfigError, FeedError
 from .graph import Graph
 from .optim import Optimizer
 from .paramstore import ParameterStore
@@ -93,9 +94,9 @@ class Trainer:
         self.epoch = 0
         self._store = ParameterStore(graph.params, optimizer)
         self._steps_done = 0
-        #: One entry per fit() call: (first step id, data, batch size, seed, shuffle, first epoch),
-        #: so any step's batch can be rebuilt when a parameter server has to replay steps.
-        self._segments: list[tuple[int, dict[str, np.ndarray], int, int, bool, int]] = []
+        #: One entry per fit() call, so any step's batch can be rebuilt when a parameter server
+        #: has to replay steps, and a fit stopped mid-epoch can finish that epoch.
+        self._segments: list[_Segment] = []
         self._session: TrainingSession | None = None
         self._data_n: int | None = None
 
@@ -115,6 +116,13 @@ class Trainer:
         return {
             k: (np.asarray(v).item() if np.ndim(v) == 0 else np.array(v)) for k, v in src.items()
         }
+
+    @property
+    def run_id(self) -> str:
+        """The training run this trainer continues: fresh per Trainer, adopted by :meth:`load`.
+
+        Checkpoints carry it; a parameter server only restarts from its own run's checkpoint."""
+        return self._store.run_id
 
     @property
     def step(self) -> int:
@@ -137,7 +145,13 @@ class Trainer:
         shuffle: bool = True,
         callback: Callable[[int, float], None] | None = None,
     ) -> History:
-        """Train ``epochs`` more epochs on ``data`` (name -> array, equal first dimensions)."""
+        """Train ``epochs`` more epochs on ``data`` (name -> array, equal first dimensions).
+
+        When the last step stopped inside an epoch (an error or interrupt mid-fit, or a
+        checkpoint taken mid-epoch and loaded), a fit with the same number of rows, batch size,
+        seed and shuffle first finishes that epoch, skipping its batches already applied; it
+        counts as one of ``epochs``. Otherwise (a warning is logged) a new epoch starts.
+        """
         if not _is_int(epochs) or epochs < 0:
             raise ConfigError(f"epochs must be an int >= 0, got {epochs!r}")
         if not _is_int(batch_size) or batch_size < 1:
@@ -154,16 +168,42 @@ class Trainer:
         n = next(iter(sizes.values()))
         if n == 0:
             raise FeedError(f"training data has no rows (lengths {sizes}); give at least one")
+        segment = _Segment(self._steps_done + 1, n, batch_size, seed, shuffle, self.epoch, arrays)
+        # A fit stopped mid-epoch (by an error, or a checkpoint taken mid-epoch) is finished first:
+        # the same batches of the same epoch, skipping those already applied.
+        done = self._position()
+        skip = 0
+        if done is not None:
+            last, skip = done
+            if (last.n, last.batch_size, last.seed, last.shuffle) == (n, batch_size, seed, shuffle):
+                segment.first -= skip  # step ids of the epoch's first batches, already applied
+            else:
+                log.warning(
+                    "the last fit stopped after %d of the %d batches of epoch %d; this fit's data "
+                    "or batching differs, so it starts a new epoch instead of finishing that one",
+                    skip,
+                    steps_per_epoch(last.n, last.batch_size),
+                    self.epoch,
+                )
+                skip = 0
         session = self.session
-        self._segments.append((self._steps_done + 1, arrays, batch_size, seed, shuffle, self.epoch))
+        self._segments.append(segment)
         if hasattr(session, "replay"):
             session.replay = self.feeds_for_step
+        if hasattr(session, "set_progress"):
+            session.set_progress(self._progress())
         attached = session.attach(arrays)
         bar = self._bar(epochs)
         try:
             for _ in range(epochs):
-                losses, weights = [], []
-                for idx in batch_indices(n, batch_size, seed, self.epoch, shuffle):
+                batches = batch_indices(n, batch_size, seed, self.epoch, shuffle)
+                # Batches applied before a resume count with the losses recorded for them
+                # (a server's checkpoint may lack some: those are left out of the mean).
+                before = self.history.step_loss[len(self.history.step_loss) - skip :]
+                known = [i for i, v in enumerate(before) if not math.isnan(v)]
+                losses = [before[i] for i in known]
+                weights = [len(batches[i]) for i in known]
+                for idx in batches[skip:]:
                     step_id = self._steps_done + 1
                     loss = session.step_rows(step_id, attached, idx, trace=self.trace)
                     if self.trace:
@@ -175,9 +215,12 @@ class Trainer:
                     if callback is not None:
                         callback(step_id, loss)
                 self.epoch += 1
+                skip = 0
                 epoch_loss = float(np.average(losses, weights=weights))
                 self.history.loss.append(epoch_loss)
                 self.history.params.append(self._small_params())
+                if hasattr(session, "set_progress"):
+                    session.set_progress(self._progress())
                 log.info("epoch %d: loss %.6g", self.epoch, epoch_loss)
                 if bar is not None:
                     bar.set_postfix(step=self.step, loss=f"{epoch_loss:.4g}")
@@ -189,14 +232,34 @@ class Trainer:
 
     def feeds_for_step(self, step_id: int) -> dict[str, np.ndarray]:
         """The mini-batch that step ``step_id`` used (deterministic for the data and seed)."""
-        for first, arrays, batch_size, seed, shuffle, first_epoch in reversed(self._segments):
-            if step_id >= first:
-                n = len(next(iter(arrays.values())))
-                per_epoch = steps_per_epoch(n, batch_size)
-                epoch, index = divmod(step_id - first, per_epoch)
-                idx = batch_indices(n, batch_size, seed, first_epoch + epoch, shuffle)[index]
-                return {k: v[idx] for k, v in arrays.items()}
+        for seg in reversed(self._segments):
+            if step_id >= seg.first:
+                if seg.arrays is None:
+                    break  # taken before a checkpoint was loaded: its data is not here
+                per_epoch = steps_per_epoch(seg.n, seg.batch_size)
+                epoch, index = divmod(step_id - seg.first, per_epoch)
+                idx = batch_indices(
+                    seg.n, seg.batch_size, seg.seed, seg.first_epoch + epoch, seg.shuffle
+                )[index]
+                return {k: v[idx] for k, v in seg.arrays.items()}
         raise ConfigError(f"step {step_id} was not taken by this trainer's fit() calls")
+
+    def _position(self) -> tuple[_Segment, int] | None:
+        """(segment, batches done) when the last step stopped inside an epoch, else None."""
+        step = self._steps_done
+        for seg in reversed(self._segments):
+            if step >= seg.first:
+                _, pos = divmod(step - seg.first + 1, steps_per_epoch(seg.n, seg.batch_size))
+                return (seg, pos) if pos else None
+        return None
+
+    def _progress(self) -> dict[str, Any]:
+        """The Trainer's part of a checkpoint: epoch, fit segments (without data), history."""
+        return {
+            "epoch": self.epoch,
+            "segments": [seg.meta() for seg in self._segments],
+            "history": self.history.to_dict(),
+        }
 
     def _small_params(self) -> dict[str, Any]:
         out = {}
@@ -218,32 +281,75 @@ class Trainer:
         return tqdm(total=epochs, desc="epochs", unit="epoch", leave=False)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write params, optimizer state and progress to a checkpoint directory."""
+        """Write params, optimizer state and progress to checkpoint directory ``path``.
+
+        Crash-safe: the previous checkpoint stays current until the new one is complete. A
+        non-empty ``path`` that is not a checkpoint is refused (nothing there is deleted)."""
         ckpt = (
             self.session.checkpoint() if self._session is not None else self._store.to_checkpoint()
         )
-        ckpt.extra = {"epoch": self.epoch, "history": self.history.to_dict()}
+        ckpt.extra = self._progress()
         from .checkpoint import save_checkpoint
 
         save_checkpoint(path, ckpt)
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save` or by the parameter server."""
-        store = ParameterStore.load(path, self.graph.params)
-        from .checkpoint import load_checkpoint
+    def load(self, path: str | os.PathLike, *, max_bytes: int | None = None) -> None:
+        """Continue the run checkpointed in ``path`` (by :meth:`save` or the parameter server).
 
-        ckpt = load_checkpoint(path)
-        extra = ckpt.extra
-        self._steps_done = max(ckpt.applied_steps, default=ckpt.step)
-        self.epoch = int(extra.get("epoch", 0))
-        hist = extra.get("history") or {}
-        self.history = History(
-            hist.get("loss", []), hist.get("step_loss", []), hist.get("params", [])
-        )
+        Every array is validated against the graph and the checkpoint's optimizer before
+        anything changes; on error (:class:`~distgraph.CheckpointError`) this trainer is left
+        as it was. The checkpoint's optimizer wins: its state only makes sense with its
+        hyperparameters, so ``trainer.optimizer`` becomes the checkpoint's (with a warning when
+        it differs from the one given). The trainer adopts the checkpoint's run id, so an
+        executor's ``checkpoint_dir`` holding that run is resumed rather than refused. A
+        checkpoint taken mid-epoch makes the next :meth:`fit` (same data, batch size, seed)
+        finish that epoch first. ``max_bytes`` bounds the arrays read (default 1 GiB).
+        """
+        from .checkpoint import Progress, load_checkpoint
+        from .npzio import MAX_BYTES
+
+        ckpt = load_checkpoint(path, max_bytes=MAX_BYTES if max_bytes is None else max_bytes)
+        store = ParameterStore.from_checkpoint(ckpt, self.graph.params)
+        try:
+            progress = Progress.model_validate(ckpt.extra)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {path}: field extra: {e}") from None
+        steps = max(ckpt.applied_steps, default=ckpt.step)
+        segments = [
+            _Segment(s.first, s.n, s.batch_size, s.seed, s.shuffle, s.first_epoch)
+            for s in progress.segments
+            if s.first <= steps + 1
+        ]
+        epoch = progress.epoch
+        for seg in reversed(segments):  # the server's checkpoints know the step, not the epoch
+            if steps >= seg.first:
+                epoch = seg.first_epoch + (steps - seg.first + 1) // steps_per_epoch(
+                    seg.n, seg.batch_size
+                )
+                break
+        hist = progress.history
+        nan = float("nan")
+
+        def floats(values: list[float | None], length: int) -> list[float]:
+            out = [nan if v is None else float(v) for v in values[:length]]
+            return out + [nan] * (length - len(out))
+
+        # Everything is checked: replace the state (an open session is rebuilt from it).
+        if store.optimizer != self.optimizer:
+            warnings.warn(
+                f"Trainer.load: the checkpoint's optimizer {store.optimizer} replaces "
+                f"{self.optimizer} (its state belongs to its hyperparameters)",
+                UserWarning,
+                stacklevel=2,
+            )
         if self._session is not None:
-            self._session.restore(store.to_checkpoint())
-        else:
-            self._store = store
+            self._session.close()
+            self._session = None
+        self._store, self.optimizer = store, store.optimizer
+        self._steps_done, self.epoch, self._segments = steps, epoch, segments
+        self.history = History(
+            floats(hist.loss, epoch), floats(hist.step_loss, steps), list(hist.params[:epoch])
+        )
 
     def close(self) -> None:
         """Close the training session (the executor stays open)."""
@@ -257,6 +363,30 @@ class Trainer:
 def _is_int(value: Any) -> bool:
     # bool is an int to Python, but epochs=True is a mistake, not a count.
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass
+class _Segment:
+    """One fit() call: its first step id, its data and how it cut the data into batches."""
+
+    first: int
+    n: int
+    batch_size: int
+    seed: int
+    shuffle: bool
+    first_epoch: int
+    arrays: dict[str, np.ndarray] | None = None  # None when restored from a checkpoint
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able, without the data."""
+        return {
+            "first": self.first,
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "first_epoch": self.first_epoch,
+        }
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -794,3 +794,271 @@ def test_cli_connect_timeout_names_the_address_and_the_real_timeout(silent_port)
     assert len(lines) == 1 and lines[0].startswith("distgraph: error:"), done.stderr
     assert address in lines[0] and "connect_timeout=2 s" in lines[0], lines[0]
     assert elapsed <= 2 + CONNECT_SLACK, elapsed
+
+
+# --- hostile npz and checkpoint files ---
+#
+# Issue 12, items 3 and 5: feeds files and checkpoints users receive are read header-first. Each
+# row is a file this test writes, the error it must raise, and a word its message must hold.
+# The load runs in a subprocess whose address space is capped at 1.5 GiB over its baseline, so
+# a file that makes the reader allocate what it claims dies there of MemoryError instead of
+# passing.
+
+_CEILING = 3 << 29  # 1.5 GiB
+_BOMB_SHAPE = (70_000_000, 3)  # 1.68 GB of float64 zeros: over the ceiling and the 1 GiB limit
+
+_LOADER = """
+import json, resource, sys
+import numpy as np
+import distgraph as dg
+from distgraph import cli
+
+kind, path = sys.argv[1], sys.argv[2]
+g = dg.Graph()
+x, y = g.input("x", shape=(None, 3)), g.input("y", shape=(None,))
+w = g.param("w", np.array([0.5, -0.5, 1.0]))
+g.output("loss", dg.mse((x * w).sum(axis=1), y))
+trainer = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.1), progress=False)
+if kind == "make":  # write a good checkpoint (the rows tamper with copies of it)
+    trainer.fit({"x": np.ones((8, 3)), "y": np.ones(8)}, epochs=1, batch_size=4)
+    trainer.save(path)
+    sys.exit(0)
+vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize"))
+limit = vm * 1024 + int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    if kind == "feeds":
+        cli._load_feeds(path, g)
+    else:
+        trainer.load(path)
+    out = {"error": None, "message": ""}
+except BaseException as e:
+    out = {"error": type(e).__name__, "message": str(e)[:800]}
+print(json.dumps(out))
+"""
+
+
+def _run_loader(kind: str, path: Any) -> dict[str, Any]:
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOADER, kind, str(path), str(_CEILING)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if kind != "make" else {}
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f8") -> bytes:
+    import io
+
+    from numpy.lib import format as npy_format
+
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _zip(path: Any, members: dict[str, bytes], compress: bool = False) -> None:
+    import zipfile
+
+    mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", mode) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def _bomb(path: Any, member: str) -> None:
+    """A zip whose one member honestly unpacks to 1.68 GB of zeros (a few MB on disk)."""
+    import zipfile
+
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf,
+        zf.open(member, "w", force_zip64=True) as f,
+    ):
+        f.write(_npy_header(_BOMB_SHAPE))
+        chunk, left = bytes(1 << 24), _BOMB_SHAPE[0] * _BOMB_SHAPE[1] * 8
+        while left:
+            n = min(left, len(chunk))
+            f.write(chunk[:n])
+            left -= n
+
+
+def _feeds_file(root: Any, case: str) -> Any:
+    path = root / f"{case}.npz"
+    good_x, good_y = np.ones((4, 3)), np.ones(4)
+    if case == "bomb":
+        _bomb(path, "x.npy")
+    elif case == "lying header":  # 7 TiB claimed by a 300-byte file
+        _zip(path, {"x.npy": _npy_header((2**40, 1))})
+    elif case == "header bigger than data":
+        _zip(path, {"x.npy": _npy_header((1000, 3)) + bytes(24)})
+    elif case == "object array":
+        np.savez(path, x=np.array([{"a": 1}, None], dtype=object), y=good_y)
+    elif case == "structured dtype":
+        np.savez(path, x=np.zeros(4, dtype=[("a", "f8")]), y=good_y)
+    elif case == "unicode strings":
+        np.savez(path, x=np.array(["a", "b"]), y=good_y)
+    elif case == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(300))
+    elif case == "npy file":
+        path = root / "x.npy"
+        np.save(path, good_x)
+    elif case == "missing":
+        path = root / "nowhere.npz"
+    elif case == "directory":
+        path = root / "adir.npz"
+        path.mkdir()
+    elif case == "wrong shape":
+        np.savez(path, x=np.ones((4, 5)), y=good_y)
+    elif case == "unknown member":
+        np.savez(path, x=good_x, y=good_y, z=good_y)
+    elif case == "not an array member":
+        _zip(path, {"x.npy": _npy_header((4, 3)) + good_x.tobytes(), "a.txt": b"hi"})
+    else:
+        raise AssertionError(case)
+    return path
+
+
+FEEDS_CASES = {
+    "bomb": "'x'",
+    "lying header": "'x'",
+    "header bigger than data": "'x'",
+    "object array": "'x'",
+    "structured dtype": "'x'",
+    "unicode strings": "'x'",
+    "garbage": "not an .npz",
+    "npy file": ".npy",
+    "missing": "does not exist",
+    "directory": "not a file",
+    "wrong shape": "'x'",
+    "unknown member": "'z'",
+    "not an array member": "a.txt",
+}
+
+
+@pytest.mark.parametrize("case", sorted(FEEDS_CASES))
+def test_hostile_feeds_file_is_refused_within_a_memory_ceiling(tmp_path, case):
+    path = _feeds_file(tmp_path, case)
+    out = _run_loader("feeds", path)
+    assert out["error"] == "FeedError", out
+    assert str(path.name) in out["message"] or case == "missing", out
+    assert FEEDS_CASES[case] in out["message"], out
+
+
+def _edit_state(ckpt: Any, edit: Callable[[dict], None]) -> None:
+    version = ckpt / json.loads((ckpt / "checkpoint.json").read_text())["current"]
+    state = json.loads((version / "state.json").read_text())
+    edit(state)
+    (version / "state.json").write_text(json.dumps(state))
+
+
+def _old_format(ckpt: Any, params: Callable[[Any], None], step: Any = 1) -> None:
+    """A format-1 checkpoint (three files; what earlier versions wrote) with hostile parts."""
+    import shutil
+
+    shutil.rmtree(ckpt)
+    ckpt.mkdir()
+    params(ckpt / "params.npz")
+    np.savez(ckpt / "optimizer.npz")
+    state = {"format": "distgraph.checkpoint/1", "step": step, "applied_steps": [1]}
+    state.update(optimizer={"kind": "sgd", "lr": 0.1}, params=["w"], extra={})
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
+def _checkpoint_case(ckpt: Any, case: str) -> None:
+    """Tamper with the good checkpoint ``ckpt`` (a copy) as ``case`` says."""
+    if case.startswith("format 1"):
+        version = None  # the whole directory is replaced
+    else:
+        version = ckpt / json.loads((ckpt / "checkpoint.json").read_text())["current"]
+    if case == "format 1 bomb":
+        _old_format(ckpt, lambda p: _bomb(p, "w.npy"))
+    elif case == "format 1 lying header":
+        _old_format(ckpt, lambda p: _zip(p, {"w.npy": _npy_header((2**40,))}))
+    elif case == "format 1 step is text":
+        _old_format(ckpt, lambda p: np.savez(p, w=np.ones(3)), step="abc")
+    elif case == "bomb declared in state.json":
+        _bomb(version / "arrays.npz", "p0.npy")
+        _edit_state(ckpt, lambda s: s["params"]["w"].update(shape=list(_BOMB_SHAPE)))
+    elif case == "lying header":
+        _zip(version / "arrays.npz", {"p0.npy": _npy_header((2**40,))})
+        _edit_state(ckpt, lambda s: s["params"]["w"].update(shape=[2**40]))
+    elif case == "member shape differs from state.json":
+        np.savez(
+            version / "arrays.npz", p0=np.ones(5), s1=np.ones(3), s2=np.ones(3), s3=np.int64(1)
+        )
+    elif case == "object member":
+        np.savez(version / "arrays.npz", p0=np.array([None] * 3, dtype=object))
+    elif case == "garbage arrays":
+        (version / "arrays.npz").write_bytes(b"\0" * 300)
+    elif case == "step is negative":
+        _edit_state(ckpt, lambda s: s.update(step=-1))
+    elif case == "applied step ids are text":
+        _edit_state(ckpt, lambda s: s.update(applied_steps=["a"]))
+    elif case == "shape is text":
+        _edit_state(ckpt, lambda s: s["params"]["w"].update(shape="big"))
+    elif case == "epoch is negative":
+        _edit_state(ckpt, lambda s: s["extra"].update(epoch=-3))
+    elif case == "format is unknown":
+        _edit_state(ckpt, lambda s: s.update(format="distgraph.checkpoint/9"))
+    elif case == "state.json is not JSON":
+        (version / "state.json").write_text("{not json")
+    elif case == "pointer leaves the folder":
+        (ckpt / "checkpoint.json").write_text(
+            json.dumps({"format": "distgraph.checkpoint/2", "current": "../../etc"})
+        )
+    elif case == "state.json is too large":  # valid JSON, 65 MiB of blanks
+        state = (version / "state.json").read_text()
+        (version / "state.json").write_text(state[:-1] + " " * (65 << 20) + "}")
+    elif case == "optimizer lr is negative":
+        _edit_state(ckpt, lambda s: s["optimizer"].update(lr=-1))
+    else:
+        raise AssertionError(case)
+
+
+CHECKPOINT_CASES = {
+    "format 1 bomb": "'w'",
+    "format 1 lying header": "'w'",
+    "format 1 step is text": "step",
+    "bomb declared in state.json": "'p0'",
+    "lying header": "'p0'",
+    "member shape differs from state.json": "'p0'",
+    "object member": "'p0'",
+    "garbage arrays": "arrays.npz",
+    "step is negative": "field step",
+    "applied step ids are text": "field applied_steps",
+    "shape is text": "field params.w.shape",
+    "epoch is negative": "field extra.epoch",
+    "format is unknown": "field format",
+    "state.json is not JSON": "state.json",
+    "pointer leaves the folder": "field current",
+    "optimizer lr is negative": "optimizer",
+    "state.json is too large": "limit",
+}
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "ckpt"
+    _run_loader("make", path)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_hostile_checkpoint_is_refused_within_a_memory_ceiling(tmp_path, good_checkpoint, case):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(good_checkpoint, ckpt)
+    assert _run_loader("load", ckpt) == {"error": None, "message": ""}  # the copy is good
+    _checkpoint_case(ckpt, case)
+    out = _run_loader("load", ckpt)
+    assert out["error"] == "CheckpointError", out
+    assert CHECKPOINT_CASES[case] in out["message"], out

@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from ..checkpoint import Checkpoint, load_checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
 
@@ -41,6 +41,9 @@ class ParameterServer:
         self._grad_names = dict(grad_names)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
+        #: The Trainer's progress (epoch, fit segments, history), written into checkpoints.
+        self.progress: dict[str, Any] = {}
+        self._saved_version = -1  # the version last written to checkpoint_dir
 
     def apply(self, step_id: int, *grad_dicts: dict[str, Any]) -> tuple:
         """Apply one step's gradients once; returns (status, params for worker 0, 1, ...)."""
@@ -72,21 +75,35 @@ class ParameterServer:
         return dict(self.store.params)
 
     def checkpoint(self) -> Checkpoint:
-        """A snapshot of the store."""
-        return self.store.to_checkpoint()
+        """A snapshot of the store, with the latest progress the driver sent."""
+        return self.store.to_checkpoint(dict(self.progress))
+
+    def set_progress(self, progress: dict[str, Any]) -> None:
+        """Keep the Trainer's progress for the next checkpoints (the driver sends it when a fit
+        starts and after each epoch; calls run in order with the updates)."""
+        self.progress = dict(progress)
+        if self.checkpoint_dir and self._saved_version == self.store.version:
+            # The checkpoint of this very version (an epoch's last step) was written before
+            # the epoch's history arrived: write it again with it.
+            self.save(self.checkpoint_dir)
 
     def save(self, path: str | None) -> str | None:
-        """Write a checkpoint to ``path`` (a directory every node can reach)."""
+        """Write a checkpoint to ``path`` (a directory every node can reach); a directory
+        holding another run's checkpoint is refused (CheckpointError), never replaced."""
         if not path:
             return None
-        self.store.save(path)
+        save_checkpoint(path, self.checkpoint(), same_run=True)
+        if path == self.checkpoint_dir:
+            self._saved_version = self.store.version
         return path
 
     def restore(self, ckpt: Checkpoint | str) -> int:
-        """Load a checkpoint (an object or a path); returns the version."""
+        """Load a checkpoint (an object or a path), validated against the current params;
+        returns the version."""
         if isinstance(ckpt, (str, os.PathLike)):
             ckpt = load_checkpoint(ckpt)
         self.store = ParameterStore.from_checkpoint(ckpt, self.store.params)
+        self.progress = dict(ckpt.extra)
         return self.store.version
 
     def status(self) -> dict[str, Any]:

@@ -38,7 +38,14 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import (
+    Checkpoint,
+    checkpoint_run_id,
+    foreign_run_error,
+    is_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ..cost import CostModel
 from ..errors import ClusterError, ConfigError, DistgraphError, WaveTimeoutError, WorkerLostError
 from ..graph import Graph
@@ -763,7 +770,17 @@ class _RaySession(TrainingSession):
             self.ex.workers[w].set_replica.remote(self.plan_id, state)
 
     def _start_ps(self, ckpt: Checkpoint) -> None:
+        """Start the parameter server from ``ckpt``. The first start also claims
+        ``checkpoint_dir`` for this run: a directory holding another run's checkpoint is
+        refused (a restart would otherwise adopt it), else this run's state is written there."""
         assert self.plan is not None
+        first = self.ps is None
+        directory = self.ex.checkpoint_dir
+        if first and directory and is_checkpoint(directory):
+            other = checkpoint_run_id(directory)
+            if other != ckpt.run_id:
+                self.plan = None  # nothing was started: the next step tries again
+                raise foreign_run_error(directory, other)
         routes = {
             w: []
             if w in self.replicas
@@ -775,10 +792,30 @@ class _RaySession(TrainingSession):
             self.optimizer,
             routes,
             self.prog.grads,
-            self.ex.checkpoint_dir,
+            directory,
             self.ex.checkpoint_every,
         )
-        self.ex._get([self.ps.restore.remote(ckpt)], "starting the parameter server")
+        calls = [self.ps.restore.remote(ckpt)]
+        progress = getattr(self, "_progress", None)
+        if progress is not None:  # newer than the checkpoint's: the fit under way
+            calls.append(self.ps.set_progress.remote(progress))
+        if first and directory:
+            calls.append(self.ps.save.remote(directory))
+        try:
+            self.ex._get(calls, "starting the parameter server")
+        except BaseException:
+            if first:
+                with contextlib.suppress(Exception):
+                    ray.kill(self.ps)
+                self.ps, self.plan = None, None
+            raise
+
+    def set_progress(self, progress: Mapping[str, Any]) -> None:
+        """The Trainer's progress (epoch, fit segments, history) for the server's checkpoints;
+        sent without waiting (the server takes it in order with the updates)."""
+        self._progress = dict(progress)
+        if self.ps is not None:
+            self.ps.set_progress.remote(self._progress)
 
     def step(self, step_id: int, feeds: Mapping[str, Any], trace: bool = False) -> float:
         arrays = prepare_feeds(self.prog, feeds, self.check_finite)
@@ -960,11 +997,16 @@ class _RaySession(TrainingSession):
             self._step_once(s, arrays)
 
     def _latest_checkpoint(self) -> Checkpoint:
+        """This run's checkpoint in ``checkpoint_dir`` if there is one, else the initial state
+        (another run's checkpoint is never adopted: its steps are not this run's)."""
         path = self.ex.checkpoint_dir
-        if path and os.path.exists(os.path.join(path, "state.json")):
+        if path and is_checkpoint(path):
             ckpt = load_checkpoint(path)
-            if set(ckpt.params) == set(self._initial.params):
+            if ckpt.run_id == self._initial.run_id and set(ckpt.params) == set(
+                self._initial.params
+            ):
                 return ckpt
+            log.warning("%s holds another run's checkpoint; restarting from this run's start", path)
         return self._initial
 
     def _drain(self) -> None:
@@ -1017,7 +1059,7 @@ class _RaySession(TrainingSession):
     def save(self, path: str) -> None:
         """Have the parameter server write its checkpoint to ``path`` (on the PS's node)."""
         if self.ps is None:
-            save_checkpoint(path, self._initial)
+            save_checkpoint(path, self._initial, same_run=True)
             return
         self._ps_call("save", str(path))
 
