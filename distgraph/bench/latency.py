@@ -13,6 +13,8 @@ from ._harness import Record, log, measure
 NAME = "latency"
 #: label -> (comparison, bound) of every target this benchmark checks.
 TARGETS = {"step_vs_round_trip": ("<=", 2.0)}
+#: Packages of the ``bench`` extra this benchmark needs (none: numpy and Ray only).
+PEERS: tuple[str, ...] = ()
 
 
 def _noop_actor() -> Any:

@@ -17,6 +17,8 @@ NAME = "soak"
 #: label -> (comparison, bound) of every target this benchmark checks. "Flat" object store:
 #: the last 10% of samples may exceed the first 10% by at most 1 MiB.
 TARGETS = {"rss_growth_mb": ("<=", 30.0), "store_growth_mib": ("<=", 1.0)}
+#: Packages of the ``bench`` extra this benchmark needs (psutil, which reads the driver's memory).
+PEERS: tuple[str, ...] = ("psutil",)
 
 
 class StoreGauge:
