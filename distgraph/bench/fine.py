@@ -6,6 +6,7 @@ Level 0 holds ``width`` random 16-element float64 vectors; every later node is
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,5 @@ def _time_distgraph(rec: Record, inputs: np.ndarray, edges: list, want: list, re
         with dg.RayExecutor(num_workers=2, strategy=strategy) as ex:
             res = ex.run(g, feeds=feeds)
             _check([res.values[n] for n in names], want, f"distgraph ray {strategy}")
-            rec.figure(
-                f"distgraph_{strategy}_s", measure(lambda ex=ex: ex.run(g, feeds=feeds), repeats)
-            )
+            step = functools.partial(ex.run, g, feeds=feeds)
+            rec.figure(f"distgraph_{strategy}_s", measure(step, repeats))

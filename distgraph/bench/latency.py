@@ -20,14 +20,15 @@ PEERS: tuple[str, ...] = ()
 def _noop_actor() -> Any:
     import ray
 
-    @ray.remote(num_cpus=0)
     class Noop:
         """An actor whose method does nothing: one call is one round trip."""
 
         def ping(self) -> None:
             return None
 
-    return Noop.remote()
+    # Ray's stubs type a decorated class as the class itself, without ``.remote``.
+    actor_class: Any = ray.remote(num_cpus=0)(Noop)
+    return actor_class.remote()
 
 
 def round_trips(calls: int, repeats: int) -> tuple[float, float]:
