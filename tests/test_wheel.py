@@ -4,7 +4,7 @@ The wheel is built from a copy of what a source distribution holds (pyproject.to
 LICENSE, distgraph/), so the checkout gets no build/ or egg-info and nothing lying beside the
 package can leak into the wheel. The venv is made without ``--system-site-packages`` and the
 wheel is installed with ``--no-deps``; its dependencies (``.[dev,bench]``) are borrowed from the
-venv running this test through one ``.pth`` line naming that venv's site-packages. A ``.pth``
+venv running this test through a ``.pth`` file naming its site-packages directories. A ``.pth``
 line only appends a directory to ``sys.path`` (the ``.pth`` files inside it are not processed),
 so the checkout's editable install stays inert and the venv's own copy of distgraph comes first;
 the test asserts both. Installing the dependencies from the index instead takes about 80 s here,
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import sysconfig
@@ -74,11 +75,13 @@ def venv(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Path:
         ],
         300,
     )
-    site = _run(
+    theirs = _run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], 60
-    )
+    ).stdout.strip()
+    # Where this interpreter's packages live (a venv's site-packages, or the system's).
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    Path(site.stdout.strip(), "_distgraph_test_deps.pth").write_text("\n".join(sorted(ours)) + "\n")
+    ours.update(p for p in site.getsitepackages() if os.path.isdir(p))
+    Path(theirs, "_distgraph_test_deps.pth").write_text("\n".join(sorted(ours)) + "\n")
     return home / "bin"
 
 
