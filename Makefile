@@ -23,19 +23,19 @@ demo: $(STAMP)
 	$(BIN)/distgraph train linear --backend ray --workers 2
 
 test: $(STAMP) browser
-	$(BIN)/ruff check distgraph tests examples benchmarks deploy
+	$(BIN)/ruff check distgraph tests examples deploy
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check distgraph tests examples benchmarks deploy
-	$(BIN)/ruff format --check distgraph tests examples benchmarks deploy
+	$(BIN)/ruff check distgraph tests examples deploy
+	$(BIN)/ruff format --check distgraph tests examples deploy
 
 format: $(STAMP)
-	$(BIN)/ruff format distgraph tests examples benchmarks deploy
-	$(BIN)/ruff check --fix distgraph tests examples benchmarks deploy
+	$(BIN)/ruff format distgraph tests examples deploy
+	$(BIN)/ruff check --fix distgraph tests examples deploy
 
 bench: $(STAMP)
 	$(BIN)/distgraph bench

@@ -6,16 +6,20 @@ correctness of the hand-written peers the figures are compared against.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 
-import benchmarks
-from benchmarks import fine, mlp, scale
-from benchmarks.__main__ import main as bench_main
-from benchmarks._harness import Record, ray_runtime
+from distgraph import bench
+from distgraph.bench import fine, mlp, scale
+from distgraph.bench.__main__ import main as bench_main
+from distgraph.bench._harness import Record, ray_runtime
+from distgraph.errors import ConfigError
 
 #: The figures each benchmark must report (more are allowed; optional peers are not listed).
 REQUIRED_FIGURES = {
@@ -70,14 +74,14 @@ def ray_session():
 @pytest.fixture(scope="module")
 def quick_results(ray_session):
     """The whole suite in quick mode, run once for the module."""
-    return {r["name"]: r for r in benchmarks.run(None, quick=True, progress=False)}
+    return {r["name"]: r for r in bench.run(None, quick=True, progress=False)}
 
 
 def test_suite_lists_every_benchmark():
-    assert set(REQUIRED_FIGURES) == set(benchmarks.NAMES)
+    assert set(REQUIRED_FIGURES) == set(bench.NAMES)
 
 
-@pytest.mark.parametrize("name", benchmarks.NAMES)
+@pytest.mark.parametrize("name", bench.NAMES)
 def test_quick_run_reports_named_fields(quick_results, name):
     result = quick_results[name]
     assert result["error"] is None, result["error"]
@@ -89,7 +93,7 @@ def test_quick_run_reports_named_fields(quick_results, name):
         assert isinstance(value, float) and math.isfinite(value), (label, value)
     for label, value in result["ratios"].items():
         assert isinstance(value, float), (label, value)
-    module = __import__(f"benchmarks.{name}", fromlist=["TARGETS"])
+    module = __import__(f"distgraph.bench.{name}", fromlist=["TARGETS"])
     assert set(result["targets"]) == set(module.TARGETS)
     for label, t in result["targets"].items():
         assert set(t) == {"value", "target", "met"}, label
@@ -110,21 +114,64 @@ def test_quick_run_reports_named_fields(quick_results, name):
 
 def test_json_and_table_render_the_results(quick_results):
     results = list(quick_results.values())
-    doc = json.loads(benchmarks.to_json(results))
-    assert [r["name"] for r in doc["results"]] == list(benchmarks.NAMES)
+    doc = json.loads(bench.to_json(results))
+    assert [r["name"] for r in doc["results"]] == list(bench.NAMES)
     for key in ("logical_cores", "memory_gib", "python", "numpy", "ray", "dask"):
         assert key in doc["machine"]
-    table = benchmarks.format_table(results)
-    for name in benchmarks.NAMES:
+    table = bench.format_table(results)
+    for name in bench.NAMES:
         assert f"== {name} ==" in table
     assert "targets met:" in table
 
 
 def test_unknown_benchmark_is_refused():
     with pytest.raises(ValueError, match="nosuch"):
-        benchmarks.run(["nosuch"], quick=True)
+        bench.run(["nosuch"], quick=True)
     with pytest.raises(SystemExit):
         bench_main(["nosuch"])
+
+
+def test_every_peer_of_the_suite_is_in_the_bench_extra():
+    # PEERS drive the missing-extra error: a peer outside the extra could never be installed by
+    # the command the error names. Import names are the distribution names here.
+    from importlib.metadata import requires
+
+    extra = [r for r in requires("distgraph") or [] if 'extra == "bench"' in r]
+    peers = {
+        pkg for n in bench.NAMES for pkg in importlib.import_module(f"distgraph.bench.{n}").PEERS
+    }
+    assert peers == {"dask", "distributed", "pymetis", "psutil"}
+    assert all(any(pkg in r for r in extra) for pkg in peers), (peers, extra)
+    assert bench.missing_peers() == {}  # this environment has the extra: the tests above ran
+
+
+@pytest.mark.parametrize(
+    ("name", "absent"), [("fine", "distributed"), ("scale", "pymetis"), ("soak", "psutil")]
+)
+def test_missing_peer_stops_the_run_with_the_install_command(monkeypatch, capsys, name, absent):
+    from distgraph.cli import main as cli_main
+
+    assert importlib.util.find_spec(absent) is not None  # installed: the None below is the cause
+    monkeypatch.setitem(sys.modules, absent, None)  # what an uninstalled package looks like
+    assert bench.missing_peers([name, "latency"]) == {name: [absent]}
+    with pytest.raises(
+        ConfigError, match=rf"{name} needs {absent}\b.*pip install 'distgraph\[bench\]'"
+    ):
+        bench.run([name], quick=True)
+
+    assert cli_main(["bench", name, "--quick", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing ran, nothing half-reported
+    assert len(err.strip().splitlines()) == 1 and err.startswith(
+        "distgraph: error: benchmark peers"
+    )
+    assert "pip install 'distgraph[bench]'" in err and f"{name} needs {absent}" in err
+    assert "or run only" in err and "latency" in err
+
+    with pytest.raises(SystemExit) as stop:
+        bench_main([name, "--quick"])
+    assert stop.value.code == 2
+    assert "pip install 'distgraph[bench]'" in capsys.readouterr().err
 
 
 def test_failed_benchmark_keeps_its_targets_as_not_met():

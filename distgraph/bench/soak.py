@@ -9,6 +9,7 @@ reference table). The first 10% of samples are compared with the last 10%.
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 from . import mlp
 from ._harness import Record, log
@@ -17,6 +18,8 @@ NAME = "soak"
 #: label -> (comparison, bound) of every target this benchmark checks. "Flat" object store:
 #: the last 10% of samples may exceed the first 10% by at most 1 MiB.
 TARGETS = {"rss_growth_mb": ("<=", 30.0), "store_growth_mib": ("<=", 1.0)}
+#: Packages of the ``bench`` extra this benchmark needs (psutil, which reads the driver's memory).
+PEERS: tuple[str, ...] = ("psutil",)
 
 
 class StoreGauge:
@@ -28,7 +31,9 @@ class StoreGauge:
 
         self._api = internal_api
         self._state = internal_api.get_state_from_address(ray.get_runtime_context().gcs_address)
-        self._core = ray._private.worker.global_worker.core_worker
+        # A private Ray object with no type stubs: its reference table is what we count.
+        worker: Any = ray._private.worker.global_worker
+        self._core = worker.core_worker
 
     def store_bytes(self) -> int:
         """Bytes in use in the shared-memory object store, summed over nodes."""

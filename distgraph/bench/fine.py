@@ -6,6 +6,7 @@ Level 0 holds ``width`` random 16-element float64 vectors; every later node is
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ from ._harness import Record, log, measure
 NAME = "fine"
 #: label -> (comparison, bound) of every target this benchmark checks.
 TARGETS = {"distgraph_vs_dask_threaded": ("<=", 0.12)}
+#: Packages of the ``bench`` extra this benchmark needs (Dask threaded and distributed).
+PEERS: tuple[str, ...] = ("dask", "distributed")
 
 
 def make_dag(levels: int, width: int, dim: int, seed: int = 0) -> tuple[np.ndarray, list]:
@@ -110,11 +113,7 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
     dask_s = rec.figure("dask_threaded_s", measure(lambda: dask.threaded.get(dsk, keys), fast))
 
     log(progress, NAME, "dask distributed (2 processes x 1 thread)")
-    try:
-        dist_s = _time_dask_distributed(dsk, keys, want, slow)
-        rec.figure("dask_distributed_s", dist_s)
-    except ImportError as exc:
-        rec.note(f"Dask distributed skipped: {exc}.")
+    rec.figure("dask_distributed_s", _time_dask_distributed(dsk, keys, want, slow))
 
     log(progress, NAME, "ray, one task per node")
     _check(run_ray_tasks(inputs, edges), want, "ray tasks")
@@ -168,6 +167,5 @@ def _time_distgraph(rec: Record, inputs: np.ndarray, edges: list, want: list, re
         with dg.RayExecutor(num_workers=2, strategy=strategy) as ex:
             res = ex.run(g, feeds=feeds)
             _check([res.values[n] for n in names], want, f"distgraph ray {strategy}")
-            rec.figure(
-                f"distgraph_{strategy}_s", measure(lambda ex=ex: ex.run(g, feeds=feeds), repeats)
-            )
+            step = functools.partial(ex.run, g, feeds=feeds)
+            rec.figure(f"distgraph_{strategy}_s", measure(step, repeats))

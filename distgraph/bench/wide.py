@@ -17,6 +17,8 @@ from ._harness import Record, blas_threads, log, measure
 NAME = "wide"
 #: label -> (comparison, bound) of every target this benchmark checks.
 TARGETS = {"ray_speedup_over_local": (">=", 1.8)}
+#: Packages of the ``bench`` extra this benchmark needs (none: numpy and Ray only).
+PEERS: tuple[str, ...] = ()
 
 
 def make_problem(branches: int, depth: int, n: int, seed: int = 0) -> tuple[dict, dict]:

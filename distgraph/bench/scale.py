@@ -22,6 +22,8 @@ NAME = "scale"
 PARTS = 8
 #: label -> (comparison, bound) of every target this benchmark checks.
 TARGETS = {"total_s": ("<=", 5.0), "cut_vs_metis": ("<=", 1.25)}
+#: Packages of the ``bench`` extra this benchmark needs (METIS, the cut's yardstick).
+PEERS: tuple[str, ...] = ("pymetis",)
 _UNARY = ("tanh", "neg")
 _BINARY = ("add", "mul", "sub")
 

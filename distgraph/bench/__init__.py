@@ -1,5 +1,10 @@
 """distgraph's benchmark suite: each workload timed against hand-written peers in one run.
 
+Shipped with the package; the third-party peers it compares against (Dask, pymetis, psutil) come
+with the ``bench`` extra (``pip install 'distgraph[bench]'``). Each benchmark module lists the
+ones it needs in ``PEERS``; ``run`` refuses a benchmark whose peers are missing before anything
+runs, rather than reporting a half-measured result.
+
 ``run(names, quick, progress)`` returns one plain dict per benchmark (a benchmark that fails
 keeps the figures it measured, lists its targets as NaN / not met and says why in ``error``)::
 
@@ -16,20 +21,33 @@ keeps the figures it measured, lists its targets as NaN / not met and says why i
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import traceback
 from typing import Any
 
+from ..errors import ConfigError
 from ._harness import Record, machine_info, ray_runtime
 
-#: Benchmark names in the order they run; each is a module here with ``TARGETS`` and
-#: ``bench(record, quick, progress)``.
+#: Benchmark names in the order they run; each is a module here with ``TARGETS``, ``PEERS``
+#: and ``bench(record, quick, progress)``.
 NAMES = ("fine", "mlp", "wide", "latency", "scale", "soak")
 #: Benchmarks that never touch Ray (no runtime is started for a run made only of these).
 _NO_RAY = frozenset({"scale"})
 
-__all__ = ["NAMES", "format_table", "machine_info", "run", "to_json"]
+#: The extra that installs every benchmark's peers, as a user types it.
+INSTALL_HINT = "pip install 'distgraph[bench]'"
+
+__all__ = [
+    "INSTALL_HINT",
+    "NAMES",
+    "format_table",
+    "machine_info",
+    "missing_peers",
+    "run",
+    "to_json",
+]
 
 
 def run(names: list[str] | None = None, quick: bool = False, progress: bool = False) -> list[dict]:
@@ -38,7 +56,7 @@ def run(names: list[str] | None = None, quick: bool = False, progress: bool = Fa
     unknown = [n for n in chosen if n not in NAMES]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(NAMES)}")
-    _register_by_value()
+    _require_peers(chosen)
     results = []
     if all(n in _NO_RAY for n in chosen):
         return [_run_one(n, quick, progress) for n in chosen]
@@ -48,8 +66,33 @@ def run(names: list[str] | None = None, quick: bool = False, progress: bool = Fa
     return results
 
 
+def missing_peers(names: list[str] | None = None) -> dict[str, list[str]]:
+    """Per named benchmark (all when empty), the packages of its ``PEERS`` not installed."""
+    missing: dict[str, list[str]] = {}
+    for name in names or NAMES:
+        absent = [pkg for pkg in _module(name).PEERS if importlib.util.find_spec(pkg) is None]
+        if absent:
+            missing[name] = absent
+    return missing
+
+
+def _require_peers(names: list[str]) -> None:
+    missing = missing_peers(names)
+    if not missing:
+        return
+    needs = "; ".join(f"{name} needs {', '.join(pkgs)}" for name, pkgs in missing.items())
+    # Name what runs without the extra, so a user without it still has something to try.
+    runnable = [n for n in NAMES if n not in missing_peers()]
+    alternative = f", or run only {', '.join(runnable)}" if runnable else ""
+    raise ConfigError(f"benchmark peers are not installed ({needs}): {INSTALL_HINT}{alternative}")
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(f"{__name__}.{name}")
+
+
 def _run_one(name: str, quick: bool, progress: bool) -> dict:
-    module = importlib.import_module(f"{__name__}.{name}")
+    module = _module(name)
     rec = Record(name, goals=dict(module.TARGETS))
     try:
         module.bench(rec, quick=quick, progress=progress)
@@ -57,17 +100,6 @@ def _run_one(name: str, quick: bool, progress: bool) -> dict:
         last = traceback.extract_tb(exc.__traceback__)[-1]
         rec.error = f"{type(exc).__name__}: {exc} (at {last.filename}:{last.lineno})"
     return rec.as_dict()
-
-
-def _register_by_value() -> None:
-    # Ray workers may not have this directory on sys.path: ship our functions by value.
-    try:
-        import sys
-
-        from ray import cloudpickle
-    except ImportError:
-        return
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def to_json(results: list[dict], indent: int | None = 2) -> str:

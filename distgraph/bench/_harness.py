@@ -48,7 +48,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 @dataclass
 class Record:
-    """One benchmark's outcome; ``as_dict`` is the JSON shape ``benchmarks.run`` returns."""
+    """One benchmark's outcome; ``as_dict`` is the JSON shape ``distgraph.bench.run`` returns."""
 
     name: str
     goals: dict[str, tuple[str, float]] = field(default_factory=dict)

@@ -13,19 +13,22 @@ from ._harness import Record, log, measure
 NAME = "latency"
 #: label -> (comparison, bound) of every target this benchmark checks.
 TARGETS = {"step_vs_round_trip": ("<=", 2.0)}
+#: Packages of the ``bench`` extra this benchmark needs (none: numpy and Ray only).
+PEERS: tuple[str, ...] = ()
 
 
 def _noop_actor() -> Any:
     import ray
 
-    @ray.remote(num_cpus=0)
     class Noop:
         """An actor whose method does nothing: one call is one round trip."""
 
         def ping(self) -> None:
             return None
 
-    return Noop.remote()
+    # Ray's stubs type a decorated class as the class itself, without ``.remote``.
+    actor_class: Any = ray.remote(num_cpus=0)(Noop)
+    return actor_class.remote()
 
 
 def round_trips(calls: int, repeats: int) -> tuple[float, float]:

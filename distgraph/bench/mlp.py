@@ -28,6 +28,9 @@ TARGETS = {
     "ray_vs_ray_ps": ("<=", 1.0),
     "ray_vs_numpy": ("<=", 1.5),
 }
+#: Packages of the ``bench`` extra this benchmark needs (none: PyTorch is optional and skipped
+#: with a note when missing; it is not in the extra).
+PEERS: tuple[str, ...] = ()
 
 
 def make_problem(
