@@ -17,7 +17,7 @@ import numpy as np
 from . import schedule
 from ._util import gc_paused
 from .errors import DTypeError, GraphError, ShapeError, SpecError
-from .ops import LEAF_OPS, Op, get_op, run_op
+from .ops import LEAF_OPS, VJP_ATTRS, Op, check_attrs, get_op, run_op
 from .spec import (
     ALLOWED_DTYPES,
     MAX_SPEC_BYTES,
@@ -262,6 +262,8 @@ class Graph:
             shapes.append(record.shape)
             dtypes.append(record.dtype)
         label = name or _Label(op, names)  # unnamed: say what it was built from (on error only)
+        if attrs or spec.required_attrs:
+            check_attrs(spec, attrs, shapes, label)
         shape, dtype = _infer_checked(
             op, spec, shapes, dtypes, attrs, self._weak_values(names), label
         )
@@ -493,6 +495,11 @@ class Graph:
                     get_op(node.op)
                 except GraphError as e:
                     raise SpecError(f"nodes.{i}.op: {e}") from None
+            elif node.op in LEAF_OPS and node.attrs:
+                raise SpecError(
+                    f"nodes.{i}.attrs: {node.op} node {node.name!r} takes no attributes, "
+                    f"got {sorted(node.attrs)}"
+                )
             elif node.op in LEAF_OPS and node.inputs:
                 # Rebuilding would silently drop them: say the spec is inconsistent instead.
                 raise SpecError(
@@ -538,6 +545,7 @@ class Graph:
         names = list(node.inputs)
         shapes = [self._nodes[n].shape for n in names]
         dtypes = [self._nodes[n].dtype for n in names]
+        check_attrs(get_op(node.op), node.attrs, shapes, node.name)
         shape, dtype = infer(
             node.op, shapes, dtypes, node.attrs, self._weak_values(names), node.name
         )
@@ -568,18 +576,30 @@ class Graph:
             )
         if not isinstance(attrs.get("attrs", {}), dict):
             raise SpecError(f"nodes.{node.name}.attrs.attrs: must be an object")
-        op = get_op(attrs["op"])
+        extra = sorted(set(attrs) - VJP_ATTRS)
+        if extra:
+            raise SpecError(
+                f"node {node.name!r} (op vjp): attribute {extra[0]!r} is not declared "
+                f"(a vjp node takes {', '.join(sorted(VJP_ATTRS))})"
+            )
+        try:
+            op = get_op(attrs["op"])
+        except GraphError as e:
+            raise SpecError(f"nodes.{node.name}.attrs.op: {e}") from None
         if not op.has_vjp(attrs["argnum"]):
             raise SpecError(
                 f"nodes.{node.name}.attrs: {attrs['op']} input {attrs['argnum']} has no gradient"
             )
-        src = (
-            node.inputs[1 + int(op.uses_out) + attrs["argnum"]]
-            if len(node.inputs) > 1 + int(op.uses_out) + attrs["argnum"]
-            else None
-        )
-        if src is None:
-            raise SpecError(f"nodes.{node.name}.inputs: too few inputs for a vjp of {attrs['op']}")
+        # Inputs: the cotangent, the forward output when the VJP reads it, the forward inputs.
+        fwd = node.inputs[1 + int(op.uses_out) :]
+        if (op.arity is not None and len(fwd) != op.arity) or attrs["argnum"] >= len(fwd):
+            raise SpecError(
+                f"nodes.{node.name}.inputs: a vjp of {attrs['op']} input {attrs['argnum']} "
+                f"takes {1 + int(op.uses_out)} + {op.arity or 'the forward'} inputs, "
+                f"got {len(node.inputs)}"
+            )
+        check_attrs(op, attrs.get("attrs", {}), [self._nodes[n].shape for n in fwd], node.name)
+        src = fwd[attrs["argnum"]]
         ref = self._nodes[src]
         self._add(
             node.name,
