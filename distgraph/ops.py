@@ -98,12 +98,15 @@ class Attr:
         why = _KIND_CHECKS[self.kind](value, rank)
         if why is None and self.choices is not None and value not in self.choices:
             why = f"must be one of {list(self.choices)}"
-        too_low = self.low is not None and value < self.low
-        if why is None and (too_low or (self.high is not None and value > self.high)):
+        if why is None and _out_of_range(value, self.low, self.high):
             why = f"is out of range [{self.low}, {self.high}]"
         if why is None and self.check is not None:
             why = self.check(value, shapes)
         return why
+
+
+def _out_of_range(value: Any, low: float | None, high: float | None) -> bool:
+    return (low is not None and value < low) or (high is not None and value > high)
 
 
 def _is_int(v: Any) -> bool:
