@@ -19,6 +19,7 @@ from .graph import Graph
 from .optim import SGD, Adam, Momentum, Optimizer
 from .runtime.base import Executor
 from .runtime.local import LocalExecutor
+from .spec import read_spec_file
 from .train import Trainer
 
 log = logging.getLogger("distgraph")
@@ -87,7 +88,7 @@ def _load_graph(source: str) -> tuple[Graph, dict[str, Any], str | None]:
         raise DistgraphError(
             f"no such graph file {source!r} (or use one of {', '.join(models.BUILTIN)})"
         )
-    g = Graph.from_json(path.read_bytes())
+    g = Graph.from_json(read_spec_file(path))  # the size limit holds while reading
     return g, {}, g.grad_of
 
 
