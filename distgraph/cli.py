@@ -16,6 +16,7 @@ import numpy as np
 from . import models
 from .errors import DistgraphError
 from .graph import Graph
+from .memory import parse_bytes
 from .optim import SGD, Adam, Momentum, Optimizer
 from .runtime.base import Executor
 from .runtime.local import LocalExecutor
@@ -37,6 +38,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend", choices=["local", "ray"], default="local", help="executor (default: local)"
@@ -56,12 +64,19 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
         default="spread",
         help="worker placement over nodes",
     )
+    p.add_argument(
+        "--max-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="refuse a run estimated to need more (e.g. 8G; default: half of physical memory)",
+    )
 
 
 @contextlib.contextmanager
 def _executor(args: argparse.Namespace) -> Iterator[Executor]:
     if args.backend == "local":
-        ex: Executor = LocalExecutor()
+        ex: Executor = LocalExecutor(max_bytes=args.max_memory)
     else:
         from .runtime.ray import RayExecutor
 
@@ -73,6 +88,7 @@ def _executor(args: argparse.Namespace) -> Iterator[Executor]:
             strategy=args.strategy,
             address=address,
             placement=args.placement,
+            max_bytes=args.max_memory,
         )
     try:
         yield ex

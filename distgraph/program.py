@@ -27,6 +27,7 @@ from .errors import (
     NonFiniteError,
 )
 from .graph import Graph
+from .memory import check_feeds_memory
 from .ops import LEAF_OPS, get_op, run_op, run_vjp
 from .result import TraceEvent
 from .spec import NodeSpec
@@ -297,6 +298,7 @@ def prepare_feeds(
     if len(batch) > 1:
         detail = ", ".join(f"{names} have batch size {b}" for b, names in sorted(batch.items()))
         raise FeedError(f"feeds disagree on the batch size: {detail}")
+    check_feeds_memory(program, arrays)  # sizes that depend on the batch, before any kernel
     return arrays
 
 

@@ -83,8 +83,8 @@ class ArrayData(BaseModel):
         want = 4 * -(-count * dt.itemsize // 3)
         if len(self.data) != want:
             raise SpecError(
-                f"array data has {len(self.data)} base64 characters, shape {self.shape} of "
-                f"{self.dtype} needs {want} ({count * dt.itemsize} bytes)"
+                f"array data is not valid base64 of shape {self.shape} {self.dtype}: "
+                f"{len(self.data)} characters where {want} are needed ({count * dt.itemsize} bytes)"
             )
         try:
             raw = base64.b64decode(self.data.encode("ascii"), validate=True)
