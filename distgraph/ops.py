@@ -313,6 +313,8 @@ class Op:
     differentiable: bool = True
     #: Rough floating-point operations per output element, for the cost model.
     flops_per_element: float = 1.0
+    #: Only moves elements (its result's shape can be found on zero-byte stand-ins).
+    movement: bool = False
     #: Declared attributes: name -> Attr. Nodes may carry only these (see check_attrs).
     attrs: Mapping[str, Attr] = field(default_factory=dict)
     #: VJPs that are ordinary forward ops on the cotangent alone: ``vjp_as_op(input_shapes,
@@ -680,17 +682,17 @@ defop("max", lambda a, axis=None, keepdims=False: np.max(a, axis=_tuple(axis), k
 # Shape manipulation
 defop("reshape", lambda a, shape: np.reshape(a, shape),
       lambda g, out, a, shape: np.reshape(g, np.shape(a)),
-      attrs={"shape": Attr("reshape", required=True)}, flops_per_element=0)
+      attrs={"shape": Attr("reshape", required=True)}, flops_per_element=0, movement=True)
 defop("transpose", lambda a, axes=None: np.transpose(a, axes),
       lambda g, out, a, axes=None:
           np.transpose(g, None if axes is None else np.argsort(axes)),
-      attrs={"axes": Attr("perm", default=None)}, flops_per_element=0)
+      attrs={"axes": Attr("perm", default=None)}, flops_per_element=0, movement=True)
 defop("broadcast_to", lambda a, shape: np.broadcast_to(a, shape),
       lambda g, out, a, shape: g,
-      attrs={"shape": Attr("shape", required=True)}, flops_per_element=0)
+      attrs={"shape": Attr("shape", required=True)}, flops_per_element=0, movement=True)
 defop("index", lambda a, index: a[_index_key(index)],
       _index_vjp,
-      attrs={"index": Attr("index", required=True)}, flops_per_element=0)
+      attrs={"index": Attr("index", required=True)}, flops_per_element=0, movement=True)
 defop("concat", lambda *xs, axis=0: np.concatenate(xs, axis=axis),
       vjp_n=_concat_vjp, vjp_as_op=_concat_vjp_as_op, arity=None,
       attrs={"axis": Attr("axis", default=0)}, flops_per_element=0)

@@ -82,9 +82,15 @@ class ArrayData(BaseModel):
         # Compare the text's length with the declared shape before decoding anything.
         want = 4 * -(-count * dt.itemsize // 3)
         if len(self.data) != want:
+            if len(self.data) % 4:
+                raise SpecError(
+                    f"array data is not valid base64 ({len(self.data)} characters, not a "
+                    f"multiple of 4); shape {self.shape} of {self.dtype} needs {want}"
+                )
+            held = len(self.data) // 4 * 3 - len(self.data[-2:]) + len(self.data[-2:].rstrip("="))
             raise SpecError(
-                f"array data is not valid base64 of shape {self.shape} {self.dtype}: "
-                f"{len(self.data)} characters where {want} are needed ({count * dt.itemsize} bytes)"
+                f"array data holds {held} bytes, shape {self.shape} of {self.dtype} "
+                f"needs {count * dt.itemsize}"
             )
         try:
             raw = base64.b64decode(self.data.encode("ascii"), validate=True)
