@@ -260,8 +260,10 @@ def read_spec_file(path: str | os.PathLike[str], max_bytes: int = MAX_SPEC_BYTES
     """
     name = os.fspath(path)
     try:
-        # Non-blocking open: a FIFO without a writer must not hang the open.
-        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        # A named pipe waits for its writer, as ``cat`` would; anything else is opened without
+        # blocking, so a device is refused below, unread.
+        is_fifo = stat.S_ISFIFO(os.stat(name).st_mode)
+        fd = os.open(name, os.O_RDONLY | (0 if is_fifo else getattr(os, "O_NONBLOCK", 0)))
     except FileNotFoundError:
         raise SpecError(f"spec file {name!r} does not exist") from None
     except OSError as e:
