@@ -376,3 +376,28 @@ def test_array_data_is_checked_against_its_shape_before_decoding(monkeypatch):
     monkeypatch.setattr(spec_module.base64, "b64decode", no_decoding)
     with pytest.raises(dg.SpecError, match=r"holds 24 bytes, shape \[1000000000\]"):
         dg.Graph.from_json(json.dumps(doc))
+
+
+def test_ray_executor_refuses_before_touching_the_cluster():
+    """max_bytes on RayExecutor: the checks run on the driver, before any call to a worker."""
+    from raysupport import ensure_ray
+
+    from distgraph.runtime.ray import RayExecutor
+
+    ensure_ray()  # the suite's one shared runtime
+    with pytest.raises(dg.ConfigError, match="max_bytes"):
+        RayExecutor(num_workers=1, max_bytes=0)
+    ex = RayExecutor(num_workers=1, max_bytes=64 * 2**20)
+    try:
+        assert ex.max_bytes == 64 * 2**20
+        with pytest.raises(dg.ResourceError, match="before any feed"):
+            ex.run(dg.Graph.from_json(huge_broadcast_spec()))
+        g = dg.Graph()
+        x = g.input("x", shape=(None, 100))
+        g.output("y", (x @ dg.transpose(x)).sum())
+        with pytest.raises(dg.ResourceError, match="for these feeds"):
+            ex.run(g, {"x": np.ones((5000, 100))})
+        assert ex.last_calls == []  # no actor call was made
+        assert ex.run(g, {"x": np.ones((10, 100))}).values["y"] == 10 * 10 * 100
+    finally:
+        ex.close()
