@@ -16,6 +16,7 @@ elements) count as the sum of their inputs.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,57 +105,69 @@ def estimate_memory(
     dimensions counted as 1. With them (the shapes of the prepared feeds), sizes that depend on
     the batch are propagated from the feeds.
     """
-    nodes = program.nodes
+    from .program import edge_arrays, leaf_mask  # program imports this module
+
+    order, nodes = program.order, program.nodes
+    specs = program.memo.get("specs") or list(map(nodes.__getitem__, order))
+    shapes = list(map(_SHAPE, specs))
+    # Bytes per node as floats: exact to 2**53, and a huge shape cannot overflow.
+    per_item = np.fromiter(map(itemsize, map(_DTYPE, specs)), np.float64, len(order))
+    try:  # every shape fully known: one C-level pass
+        numel = np.fromiter(map(math.prod, shapes), np.float64, len(order))
+        vague: list[int] = []
+    except TypeError:  # batch dimensions or unknown shapes
+        numel = np.fromiter(map(_numel_or_nan, shapes), np.float64, len(order))
+        vague = [i for i, sh in enumerate(shapes) if sh is None or None in sh]
+    sizes = numel * per_item
     concrete: dict[str, tuple[int, ...] | None] = {}
-    sizes: dict[str, int] = {}
-    known: dict[int, int] = {}  # id(shape list) -> element count (shapes are shared lists)
-    scratch = 0
-    for name in program.order:
-        node = nodes[name]
-        shape = node.shape
-        n: int | None = None
-        if shape is not None and input_shapes is None:
-            n = known.get(id(shape))
-            if n is None:
-                n = known[id(shape)] = math.prod(1 if d is None else d for d in shape)
-        elif shape is not None and None not in shape:
-            concrete[name] = tuple(shape)
-            n = known.get(id(shape))
-            if n is None:
-                n = known[id(shape)] = math.prod(shape)
-        elif input_shapes is not None:
-            s = _concrete_shape(program, node, concrete, input_shapes)
-            concrete[name] = s
-            if s is not None:
-                n = math.prod(s)
-        op = node.op
-        if n is None:
-            # Unknown without running: bounded by its inputs (a broadcast by its target shape).
-            nbytes = _unknown_bytes(node, [sizes.get(i, 0) for i in node.inputs])
-        else:
-            nbytes = n * itemsize(node.dtype)
-        sizes[name] = nbytes
-        if op not in LEAF_OPS:
-            biggest = max([nbytes, *(sizes.get(i, 0) for i in node.inputs)])
-            if biggest > scratch:
-                scratch = biggest
-    values = sum(sizes.values())
-    top = sorted(sizes.items(), key=lambda kv: kv[1], reverse=True)[:5]
-    largest = [
-        (
-            name,
-            nbytes,
-            concrete.get(name)
-            if name in concrete
-            else (None if nodes[name].shape is None else tuple(nodes[name].shape)),
-            nodes[name].dtype,
-        )
-        for name, nbytes in top
-    ]
-    return MemoryEstimate(values + 2 * scratch, values, 2 * scratch, largest)
+    if input_shapes is not None and vague:
+        # Propagate the feeds' shapes through the nodes whose size depends on them.
+        for i in vague:
+            node = nodes[order[i]]
+            shape = _concrete_shape(program, node, concrete, shapes, input_shapes)
+            concrete[node.name] = shape
+            sizes[i] = math.nan if shape is None else math.prod(shape) * per_item[i]
+    unknown = np.flatnonzero(np.isnan(sizes)).tolist()
+    if unknown:  # in topological order, so inputs are bounded first
+        index = {name: i for i, name in enumerate(order)}
+        for i in unknown:
+            node = nodes[order[i]]
+            ins = [float(sizes[index[n]]) for n in node.inputs]
+            sizes[i] = _unknown_bytes(node, ins)
+    # Kernel scratch: the largest operand (input or output) of any one non-leaf node.
+    src, dst = edge_arrays(program)
+    operand = sizes.copy()
+    np.maximum.at(operand, dst, sizes[src])
+    compute = ~leaf_mask(program)
+    scratch = 2 * int(operand[compute].max()) if compute.any() else 0
+    values = int(sizes.sum())
+    top = np.argsort(-sizes, kind="stable")[:5].tolist()
+    largest = []
+    for i in top:
+        name = order[i]
+        shape = concrete.get(name) if name in concrete else _opt_tuple(shapes[i], input_shapes)
+        largest.append((name, int(sizes[i]), shape, nodes[name].dtype))
+    return MemoryEstimate(values + scratch, values, scratch, largest)
 
 
-def _unknown_bytes(node: Any, inputs: list[int]) -> int:
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _numel_or_nan(shape: Any) -> float:
+    """Elements of a shape with batch dimensions counted as 1 (nan when the shape is unknown)."""
+    if shape is None:
+        return math.nan
+    return math.prod(1 if d is None else d for d in shape)
+
+
+def _opt_tuple(shape: Any, input_shapes: Any) -> tuple[int, ...] | None:
+    if shape is None or (input_shapes is not None and None in shape):
+        return None
+    return tuple(1 if d is None else d for d in shape)
+
+
+def _unknown_bytes(node: Any, inputs: list[float]) -> float:
     """A bound on a value whose shape could not be inferred without running its op."""
     attrs = node.attrs
     if node.op == "broadcast_to" and isinstance(attrs.get("shape"), list):
@@ -173,21 +186,29 @@ def _concrete_shape(
     program: Any,
     node: Any,
     concrete: Mapping[str, tuple[int, ...] | None],
+    shapes: Sequence[Any],
     input_shapes: Mapping[str, Sequence[int]],
 ) -> tuple[int, ...] | None:
     """A batch-dependent node's shape for these feeds (None when it cannot be inferred)."""
+    nodes = program.nodes
+
+    def shape_of(name: str) -> tuple[int, ...] | None:
+        if name in concrete:
+            return concrete[name]
+        s = nodes[name].shape  # batch-independent: as inferred
+        return None if s is None or None in s else tuple(s)
+
     if node.op == "input":
         s = input_shapes.get(node.name)
         return None if s is None else tuple(s)
     if node.op in LEAF_OPS:
-        return None if node.shape is None else tuple(1 if d is None else d for d in node.shape)
-    ins = [concrete.get(i) for i in node.inputs]
+        return None
     if node.op == "vjp":  # the shape of the forward input it is the gradient of
         fwd = node.inputs[1 + int(get_op(node.attrs["op"]).uses_out) :]
-        return concrete.get(fwd[node.attrs["argnum"]])
+        return shape_of(fwd[node.attrs["argnum"]])
+    ins = [shape_of(i) for i in node.inputs]
     if any(s is None for s in ins):
         return None
-    nodes = program.nodes
     consts = program.constants
     weak = [c if isinstance(c := consts.get(i), (int, float)) else None for i in node.inputs]
     try:
@@ -237,8 +258,8 @@ def check_feeds_memory(program: Any, arrays: Mapping[str, Any]) -> None:
     if limit is None or not batch_dependent(program):
         return
     shapes = {k: tuple(getattr(v, "shape", ())) for k, v in arrays.items()}
-    key = ("memory_checked", limit, tuple(sorted(shapes.items())))
-    if key in program.memo:
+    key = (limit, tuple(sorted(shapes.items())))
+    if program.memo.get("memory_checked") == key:  # the same feed shapes as last time
         return
     check_memory(program, limit, shapes)
-    program.memo[key] = True
+    program.memo["memory_checked"] = key
