@@ -21,6 +21,8 @@ from .ops import LEAF_OPS, VJP_ATTRS, Op, check_attrs, get_op, run_op
 from .spec import (
     ALLOWED_DTYPES,
     MAX_SPEC_BYTES,
+    MAX_SPEC_NODES,
+    MAX_SPEC_VALUES,
     NAME_PATTERN,
     ArrayData,
     GraphSpec,
@@ -477,9 +479,22 @@ class Graph:
         return self.spec.to_json(indent=indent)
 
     @classmethod
-    def from_json(cls, text: str | bytes, max_bytes: int = MAX_SPEC_BYTES) -> Graph:
-        """Load and validate a graph written by :meth:`to_json`; never unpickles."""
-        return cls.from_spec(GraphSpec.from_json(text, max_bytes=max_bytes))
+    def from_json(
+        cls,
+        text: str | bytes,
+        max_bytes: int = MAX_SPEC_BYTES,
+        *,
+        max_values: int = MAX_SPEC_VALUES,
+        max_nodes: int = MAX_SPEC_NODES,
+    ) -> Graph:
+        """Load and validate a graph written by :meth:`to_json`; never unpickles.
+
+        The limits (see :meth:`GraphSpec.from_json`) refuse a spec before it is parsed or built.
+        """
+        spec = GraphSpec.from_json(
+            text, max_bytes=max_bytes, max_values=max_values, max_nodes=max_nodes
+        )
+        return cls.from_spec(spec)
 
     @classmethod
     @gc_paused

@@ -340,8 +340,14 @@ def test_too_many_nodes_are_refused():
     nodes = [{"name": "x", "op": "input"}] + [
         {"name": f"n{i}", "op": "neg", "inputs": ["x"]} for i in range(50)
     ]
+    text = json.dumps({"nodes": nodes})
     with pytest.raises(dg.SpecError, match=r"51 nodes, more than the limit of 50"):
-        dg.GraphSpec.from_json(json.dumps({"nodes": nodes}), max_nodes=50)
+        dg.GraphSpec.from_json(text, max_nodes=50)
+    with pytest.raises(dg.SpecError, match=r"raise it with max_nodes="):
+        dg.Graph.from_json(text, max_nodes=50)
+    assert len(dg.Graph.from_json(text, max_nodes=51)) == 51
+    with pytest.raises(dg.SpecError, match=r"raise it with max_values="):
+        dg.Graph.from_json(text, max_values=100)
 
 
 def test_a_200_mib_spec_of_tiny_nodes_is_refused_within_a_memory_ceiling():
