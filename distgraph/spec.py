@@ -39,6 +39,8 @@ MAX_SPEC_NODES = 1_000_000
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/\[\]]*$")
 
 Shape = tuple[int | None, ...]
+#: What base64 text looks like (checked without decoding when its length is already wrong).
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 class ArrayData(BaseModel):
@@ -82,10 +84,10 @@ class ArrayData(BaseModel):
         # Compare the text's length with the declared shape before decoding anything.
         want = 4 * -(-count * dt.itemsize // 3)
         if len(self.data) != want:
-            if len(self.data) % 4:
+            if len(self.data) % 4 or not _BASE64.fullmatch(self.data):
                 raise SpecError(
-                    f"array data is not valid base64 ({len(self.data)} characters, not a "
-                    f"multiple of 4); shape {self.shape} of {self.dtype} needs {want}"
+                    f"array data is not valid base64 ({len(self.data)} characters); shape "
+                    f"{self.shape} of {self.dtype} needs {want}"
                 )
             held = len(self.data) // 4 * 3 - len(self.data[-2:]) + len(self.data[-2:].rstrip("="))
             raise SpecError(
