@@ -136,9 +136,11 @@ def _check_dtype(v: Any, rank: int | None) -> str | None:
     if not isinstance(v, str):
         return "must be a dtype name (a string)"
     try:
-        np.dtype(v)
-    except TypeError:
+        dt = np.dtype(v)
+    except Exception:  # numpy raises TypeError, ValueError or SyntaxError for odd names
         return "is not a dtype name"
+    if dt.names is not None or dt.subdtype is not None:
+        return "names a structured or subarray dtype"  # would change the value's shape
     # Allowed dtypes are checked on the op's result, where an unsupported one is a DTypeError.
     return None
 

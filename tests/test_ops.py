@@ -483,6 +483,9 @@ def test_every_kernel_keyword_is_declared_and_nothing_more():
         ("pow", {"exponent": float("inf")}, None, "finite"),
         ("cast", {"dtype": 5}, None, "'dtype'"),
         ("cast", {"dtype": "nonsense"}, None, "not a dtype name"),
+        ("cast", {"dtype": "2f8"}, None, "subarray"),
+        ("cast", {"dtype": "i4,i4"}, None, "structured"),
+        ("cast", {"dtype": "(,"}, None, "not a dtype name"),
         ("cast", {}, None, "'dtype' is required"),
     ],
 )
