@@ -1,10 +1,9 @@
 """The op registry: each op's forward and its vector-Jacobian products side by side.
 
 A row reads ``defop(name, forward, vjp_for_input_0, vjp_for_input_1, ..., attrs={...})``. A VJP
-receives the
-upstream gradient ``g``, the forward output ``out`` and the forward inputs, and returns the
-gradient for its input *before* un-broadcasting: :func:`unbroadcast` is applied once, by
-:func:`run_vjp`, for every op. ``None`` in a VJP slot marks an input that takes no gradient
+receives the upstream gradient ``g``, the forward output ``out`` and the forward inputs, and
+returns the gradient for its input *before* un-broadcasting: :func:`unbroadcast` is applied
+once, by :func:`run_vjp`, for every op. ``None`` in a VJP slot marks an input that takes no gradient
 (labels, conditions). Variadic ops (``concat``, ``add_n``) give one VJP that also receives
 the input's index.
 
