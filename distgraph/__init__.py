@@ -16,6 +16,7 @@ from .errors import FeedError as FeedError
 from .errors import GradientCheckError as GradientCheckError
 from .errors import GraphError as GraphError
 from .errors import NonFiniteError as NonFiniteError
+from .errors import ResourceError as ResourceError
 from .errors import ShapeError as ShapeError
 from .errors import SpecError as SpecError
 from .errors import UnknownOpError as UnknownOpError

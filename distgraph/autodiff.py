@@ -128,10 +128,28 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
         if node.op in LEAF_OPS:
             continue
         inputs = node.inputs
-        head = [g, name] if get_op(node.op).uses_out else [g]
+        op = get_op(node.op)
+        head = [g, name] if op.uses_out else [g]
+        # e.g. concat: each share is a slice of g, not a node reading all N inputs (O(N^2)).
+        as_ops = (
+            op.vjp_as_op(
+                [nodes[s].shape for s in inputs],
+                [nodes[s].dtype for s in inputs],
+                node.dtype,
+                node.attrs,
+            )
+            if op.vjp_as_op is not None
+            else None
+        )
         for i, (flows, src) in enumerate(zip(_grad_mask(masks, node.op, len(inputs)), inputs)):
             if not (flows and src in needs):
                 continue
+            if as_ops is not None:
+                rule = as_ops[i]
+                if rule is not None:
+                    share = add(f"vjp:{name}:{i}", rule[0], [g], rule[1], nodes[src], name)
+                    shares.setdefault(src, []).append(share)
+                    continue
             # Equal vjp attrs share one dict (node records are never modified in place).
             key = (node.op, i, id(node.attrs))
             attrs = vjp_attrs.get(key)

@@ -24,9 +24,11 @@ import numpy as np
 from . import models
 from .errors import ConfigError, DistgraphError
 from .graph import Graph
+from .memory import parse_bytes
 from .optim import SGD, Adam, Momentum, Optimizer
 from .runtime.base import Executor
 from .runtime.local import LocalExecutor
+from .spec import read_spec_file
 from .train import Trainer
 
 log = logging.getLogger("distgraph")
@@ -122,6 +124,13 @@ def _resolve_backend(args: argparse.Namespace) -> None:
         )
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
@@ -158,12 +167,19 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
         default="spread",
         help="worker placement over nodes",
     )
+    p.add_argument(
+        "--max-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="refuse a run estimated to need more (e.g. 8G; default: half of physical memory)",
+    )
 
 
 @contextlib.contextmanager
 def _executor(args: argparse.Namespace) -> Iterator[Executor]:
     if args.backend == "local":
-        ex: Executor = LocalExecutor()
+        ex: Executor = LocalExecutor(max_bytes=args.max_memory)
     else:
         from .runtime.ray import RayExecutor
 
@@ -176,6 +192,7 @@ def _executor(args: argparse.Namespace) -> Iterator[Executor]:
             address=args.address,
             placement=args.placement,
             oversubscribe=args.oversubscribe,
+            max_bytes=args.max_memory,
             **options,
         )
     try:
@@ -192,7 +209,7 @@ def _load_graph(source: str) -> tuple[Graph, dict[str, Any], str | None]:
         raise DistgraphError(
             f"no such graph file {source!r} (or use one of {', '.join(models.BUILTIN)})"
         )
-    g = Graph.from_json(path.read_bytes())
+    g = Graph.from_json(read_spec_file(path))  # the size limit holds while reading
     return g, {}, g.grad_of
 
 

@@ -59,6 +59,10 @@ class GradientCheckError(DistgraphError, AssertionError):
     """Analytic and numerical gradients disagree."""
 
 
+class ResourceError(DistgraphError):
+    """A request would need more memory than the limit (``max_bytes``, ``--max-memory``)."""
+
+
 class ClusterError(DistgraphError):
     """Ray could not be reached, or the cluster cannot host the requested workers."""
 

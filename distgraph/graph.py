@@ -17,10 +17,12 @@ import numpy as np
 from . import schedule
 from ._util import gc_paused
 from .errors import DTypeError, FeedError, GraphError, ShapeError, SpecError
-from .ops import LEAF_OPS, Op, get_op, run_op
+from .ops import LEAF_OPS, VJP_ATTRS, Op, check_attrs, get_op, run_op
 from .spec import (
     ALLOWED_DTYPES,
     MAX_SPEC_BYTES,
+    MAX_SPEC_NODES,
+    MAX_SPEC_VALUES,
     ArrayData,
     GraphSpec,
     NodeSpec,
@@ -361,6 +363,8 @@ class Graph:
                 dtype = PROVISIONAL_DTYPE
             dtypes.append(dtype)
         label = name or _Label(op, names)  # unnamed: say what it was built from (on error only)
+        if attrs or spec.required_attrs:
+            check_attrs(spec, attrs, shapes, label)
         shape, dtype = _infer_checked(
             op, spec, shapes, dtypes, attrs, self._weak_values(names), label
         )
@@ -645,9 +649,22 @@ class Graph:
         return self.spec.to_json(indent=indent)
 
     @classmethod
-    def from_json(cls, text: str | bytes, max_bytes: int = MAX_SPEC_BYTES) -> Graph:
-        """Load and validate a graph written by :meth:`to_json`; never unpickles."""
-        return cls.from_spec(GraphSpec.from_json(text, max_bytes=max_bytes))
+    def from_json(
+        cls,
+        text: str | bytes,
+        max_bytes: int = MAX_SPEC_BYTES,
+        *,
+        max_values: int = MAX_SPEC_VALUES,
+        max_nodes: int = MAX_SPEC_NODES,
+    ) -> Graph:
+        """Load and validate a graph written by :meth:`to_json`; never unpickles.
+
+        The limits (see :meth:`GraphSpec.from_json`) refuse a spec before it is parsed or built.
+        """
+        spec = GraphSpec.from_json(
+            text, max_bytes=max_bytes, max_values=max_values, max_nodes=max_nodes
+        )
+        return cls.from_spec(spec)
 
     @classmethod
     @gc_paused
@@ -671,6 +688,11 @@ class Graph:
                     get_op(node.op)
                 except GraphError as e:
                     raise SpecError(f"nodes.{i}.op: {e}") from None
+            elif node.op in LEAF_OPS and node.attrs:
+                raise SpecError(
+                    f"nodes.{i}.attrs: {node.op} node {node.name!r} takes no attributes, "
+                    f"got {sorted(node.attrs)}"
+                )
             elif node.op in LEAF_OPS and node.inputs:
                 # Rebuilding would silently drop them: say the spec is inconsistent instead.
                 raise SpecError(
@@ -727,6 +749,7 @@ class Graph:
         names = list(node.inputs)
         shapes = [self._nodes[n].shape for n in names]
         dtypes = [_inferred_dtype(self._nodes[n]) for n in names]
+        check_attrs(get_op(node.op), node.attrs, shapes, node.name)
         shape, dtype = infer(
             node.op, shapes, dtypes, node.attrs, self._weak_values(names), node.name
         )
@@ -757,18 +780,30 @@ class Graph:
             )
         if not isinstance(attrs.get("attrs", {}), dict):
             raise SpecError(f"nodes.{node.name}.attrs.attrs: must be an object")
-        op = get_op(attrs["op"])
+        extra = sorted(set(attrs) - VJP_ATTRS)
+        if extra:
+            raise SpecError(
+                f"node {node.name!r} (op vjp): attribute {extra[0]!r} is not declared "
+                f"(a vjp node takes {', '.join(sorted(VJP_ATTRS))})"
+            )
+        try:
+            op = get_op(attrs["op"])
+        except GraphError as e:
+            raise SpecError(f"nodes.{node.name}.attrs.op: {e}") from None
         if not op.has_vjp(attrs["argnum"]):
             raise SpecError(
                 f"nodes.{node.name}.attrs: {attrs['op']} input {attrs['argnum']} has no gradient"
             )
-        src = (
-            node.inputs[1 + int(op.uses_out) + attrs["argnum"]]
-            if len(node.inputs) > 1 + int(op.uses_out) + attrs["argnum"]
-            else None
-        )
-        if src is None:
-            raise SpecError(f"nodes.{node.name}.inputs: too few inputs for a vjp of {attrs['op']}")
+        # Inputs: the cotangent, the forward output when the VJP reads it, the forward inputs.
+        fwd = node.inputs[1 + int(op.uses_out) :]
+        if (op.arity is not None and len(fwd) != op.arity) or attrs["argnum"] >= len(fwd):
+            raise SpecError(
+                f"nodes.{node.name}.inputs: a vjp of {attrs['op']} input {attrs['argnum']} "
+                f"takes {1 + int(op.uses_out)} + {op.arity or 'the forward'} inputs, "
+                f"got {len(node.inputs)}"
+            )
+        check_attrs(op, attrs.get("attrs", {}), [self._nodes[n].shape for n in fwd], node.name)
+        src = fwd[attrs["argnum"]]
         ref = self._nodes[src]
         self._add(
             node.name,
@@ -927,8 +962,12 @@ def _infer_by_running(
     node: str | _Label,
 ) -> tuple[Shape | None, str | None]:
     has_batch = any(d is None for s in shapes for d in s)
+    spec = get_op(op)
+    if spec.movement:
+        return _infer_movement(op, shapes, dtypes, attrs, weak, node, has_batch)
     sizes = [math.prod(3 if d is None else d for d in s) for s in shapes]
-    if max(sizes, default=0) > INFER_ELEMENTS:
+    # A variadic op's output can be as large as all its inputs together (concat).
+    if (sum(sizes) if spec.arity is None else max(sizes, default=0)) > INFER_ELEMENTS:
         # Running the op on a stand-in this large could take minutes or exhaust memory (a
         # reduction walks every element even of a zero-stride view): the shape stays unknown
         # here and the op's own checks apply when it runs on real values.
@@ -959,6 +998,45 @@ def _infer_by_running(
     if a.ndim != b.ndim:
         return None, a.dtype.name
     return tuple(x if x == y else None for x, y in zip(a.shape, b.shape)), a.dtype.name
+
+
+#: A stand-in element of zero bytes: views and copies of it cost nothing, whatever the shape.
+_NO_BYTES = np.empty((), dtype=np.dtype([]))
+
+
+def _infer_movement(
+    op: str,
+    shapes: list[Shape],
+    dtypes: Sequence[str | None],
+    attrs: dict,
+    weak: Sequence[Any],
+    node: str | _Label,
+    has_batch: bool,
+) -> tuple[Shape | None, str | None]:
+    """Shapes of ops that only move elements (reshape, transpose, broadcast_to, index), found
+    on stand-ins of zero-byte elements: a huge declared shape never allocates here."""
+    results = []
+    for batch in (2, 3) if has_batch else (1,):
+        args = [
+            np.broadcast_to(_NO_BYTES, tuple(batch if d is None else d for d in s)) for s in shapes
+        ]
+        try:
+            results.append(np.shape(run_op(op, args, attrs)))
+        except Exception as e:  # numpy's own message says what did not fit
+            results.append(e)
+    errors = [r for r in results if isinstance(r, Exception)]
+    if len(errors) == len(results):
+        raise ShapeError(
+            f"node {node!r} (op {op}): inputs of shapes {_fmt(shapes)} "
+            f"with attrs {attrs} do not fit: {errors[0]}"
+        ) from None
+    dtype = dtypes[0]  # moved elements keep their dtype
+    if errors:
+        return None, dtype
+    a, b = results[0], results[-1]
+    if len(a) != len(b):
+        return None, dtype
+    return tuple(x if x == y else None for x, y in zip(a, b)), dtype
 
 
 def _infer_dtype(

@@ -1,11 +1,16 @@
 """The op registry: each op's forward and its vector-Jacobian products side by side.
 
-A row reads ``defop(name, forward, vjp_for_input_0, vjp_for_input_1, ...)``. A VJP receives the
-upstream gradient ``g``, the forward output ``out`` and the forward inputs, and returns the
-gradient for its input *before* un-broadcasting: :func:`unbroadcast` is applied once, by
-:func:`run_vjp`, for every op. ``None`` in a VJP slot marks an input that takes no gradient
+A row reads ``defop(name, forward, vjp_for_input_0, vjp_for_input_1, ..., attrs={...})``. A VJP
+receives the upstream gradient ``g``, the forward output ``out`` and the forward inputs, and
+returns the gradient for its input *before* un-broadcasting: :func:`unbroadcast` is applied
+once, by :func:`run_vjp`, for every op. ``None`` in a VJP slot marks an input that takes no gradient
 (labels, conditions). Variadic ops (``concat``, ``add_n``) give one VJP that also receives
 the input's index.
+
+``attrs`` declares every attribute the op takes (:class:`Attr`: kind, required or default,
+allowed values or range). Nodes are checked against it when they are built, from the API or
+from a spec file, so a kernel only ever receives declared attributes of the declared kinds:
+an undeclared name (numpy's ``where=`` or ``out=``, say) never reaches numpy.
 
 Everything here is numpy on plain arguments: attributes are JSON values, so the same table runs
 in the driver, in the reference executor and inside Ray workers.
@@ -13,16 +18,285 @@ in the driver, in the reference executor and inside Ray workers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import functools
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import UnknownOpError
+from .errors import SpecError, UnknownOpError
 
 Array = np.ndarray
 VJP = Callable[..., Any]
+
+
+#: Attribute kinds an op can declare, and what a value of each kind must be.
+ATTR_KINDS = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a finite number",
+    "str": "a string",
+    "dtype": "a dtype name such as 'float32'",
+    "axis": "an integer axis within the input's rank",
+    "axes": "an axis or a list of distinct axes within the input's rank",
+    "perm": "a list of axes: a permutation of the input's axes",
+    "shape": "a list of non-negative integers",
+    "reshape": "a list of integers >= -1 with at most one -1",
+    "index": "a list of ints, null, '...', {'slice': [start, stop, step]} or int lists",
+}
+#: Most dimensions an array may have (numpy's limit).
+MAX_DIMS = 64
+#: Most elements a shape attribute may describe (more cannot be addressed).
+MAX_ELEMENTS = 2**62
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One declared attribute of an op.
+
+    ``kind`` is a key of :data:`ATTR_KINDS`. An attribute is optional unless ``required``;
+    ``default`` documents the value the kernel uses when it is absent (``None`` as default also
+    allows an explicit ``null``). ``choices`` restricts values to a set; ``low``/``high`` bound
+    ``int``/``float`` kinds (inclusive). ``check(value, input_shapes)`` may return a problem
+    (a string) for rules the kinds cannot say.
+    """
+
+    kind: str
+    required: bool = False
+    default: Any = None
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    check: Callable[[Any, Sequence[Any]], str | None] | None = None
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTR_KINDS:
+            raise ValueError(f"unknown attribute kind {self.kind!r}; kinds: {sorted(ATTR_KINDS)}")
+
+    def describe(self) -> str:
+        """The kind, bounds and default in words (for error messages and docs)."""
+        text = ATTR_KINDS[self.kind]
+        if self.choices is not None:
+            text += f" in {list(self.choices)}"
+        if self.low is not None or self.high is not None:
+            text += f" in [{self.low if self.low is not None else '-inf'}, "
+            text += f"{self.high if self.high is not None else 'inf'}]"
+        return text + (", required" if self.required else f", default {self.default!r}")
+
+    def problem(self, value: Any, shapes: Sequence[Any]) -> str | None:
+        """What is wrong with ``value`` for inputs of ``shapes`` (None when it is fine)."""
+        if value is None:
+            if self.default is None and not self.required:
+                return None
+            return f"must be {ATTR_KINDS[self.kind]}, got null"
+        rank = len(shapes[0]) if shapes and shapes[0] is not None else None
+        why = _KIND_CHECKS[self.kind](value, rank)
+        if why is None and self.choices is not None and value not in self.choices:
+            why = f"must be one of {list(self.choices)}"
+        if why is None and _out_of_range(value, self.low, self.high):
+            why = f"is out of range [{self.low}, {self.high}]"
+        if why is None and self.check is not None:
+            why = self.check(value, shapes)
+        return why
+
+
+def _out_of_range(value: Any, low: float | None, high: float | None) -> bool:
+    return (low is not None and value < low) or (high is not None and value > high)
+
+
+def _is_int(v: Any) -> bool:
+    # bool is a subclass of int in Python: True must not pass for an axis or a dimension.
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_bool(v: Any, rank: int | None) -> str | None:
+    return None if isinstance(v, (bool, np.bool_)) else "must be true or false"
+
+
+def _check_int(v: Any, rank: int | None) -> str | None:
+    return None if _is_int(v) else "must be an integer"
+
+
+def _check_float(v: Any, rank: int | None) -> str | None:
+    if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_)):
+        return "must be a number"
+    return None if math.isfinite(v) else "must be finite"
+
+
+def _check_str(v: Any, rank: int | None) -> str | None:
+    return None if isinstance(v, str) else "must be a string"
+
+
+def _check_dtype(v: Any, rank: int | None) -> str | None:
+    if not isinstance(v, str):
+        return "must be a dtype name (a string)"
+    try:
+        dt = np.dtype(v)
+    except Exception:  # numpy raises TypeError, ValueError or SyntaxError for odd names
+        return "is not a dtype name"
+    if dt.names is not None or dt.subdtype is not None:
+        return "names a structured or subarray dtype"  # would change the value's shape
+    # Allowed dtypes are checked on the op's result, where an unsupported one is a DTypeError.
+    return None
+
+
+def _check_axis(v: Any, rank: int | None) -> str | None:
+    if not _is_int(v):
+        return "must be an integer axis"
+    if rank is not None and not -rank <= v < rank:
+        return f"is out of range for an input of rank {rank} (allowed: {-rank}..{rank - 1})"
+    return None
+
+
+def _check_axes(v: Any, rank: int | None) -> str | None:
+    if _is_int(v):
+        return _check_axis(v, rank)
+    if not isinstance(v, list) or len(v) > MAX_DIMS:
+        return "must be an axis, a list of axes or null"
+    for a in v:
+        if (why := _check_axis(a, rank)) is not None:
+            return f"entry {a!r} {why}"
+    if rank is not None and len({a % rank for a in v}) != len(v):
+        return "names an axis twice"
+    return None
+
+
+def _check_perm(v: Any, rank: int | None) -> str | None:
+    if not isinstance(v, list) or len(v) > MAX_DIMS or not all(map(_is_int, v)):
+        return "must be a list of axes or null"
+    n = len(v) if rank is None else rank
+    if len(v) != n or sorted(a % n if n else a for a in v) != list(range(n)):
+        return f"must be a permutation of the {n} axes of the input"
+    if any(not -n <= a < n for a in v):
+        return f"has an axis out of range for an input of rank {n}"
+    return None
+
+
+def _check_dims(v: Any, low: int) -> str | None:
+    if not isinstance(v, list) or not all(map(_is_int, v)):
+        return "must be a list of integers"
+    if len(v) > MAX_DIMS:
+        return f"has {len(v)} dimensions, more than {MAX_DIMS}"
+    bad = [d for d in v if d < low]
+    if bad:
+        return f"has dimension {bad[0]} (dimensions must be >= {low})"
+    if math.prod(d for d in v if d > 0) > MAX_ELEMENTS:
+        return f"describes more than {MAX_ELEMENTS} elements"
+    return None
+
+
+def _check_shape(v: Any, rank: int | None) -> str | None:
+    return _check_dims(v, 0)
+
+
+def _check_reshape(v: Any, rank: int | None) -> str | None:
+    why = _check_dims(v, -1)
+    if why is None and v.count(-1) > 1:
+        return "has more than one -1"
+    return why
+
+
+def _check_int_list(v: Any, depth: int = 0) -> bool:
+    if depth > MAX_DIMS:
+        return False
+    return all(_is_int(x) or (isinstance(x, list) and _check_int_list(x, depth + 1)) for x in v)
+
+
+def _check_index(v: Any, rank: int | None) -> str | None:
+    if not isinstance(v, list) or len(v) > MAX_DIMS:
+        return f"must be a list of at most {MAX_DIMS} index items"
+    ellipses = 0
+    for item in v:
+        if item is None or _is_int(item):
+            continue
+        if item == "...":
+            ellipses += 1
+            continue
+        if isinstance(item, dict):
+            part = item.get("slice")
+            if (
+                set(item) != {"slice"}
+                or not isinstance(part, list)
+                or len(part) != 3
+                or not all(p is None or _is_int(p) for p in part)
+            ):
+                return f"item {item!r} must be {{'slice': [start, stop, step]}} of ints or nulls"
+            if part[2] == 0:
+                return "has a slice with step 0"
+            continue
+        if isinstance(item, list):
+            if not _check_int_list(item):
+                return f"item {_short(item)} must be a (nested) list of integers"
+            try:
+                np.asarray(item, dtype=np.int64)
+            except (ValueError, OverflowError):
+                return f"item {_short(item)} is ragged or out of the int64 range"
+            continue
+        return f"item {_short(item)} is not an int, null, '...', a slice or an int list"
+    if ellipses > 1:
+        return "has more than one '...'"
+    return None
+
+
+_KIND_CHECKS: dict[str, Callable[[Any, int | None], str | None]] = {
+    "bool": _check_bool,
+    "int": _check_int,
+    "float": _check_float,
+    "str": _check_str,
+    "dtype": _check_dtype,
+    "axis": _check_axis,
+    "axes": _check_axes,
+    "perm": _check_perm,
+    "shape": _check_shape,
+    "reshape": _check_reshape,
+    "index": _check_index,
+}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_attrs(op: Op, attrs: Mapping[str, Any], shapes: Sequence[Any], node: object) -> None:
+    """Refuse attributes ``op`` does not declare, and values of the wrong kind or range.
+
+    ``shapes`` are the input shapes (None when unknown; axes are checked against the first
+    input's rank when it is known). Raises :class:`SpecError` naming ``node`` and the attribute.
+    """
+    declared = op.attrs
+    if not isinstance(attrs, Mapping):
+        raise SpecError(
+            f"node {node!r} (op {op.name}): attrs must be an object, got {_short(attrs)}"
+        )
+    for key, value in attrs.items():
+        decl = declared.get(key) if isinstance(key, str) else None
+        if decl is None:
+            takes = ", ".join(sorted(declared)) if declared else "no attributes"
+            raise SpecError(
+                f"node {node!r} (op {op.name}): attribute {key!r} is not declared by {op.name} "
+                f"(it takes {takes})"
+            )
+        why = decl.problem(value, shapes)
+        if why is not None:
+            raise SpecError(
+                f"node {node!r} (op {op.name}): attribute {key!r} = {_short(value)} {why} "
+                f"(expected {decl.describe()})"
+            )
+    for key in op.required_attrs:
+        if key not in attrs:
+            raise SpecError(
+                f"node {node!r} (op {op.name}): attribute {key!r} is required "
+                f"({declared[key].describe()})"
+            )
+
+
+#: The attributes of a ``vjp`` node (the gradient of input ``argnum`` of a node of ``op``).
+VJP_ATTRS = frozenset({"op", "argnum", "attrs"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +314,19 @@ class Op:
     differentiable: bool = True
     #: Rough floating-point operations per output element, for the cost model.
     flops_per_element: float = 1.0
+    #: Only moves elements (its result's shape can be found on zero-byte stand-ins).
+    movement: bool = False
+    #: Declared attributes: name -> Attr. Nodes may carry only these (see check_attrs).
+    attrs: Mapping[str, Attr] = field(default_factory=dict)
+    #: VJPs that are ordinary forward ops on the cotangent alone: ``vjp_as_op(input_shapes,
+    #: input_dtypes, out_dtype, attrs)`` returns, per input, ``(op, attrs)`` or None (then the
+    #: generic ``vjp`` node, which reads every input, is used); or None for all inputs.
+    vjp_as_op: Callable[..., list[tuple[str, dict[str, Any]] | None] | None] | None = None
+
+    @functools.cached_property
+    def required_attrs(self) -> tuple[str, ...]:
+        """Names of the attributes every node of this op must carry."""
+        return tuple(k for k, a in self.attrs.items() if a.required)
 
     def has_vjp(self, argnum: int) -> bool:
         """Whether gradient flows into input ``argnum``."""
@@ -61,12 +348,28 @@ def defop(
     forward: Callable[..., Any],
     *vjps: VJP | None,
     arity: int | None = -1,
+    attrs: Mapping[str, Attr] | None = None,
     **facts: Any,
 ) -> Op:
-    """Register an op; the number of VJPs gives the arity unless ``arity`` says otherwise."""
-    if name in OPS or name in LEAF_OPS:
+    """Register an op; the number of VJPs gives the arity unless ``arity`` says otherwise.
+
+    ``attrs`` declares the op's attributes, e.g. ``{"scale": Attr("float", default=1.0)}``;
+    an op that declares none accepts none.
+    """
+    if name in OPS or name in LEAF_OPS or name == "vjp":
         raise ValueError(f"op {name!r} is already registered")
-    op = Op(name, forward, tuple(vjps), arity=len(vjps) if arity == -1 else arity, **facts)
+    declared = dict(attrs or {})
+    for key, decl in declared.items():
+        if not isinstance(key, str) or not isinstance(decl, Attr):
+            raise TypeError(f"op {name!r}: attrs must map names to Attr, got {key!r}: {decl!r}")
+    op = Op(
+        name,
+        forward,
+        tuple(vjps),
+        arity=len(vjps) if arity == -1 else arity,
+        attrs=declared,
+        **facts,
+    )
     OPS[name] = op
     return op
 
@@ -268,6 +571,54 @@ def _zeros_like_grad(g: Any, out: Any, *xs: Any, **attrs: Any) -> Any:
     return np.zeros_like(out)
 
 
+def _concat_vjp_as_op(
+    shapes: Sequence[Any], dtypes: Sequence[Any], out_dtype: Any, attrs: dict
+) -> list[tuple[str, dict[str, Any]] | None] | None:
+    """Each input's share of concat's cotangent as an ``index`` node that reads only the
+    cotangent: generic vjp nodes would each read all N inputs (O(N^2) for a long concat).
+
+    An input gets one when the bounds of its slice are known from the shapes (counted from
+    the start or from the end) and its dtype is the output's (else the generic VJP casts)."""
+    if any(s is None for s in shapes) or not shapes[0]:
+        return None
+    axis = attrs.get("axis", 0) % len(shapes[0])
+    sizes = [s[axis] for s in shapes]
+    starts: list[int | None] = []  # elements before each input, when known
+    total: int | None = 0
+    for d in sizes:
+        starts.append(total)
+        total = None if total is None or d is None else total + d
+    ends: list[int | None] = []  # elements after each input, when known
+    total = 0
+    for d in reversed(sizes):
+        ends.append(total)
+        total = None if total is None or d is None else total + d
+    ends.reverse()
+    rules: list[tuple[str, dict[str, Any]] | None] = []
+    for size, start, end, dtype in zip(sizes, starts, ends, dtypes):
+        if dtype != out_dtype:
+            bounds = None
+        elif start is not None and size is not None:
+            bounds = [start, start + size]
+        elif end is not None and size is not None:
+            bounds = [-(end + size), -end if end else None]
+        elif start is not None and end is not None:
+            bounds = [start, -end if end else None]
+        else:  # batch-sized inputs on both sides: only the generic VJP knows where it starts
+            bounds = None
+        if bounds is None:
+            rules.append(None)
+            continue
+        index: list[Any] = [{"slice": [None, None, None]} for _ in range(axis)]
+        index.append({"slice": [*bounds, None]})
+        rules.append(("index", {"index": index}))
+    return rules
+
+
+#: Attributes of the reductions.
+_REDUCE = {"axis": Attr("axes", default=None), "keepdims": Attr("bool", default=False)}
+
+
 # --- the table --------------------------------------------------------------------------------
 # fmt: off
 
@@ -288,6 +639,7 @@ defop("neg", lambda a: -a,
       lambda g, out, a: -g, elementwise=True)
 defop("pow", lambda a, exponent: a ** exponent,
       lambda g, out, a, exponent: g * exponent * a ** (exponent - 1),
+      attrs={"exponent": Attr("float", required=True)},
       elementwise=True, flops_per_element=10)
 defop("maximum", np.maximum,
       lambda g, out, a, b: g * (a >= b),
@@ -324,7 +676,8 @@ defop("stop_gradient", lambda a: a,
 defop("identity", lambda a: a,
       lambda g, out, a: g, elementwise=True)
 defop("cast", lambda a, dtype: np.asarray(a).astype(dtype),
-      lambda g, out, a, dtype: np.asarray(g).astype(np.asarray(a).dtype), elementwise=True)
+      lambda g, out, a, dtype: np.asarray(g).astype(np.asarray(a).dtype),
+      attrs={"dtype": Attr("dtype", required=True)}, elementwise=True)
 
 # Linear algebra
 defop("matmul", np.matmul,
@@ -334,33 +687,40 @@ defop("matmul", np.matmul,
 # Reductions (axis: int, list of ints or None)
 defop("sum", lambda a, axis=None, keepdims=False: np.sum(a, axis=_tuple(axis), keepdims=keepdims),
       lambda g, out, a, axis=None, keepdims=False:
-          np.broadcast_to(_expand_reduced(g, a, axis, keepdims), np.shape(a)))
+          np.broadcast_to(_expand_reduced(g, a, axis, keepdims), np.shape(a)),
+      attrs=_REDUCE)
 defop("mean", lambda a, axis=None, keepdims=False: np.mean(a, axis=_tuple(axis), keepdims=keepdims),
       lambda g, out, a, axis=None, keepdims=False:
-          np.broadcast_to(_expand_reduced(g, a, axis, keepdims), np.shape(a)) / _count(a, axis))
+          np.broadcast_to(_expand_reduced(g, a, axis, keepdims), np.shape(a)) / _count(a, axis),
+      attrs=_REDUCE)
 defop("max", lambda a, axis=None, keepdims=False: np.max(a, axis=_tuple(axis), keepdims=keepdims),
-      _max_vjp, uses_out=True)
+      _max_vjp, attrs=_REDUCE, uses_out=True)
 
 # Shape manipulation
 defop("reshape", lambda a, shape: np.reshape(a, shape),
-      lambda g, out, a, shape: np.reshape(g, np.shape(a)), flops_per_element=0)
+      lambda g, out, a, shape: np.reshape(g, np.shape(a)),
+      attrs={"shape": Attr("reshape", required=True)}, flops_per_element=0, movement=True)
 defop("transpose", lambda a, axes=None: np.transpose(a, axes),
       lambda g, out, a, axes=None:
-          np.transpose(g, None if axes is None else np.argsort(axes)), flops_per_element=0)
+          np.transpose(g, None if axes is None else np.argsort(axes)),
+      attrs={"axes": Attr("perm", default=None)}, flops_per_element=0, movement=True)
 defop("broadcast_to", lambda a, shape: np.broadcast_to(a, shape),
-      lambda g, out, a, shape: g, flops_per_element=0)
+      lambda g, out, a, shape: g,
+      attrs={"shape": Attr("shape", required=True)}, flops_per_element=0, movement=True)
 defop("index", lambda a, index: a[_index_key(index)],
-      _index_vjp, flops_per_element=0)
+      _index_vjp,
+      attrs={"index": Attr("index", required=True)}, flops_per_element=0, movement=True)
 defop("concat", lambda *xs, axis=0: np.concatenate(xs, axis=axis),
-      vjp_n=_concat_vjp, arity=None, flops_per_element=0)
+      vjp_n=_concat_vjp, vjp_as_op=_concat_vjp_as_op, arity=None,
+      attrs={"axis": Attr("axis", default=0)}, flops_per_element=0)
 
 # Softmax family and losses
 defop("softmax", _softmax,
       lambda g, out, a, axis=-1: out * (g - np.sum(g * out, axis=axis, keepdims=True)),
-      uses_out=True, flops_per_element=15)
+      attrs={"axis": Attr("axis", default=-1)}, uses_out=True, flops_per_element=15)
 defop("log_softmax", _log_softmax,
       lambda g, out, a, axis=-1: g - np.exp(out) * np.sum(g, axis=axis, keepdims=True),
-      uses_out=True, flops_per_element=15)
+      attrs={"axis": Attr("axis", default=-1)}, uses_out=True, flops_per_element=15)
 defop("mse", lambda pred, target: np.mean((pred - target) ** 2),
       lambda g, out, pred, target: _mse_vjp(g, pred, target),
       lambda g, out, pred, target: -_mse_vjp(g, pred, target), flops_per_element=3)

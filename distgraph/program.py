@@ -29,6 +29,7 @@ from .errors import (
     ShapeError,
 )
 from .graph import PROVISIONAL_DTYPE, Graph
+from .memory import check_feeds_memory
 from .ops import LEAF_OPS, get_op, run_op, run_vjp
 from .result import TraceEvent
 from .spec import ALLOWED_DTYPES, NodeSpec
@@ -386,6 +387,7 @@ def prepare_feeds(
         detail = ", ".join(f"{names} have batch size {b}" for b, names in sorted(batch.items()))
         raise FeedError(f"feeds disagree on the batch size: {detail}")
     _check_signature(program, arrays)
+    check_feeds_memory(program, arrays)  # sizes that depend on the batch, before any kernel
     return arrays
 
 

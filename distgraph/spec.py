@@ -11,7 +11,9 @@ import base64
 import binascii
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -27,6 +29,12 @@ ALLOWED_DTYPES = frozenset(
 )
 #: Largest JSON text ``GraphSpec.from_json`` accepts, to refuse oversized specs before parsing.
 MAX_SPEC_BYTES = 512 * 1024 * 1024
+#: Most JSON values (counted from the text's commas and brackets before parsing) a spec may
+#: hold: parsed, a value takes up to ~25 times its text, so the byte limit alone would let a
+#: 200 MiB spec of tiny values need gigabytes while loading.
+MAX_SPEC_VALUES = 8_000_000
+#: Most nodes a spec may hold (a loaded node costs ~1.5 KB).
+MAX_SPEC_NODES = 1_000_000
 #: Names users give: no ':' (reserved for generated backward nodes) and no whitespace.
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/\[\]]*$")
 #: Names autodiff gives backward nodes: ``grad:NAME`` and ``vjp:NAME:ARGNUM``.
@@ -43,6 +51,8 @@ MAX_NDIM = 32
 MAX_DIM = 2**36
 
 Shape = tuple[int | None, ...]
+#: What base64 text looks like (checked without decoding when its length is already wrong).
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 def name_problem(name: Any) -> str | None:
@@ -137,11 +147,24 @@ class ArrayData(BaseModel):
     def to_numpy(self) -> np.ndarray:
         """Decode to a fresh writable array in native byte order."""
         dt = np.dtype(self.dtype).newbyteorder("<")
+        count = math.prod(self.shape)  # Python ints: a huge shape cannot overflow
+        # Compare the text's length with the declared shape before decoding anything.
+        want = 4 * -(-count * dt.itemsize // 3)
+        if len(self.data) != want:
+            if len(self.data) % 4 or not _BASE64.fullmatch(self.data):
+                raise SpecError(
+                    f"array data is not valid base64 ({len(self.data)} characters); shape "
+                    f"{self.shape} of {self.dtype} needs {want}"
+                )
+            held = len(self.data) // 4 * 3 - len(self.data[-2:]) + len(self.data[-2:].rstrip("="))
+            raise SpecError(
+                f"array data holds {held} bytes, shape {self.shape} of {self.dtype} "
+                f"needs {count * dt.itemsize}"
+            )
         try:
             raw = base64.b64decode(self.data.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError) as e:
             raise SpecError(f"array data is not valid base64: {e}") from None
-        count = math.prod(self.shape)  # Python ints: a huge shape cannot overflow
         if len(raw) != count * dt.itemsize:
             raise SpecError(
                 f"array data holds {len(raw)} bytes, shape {self.shape} of {self.dtype} "
@@ -265,22 +288,96 @@ class GraphSpec(BaseModel):
         return self.model_dump_json(indent=indent)
 
     @classmethod
-    def from_json(cls, text: str | bytes, max_bytes: int = MAX_SPEC_BYTES) -> GraphSpec:
-        """Parse and validate JSON text; errors name the field path that is wrong."""
+    def from_json(
+        cls,
+        text: str | bytes,
+        max_bytes: int = MAX_SPEC_BYTES,
+        max_values: int = MAX_SPEC_VALUES,
+        max_nodes: int = MAX_SPEC_NODES,
+    ) -> GraphSpec:
+        """Parse and validate JSON text; errors name the field path that is wrong.
+
+        Refused before parsing: more than ``max_bytes`` of text or (roughly) ``max_values``
+        JSON values; after parsing, more than ``max_nodes`` nodes."""
         if len(text) > max_bytes:
-            raise SpecError(f"spec is {len(text)} bytes, larger than the limit of {max_bytes}")
+            raise SpecError(
+                f"spec is {len(text)} bytes, larger than the limit of {max_bytes} "
+                "(raise it with max_bytes=)"
+            )
+        if isinstance(text, bytes):
+            values = text.count(b",") + text.count(b"[") + text.count(b"{")
+        else:
+            values = text.count(",") + text.count("[") + text.count("{")
+        if values > max_values:
+            raise SpecError(
+                f"spec holds about {values} JSON values, more than the limit of {max_values} "
+                "(raise it with max_values=)"
+            )
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SpecError(f"spec is not valid JSON: {e}") from None
         except RecursionError:
             raise SpecError("spec is not valid JSON: nested too deeply") from None
+        nodes = data.get("nodes") if isinstance(data, dict) else None
+        if isinstance(nodes, list) and len(nodes) > max_nodes:
+            raise SpecError(
+                f"nodes: the spec has {len(nodes)} nodes, more than the limit of {max_nodes} "
+                "(raise it with max_nodes=)"
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as e:
             raise SpecError(format_validation_error(e)) from None
         except RecursionError:
             raise SpecError("invalid graph spec: values nested too deeply") from None
+
+
+def read_spec_file(path: str | os.PathLike[str], max_bytes: int = MAX_SPEC_BYTES) -> bytes:
+    """The bytes of a spec file, refused (SpecError) beyond ``max_bytes`` while reading.
+
+    A regular file's size is checked before reading; a pipe is read at most ``max_bytes + 1``
+    bytes; devices (``/dev/zero``), sockets and directories are refused without reading.
+    """
+    name = os.fspath(path)
+    try:
+        # A named pipe waits for its writer, as ``cat`` would; anything else is opened without
+        # blocking, so a device is refused below, unread.
+        is_fifo = stat.S_ISFIFO(os.stat(name).st_mode)
+        fd = os.open(name, os.O_RDONLY | (0 if is_fifo else getattr(os, "O_NONBLOCK", 0)))
+    except FileNotFoundError:
+        raise SpecError(f"spec file {name!r} does not exist") from None
+    except OSError as e:
+        raise SpecError(f"cannot open spec file {name!r}: {e.strerror or e}") from None
+    info = os.fstat(fd)
+    problem = None
+    if stat.S_ISREG(info.st_mode):
+        if info.st_size > max_bytes:
+            problem = f"is {info.st_size} bytes, larger than the limit of {max_bytes}"
+    elif stat.S_ISDIR(info.st_mode):
+        problem = "is a directory"
+    elif not stat.S_ISFIFO(info.st_mode):
+        problem = "is not a regular file or a pipe"
+    if problem is not None:
+        os.close(fd)
+        raise SpecError(f"spec file {name!r} {problem}")
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_bytes:  # the file may grow (or be a pipe): never past the limit
+            try:
+                chunk = f.read(min(1 << 20, max_bytes + 1 - total))
+            except OSError as e:
+                raise SpecError(f"cannot read spec file {name!r}: {e.strerror or e}") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            raise SpecError(f"spec file {name!r} is larger than the limit of {max_bytes} bytes")
+        return b"".join(chunks)
 
 
 def format_validation_error(e: ValidationError) -> str:

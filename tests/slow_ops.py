@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from distgraph.ops import OPS, defop
+from distgraph.ops import OPS, Attr, defop
 
 
 def _sleep(a, seconds=0.0):
@@ -13,4 +13,10 @@ def _sleep(a, seconds=0.0):
 
 
 if "sleep" not in OPS:
-    defop("sleep", _sleep, lambda g, out, a, seconds=0.0: g, elementwise=True)
+    defop(
+        "sleep",
+        _sleep,
+        lambda g, out, a, seconds=0.0: g,
+        attrs={"seconds": Attr("float", default=0.0, low=0.0)},
+        elementwise=True,
+    )

@@ -182,6 +182,12 @@ _ATTRS: dict[str, list[dict[str, Any]]] = {
     ],
 }
 _ATTRS["mean"] = _ATTRS["max"] = _ATTRS["sum"]
+#: Keywords numpy's ufuncs and reductions accept: a spec must not pass them to a kernel.
+_NUMPY_KWARGS = ["where", "out", "dtype", "casting", "order", "subok", "signature", "axes"]
+_NUMPY_KWARGS += ["keepdims", "axis", "initial", "extobj", "sig", "copy", "like", "mode"]
+#: Values for them that numpy would take (where=False leaves the output uninitialised).
+_NUMPY_VALUES: list[Any] = [False, True, None, 0, 1, -1, "float32", "unsafe", "F", "K", [0]]
+_NUMPY_VALUES += [[True, False, True], 2.5, "ii->i", [[0], [1]]]
 _ATTRS["log_softmax"] = _ATTRS["softmax"]
 _NAMES = ["n_ok", "1x", "has space", "a:b", "", "x", "p0", "ünï", "a\nb", "grad:x", None]
 
@@ -292,6 +298,8 @@ def wild_graphs(draw: Any, max_nodes: int = 10) -> tuple[dg.Graph, dict[str, Any
         attrs = dict(draw(st.sampled_from(_ATTRS.get(op, [{}]))))
         if draw(st.integers(0, 9)) == 0:
             attrs[draw(st.sampled_from(["junk", "axis", "shape"]))] = draw(st.sampled_from(_JUNK))
+        if draw(st.integers(0, 4)) == 0:
+            attrs[draw(st.sampled_from(_NUMPY_KWARGS))] = draw(st.sampled_from(_NUMPY_VALUES))
         name = draw(st.sampled_from(_NAMES))
         built = attempt(lambda: g.apply(op, *operands, name=name, **attrs))  # noqa: B023
         if built is not None:
@@ -478,15 +486,27 @@ def _mutate(kind: str, doc: Any, draw: Callable[[Any], Any]) -> Any:
         vjps = [n for n in nodes if isinstance(n, dict) and n.get("op") == "vjp"]
         if vjps:
             attrs = draw(st.sampled_from(vjps)).setdefault("attrs", {})
-            key = draw(st.sampled_from(["op", "argnum", "attrs"]))
-            attrs[key] = copy.deepcopy(
-                draw(st.sampled_from([*_JUNK, -1, 1, 2, 7, "add", "matmul", "concat", "ones_like"]))
-            )
+            key = draw(st.sampled_from(["op", "argnum", "attrs", "inner", *_NUMPY_KWARGS[:3]]))
+            if key == "inner" and isinstance(attrs.get("attrs"), dict):
+                inner = draw(st.sampled_from(_NUMPY_KWARGS + ["axis", "keepdims", "shape"]))
+                attrs["attrs"][inner] = copy.deepcopy(draw(st.sampled_from(_NUMPY_VALUES)))
+            else:
+                attrs[key] = copy.deepcopy(
+                    draw(
+                        st.sampled_from(
+                            [*_JUNK, -1, 1, 2, 7, "add", "matmul", "concat", "ones_like"]
+                        )
+                    )
+                )
     elif kind == "attrs" and node is not None:
         attrs = node.get("attrs")
         if isinstance(attrs, dict):
-            key = draw(st.sampled_from([*attrs, "axis", "junk", "shape", "op", "argnum"]))
-            attrs[key] = copy.deepcopy(draw(st.sampled_from([*_JUNK, 99, -99, [0, 0]])))
+            key = draw(
+                st.sampled_from([*attrs, "axis", "junk", "shape", "op", "argnum", *_NUMPY_KWARGS])
+            )
+            attrs[key] = copy.deepcopy(
+                draw(st.sampled_from([*_JUNK, 99, -99, [0, 0], *_NUMPY_VALUES]))
+            )
     elif kind == "outputs" and isinstance(doc, dict):
         target = draw(st.sampled_from(["outputs", "grads", "grad_of"]))
         if target == "outputs":
@@ -569,6 +589,73 @@ def test_fuzz_mutated_json_specs(ray_ex):
     assert loaded["yes"] >= 60 and loaded["no"] >= 60, loaded
 
 
+@st.composite
+def attr_mutated_specs(draw: Any) -> tuple[str, dict[str, Any], str, bool, str]:
+    """A builder's spec with 1-3 node attributes set to names and values numpy would accept."""
+    name, text, feeds, loss, differentiated = draw(st.sampled_from(base_specs()))
+    doc = json.loads(text)
+    ops = [n for n in doc["nodes"] if n["op"] not in ("input", "param", "const")]
+    with_attrs = [n for n in ops if n["op"] in OPS and OPS[n["op"]].attrs]
+    changes = []
+    for _ in range(draw(st.integers(1, 2))):
+        node = draw(st.sampled_from(with_attrs if with_attrs and draw(st.booleans()) else ops))
+        attrs = node.setdefault("attrs", {})
+        op = node["op"]
+        if op == "vjp" and draw(st.booleans()):
+            attrs, op = attrs.setdefault("attrs", {}), attrs.get("op")
+        declared = sorted(OPS[op].attrs) if op in OPS else []
+        # Declared names half the time (often valid values), else any of numpy's keywords.
+        if declared and draw(st.booleans()):
+            key = draw(st.sampled_from(declared))
+            value = draw(st.sampled_from([0, -1, 1, True, False, None, [0], [0, 1], 2.0]))
+        else:
+            key = draw(st.sampled_from(_NUMPY_KWARGS))
+            value = draw(st.sampled_from(_NUMPY_VALUES + _AXES))
+        attrs[key] = copy.deepcopy(value)
+        changes.append(f"{node['name']}.{key}={attrs[key]!r}")
+    return json.dumps(doc), feeds, loss, differentiated, f"{name}: {changes}"
+
+
+def test_fuzz_attribute_mutations(ray_ex):
+    """numpy's keywords and other attributes in specs: refused with a SpecError naming the node
+    and the attribute, or (declared, valid) run to the same values on both executors, twice."""
+    both = Both(ray_ex)
+    loaded = {"yes": 0, "no": 0}
+
+    @fuzz_settings(300)
+    @given(case=attr_mutated_specs())
+    def check(case):
+        text, feeds, loss, differentiated, label = case
+        with no_hang(label):
+            try:
+                g = dg.Graph.from_json(text)
+            except dg.SpecError as e:
+                assert "attribute" in str(e) or "attrs" in str(e), (label, e)
+                loaded["no"] += 1
+                return
+            except dg.DistgraphError:  # a valid value that does not fit the shapes
+                loaded["no"] += 1
+                return
+            loaded["yes"] += 1
+            for node in g.nodes:  # what reaches a kernel is declared
+                if node.op == "vjp":
+                    assert set(node.attrs) <= {"op", "argnum", "attrs"}, label
+                    assert set(node.attrs.get("attrs", {})) <= set(OPS[node.attrs["op"]].attrs)
+                elif node.op in OPS:
+                    assert set(node.attrs) <= set(OPS[node.op].attrs), (label, node)
+            run_feeds = {k: v for k, v in feeds.items() if k in g.inputs}
+            grad = None if differentiated or loss not in g else loss
+            if both.run(g, run_feeds, grad=grad) == "ok":
+                again = both.run(g, run_feeds, grad=grad)
+                assert again == "ok", label
+                first = dg.LocalExecutor().run(g, run_feeds, grad=grad)
+                second = dg.LocalExecutor().run(g, run_feeds, grad=grad)
+                assert_same(first, second, f"{label}: the same run twice")
+
+    check()
+    assert loaded["yes"] >= 5 and loaded["no"] >= 100, loaded
+
+
 # --- regressions the fuzzing found -------------------------------------------------------------
 
 
@@ -648,8 +735,9 @@ def test_a_huge_array_shape_is_a_spec_error(dims):
 
 
 @pytest.mark.parametrize("check_finite", [False, True])
-def test_a_huge_broadcast_loads_at_once_and_fails_clearly_when_run(check_finite):
-    """Shape inference ran the reduction on a 2**42-element stand-in: a hang while loading."""
+def test_a_huge_broadcast_loads_at_once_and_is_refused_before_running(check_finite):
+    """Shape inference ran the reduction on a 2**42-element stand-in: a hang while loading.
+    Running it is refused by the memory estimate (issue 12), before any kernel allocates."""
     g = dg.Graph()
     row = g.param("row", np.ones(4))
     g.output("out", dg.broadcast_to(row, (3, 4)).mean(axis=0).sum())
@@ -658,8 +746,8 @@ def test_a_huge_broadcast_loads_at_once_and_fails_clearly_when_run(check_finite)
     with no_hang("loading a huge broadcast"):
         loaded = dg.Graph.from_json(json.dumps(doc))
         mean = next(n for n in loaded.nodes if n.op == "mean")
-        assert mean.shape is None  # too large to infer by running: checked when it runs
-        with pytest.raises(dg.ExecutionError, match=r"broadcast_to.*row\(4,\)"):
+        assert mean.shape is None  # too large to infer by running: bounded by its input
+        with pytest.raises(dg.ResourceError, match=r"'broadcast_to_\d+' 96\.0 TiB"):
             dg.LocalExecutor().run(loaded, {}, check_finite=check_finite)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..graph import Graph
+from ..memory import check_max_bytes, check_memory
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
 from ..program import Program, check_scalar_loss, compile_program, feed_signature
@@ -61,12 +62,18 @@ class TrainingSession(abc.ABC):
 
 
 class Executor(abc.ABC):
-    """Base class; compiled programs are cached per (graph version, request, feed signature)."""
+    """Base class; compiled programs are cached per (graph version, request, feed signature).
+
+    ``max_bytes`` limits a request's estimated memory (see :mod:`distgraph.memory`; default:
+    half of this machine's physical memory): a request above it is refused with a
+    ``ResourceError`` before anything is allocated.
+    """
 
     _cache_size = 16
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
         self._programs: OrderedDict[tuple, tuple[Graph, Program]] = OrderedDict()
+        self.max_bytes = check_max_bytes(max_bytes)
 
     @abc.abstractmethod
     def run(
@@ -117,11 +124,16 @@ class Executor(abc.ABC):
         hit = self._programs.get(key)
         if hit is not None and hit[0] is graph:
             self._programs.move_to_end(key)
-            return hit[1]
-        prog = compile_program(graph, outputs, grad, wrt, fed)
-        self._programs[key] = (graph, prog)
-        while len(self._programs) > self._cache_size:
-            self._programs.popitem(last=False)
+            prog = hit[1]
+        else:
+            prog = compile_program(graph, outputs, grad, wrt, fed)
+            self._programs[key] = (graph, prog)
+            while len(self._programs) > self._cache_size:
+                self._programs.popitem(last=False)
+        if prog.memo.get("max_bytes") != self.max_bytes:
+            # Before any kernel allocates; prepare_feeds checks again once the batch is known.
+            check_memory(prog, self.max_bytes)
+            prog.memo["max_bytes"] = self.max_bytes
         return prog
 
     def training_program(self, graph: Graph, loss: str, wrt: Sequence[str]) -> Program:

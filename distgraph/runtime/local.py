@@ -24,10 +24,12 @@ from .base import Executor, TrainingSession
 
 
 class LocalExecutor(Executor):
-    """Run graphs in this process; ``threads`` > 1 runs each level's nodes in parallel."""
+    """Run graphs in this process; ``threads`` > 1 runs each level's nodes in parallel.
 
-    def __init__(self, threads: int = 1):
-        super().__init__()
+    ``max_bytes`` limits a request's estimated memory (default: half of physical memory)."""
+
+    def __init__(self, threads: int = 1, *, max_bytes: int | None = None):
+        super().__init__(max_bytes)
         if not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"LocalExecutor.threads must be an int >= 1, got {threads!r}")
         self.threads = threads

@@ -117,8 +117,9 @@ class RayExecutor(Executor):
         worker_runtime_env: Mapping[str, Any] | None = None,
         ray_init_kwargs: Mapping[str, Any] | None = None,
         oversubscribe: bool = False,
+        max_bytes: int | None = None,
     ):
-        super().__init__()
+        super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
         if not (
