@@ -440,7 +440,8 @@ def _load_feeds(path: str, graph: Graph, max_bytes: int | None = None) -> dict[s
 def cmd_run(args: argparse.Namespace) -> int:
     g, feeds, _ = _load_graph(args.graph)
     if args.feeds:
-        feeds = _load_feeds(args.feeds, g)
+        # --max-memory bounds the feeds file too (its arrays are part of the run's memory).
+        feeds = _load_feeds(args.feeds, g, args.max_memory)
     with _executor(args) as ex:
         res = ex.run(
             g, feeds, outputs=args.outputs or None, grad=args.grad, check_finite=args.check_finite

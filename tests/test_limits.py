@@ -407,3 +407,22 @@ def test_ray_executor_refuses_before_touching_the_cluster():
         assert ex.run(g, {"x": np.ones((10, 100))}).values["y"] == 10 * 10 * 100
     finally:
         ex.close()
+
+
+def test_cli_max_memory_bounds_the_feeds_file_too(tmp_path: Path, capsys):
+    from distgraph.cli import main
+
+    """A feeds file is part of the run's memory: --max-memory caps it before it is read."""
+    g = dg.Graph()
+    x = g.input("x", shape=(None,), dtype="float64")
+    g.output("y", (x * 2.0).sum())
+    spec = tmp_path / "g.json"
+    spec.write_text(g.to_json())
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, x=np.ones(100_000))  # 800 kB once read
+    argv = ["run", str(spec), "--feeds", str(feeds), "--json"]
+    assert main([*argv, "--max-memory", "100K"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distgraph: error:") and "feeds.npz" in err, err
+    assert main([*argv, "--max-memory", "10M"]) == 0
+    assert json.loads(capsys.readouterr().out)["values"]["y"] == 200_000.0
