@@ -13,6 +13,7 @@ This module does not import Ray: ``runtime/ray.py`` wraps ``Worker`` as an actor
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import socket
@@ -59,6 +60,7 @@ class Worker:
         self._blas_threads: int | None = None
         self._plan_threads: dict[int, int | None] = {}
         self._controller: Any = None
+        self._where: dict[str, str] | None = None  # host and node id, asked of Ray once
         if blas_threads is not None:
             self._limit_blas(blas_threads)
         for module in ops_modules:  # custom ops are registered by importing code, never by name
@@ -267,8 +269,15 @@ class Worker:
         return {"plan": cur[0], "step": cur[1], "node": node, "level": level, "worker": self.index}
 
     def take_trace(self, plan_id: int, step: int) -> list[TraceEvent]:
-        """Hand over (and forget) a step's trace events."""
-        return self.traces.pop((plan_id, step), [])
+        """Hand over (and forget) a step's trace events, each marked with where it ran:
+        ``args["host"]`` (the node's IP) and ``args["node_id"]`` (Ray's id of the node)."""
+        events = self.traces.pop((plan_id, step), [])
+        if not events:
+            return events
+        if self._where is None:
+            info = self.info()
+            self._where = {"host": info["node_ip"], "node_id": info["node_id"]}
+        return [dataclasses.replace(e, args={**e.args, **self._where}) for e in events]
 
     def drop_step(self, plan_id: int, step: int) -> None:
         """Forget a step that failed or was abandoned."""
