@@ -17,6 +17,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 import distgraph as dg
+from distgraph.cost import CostModel
 
 Built = tuple[dg.Graph, dict[str, Any], str]
 
@@ -164,6 +165,29 @@ def shapes() -> Built:
     return g, {"x": rng.standard_normal((2, 3, 4))}, "out"
 
 
+def towers(n: int = 2, width: int = 8, batch: int = 5, depth: int = 2, seed: int = 5) -> Built:
+    """``n`` independent MLP towers (``depth`` tanh layers of ``width`` units each) over one
+    input, their logits summed into a softmax cross-entropy: a graph ``mincut`` really splits,
+    one tower per worker, when compute is dear (``SPREAD_COST``, or ``width=256, batch=64``
+    under the default cost model)."""
+    rng = np.random.default_rng(seed)
+    g = dg.Graph()
+    x = g.input("x", shape=(None, width))
+    y = g.input("y", shape=(None,), dtype="int64")
+    logits = None
+    for t in range(n):
+        h = x
+        for d in range(depth):
+            w = g.param(f"t{t}_W{d}", rng.standard_normal((width, width)) / np.sqrt(width))
+            b = g.param(f"t{t}_b{d}", 0.1 * rng.standard_normal(width))
+            h = dg.tanh(h @ w + b)
+        out = h @ g.param(f"t{t}_out", rng.standard_normal((width, 3)) / np.sqrt(width))
+        logits = out if logits is None else logits + out
+    g.output("loss", dg.cross_entropy(logits, y))
+    feeds = {"x": rng.standard_normal((batch, width)), "y": rng.integers(0, 3, size=batch)}
+    return g, feeds, "loss"
+
+
 BUILDERS: dict[str, Callable[[], Built]] = {
     "seed": seed_graph,
     "linear": linear_regression,
@@ -175,6 +199,24 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "classifier": classifier,
     "shapes": shapes,
 }
+
+#: Graphs built to be split (not in ``BUILDERS``, whose every graph the fuzz and gradient
+#: suites also run): the conformance suite runs them on both executors too.
+SPLIT_BUILDERS: dict[str, Callable[[], Built]] = {"towers": towers}
+
+#: A cost model that makes compute dear and calls cheap, so the strategies spread any graph
+#: whose levels hold independent work (under the default model a graph this small stays on
+#: one worker, and a test of how work is split would test nothing).
+SPREAD_COST = CostModel(flops_per_second=1e6, call_overhead=1e-6, batch_size=32)
+
+#: (graph, strategy) pairs that rightly stay on one worker whatever the worker count, even under
+#: ``SPREAD_COST``: chains, where no level holds two independent ops, so splitting cannot pay.
+#: A multi-worker run of them tests nothing a one-worker run does not.
+ONE_WORKER: frozenset[tuple[str, str]] = frozenset(
+    (name, strategy)
+    for name in ("seed", "linear", "mlp", "deep_chain")
+    for strategy in ("level", "mincut")
+)
 
 
 # --- the example scripts' graphs --------------------------------------------------------------

@@ -40,6 +40,17 @@ def three_node_cluster():
         cluster.shutdown()
 
 
+def nodes_that_ran(events, worker_info) -> set[str]:
+    """Ray nodes that executed graph nodes, as the workers' trace events say; each event's node
+    must be its worker's."""
+    node_of = {i["index"]: i["node_id"] for i in worker_info}
+    ran = [e for e in events if e.kind == "node"]
+    assert ran, "no node events in the trace"
+    for e in ran:
+        assert e.args["node_id"] == node_of[e.worker], e
+    return {e.args["node_id"] for e in ran}
+
+
 def test_spread_workers_cross_nodes_and_match_local(three_node_cluster):
     g, feeds, out = mlp()
     local = dg.LocalExecutor().run(g, feeds, grad=out)
@@ -51,7 +62,9 @@ def test_spread_workers_cross_nodes_and_match_local(three_node_cluster):
     ) as ex:
         nodes = {i["node_id"] for i in ex.worker_info}
         assert len(nodes) >= 2, ex.worker_info
-        res = ex.run(g, feeds, grad=out)
+        res = ex.run(g, feeds, grad=out, trace=True)
+        # What makes the test multi-node: nodes of the graph executed on >= 2 Ray nodes.
+        assert len(nodes_that_ran(res.trace, ex.worker_info)) >= 2
         plan = ex.plan(g, grad=out)
         node_of = {i["index"]: i["node_id"] for i in ex.worker_info}
         crossing_nodes = [
@@ -62,14 +75,23 @@ def test_spread_workers_cross_nodes_and_match_local(three_node_cluster):
             np.testing.assert_array_equal(res.values[k], v)
         for k, v in local.grads.items():
             np.testing.assert_array_equal(res.grads[k], v)
-        # Training across nodes ends where the reference does.
+        # Training across nodes ends where the reference does, bit for bit.
         g2, data = models.mlp_classifier((2, 8, 8, 2), seed=1), models.spirals(24)
         ref = dg.Trainer(g2, loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
         ref.fit(data, epochs=2, batch_size=16)
-        tr = dg.Trainer(g2, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex, progress=False)
+        tr = dg.Trainer(
+            g2,
+            loss="loss",
+            optimizer=dg.Adam(lr=0.05),
+            executor=ex,
+            progress=False,
+            trace=True,  # the last step's events: where its nodes ran
+        )
         tr.fit(data, epochs=2, batch_size=16)
+        assert len(nodes_that_ran(tr.last_trace, ex.worker_info)) >= 2
         for k, v in ref.params.items():
-            np.testing.assert_allclose(tr.params[k], v, rtol=1e-12, atol=0)
+            np.testing.assert_array_equal(tr.params[k], v, err_msg=k)
+        assert tr.history.loss == ref.history.loss
         tr.close()
     assert ray.is_initialized()  # joined, not owned: the executor leaves the connection alone
 

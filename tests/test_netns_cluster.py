@@ -140,9 +140,10 @@ def driver_run(cluster: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return netns("run", "--timeout", "900", timeout=960)
 
 
-def test_driver_trains_across_nodes_and_matches_local(
+def test_compose_driver_command_trains_and_matches_local(
     cluster: dict[str, str], driver_run: subprocess.CompletedProcess[str]
 ) -> None:
+    """The driver service's own command: workers on the Ray nodes, result equal to Local."""
     assert driver_run.returncode == 0, f"{driver_run.stdout[-3000:]}\n{driver_run.stderr[-3000:]}"
     result = _json_line(driver_run.stdout, '"matches_local"')
     assert result["backend"] == "ray" and result["workers"] == 3
@@ -150,6 +151,51 @@ def test_driver_trains_across_nodes_and_matches_local(
     assert len(nodes) >= 2, result["worker_nodes"]
     assert nodes <= {cluster[s] for s in RAY_SERVICES}, "workers must run on the Ray nodes"
     assert result["matches_local"] is True, result["max_rel_diff"]
+    assert result["max_rel_diff"] == 0.0  # bit for bit
+
+
+def _trace_line(stdout: str) -> dict[str, Any]:
+    for line in stdout.splitlines():
+        if line.startswith('{"traceEvents"'):
+            return json.loads(line)
+    raise AssertionError(f"no Chrome trace in output:\n{stdout[-3000:]}")
+
+
+def test_a_training_step_runs_on_several_hosts(
+    cluster: dict[str, str], compose: dict[str, Any]
+) -> None:
+    """Nodes of one training step executed on >= 2 hosts, as the step's own trace records."""
+    # The driver service's `ray start` (a driver must run on a Ray node), then a training run
+    # that splits the graph (the compose command's mincut keeps this small MLP on one worker)
+    # and writes the last step's trace.
+    ray_start = compose["services"]["driver"]["command"][-1].split("&&")[0].strip()
+    assert ray_start.startswith("ray start"), ray_start
+    train = (
+        "distgraph train mlp --backend ray --address ray-head:6379 --workers 3 "
+        "--strategy round_robin --epochs 1 --check-local --json --trace /tmp/step.json"
+    )
+    run = netns(
+        "run", "--timeout", "600", "--",
+        "sh", "-c", f"{ray_start} && {train} && echo && cat /tmp/step.json",
+        timeout=660,
+    )  # fmt: skip
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    result = _json_line(run.stdout, '"matches_local"')
+    assert result["max_rel_diff"] == 0.0, result["max_rel_diff"]  # bit for bit
+    events = [e for e in _trace_line(run.stdout)["traceEvents"] if e["ph"] == "X"]
+    ran = [e["args"] for e in events if e["args"]["kind"] == "node"]
+    assert ran, "the step's trace has no node events"
+    hosts = {a["host"] for a in ran}
+    assert hosts <= {cluster[s] for s in RAY_SERVICES}, hosts
+    assert len(hosts) >= 2, f"every node of the step ran on {hosts}"
+    # Each worker's events name one host: the node its actor sits on.
+    per_worker: dict[int, set[str]] = {}
+    for a in ran:
+        per_worker.setdefault(a["worker"], set()).add(a["host"])
+    assert all(len(h) == 1 for h in per_worker.values()), per_worker
+    assert {w: h.pop() for w, h in per_worker.items()} == {
+        int(w): ip for w, ip in result["worker_nodes"].items() if int(w) in per_worker
+    }
 
 
 def test_cluster_parameters_equal_an_independent_local_run(
@@ -167,9 +213,10 @@ def test_cluster_parameters_equal_an_independent_local_run(
     assert local_run.returncode == 0, local_run.stderr
     local = _json_line(local_run.stdout, '"params"')
     assert set(local["params"]) == set(remote["params"])
+    # JSON carries every float exactly (shortest repr round-trips), so equal means bit for bit.
     for name, value in local["params"].items():
-        np.testing.assert_allclose(remote["params"][name], value, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(remote["loss"], local["loss"], rtol=1e-6)
+        np.testing.assert_array_equal(remote["params"][name], value, err_msg=name)
+    assert remote["loss"] == local["loss"]
 
 
 def test_driver_with_wrong_token_is_refused(cluster: dict[str, str]) -> None:

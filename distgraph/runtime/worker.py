@@ -13,6 +13,7 @@ This module does not import Ray: ``runtime/ray.py`` wraps ``Worker`` as an actor
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import socket
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..paramstore import ParameterStore
-from ..plan import Task
+from ..plan import DRIVER, Task
 from ..program import Program, run_nodes
 from ..result import TraceEvent
 
@@ -59,6 +60,7 @@ class Worker:
         self._blas_threads: int | None = None
         self._plan_threads: dict[int, int | None] = {}
         self._controller: Any = None
+        self._where: dict[str, str] | None = None  # host and node id, asked of Ray once
         if blas_threads is not None:
             self._limit_blas(blas_threads)
         for module in ops_modules:  # custom ops are registered by importing code, never by name
@@ -142,27 +144,34 @@ class Worker:
         for key in [k for k in self.envs if k[0] == plan_id]:
             del self.envs[key]
 
-    def set_resident(self, plan_id: int, values: dict[str, Any]) -> None:
-        """Replace resident values (a new parameter version)."""
-        self.resident[plan_id].update(values)
+    def set_resident(self, plan_id: int, values: Any) -> None:
+        """Replace resident values (a new parameter version, possibly sent by reference)."""
+        self.resident[plan_id].update(self._receive([values])[0])
+
+    def _send(self, values: dict[str, Any]) -> Any:
+        """What a task returns for another worker or the server: here the values themselves;
+        the Ray actor puts them in the object store and returns the reference, so they travel
+        between workers without passing through the driver."""
+        return values
+
+    def _receive(self, items: list[Any]) -> list[Any]:
+        """Value dicts from ``items`` as sent by ``_send`` (here, already the values)."""
+        return items
 
     def run_task(self, plan_id: int, step: int, task_id: int, flags: int, *args: Any) -> Any:
         """Run one task: ``args`` = [param update] + [small feeds as one dict, then each large
         feed] + imported value dicts, in plan order.
 
-        ``flags``: bit 0 trace, bit 1 check_finite, bit 2 a param update comes first.
+        ``flags``: bit 0 trace, bit 1 check_finite, bit 2 a param update comes first, bit 3
+        send values for other workers and the server through ``_send`` (by reference).
         Returns one dict per output of the task (a bare dict when it has one, None for none).
         """
         task = self.tasks[plan_id][task_id]
         program = self.programs[plan_id]
         self._limit_blas(self._plan_threads.get(plan_id))
         args_iter = iter(args)
-        if flags & 4:
-            self.resident[plan_id].update(next(args_iter))
-        key = (plan_id, step)
-        env = self.envs.get(key)
-        if env is None:
-            env = self.envs[key] = dict(self.resident[plan_id])
+        update = next(args_iter) if flags & 4 else None
+        feeds: dict[str, Any] = {}
         if task.feeds:
             # Small feeds come packed in one dict (one argument); large ones as their own refs,
             # and rows of an attached training array as its ref plus (in the dict) the rows.
@@ -170,15 +179,25 @@ class Worker:
             for name in task.feeds:
                 value = small.get(name, small)
                 if value is small:
-                    env[name] = next(args_iter)
+                    feeds[name] = next(args_iter)
                 elif isinstance(value, Rows):
-                    env[name] = np.take(next(args_iter), value.index, axis=0)
+                    feeds[name] = np.take(next(args_iter), value.index, axis=0)
                 else:
-                    env[name] = value
-        for _src, _slot, names in task.imports:
-            received = next(args_iter)
+                    feeds[name] = value
+        imported = [next(args_iter) for _ in task.imports]
+        # What other workers and the server sent may come by reference: fetch it all at once.
+        received = self._receive(([update] if flags & 4 else []) + imported)
+        if flags & 4:
+            self.resident[plan_id].update(received[0])
+            received = received[1:]
+        key = (plan_id, step)
+        env = self.envs.get(key)
+        if env is None:
+            env = self.envs[key] = dict(self.resident[plan_id])
+        env.update(feeds)
+        for (_src, _slot, names), values in zip(task.imports, received):
             for name in names:
-                env[name] = received[name]
+                env[name] = values[name]
         events = self.traces.setdefault(key, []) if flags & 1 else None
         start = time.time()
         try:
@@ -218,7 +237,15 @@ class Worker:
                     args={"levels": [task.first_level, task.last_level], "nodes": len(task.nodes)},
                 )
             )
-        outputs = tuple({n: env[n] for n in names} for _dest, names in task.outputs)
+        # The driver is the caller of every task, and Ray keeps a caller's small results in
+        # its process: with bit 3, values for other workers or the server leave by _send.
+        by_ref = bool(flags & 8)
+        outputs = tuple(
+            self._send({n: env[n] for n in names})
+            if by_ref and dest != DRIVER
+            else {n: env[n] for n in names}
+            for dest, names in task.outputs
+        )
         if task.last_on_worker:
             del self.envs[key]
         if not outputs:
@@ -267,8 +294,15 @@ class Worker:
         return {"plan": cur[0], "step": cur[1], "node": node, "level": level, "worker": self.index}
 
     def take_trace(self, plan_id: int, step: int) -> list[TraceEvent]:
-        """Hand over (and forget) a step's trace events."""
-        return self.traces.pop((plan_id, step), [])
+        """Hand over (and forget) a step's trace events, each marked with where it ran:
+        ``args["host"]`` (the node's IP) and ``args["node_id"]`` (Ray's id of the node)."""
+        events = self.traces.pop((plan_id, step), [])
+        if not events:
+            return events
+        if self._where is None:
+            info = self.info()
+            self._where = {"host": info["node_ip"], "node_id": info["node_id"]}
+        return [dataclasses.replace(e, args={**e.args, **self._where}) for e in events]
 
     def drop_step(self, plan_id: int, step: int) -> None:
         """Forget a step that failed or was abandoned."""
