@@ -15,7 +15,7 @@ import numpy as np
 
 from ._util import gc_paused
 from .errors import GraphError
-from .graph import Graph
+from .graph import Graph, _inferred_dtype
 from .ops import LEAF_OPS, get_op
 from .spec import NodeSpec, make_node
 
@@ -134,7 +134,9 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
         as_ops = (
             op.vjp_as_op(
                 [nodes[s].shape for s in inputs],
-                [nodes[s].dtype for s in inputs],
+                # An undeclared input is provisionally float64, as in inference: slicing the
+                # cotangent is then right whenever the fed dtypes agree (the usual case).
+                [_inferred_dtype(nodes[s]) for s in inputs],
                 node.dtype,
                 node.attrs,
             )

@@ -273,7 +273,9 @@ class GraphSpec(BaseModel):
     gradient of ``grad_of`` with respect to it.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Non-finite scalar constants are written as "NaN"/"Infinity" strings: JSON has no NaN, and
+    # writing null (pydantic's default) would not load back.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
     format: Literal["distgraph.graph/1"] = "distgraph.graph/1"
     nodes: list[NodeSpec]

@@ -83,7 +83,7 @@ def test_the_check_runs_before_any_kernel():
     calls: list[str] = []
     defop("test_limits_probe", lambda a: calls.append("ran") or a * 1.0, lambda g, out, a: g)
     g = dg.Graph()
-    x = g.input("x", shape=(4,))
+    x = g.input("x", shape=(4,), dtype="float64")  # declared: no re-inference per feed
     y = g.apply("test_limits_probe", x)
     g.output("z", dg.broadcast_to(y, (1000, 1000, 4)).sum())
     calls.clear()  # shape inference ran it on a stand-in

@@ -203,3 +203,16 @@ def test_make_node_matches_model_construct():
     assert fast.model_dump_json() == slow.model_dump_json()
     assert fast.model_copy(update={"name": "m2"}).name == "m2"
     assert NodeSpec.model_validate_json(fast.model_dump_json()) == slow
+
+
+def test_non_finite_scalar_constants_round_trip():
+    """JSON has no NaN: they were written as null, which did not load back (found by the fuzzer)."""
+    g = dg.Graph()
+    x = g.input("x", shape=(2,), dtype="float64")
+    g.output("y", x * float("nan") + float("-inf"))
+    text = g.to_json()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the spec"))
+    again = dg.Graph.from_json(text)
+    got = dg.LocalExecutor().run(again, {"x": np.ones(2)}).values["y"]
+    assert np.isnan(got).all()
+    assert again.to_json() == text
