@@ -351,14 +351,24 @@ class RayExecutor(Executor):
         plan = self._make_plan(program, training, batch)
         plan_id = next(self._plan_ids)
         self._check_fits(plan, resident_values)
-        self._install(plan, plan_id, resident_values)
+        try:
+            self._install(plan, plan_id, resident_values)
+        except BaseException:
+            # Cache a plan only once every worker holds it; survivors of a failed install
+            # forget it (a dead worker's call fails harmlessly).
+            self._uninstall(plan_id)
+            raise
         self._plans[key] = (plan, plan_id, resident_values)
         while len(self._plans) > self.max_plans:  # forget the oldest, here and on the workers
             _old, (_p, old_id, _r) = next(iter(self._plans.items()))
             del self._plans[_old]
-            for w in self.workers:
-                w.uninstall.remote(old_id)
+            self._uninstall(old_id)
         return plan, plan_id
+
+    def _uninstall(self, plan_id: int) -> None:
+        """Have every worker forget a plan (without waiting)."""
+        for w in self.workers:
+            w.uninstall.remote(plan_id)
 
     def _install(
         self,
@@ -445,14 +455,16 @@ class RayExecutor(Executor):
         prog = self.program(graph, outputs, grad)
         arrays = prepare_feeds(prog, feeds or {}, check_finite)
         self._check_feeds_fit(arrays)
-        plan, plan_id = self._installed(
-            prog, False, graph._params, _batch_size(prog, arrays), key_extra=graph.version
-        )
         events: list[TraceEvent] = []
         for attempt in range(self.max_recoveries + 1):
             step = next(self._run_steps)
-            t_submit = time.time()
             try:
+                # Installing is inside the recovery loop: a worker that died while the executor
+                # was idle is found here, replaced, and the plan installed on its successor.
+                plan, plan_id = self._installed(
+                    prog, False, graph._params, _batch_size(prog, arrays), key_extra=graph.version
+                )
+                t_submit = time.time()
                 refs = self._submit(plan, plan_id, step, arrays, {}, trace, check_finite)
                 got = self._finish(plan, plan_id, step, refs, extra=[])
                 break
@@ -693,9 +705,21 @@ class _RaySession(TrainingSession):
         if ex.worker_updates:
             self.replicas, self.pipelined = replica_layout(self.plan)
         self._start_ps(self._initial)
-        ex._install(
-            self.plan, self.plan_id, self._initial.params, replicas=self._replicas(self._initial)
-        )
+        try:
+            ex._install(
+                self.plan,
+                self.plan_id,
+                self._initial.params,
+                replicas=self._replicas(self._initial),
+            )
+        except WorkerLostError:
+            raise  # the step's recovery replaces the worker and installs the plan on it
+        except BaseException:
+            ex._uninstall(self.plan_id)
+            with contextlib.suppress(Exception):
+                ray.kill(self.ps)
+            self.plan, self.ps = None, None  # nothing half-installed stays: the next step retries
+            raise
 
     def _replicas(self, ckpt: Any, only: Sequence[int] | None = None) -> dict[int, Any]:
         """Install arguments for the replica workers: (server state or its ref, grad names)."""
@@ -734,8 +758,7 @@ class _RaySession(TrainingSession):
     def step(self, step_id: int, feeds: Mapping[str, Any], trace: bool = False) -> float:
         arrays = prepare_feeds(self.prog, feeds, self.check_finite)
         self.ex._check_feeds_fit(arrays)
-        self._ensure(_batch_size(self.prog, arrays))
-        return self._run_step(step_id, arrays, trace)
+        return self._run_step(step_id, arrays, trace, _batch_size(self.prog, arrays))
 
     def attach(self, data: Mapping[str, Any]) -> Any:
         """Check the training arrays once and put the large ones in the object store, so a
@@ -760,19 +783,24 @@ class _RaySession(TrainingSession):
             k: _RowsFeed(data.shipped[k], index) if k in data.shipped else v[index]
             for k, v in data.arrays.items()
         }
-        self._ensure(len(index))
-        return self._run_step(step_id, feeds, trace)
+        return self._run_step(step_id, feeds, trace, len(index))
 
-    def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float:
+    def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool, batch: int) -> float:
         for attempt in range(self.ex.max_recoveries + 1):
             try:
+                # Inside the recovery loop: a worker that died while idle fails the install,
+                # and is replaced like one lost during a step.
+                self._ensure(batch)
                 loss = self._step_once(step_id, arrays, trace)
                 break
             except WorkerLostError as e:
                 if attempt == self.ex.max_recoveries:
                     raise
                 log.warning("step %d lost a worker (%s); recovering", step_id, e)
-                self._recover(step_id)
+                if self.plan is None:  # lost before the plan was placed: replace workers only
+                    self.ex.recover()
+                else:
+                    self._recover(step_id)
         if step_id not in self._done:
             self._done.append(step_id)
         return loss
