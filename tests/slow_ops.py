@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from distgraph.ops import OPS, defop
@@ -14,3 +15,16 @@ def _sleep(a, seconds=0.0):
 
 if "sleep" not in OPS:
     defop("sleep", _sleep, lambda g, out, a, seconds=0.0: g, elementwise=True)
+
+
+def _stall(a, flag=""):
+    # Identity that waits while the file ``flag`` exists (at most two minutes), so a test
+    # decides exactly which step stalls and when it finishes.
+    give_up = time.monotonic() + 120.0
+    while flag and os.path.exists(flag) and time.monotonic() < give_up:
+        time.sleep(0.02)
+    return a
+
+
+if "stall" not in OPS:
+    defop("stall", _stall, lambda g, out, a, flag="": g, elementwise=True)

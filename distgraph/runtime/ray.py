@@ -10,11 +10,18 @@ Order of a run or training step:
 2. submit every task of the step at once, in plan order; each takes its feeds and the refs of
    the values it imports as top-level arguments, so workers resolve them directly and the
    driver never touches intermediate tensors;
-3. training only: submit ``ps.apply(step, *gradient refs)``; its per-worker results are passed
-   to each worker's first task of the next step. A worker that computes every gradient of its
-   own params instead applies the same update to a local replica (``worker_updates``), so no
-   params travel back; when all workers do, the server's update overlaps the next step;
-4. wait once for the step's end, bounded by ``deadline``; fetch only the requested outputs.
+3. training only: submit ``ps.stage(step, *gradient refs)``: the server computes the update
+   and holds it. A worker that computes every gradient of its own params applies the same
+   update to a local replica (``worker_updates``), so no params travel back;
+4. wait once for the step's end, bounded by ``deadline`` (the driver's outputs, the previous
+   step's commit, and, unless the outputs prove every gradient exists, the staged update);
+   fetch only the requested outputs;
+5. training only: the step succeeded, so submit ``ps.commit(step)`` and count the step. Its
+   per-worker results are passed to each worker's first task of the next step; the commit
+   itself is awaited by the next step (or any read of the server). A step that fails before
+   this point (error, deadline, interrupt) is aborted instead (``ps.abort``) and is never
+   applied; workers are reset to the server's state. A commit that finds nothing staged fails
+   as a lost worker: the session recovers and replays the step.
 Only this module imports ``ray``.
 """
 
@@ -65,7 +72,14 @@ class _RayWorker(Worker):
         return Worker.progress(self)
 
 
-_WorkerActor = ray.remote(concurrency_groups={"control": 1})(_RayWorker)
+# Step calls must run in submission order (the worker checks it: see worker.py). Ray documents
+# that order for single-threaded actors; a concurrency group makes the actor threaded, so the
+# order is pinned explicitly: in-order submission and execution (Ray refuses this setting
+# together with max_concurrency > 1), every order-sensitive method in the default group of one
+# thread, all called by this driver; only progress() runs beside them.
+_WorkerActor = ray.remote(concurrency_groups={"control": 1}, allow_out_of_order_execution=False)(
+    _RayWorker
+)
 _ParamServerActor = ray.remote(ParameterServer)
 
 
@@ -694,6 +708,9 @@ class _RaySession(TrainingSession):
         self.pipelined = False
         self._pending: Any = None  # status ref of the server's latest update, not yet awaited
         self._recovering = False
+        #: (step id, ref of the server's answer): a step whose failure came while its commit
+        #: was being sent; decided before the session's next step (see ``_settle``).
+        self._unsettled: tuple[int, Any] | None = None
 
     def _ensure(self, batch: int) -> None:
         if self.plan is not None:
@@ -801,23 +818,26 @@ class _RaySession(TrainingSession):
                     self.ex.recover()
                 else:
                     self._recover(step_id)
-        if step_id not in self._done:
-            self._done.append(step_id)
         return loss
 
     def _step_once(
         self, step_id: int, arrays: Mapping[str, np.ndarray], trace: bool = False
     ) -> float:
+        """Run one step and commit it on the server, or leave it never applied (see below)."""
         plan, ex = self.plan, self.ex
         assert plan is not None
+        self._settle()  # a step an earlier failure left undecided is decided first
         t_submit = time.time()
         updates, self._updates = self._updates, {}
         # Pipelined (every worker updates its own replica, and every task that sends gradients
-        # also answers the driver): once the driver's outputs are in, every part of the step
-        # has succeeded, so the server's update may finish during the next step. It is awaited
-        # then, or before anything reads the server.
+        # also answers the driver): once the driver's outputs are in, every gradient exists, so
+        # the driver commits without waiting for the server to hold the update; the server's
+        # work finishes during the next step, which waits for it (as does any read).
+        # Otherwise the driver also waits for the staged update: a task that only sends
+        # gradients may have failed, and that step must not count.
         defer = self.pipelined and not trace
         pending, self._pending = self._pending, None
+        committing = False
         try:
             refs = ex._submit(
                 plan, self.plan_id, step_id, arrays, updates, trace, self.check_finite
@@ -827,28 +847,85 @@ class _RaySession(TrainingSession):
                 for t in plan.tasks
                 if any(d == PARAM_SERVER for d, _ in t.outputs)
             ]
-            out = self.ps.apply.options(num_returns=1 + ex.num_workers).remote(step_id, *grads)
-            status_ref, worker_refs = out[0], out[1:]
+            staged = self.ps.stage.remote(step_id, *grads)
             extra = [pending] if pending is not None else []
             if not defer:
-                extra.append(status_ref)
+                extra.append(staged)
             got = ex._finish(plan, self.plan_id, step_id, refs, extra=extra)
-        except WorkerLostError:
-            if not self._updates:
-                self._updates = updates
-            raise  # the session recovers: replaced workers and replicas are reinstalled
+            # The step succeeded: from the commit on it counts, and it is applied (now, or by
+            # a replay should its gradients never reach the server).
+            committing = True
+            out = self._commit(step_id)
+            if step_id not in self._done:
+                self._done.append(step_id)
+            status = ex._get([out[0]], "applying the update")[0] if trace else None
         except BaseException:
-            # A worker whose first call never ran did not take its new params: resend them with
-            # the next step (taking the same version twice is harmless).
-            if not self._updates:
-                self._updates = updates
-            self._reset_replicas()
+            self._abandon(step_id, committing, pending)
             raise
-        self._pending = status_ref if defer else None
-        self._updates = {w: r for w, r in enumerate(worker_refs) if w not in self.replicas}
+        self._pending = None if trace else out[0]
+        self._updates = {w: r for w, r in enumerate(out[1:]) if w not in self.replicas}
         if trace:
-            self.last_trace = self._step_trace(step_id, t_submit, got["extra"][-1])
+            self.last_trace = self._step_trace(step_id, t_submit, status)
         return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
+
+    def _commit(self, step_id: int) -> list[Any]:
+        """Submit the server's commit of ``step_id``: (status ref, one params ref per worker)."""
+        return self.ps.commit.options(num_returns=1 + self.ex.num_workers).remote(step_id)
+
+    def _abandon(self, step_id: int, committing: bool, pending: Any) -> None:
+        """After a failed step: make sure it is never applied (or learn that it was), and put
+        every worker back in step with the server.
+
+        ``committing``: the failure came after the driver started sending the commit (an
+        interrupt), so the server decides; its answer is awaited here (bounded) and otherwise
+        before the session's next call."""
+        ex, ps = self.ex, self.ps
+        assert self.plan is not None
+        for w in ex.workers:  # values a failed step left behind (harmless if already gone)
+            with contextlib.suppress(Exception):
+                w.drop_step.remote(self.plan_id, step_id)
+        if ps is None:
+            return
+        if self._pending is None:
+            self._pending = pending  # the previous step's commit may not have been awaited
+        # Runs after the step's stage and any commit sent: its answer is final, and an update
+        # the server still holds (gradients of a step that timed out) is dropped.
+        aborted = ps.abort.remote(step_id)
+        if committing:
+            self._unsettled = (step_id, aborted)
+            with contextlib.suppress(Exception):
+                self._settle()
+        # The workers that take params from the server get its current ones, and replicas are
+        # reset to its state: both are read after the abort, whatever the outcome was.
+        self._updates = {
+            w: ps.params_of.remote(w) for w in range(ex.num_workers) if w not in self.replicas
+        }
+        self._reset_replicas()
+
+    def _settle(self) -> None:
+        """Decide a step whose failure came while its commit was being sent."""
+        if self._unsettled is None:
+            return
+        step_id, answer = self._unsettled
+        try:
+            applied = self.ex._get([answer], f"settling step {step_id}")[0]
+        except WorkerLostError:
+            # The server died since: ask the one that replaced it (it restarts from this
+            # run's checkpoint and replays the counted steps; the question is still open).
+            self._unsettled = None
+            try:
+                applied = self._ps_call("abort", step_id)
+            except BaseException:
+                self._unsettled = (step_id, answer)
+                raise
+        self._unsettled = None
+        if applied and step_id not in self._done:
+            self._done.append(step_id)
+
+    def step_applied(self, step_id: int) -> bool:
+        """Whether step ``step_id`` counts as applied (asked after a step call raised)."""
+        self._settle()
+        return step_id in self._done
 
     def _step_trace(
         self, step_id: int, t_submit: float, status: dict[str, Any]
@@ -1001,6 +1078,7 @@ class _RaySession(TrainingSession):
         self._ps_call("save", str(path))
 
     def restore(self, ckpt: Checkpoint) -> None:
+        self._unsettled = None  # the restored state decides every step from here on
         self._done = list(ckpt.applied_steps)
         if self.ps is None:
             self._initial = ckpt
