@@ -83,6 +83,41 @@ _WorkerActor = ray.remote(concurrency_groups={"control": 1}, allow_out_of_order_
 _ParamServerActor = ray.remote(ParameterServer)
 
 
+class _EmbeddedRuntime:
+    """The Ray runtime an executor of this process started, shared by every executor that
+    joined it: it is shut down when the last of them closes, not when the first does."""
+
+    lock = threading.Lock()
+    node_id: str | None = None  # the runtime's head node (a new runtime has a new one)
+    users = 0
+
+    @classmethod
+    def join(cls, started: bool) -> str | None:
+        """Count an executor in; returns the runtime's node id if it uses the embedded one."""
+        node = ray.get_runtime_context().get_node_id()
+        with cls.lock:
+            if started:  # this executor started it (any earlier one was shut down)
+                cls.node_id, cls.users = node, 1
+                return node
+            if cls.node_id is not None and node == cls.node_id:
+                cls.users += 1
+                return node
+            return None  # a runtime the user started or joined: never ours to shut down
+
+    @classmethod
+    def leave(cls, node: str) -> None:
+        """Count an executor out; the last one shuts the runtime down."""
+        with cls.lock:
+            if node != cls.node_id:
+                return  # that runtime is gone already (shut down by the user)
+            cls.users -= 1
+            if cls.users > 0:
+                return
+            cls.node_id, cls.users = None, 0
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def fetch(refs: Any, timeout: float | None = None) -> Any:
     """The driver's only way to read values (one place to instrument in tests)."""
     return ray.get(refs, timeout=timeout)
@@ -91,8 +126,8 @@ def fetch(refs: Any, timeout: float | None = None) -> Any:
 class RayExecutor(Executor):
     """Run graphs on ``num_workers`` Ray worker actors.
 
-    ``address=None`` (and no ``RAY_ADDRESS``) starts an embedded local Ray and shuts it down on
-    ``close()``; ``"auto"`` or ``"host:port"`` joins a running cluster and leaves it running; an
+    ``address=None`` (and no ``RAY_ADDRESS``) starts an embedded local Ray, which later executors
+    of the process share, and the last of them to ``close()`` shuts it down; ``"auto"`` or ``"host:port"`` joins a running cluster and leaves it running; an
     already initialised Ray is reused as it is. ``strategy`` is ``"mincut"``, ``"level"``,
     ``"round_robin"``, a callable or a ``{node: worker}`` dict. ``placement="spread"`` asks Ray
     to put workers on distinct nodes, ``"pack"`` on as few as possible. ``worker_updates=False``
@@ -162,6 +197,8 @@ class RayExecutor(Executor):
         self._pg = None
         self.workers: list[Any] = []
         self._connect(connect_timeout, dict(ray_init_kwargs or {}))
+        #: Node id of the embedded runtime this executor shares (None: not one we started).
+        self._embedded = _EmbeddedRuntime.join(self._owns_ray)
         try:
             self._start_workers()
         except BaseException:
@@ -321,9 +358,10 @@ class RayExecutor(Executor):
                 remove_placement_group(self._pg)
             self._pg = None
         self._plans.clear()
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
-            self._owns_ray = False
+        embedded, self._embedded = getattr(self, "_embedded", None), None
+        if embedded is not None:  # shut down only when no other executor uses it
+            _EmbeddedRuntime.leave(embedded)
+        self._owns_ray = False
 
     # Planning -----------------------------------------------------------------------------------
     def plan(
