@@ -84,8 +84,9 @@ class ParameterServer:
         self._staged = _Staged(step_id, self.store, self.store.version, update, start)
         return step_id
 
-    def commit(self, step_id: int) -> tuple:
-        """Apply the update held for ``step_id``; returns (status, params for worker 0, 1, ...)."""
+    def commit(self, step_id: int, routed: bool = True) -> tuple | dict[str, Any]:
+        """Apply the update held for ``step_id``; returns (status, params for worker 0, 1, ...),
+        or only the status when ``routed`` is false (no worker takes params from here)."""
         staged, self._staged = self._staged, None
         if (
             staged is None
@@ -108,7 +109,7 @@ class ParameterServer:
             "start": staged.start,
             "end": time.time(),
         }
-        return (status, *self.worker_params())
+        return (status, *self.worker_params()) if routed else status
 
     def abort(self, step_id: int) -> bool:
         """Drop any update held for ``step_id``; returns whether that step is applied."""

@@ -126,8 +126,9 @@ def fetch(refs: Any, timeout: float | None = None) -> Any:
 class RayExecutor(Executor):
     """Run graphs on ``num_workers`` Ray worker actors.
 
-    ``address=None`` (and no ``RAY_ADDRESS``) starts an embedded local Ray, which later executors
-    of the process share, and the last of them to ``close()`` shuts it down; ``"auto"`` or ``"host:port"`` joins a running cluster and leaves it running; an
+    ``address=None`` (and no ``RAY_ADDRESS``) starts an embedded local Ray, which later
+    executors of the process share, and the last of them to ``close()`` shuts it down;
+    ``"auto"`` or ``"host:port"`` joins a running cluster and leaves it running; an
     already initialised Ray is reused as it is. ``strategy`` is ``"mincut"``, ``"level"``,
     ``"round_robin"``, a callable or a ``{node: worker}`` dict. ``placement="spread"`` asks Ray
     to put workers on distinct nodes, ``"pack"`` on as few as possible. ``worker_updates=False``
@@ -742,6 +743,7 @@ class _RaySession(TrainingSession):
         self.last_trace: list[TraceEvent] = []
         #: worker -> {param: gradient node}: workers that apply each update to a local replica.
         self.replicas: dict[int, dict[str, str]] = {}
+        self.takers: list[int] = []
         #: Whether a step may return before the server has applied it (see ``_step_once``).
         self.pipelined = False
         self._pending: Any = None  # status ref of the server's latest update, not yet awaited
@@ -749,6 +751,7 @@ class _RaySession(TrainingSession):
         #: (step id, ref of the server's answer): a step whose failure came while its commit
         #: was being sent; decided before the session's next step (see ``_settle``).
         self._unsettled: tuple[int, Any] | None = None
+        self._unrecovered = False  # a step gave up on a lost worker: recover before the next
 
     def _ensure(self, batch: int) -> None:
         if self.plan is not None:
@@ -759,6 +762,13 @@ class _RaySession(TrainingSession):
         ex._check_fits(self.plan, self._initial.params)
         if ex.worker_updates:
             self.replicas, self.pipelined = replica_layout(self.plan)
+        #: Workers that take their params from the server after each step: those that keep
+        #: params and no replica (the others would only be sent empty updates).
+        self.takers = [
+            w
+            for w in range(ex.num_workers)
+            if w not in self.replicas and any(p in self.prog.params for p in self.plan.resident[w])
+        ]
         self._start_ps(self._initial)
         try:
             ex._install(
@@ -841,22 +851,30 @@ class _RaySession(TrainingSession):
         return self._run_step(step_id, feeds, trace, len(index))
 
     def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool, batch: int) -> float:
-        for attempt in range(self.ex.max_recoveries + 1):
-            try:
-                # Inside the recovery loop: a worker that died while idle fails the install,
-                # and is replaced like one lost during a step.
-                self._ensure(batch)
-                loss = self._step_once(step_id, arrays, trace)
-                break
-            except WorkerLostError as e:
-                if attempt == self.ex.max_recoveries:
-                    raise
-                log.warning("step %d lost a worker (%s); recovering", step_id, e)
-                if self.plan is None:  # lost before the plan was placed: replace workers only
-                    self.ex.recover()
-                else:
-                    self._recover(step_id)
-        return loss
+        if self._unrecovered and self.plan is not None:
+            # An earlier step gave up on a lost worker or server: recover first, so the steps
+            # it counted that the server never applied are replayed before this one runs.
+            self._recover(None)
+            self._unrecovered = False
+        try:
+            for attempt in range(self.ex.max_recoveries + 1):
+                try:
+                    # Inside the recovery loop: a worker that died while idle fails the
+                    # install, and is replaced like one lost during a step.
+                    self._ensure(batch)
+                    return self._step_once(step_id, arrays, trace)
+                except WorkerLostError as e:
+                    if attempt == self.ex.max_recoveries:
+                        raise
+                    log.warning("step %d lost a worker (%s); recovering", step_id, e)
+                    if self.plan is None:  # lost before the plan was placed: workers only
+                        self.ex.recover()
+                    else:
+                        self._recover(step_id)
+        except WorkerLostError:
+            self._unrecovered = True
+            raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _step_once(
         self, step_id: int, arrays: Mapping[str, np.ndarray], trace: bool = False
@@ -893,22 +911,25 @@ class _RaySession(TrainingSession):
             # The step succeeded: from the commit on it counts, and it is applied (now, or by
             # a replay should its gradients never reach the server).
             committing = True
-            out = self._commit(step_id)
+            status_ref, routed = self._commit(step_id)
             if step_id not in self._done:
                 self._done.append(step_id)
-            status = ex._get([out[0]], "applying the update")[0] if trace else None
+            status = ex._get([status_ref], "applying the update")[0] if trace else None
         except BaseException:
             self._abandon(step_id, committing, pending)
             raise
-        self._pending = None if trace else out[0]
-        self._updates = {w: r for w, r in enumerate(out[1:]) if w not in self.replicas}
+        self._pending = None if trace else status_ref
+        self._updates = routed
         if trace:
             self.last_trace = self._step_trace(step_id, t_submit, status)
         return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
 
-    def _commit(self, step_id: int) -> list[Any]:
-        """Submit the server's commit of ``step_id``: (status ref, one params ref per worker)."""
-        return self.ps.commit.options(num_returns=1 + self.ex.num_workers).remote(step_id)
+    def _commit(self, step_id: int) -> tuple[Any, dict[int, Any]]:
+        """Submit the server's commit of ``step_id``: (status ref, params ref per taker)."""
+        if not self.takers:  # every param-holding worker updates its own replica
+            return self.ps.commit.remote(step_id, False), {}
+        out = self.ps.commit.options(num_returns=1 + self.ex.num_workers).remote(step_id)
+        return out[0], {w: out[1 + w] for w in self.takers}
 
     def _abandon(self, step_id: int, committing: bool, pending: Any) -> None:
         """After a failed step: make sure it is never applied (or learn that it was), and put
@@ -935,9 +956,7 @@ class _RaySession(TrainingSession):
                 self._settle()
         # The workers that take params from the server get its current ones, and replicas are
         # reset to its state: both are read after the abort, whatever the outcome was.
-        self._updates = {
-            w: ps.params_of.remote(w) for w in range(ex.num_workers) if w not in self.replicas
-        }
+        self._updates = {w: ps.params_of.remote(w) for w in self.takers}
         self._reset_replicas()
 
     def _settle(self) -> None:
@@ -1018,7 +1037,7 @@ class _RaySession(TrainingSession):
                 values = state.params if w in self.replicas else params[w]
                 ex._install(self.plan, self.plan_id, values, [w], self._replicas(state, [w]))
             # Survivors may or may not have taken the last update before the failure: resend it.
-            self._updates = {w: p for w, p in enumerate(params) if w not in self.replicas}
+            self._updates = {w: params[w] for w in self.takers}
             self._reset_replicas()
             # A pipelined step can have finished on its worker and still never reached the
             # server (its gradients lost with a node): run it again.
@@ -1123,7 +1142,7 @@ class _RaySession(TrainingSession):
             return
         self._ps_call("restore", ckpt)
         params = self._ps_call("worker_params")
-        self._updates = {w: p for w, p in enumerate(params) if w not in self.replicas}
+        self._updates = {w: params[w] for w in self.takers}
         self._reset_replicas()
 
     def close(self) -> None:
