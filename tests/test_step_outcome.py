@@ -212,3 +212,30 @@ def test_a_commit_with_nothing_staged_is_recovered_by_replay(
         assert tr.applied_steps == list(range(1, 7))
         assert_identical(tr.params, want)
         tr.close()
+
+
+def test_a_fit_that_gave_up_on_a_lost_worker_is_recovered_by_the_next(tmp_path):
+    # No recoveries allowed within a call: the fit stops at step 5 on a dead worker. The next
+    # fit recovers before its first step (replacing the worker, replaying whatever was counted
+    # and not applied) instead of failing again.
+    flag = tmp_path / "never"
+    want = reference(flag, epochs=3, **FIT)
+    with executor("mincut") as ex:
+        ex.max_recoveries = 0
+        tr = trainer(flag, ex)
+
+        def crash(step, loss):
+            if step == 4:  # the end of the second epoch
+                busy = tr.session.plan.tasks[0].worker
+                with pytest.raises(ray.exceptions.RayActorError):
+                    ray.get(ex.workers[busy].crash.remote())
+
+        with pytest.raises(dg.WorkerLostError):
+            tr.fit(data(), epochs=3, callback=crash, **FIT)
+        assert tr.step == 4 and tr.epoch == 2
+        assert server_after_everything_sent(tr)["applied"] == [1, 2, 3, 4]
+        tr.fit(data(), epochs=1, **FIT)
+        assert len(ex.replacements) == 1
+        assert tr.applied_steps == list(range(1, 7))
+        assert_identical(tr.params, want)
+        tr.close()

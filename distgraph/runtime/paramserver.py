@@ -8,10 +8,11 @@ Order of a step (one outcome per step id: applied, and the driver counts it, or 
 1. ``stage(step, *grad_dicts)``, submitted with the step's tasks. Ray runs it once every
    gradient ref resolves (never if a producing task failed). It computes the optimizer update
    from the current state and *holds* it; nothing changes yet.
+   With ``routed`` it also returns the new params, one dict per worker; the driver passes
+   each to that worker's first call of the next step, but only once it committed this one.
 2. ``commit(step)``, submitted by the driver only once it has seen the step succeed. It makes
    the held update current (exactly once per step id), checkpoints every ``checkpoint_every``
-   versions, and returns the new version plus one dict of fresh params per worker; each
-   worker's first call of the next step takes its dict. A commit that finds no update held
+   versions, and returns the new version. A commit that finds no update held
    for its step (its gradients were lost with a node, or the server restarted) raises
    :class:`StepNotStagedError`, a :class:`~distgraph.errors.WorkerLostError`: the driver
    recovers and replays the step.
@@ -72,9 +73,11 @@ class ParameterServer:
         self.checkpoint_every = checkpoint_every
         self._staged: _Staged | None = None
 
-    def stage(self, step_id: int, *grad_dicts: dict[str, Any]) -> int:
-        """Compute step ``step_id``'s update from its gradients and hold it (apply nothing);
-        returns the step id."""
+    def stage(self, step_id: int, *grad_dicts: dict[str, Any], routed: bool = False) -> Any:
+        """Compute step ``step_id``'s update from its gradients and hold it (apply nothing).
+
+        Returns the step id; with ``routed``, (step id, the new params for worker 0, 1, ...):
+        the driver hands them to the next step only once it commits this one."""
         start = time.time()
         self._staged = None  # a newer stage replaces whatever an abandoned step left
         grads: dict[str, Any] = {}
@@ -82,11 +85,13 @@ class ParameterServer:
             grads.update(d)
         update = self.store.prepare(step_id, {p: grads[g] for p, g in self._grad_names.items()})
         self._staged = _Staged(step_id, self.store, self.store.version, update, start)
-        return step_id
+        if not routed:
+            return step_id
+        params = self.store.params if update is None else update[0]
+        return (step_id, *self._route(params))
 
-    def commit(self, step_id: int, routed: bool = True) -> tuple | dict[str, Any]:
-        """Apply the update held for ``step_id``; returns (status, params for worker 0, 1, ...),
-        or only the status when ``routed`` is false (no worker takes params from here)."""
+    def commit(self, step_id: int) -> dict[str, Any]:
+        """Apply the update held for ``step_id``; returns its status (version, applied, times)."""
         staged, self._staged = self._staged, None
         if (
             staged is None
@@ -109,7 +114,7 @@ class ParameterServer:
             "start": staged.start,
             "end": time.time(),
         }
-        return (status, *self.worker_params()) if routed else status
+        return status
 
     def abort(self, step_id: int) -> bool:
         """Drop any update held for ``step_id``; returns whether that step is applied."""
@@ -121,9 +126,16 @@ class ParameterServer:
         """Current values of the params ``worker`` keeps."""
         return {p: self.store.params[p] for p in self.routes.get(worker, [])}
 
+    def _route(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """``params`` split by the workers that keep them."""
+        return [
+            {p: params[p] for p in self.routes.get(w, [])}
+            for w in range(max(self.routes, default=-1) + 1)
+        ]
+
     def worker_params(self) -> list[dict[str, Any]]:
         """Current params split by the workers that keep them."""
-        return [self.params_of(w) for w in range(max(self.routes, default=-1) + 1)]
+        return self._route(self.store.params)
 
     def params(self) -> dict[str, Any]:
         """All current params."""

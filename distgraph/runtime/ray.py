@@ -852,8 +852,9 @@ class _RaySession(TrainingSession):
 
     def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool, batch: int) -> float:
         if self._unrecovered and self.plan is not None:
-            # An earlier step gave up on a lost worker or server: recover first, so the steps
-            # it counted that the server never applied are replayed before this one runs.
+            # An earlier step gave up on a lost worker or server (or its recovery failed):
+            # recover first, so the workers are whole again and the steps counted that the
+            # server never applied are replayed before this one runs.
             self._recover(None)
             self._unrecovered = False
         try:
@@ -867,10 +868,12 @@ class _RaySession(TrainingSession):
                     if attempt == self.ex.max_recoveries:
                         raise
                     log.warning("step %d lost a worker (%s); recovering", step_id, e)
+                    self._unrecovered = True  # until the recovery below is complete
                     if self.plan is None:  # lost before the plan was placed: workers only
                         self.ex.recover()
                     else:
                         self._recover(step_id)
+                    self._unrecovered = False
         except WorkerLostError:
             self._unrecovered = True
             raise
@@ -903,7 +906,13 @@ class _RaySession(TrainingSession):
                 for t in plan.tasks
                 if any(d == PARAM_SERVER for d, _ in t.outputs)
             ]
-            staged = self.ps.stage.remote(step_id, *grads)
+            if self.takers:  # the new params are computed with the update: no extra trip
+                out = self.ps.stage.options(num_returns=1 + ex.num_workers).remote(
+                    step_id, *grads, routed=True
+                )
+                staged, routed = out[0], {w: out[1 + w] for w in self.takers}
+            else:
+                staged, routed = self.ps.stage.remote(step_id, *grads), {}
             extra = [pending] if pending is not None else []
             if not defer:
                 extra.append(staged)
@@ -911,7 +920,7 @@ class _RaySession(TrainingSession):
             # The step succeeded: from the commit on it counts, and it is applied (now, or by
             # a replay should its gradients never reach the server).
             committing = True
-            status_ref, routed = self._commit(step_id)
+            status_ref = self._commit(step_id)
             if step_id not in self._done:
                 self._done.append(step_id)
             status = ex._get([status_ref], "applying the update")[0] if trace else None
@@ -924,12 +933,9 @@ class _RaySession(TrainingSession):
             self.last_trace = self._step_trace(step_id, t_submit, status)
         return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
 
-    def _commit(self, step_id: int) -> tuple[Any, dict[int, Any]]:
-        """Submit the server's commit of ``step_id``: (status ref, params ref per taker)."""
-        if not self.takers:  # every param-holding worker updates its own replica
-            return self.ps.commit.remote(step_id, False), {}
-        out = self.ps.commit.options(num_returns=1 + self.ex.num_workers).remote(step_id)
-        return out[0], {w: out[1 + w] for w in self.takers}
+    def _commit(self, step_id: int) -> Any:
+        """Submit the server's commit of ``step_id``; returns the ref of its status."""
+        return self.ps.commit.remote(step_id)
 
     def _abandon(self, step_id: int, committing: bool, pending: Any) -> None:
         """After a failed step: make sure it is never applied (or learn that it was), and put
