@@ -717,6 +717,12 @@ class _RaySession(TrainingSession):
     server's current params. A lost parameter server is restarted from its latest checkpoint
     (or the initial state) and the steps it had applied since are replayed through ``replay``
     (the Trainer's deterministic batch order) before the failed step runs again.
+
+    Outcome of a step: it counts (``_done``) from the moment the driver sends its commit, and a
+    counted step is applied exactly once (by the commit, or by a replay if the commit finds
+    nothing staged). A step that fails before that is aborted: never applied, not counted,
+    and the workers are reset to the server's state. If an interrupt lands while the commit
+    is being sent, the server's answer decides (``_settle``, ``step_applied``).
     """
 
     def __init__(
