@@ -51,15 +51,31 @@ class ParameterStore:
 
     def apply(self, step_id: int, grads: Mapping[str, Any]) -> bool:
         """Apply ``grads`` as step ``step_id``; a step id seen before changes nothing."""
+        return self.install(step_id, self.prepare(step_id, grads))
+
+    def prepare(self, step_id: int, grads: Mapping[str, Any]) -> tuple[dict, dict] | None:
+        """The (params, optimizer state) step ``step_id`` would produce from the current ones,
+        or None for a step id already applied; changes nothing (see :meth:`install`)."""
         if step_id in self._applied_set:
+            return None
+        return self.optimizer.update(self.params, grads, self.opt_state)
+
+    def install(self, step_id: int, update: tuple[dict, dict] | None) -> bool:
+        """Make a prepared update current, as step ``step_id``; returns whether it applied.
+
+        Only valid while nothing else changed the store since :meth:`prepare`."""
+        if update is None or step_id in self._applied_set:
             self.duplicates.append(step_id)
             log.warning("step %d was already applied; ignoring the repeated update", step_id)
             return False
-        params, state = self.optimizer.update(self.params, grads, self.opt_state)
-        self.params, self.opt_state = params, state  # commit only after every value is built
+        self.params, self.opt_state = update  # every value was built before anything changes
         self.applied.append(step_id)
         self._applied_set.add(step_id)
         return True
+
+    def has_applied(self, step_id: int) -> bool:
+        """Whether step ``step_id`` has been applied."""
+        return step_id in self._applied_set
 
     def to_checkpoint(self, extra: dict | None = None) -> Checkpoint:
         """A snapshot (arrays shared: the store never mutates them in place)."""

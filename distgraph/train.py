@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -205,10 +206,19 @@ class Trainer:
                 weights = [len(batches[i]) for i in known]
                 for idx in batches[skip:]:
                     step_id = self._steps_done + 1
-                    loss = session.step_rows(step_id, attached, idx, trace=self.trace)
+                    try:
+                        loss = session.step_rows(step_id, attached, idx, trace=self.trace)
+                        self._steps_done = step_id
+                    except BaseException:
+                        # Count a failed step exactly when the session applied it (an interrupt
+                        # can land after the update), so the next fit neither repeats nor
+                        # skips a step id.
+                        with contextlib.suppress(Exception):
+                            if self._steps_done < step_id and session.step_applied(step_id):
+                                self._steps_done = step_id
+                        raise
                     if self.trace:
                         self.last_trace = session.last_trace
-                    self._steps_done = step_id
                     losses.append(loss)
                     weights.append(len(idx))
                     self.history.step_loss.append(loss)

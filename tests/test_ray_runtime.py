@@ -187,9 +187,10 @@ def test_driver_fetches_only_requested_outputs(ex2, monkeypatch):
     ex2.strategy = "mincut"
     tensors = [d for d in fetched if isinstance(d, dict) and "version" not in d]
     assert tensors == [{"loss": tensors[0]["loss"]}], fetched
-    statuses = [d for d in fetched if isinstance(d, dict) and "version" in d]
-    assert len(statuses) == 1 and set(statuses[0]) == {"version", "applied", "step", "start", "end"}
-    assert len(fetched) == 2
+    # Besides the loss, only the server's word that it holds the step's update (its id); the
+    # commit's status is awaited by the next step, or by any read of the server.
+    assert fetched[1:] == [100], fetched
+    assert not tr.session.pipelined  # round_robin: the driver waits for the staged update
     plan = tr.session.plan
     assert plan.cross_edges, "the round-robin plan should move values between workers"
     tr.close()

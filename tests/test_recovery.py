@@ -128,10 +128,10 @@ def test_stalled_node_names_node_level_and_worker():
     with dg.RayExecutor(
         num_workers=2,
         strategy={"mul_1": 0, "stuck": 1, "z": 0},
-        deadline=3.0,
         ops_modules=["slow_ops"],
         worker_runtime_env={"env_vars": {"PYTHONPATH": TESTS}},
     ) as ex:
+        ex.deadline = 3.0  # only for the run: starting workers on a busy machine takes longer
         level = ex.plan(g).program.level["stuck"]
         with pytest.raises(dg.WaveTimeoutError) as info:
             ex.run(g, {"x": 2.0})
@@ -181,3 +181,41 @@ def test_node_loss_replaces_workers_on_surviving_nodes(tmp_path, reference):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def kill_worker(ex, index):
+    """End worker ``index`` and wait until Ray reports it dead."""
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(ex.workers[index].crash.remote())
+
+
+def assert_params_identical(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+def test_worker_dead_while_idle_is_replaced_at_install():
+    ensure_ray()
+    g, feeds = models.seed_graph()
+    with dg.RayExecutor(num_workers=2, strategy="mincut") as ex:
+        kill_worker(ex, 1)  # dies before anything was installed on it
+        res = ex.run(g, feeds, grad="z")  # a new plan: installing it meets the dead worker
+        assert res.values == {"z": 7.0} and res.grads == {"x": 3.0, "w": 2.0, "b": 1.0}
+        assert ex.replacements == [1]
+
+        # Training: the session installs its own plan on every worker, busy or idle.
+        mg, data, opt = mlp_setup()
+        want = dg.Trainer(mg, loss="loss", optimizer=opt, progress=False)
+        want.fit(data, epochs=2, batch_size=16, seed=11)
+        busy = set(ex.plan(mg, grad="loss", training=True).placement.values())
+        assert len(busy) == 1  # mincut keeps this model on one worker: the other sits idle
+        idle = 1 - busy.pop()
+        kill_worker(ex, idle)
+        mg, data, opt = mlp_setup()
+        tr = dg.Trainer(mg, loss="loss", optimizer=opt, executor=ex, progress=False)
+        tr.fit(data, epochs=2, batch_size=16, seed=11)
+        assert ex.replacements == [1, idle]
+        assert_params_identical(tr.params, want.params)
+        assert tr.applied_steps == list(range(1, 13))
+        tr.close()

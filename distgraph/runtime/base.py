@@ -47,6 +47,12 @@ class TrainingSession(abc.ABC):
 
     last_trace: list[TraceEvent] = []
 
+    def step_applied(self, step_id: int) -> bool:
+        """Whether step ``step_id`` counts as applied; asked after a step call raised (an
+        interrupt can land after the update was made). A step that does not count is never
+        applied later."""
+        return step_id in self.applied_steps
+
     def attach(self, data: Mapping[str, Any]) -> Any:
         """Keep a training set where the steps run; returns a handle for :meth:`step_rows`.
 

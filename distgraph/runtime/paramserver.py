@@ -3,11 +3,23 @@
 State: a :class:`~distgraph.paramstore.ParameterStore` (params, optimizer state, the record of
 applied step ids) and, per worker, the names of the params that worker keeps resident.
 
-Order of a step: the driver submits ``apply(step, *grad_dicts)`` right after the backward wave;
-Ray runs it once every gradient ref resolves (it never runs if any producing task failed, so a
-failed step's partial gradients are never applied). ``apply`` updates the store exactly once
-per step id, checkpoints every ``checkpoint_every`` versions, and returns the new version plus
-one dict of fresh params per worker; each worker's first call of the next step takes its dict.
+Order of a step (one outcome per step id: applied, and the driver counts it, or never applied):
+
+1. ``stage(step, *grad_dicts)``, submitted with the step's tasks. Ray runs it once every
+   gradient ref resolves (never if a producing task failed). It computes the optimizer update
+   from the current state and *holds* it; nothing changes yet.
+   With ``routed`` it also returns the new params, one dict per worker; the driver passes
+   each to that worker's first call of the next step, but only once it committed this one.
+2. ``commit(step)``, submitted by the driver only once it has seen the step succeed. It makes
+   the held update current (exactly once per step id), checkpoints every ``checkpoint_every``
+   versions, and returns the new version. A commit that finds no update held
+   for its step (its gradients were lost with a node, or the server restarted) raises
+   :class:`StepNotStagedError`, a :class:`~distgraph.errors.WorkerLostError`: the driver
+   recovers and replays the step.
+3. ``abort(step)``, submitted instead of ``commit`` when the step failed (error, deadline,
+   interrupt): it drops the held update and answers whether the step is applied. Calls from
+   the driver run in submission order, so its answer is final: a step aborted before any
+   commit was sent is never applied.
 
 This module does not import Ray: ``runtime/ray.py`` wraps ``ParameterServer`` as an actor.
 """
@@ -16,11 +28,29 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..errors import WorkerLostError
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
+
+
+class StepNotStagedError(WorkerLostError):
+    """A commit found no update held for its step: the step must run again (the driver
+    recovers and replays it)."""
+
+
+@dataclass
+class _Staged:
+    """A step's update, computed and held until the driver commits or aborts it."""
+
+    step: int
+    store: ParameterStore  # the store it was computed from (a restore replaces the store)
+    version: int
+    update: tuple[dict, dict] | None  # None: the step id was applied before (a duplicate)
+    start: float
 
 
 class ParameterServer:
@@ -44,31 +74,71 @@ class ParameterServer:
         #: The Trainer's progress (epoch, fit segments, history), written into checkpoints.
         self.progress: dict[str, Any] = {}
         self._saved_version = -1  # the version last written to checkpoint_dir
+        self._staged: _Staged | None = None
 
-    def apply(self, step_id: int, *grad_dicts: dict[str, Any]) -> tuple:
-        """Apply one step's gradients once; returns (status, params for worker 0, 1, ...)."""
+    def stage(self, step_id: int, *grad_dicts: dict[str, Any], routed: bool = False) -> Any:
+        """Compute step ``step_id``'s update from its gradients and hold it (apply nothing).
+
+        Returns the step id; with ``routed``, (step id, the new params for worker 0, 1, ...):
+        the driver hands them to the next step only once it commits this one."""
         start = time.time()
+        self._staged = None  # a newer stage replaces whatever an abandoned step left
         grads: dict[str, Any] = {}
         for d in grad_dicts:
             grads.update(d)
-        applied = self.store.apply(step_id, {p: grads[g] for p, g in self._grad_names.items()})
+        update = self.store.prepare(step_id, {p: grads[g] for p, g in self._grad_names.items()})
+        self._staged = _Staged(step_id, self.store, self.store.version, update, start)
+        if not routed:
+            return step_id
+        params = self.store.params if update is None else update[0]
+        return (step_id, *self._route(params))
+
+    def commit(self, step_id: int) -> dict[str, Any]:
+        """Apply the update held for ``step_id``; returns its status (version, applied, times)."""
+        staged, self._staged = self._staged, None
+        if (
+            staged is None
+            or staged.step != step_id
+            or staged.store is not self.store
+            or staged.version != self.store.version
+        ):
+            held = "nothing" if staged is None else f"an update for step {staged.step}"
+            raise StepNotStagedError(
+                f"the parameter server holds {held}, not step {step_id}'s update (its gradients "
+                "never arrived, or the server restarted); the step must run again"
+            )
+        applied = self.store.install(step_id, staged.update)
         if applied and self.checkpoint_every and self.store.version % self.checkpoint_every == 0:
             self.save(self.checkpoint_dir)
         status = {
             "version": self.store.version,
             "applied": applied,
             "step": step_id,
-            "start": start,
+            "start": staged.start,
             "end": time.time(),
         }
-        return (status, *self.worker_params())
+        return status
+
+    def abort(self, step_id: int) -> bool:
+        """Drop any update held for ``step_id``; returns whether that step is applied."""
+        if self._staged is not None and self._staged.step == step_id:
+            self._staged = None
+        return self.store.has_applied(step_id)
+
+    def params_of(self, worker: int) -> dict[str, Any]:
+        """Current values of the params ``worker`` keeps."""
+        return {p: self.store.params[p] for p in self.routes.get(worker, [])}
+
+    def _route(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """``params`` split by the workers that keep them."""
+        return [
+            {p: params[p] for p in self.routes.get(w, [])}
+            for w in range(max(self.routes, default=-1) + 1)
+        ]
 
     def worker_params(self) -> list[dict[str, Any]]:
         """Current params split by the workers that keep them."""
-        return [
-            {p: self.store.params[p] for p in self.routes.get(w, [])}
-            for w in range(max(self.routes, default=-1) + 1)
-        ]
+        return self._route(self.store.params)
 
     def params(self) -> dict[str, Any]:
         """All current params."""

@@ -10,11 +10,18 @@ Order of a run or training step:
 2. submit every task of the step at once, in plan order; each takes its feeds and the refs of
    the values it imports as top-level arguments, so workers resolve them directly and the
    driver never touches intermediate tensors;
-3. training only: submit ``ps.apply(step, *gradient refs)``; its per-worker results are passed
-   to each worker's first task of the next step. A worker that computes every gradient of its
-   own params instead applies the same update to a local replica (``worker_updates``), so no
-   params travel back; when all workers do, the server's update overlaps the next step;
-4. wait once for the step's end, bounded by ``deadline``; fetch only the requested outputs.
+3. training only: submit ``ps.stage(step, *gradient refs)``: the server computes the update
+   and holds it. A worker that computes every gradient of its own params applies the same
+   update to a local replica (``worker_updates``), so no params travel back;
+4. wait once for the step's end, bounded by ``deadline`` (the driver's outputs, the previous
+   step's commit, and, unless the outputs prove every gradient exists, the staged update);
+   fetch only the requested outputs;
+5. training only: the step succeeded, so submit ``ps.commit(step)`` and count the step. Its
+   per-worker results are passed to each worker's first task of the next step; the commit
+   itself is awaited by the next step (or any read of the server). A step that fails before
+   this point (error, deadline, interrupt) is aborted instead (``ps.abort``) and is never
+   applied; workers are reset to the server's state. A commit that finds nothing staged fails
+   as a lost worker: the session recovers and replays the step.
 Only this module imports ``ray``.
 """
 
@@ -96,18 +103,61 @@ class _RayWorker(Worker):
 class _RayParamServer(ParameterServer):
     """The server as an actor. With data_path="store" gradients arrive by reference from the
     workers, and each worker's new params leave the same way, so neither is stored in the
-    driver (the caller of ``apply``)."""
+    driver (the caller of ``stage``)."""
 
-    def apply(self, step_id: int, *grad_dicts: Any) -> tuple:
+    def stage(self, step_id: int, *grad_dicts: Any, routed: bool = False) -> Any:
         by_ref = any(isinstance(g, ray.ObjectRef) for g in grad_dicts)  # data_path="store"
-        status, *params = ParameterServer.apply(self, step_id, *_resolve(grad_dicts))
-        if by_ref:  # answer the way the gradients came
-            params = [ray.put(p) if p else p for p in params]
-        return (status, *params)
+        out = ParameterServer.stage(self, step_id, *_resolve(grad_dicts), routed=routed)
+        if not (routed and by_ref):
+            return out
+        step, *params = out  # answer the way the gradients came
+        return (step, *[ray.put(p) if p else p for p in params])
 
 
-_WorkerActor = ray.remote(concurrency_groups={"control": 1})(_RayWorker)
+# Step calls must run in submission order (the worker checks it: see worker.py). Ray documents
+# that order for single-threaded actors; a concurrency group makes the actor threaded, so the
+# order is pinned explicitly: in-order submission and execution (Ray refuses this setting
+# together with max_concurrency > 1), every order-sensitive method in the default group of one
+# thread, all called by this driver; only progress() runs beside them.
+_WorkerActor = ray.remote(concurrency_groups={"control": 1}, allow_out_of_order_execution=False)(
+    _RayWorker
+)
 _ParamServerActor = ray.remote(_RayParamServer)
+
+
+class _EmbeddedRuntime:
+    """The Ray runtime an executor of this process started, shared by every executor that
+    joined it: it is shut down when the last of them closes, not when the first does."""
+
+    lock = threading.Lock()
+    node_id: str | None = None  # the runtime's head node (a new runtime has a new one)
+    users = 0
+
+    @classmethod
+    def join(cls, started: bool) -> str | None:
+        """Count an executor in; returns the runtime's node id if it uses the embedded one."""
+        node = ray.get_runtime_context().get_node_id()
+        with cls.lock:
+            if started:  # this executor started it (any earlier one was shut down)
+                cls.node_id, cls.users = node, 1
+                return node
+            if cls.node_id is not None and node == cls.node_id:
+                cls.users += 1
+                return node
+            return None  # a runtime the user started or joined: never ours to shut down
+
+    @classmethod
+    def leave(cls, node: str) -> None:
+        """Count an executor out; the last one shuts the runtime down."""
+        with cls.lock:
+            if node != cls.node_id:
+                return  # that runtime is gone already (shut down by the user)
+            cls.users -= 1
+            if cls.users > 0:
+                return
+            cls.node_id, cls.users = None, 0
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def fetch(refs: Any, timeout: float | None = None) -> Any:
@@ -118,8 +168,9 @@ def fetch(refs: Any, timeout: float | None = None) -> Any:
 class RayExecutor(Executor):
     """Run graphs on ``num_workers`` Ray worker actors.
 
-    ``address=None`` (and no ``RAY_ADDRESS``) starts an embedded local Ray and shuts it down on
-    ``close()``; ``"auto"`` or ``"host:port"`` joins a running cluster and leaves it running; an
+    ``address=None`` (and no ``RAY_ADDRESS``) starts an embedded local Ray, which later
+    executors of the process share, and the last of them to ``close()`` shuts it down;
+    ``"auto"`` or ``"host:port"`` joins a running cluster and leaves it running; an
     already initialised Ray is reused as it is. ``strategy`` is ``"mincut"``, ``"level"``,
     ``"round_robin"``, a callable or a ``{node: worker}`` dict. ``placement="spread"`` asks Ray
     to put workers on distinct nodes, ``"pack"`` on as few as possible. ``worker_updates=False``
@@ -218,6 +269,8 @@ class RayExecutor(Executor):
         self._pg = None
         self.workers: list[Any] = []
         self._connect(connect_timeout, dict(ray_init_kwargs or {}))
+        #: Node id of the embedded runtime this executor shares (None: not one we started).
+        self._embedded = _EmbeddedRuntime.join(self._owns_ray)
         try:
             self._start_workers()
         except BaseException:
@@ -410,9 +463,10 @@ class RayExecutor(Executor):
                 remove_placement_group(self._pg)
             self._pg = None
         self._plans.clear()
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
-            self._owns_ray = False
+        embedded, self._embedded = getattr(self, "_embedded", None), None
+        if embedded is not None:  # shut down only when no other executor uses it
+            _EmbeddedRuntime.leave(embedded)
+        self._owns_ray = False
 
     # Planning -----------------------------------------------------------------------------------
     def plan(
@@ -454,14 +508,24 @@ class RayExecutor(Executor):
         plan = self._make_plan(program, training, batch)
         plan_id = next(self._plan_ids)
         self._check_fits(plan, resident_values)
-        self._install(plan, plan_id, resident_values)
+        try:
+            self._install(plan, plan_id, resident_values)
+        except BaseException:
+            # Cache a plan only once every worker holds it; survivors of a failed install
+            # forget it (a dead worker's call fails harmlessly).
+            self._uninstall(plan_id)
+            raise
         self._plans[key] = (plan, plan_id, resident_values)
         while len(self._plans) > self.max_plans:  # forget the oldest, here and on the workers
             _old, (_p, old_id, _r) = next(iter(self._plans.items()))
             del self._plans[_old]
-            for w in self.workers:
-                w.uninstall.remote(old_id)
+            self._uninstall(old_id)
         return plan, plan_id
+
+    def _uninstall(self, plan_id: int) -> None:
+        """Have every worker forget a plan (without waiting)."""
+        for w in self.workers:
+            w.uninstall.remote(plan_id)
 
     def _install(
         self,
@@ -548,14 +612,16 @@ class RayExecutor(Executor):
         prog = self.program(graph, outputs, grad, feeds=feeds)
         arrays = prepare_feeds(prog, feeds or {}, check_finite)
         self._check_feeds_fit(arrays)
-        plan, plan_id = self._installed(
-            prog, False, graph._params, _batch_size(prog, arrays), key_extra=graph.version
-        )
         events: list[TraceEvent] = []
         for attempt in range(self.max_recoveries + 1):
             step = next(self._run_steps)
-            t_submit = time.time()
             try:
+                # Installing is inside the recovery loop: a worker that died while the executor
+                # was idle is found here, replaced, and the plan installed on its successor.
+                plan, plan_id = self._installed(
+                    prog, False, graph._params, _batch_size(prog, arrays), key_extra=graph.version
+                )
+                t_submit = time.time()
                 refs = self._submit(plan, plan_id, step, arrays, {}, trace, check_finite)
                 got = self._finish(plan, plan_id, step, refs, extra=[])
                 break
@@ -761,6 +827,12 @@ class _RaySession(TrainingSession):
     server's current params. A lost parameter server is restarted from its latest checkpoint
     (or the initial state) and the steps it had applied since are replayed through ``replay``
     (the Trainer's deterministic batch order) before the failed step runs again.
+
+    Outcome of a step: it counts (``_done``) from the moment the driver sends its commit, and a
+    counted step is applied exactly once (by the commit, or by a replay if the commit finds
+    nothing staged). A step that fails before that is aborted: never applied, not counted,
+    and the workers are reset to the server's state. If an interrupt lands while the commit
+    is being sent, the server's answer decides (``_settle``, ``step_applied``).
     """
 
     def __init__(
@@ -787,10 +859,15 @@ class _RaySession(TrainingSession):
         self.last_trace: list[TraceEvent] = []
         #: worker -> {param: gradient node}: workers that apply each update to a local replica.
         self.replicas: dict[int, dict[str, str]] = {}
+        self.takers: list[int] = []
         #: Whether a step may return before the server has applied it (see ``_step_once``).
         self.pipelined = False
         self._pending: Any = None  # status ref of the server's latest update, not yet awaited
         self._recovering = False
+        #: (step id, ref of the server's answer): a step whose failure came while its commit
+        #: was being sent; decided before the session's next step (see ``_settle``).
+        self._unsettled: tuple[int, Any] | None = None
+        self._unrecovered = False  # a step gave up on a lost worker: recover before the next
 
     def _ensure(self, batch: int) -> None:
         if self.plan is not None:
@@ -801,10 +878,29 @@ class _RaySession(TrainingSession):
         ex._check_fits(self.plan, self._initial.params)
         if ex.worker_updates:
             self.replicas, self.pipelined = replica_layout(self.plan)
+        #: Workers that take their params from the server after each step: those that keep
+        #: params and no replica (the others would only be sent empty updates).
+        self.takers = [
+            w
+            for w in range(ex.num_workers)
+            if w not in self.replicas and any(p in self.prog.params for p in self.plan.resident[w])
+        ]
         self._start_ps(self._initial)
-        ex._install(
-            self.plan, self.plan_id, self._initial.params, replicas=self._replicas(self._initial)
-        )
+        try:
+            ex._install(
+                self.plan,
+                self.plan_id,
+                self._initial.params,
+                replicas=self._replicas(self._initial),
+            )
+        except WorkerLostError:
+            raise  # the step's recovery replaces the worker and installs the plan on it
+        except BaseException:
+            ex._uninstall(self.plan_id)
+            with contextlib.suppress(Exception):
+                ray.kill(self.ps)
+            self.plan, self.ps = None, None  # nothing half-installed stays: the next step retries
+            raise
 
     def _replicas(self, ckpt: Any, only: Sequence[int] | None = None) -> dict[int, Any]:
         """Install arguments for the replica workers: (server state or its ref, grad names)."""
@@ -873,8 +969,7 @@ class _RaySession(TrainingSession):
     def step(self, step_id: int, feeds: Mapping[str, Any], trace: bool = False) -> float:
         arrays = prepare_feeds(self.prog, feeds, self.check_finite)
         self.ex._check_feeds_fit(arrays)
-        self._ensure(_batch_size(self.prog, arrays))
-        return self._run_step(step_id, arrays, trace)
+        return self._run_step(step_id, arrays, trace, _batch_size(self.prog, arrays))
 
     def attach(self, data: Mapping[str, Any]) -> Any:
         """Check the training arrays once and put the large ones in the object store, so a
@@ -899,36 +994,55 @@ class _RaySession(TrainingSession):
             k: _RowsFeed(data.shipped[k], index) if k in data.shipped else v[index]
             for k, v in data.arrays.items()
         }
-        self._ensure(len(index))
-        return self._run_step(step_id, feeds, trace)
+        return self._run_step(step_id, feeds, trace, len(index))
 
-    def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float:
-        for attempt in range(self.ex.max_recoveries + 1):
-            try:
-                loss = self._step_once(step_id, arrays, trace)
-                break
-            except WorkerLostError as e:
-                if attempt == self.ex.max_recoveries:
-                    raise
-                log.warning("step %d lost a worker (%s); recovering", step_id, e)
-                self._recover(step_id)
-        if step_id not in self._done:
-            self._done.append(step_id)
-        return loss
+    def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool, batch: int) -> float:
+        if self._unrecovered and self.plan is not None:
+            # An earlier step gave up on a lost worker or server (or its recovery failed):
+            # recover first, so the workers are whole again and the steps counted that the
+            # server never applied are replayed before this one runs.
+            self._recover(None)
+            self._unrecovered = False
+        try:
+            for attempt in range(self.ex.max_recoveries + 1):
+                try:
+                    # Inside the recovery loop: a worker that died while idle fails the
+                    # install, and is replaced like one lost during a step.
+                    self._ensure(batch)
+                    return self._step_once(step_id, arrays, trace)
+                except WorkerLostError as e:
+                    if attempt == self.ex.max_recoveries:
+                        raise
+                    log.warning("step %d lost a worker (%s); recovering", step_id, e)
+                    self._unrecovered = True  # until the recovery below is complete
+                    if self.plan is None:  # lost before the plan was placed: workers only
+                        self.ex.recover()
+                    else:
+                        self._recover(step_id)
+                    self._unrecovered = False
+        except WorkerLostError:
+            self._unrecovered = True
+            raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _step_once(
         self, step_id: int, arrays: Mapping[str, np.ndarray], trace: bool = False
     ) -> float:
+        """Run one step and commit it on the server, or leave it never applied (see below)."""
         plan, ex = self.plan, self.ex
         assert plan is not None
+        self._settle()  # a step an earlier failure left undecided is decided first
         t_submit = time.time()
         updates, self._updates = self._updates, {}
         # Pipelined (every worker updates its own replica, and every task that sends gradients
-        # also answers the driver): once the driver's outputs are in, every part of the step
-        # has succeeded, so the server's update may finish during the next step. It is awaited
-        # then, or before anything reads the server.
+        # also answers the driver): once the driver's outputs are in, every gradient exists, so
+        # the driver commits without waiting for the server to hold the update; the server's
+        # work finishes during the next step, which waits for it (as does any read).
+        # Otherwise the driver also waits for the staged update: a task that only sends
+        # gradients may have failed, and that step must not count.
         defer = self.pipelined and not trace
         pending, self._pending = self._pending, None
+        committing = False
         try:
             refs = ex._submit(
                 plan, self.plan_id, step_id, arrays, updates, trace, self.check_finite
@@ -938,28 +1052,89 @@ class _RaySession(TrainingSession):
                 for t in plan.tasks
                 if any(d == PARAM_SERVER for d, _ in t.outputs)
             ]
-            out = self.ps.apply.options(num_returns=1 + ex.num_workers).remote(step_id, *grads)
-            status_ref, worker_refs = out[0], out[1:]
+            if self.takers:  # the new params are computed with the update: no extra trip
+                out = self.ps.stage.options(num_returns=1 + ex.num_workers).remote(
+                    step_id, *grads, routed=True
+                )
+                staged, routed = out[0], {w: out[1 + w] for w in self.takers}
+            else:
+                staged, routed = self.ps.stage.remote(step_id, *grads), {}
             extra = [pending] if pending is not None else []
             if not defer:
-                extra.append(status_ref)
+                extra.append(staged)
             got = ex._finish(plan, self.plan_id, step_id, refs, extra=extra)
-        except WorkerLostError:
-            if not self._updates:
-                self._updates = updates
-            raise  # the session recovers: replaced workers and replicas are reinstalled
+            # The step succeeded: from the commit on it counts, and it is applied (now, or by
+            # a replay should its gradients never reach the server).
+            committing = True
+            status_ref = self._commit(step_id)
+            if step_id not in self._done:
+                self._done.append(step_id)
+            status = ex._get([status_ref], "applying the update")[0] if trace else None
         except BaseException:
-            # A worker whose first call never ran did not take its new params: resend them with
-            # the next step (taking the same version twice is harmless).
-            if not self._updates:
-                self._updates = updates
-            self._reset_replicas()
+            self._abandon(step_id, committing, pending)
             raise
-        self._pending = status_ref if defer else None
-        self._updates = {w: r for w, r in enumerate(worker_refs) if w not in self.replicas}
+        self._pending = None if trace else status_ref
+        self._updates = routed
         if trace:
-            self.last_trace = self._step_trace(step_id, t_submit, got["extra"][-1])
+            self.last_trace = self._step_trace(step_id, t_submit, status)
         return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
+
+    def _commit(self, step_id: int) -> Any:
+        """Submit the server's commit of ``step_id``; returns the ref of its status."""
+        return self.ps.commit.remote(step_id)
+
+    def _abandon(self, step_id: int, committing: bool, pending: Any) -> None:
+        """After a failed step: make sure it is never applied (or learn that it was), and put
+        every worker back in step with the server.
+
+        ``committing``: the failure came after the driver started sending the commit (an
+        interrupt), so the server decides; its answer is awaited here (bounded) and otherwise
+        before the session's next call."""
+        ex, ps = self.ex, self.ps
+        assert self.plan is not None
+        for w in ex.workers:  # values a failed step left behind (harmless if already gone)
+            with contextlib.suppress(Exception):
+                w.drop_step.remote(self.plan_id, step_id)
+        if ps is None:
+            return
+        if self._pending is None:
+            self._pending = pending  # the previous step's commit may not have been awaited
+        # Runs after the step's stage and any commit sent: its answer is final, and an update
+        # the server still holds (gradients of a step that timed out) is dropped.
+        aborted = ps.abort.remote(step_id)
+        if committing:
+            self._unsettled = (step_id, aborted)
+            with contextlib.suppress(Exception):
+                self._settle()
+        # The workers that take params from the server get its current ones, and replicas are
+        # reset to its state: both are read after the abort, whatever the outcome was.
+        self._updates = {w: ps.params_of.remote(w) for w in self.takers}
+        self._reset_replicas()
+
+    def _settle(self) -> None:
+        """Decide a step whose failure came while its commit was being sent."""
+        if self._unsettled is None:
+            return
+        step_id, answer = self._unsettled
+        try:
+            applied = self.ex._get([answer], f"settling step {step_id}")[0]
+        except WorkerLostError:
+            # The server died since: ask the one that replaced it (it restarts from this
+            # run's checkpoint and replays the counted steps; the question is still open).
+            self._unsettled = None
+            try:
+                applied = self._ps_call("abort", step_id)
+            except BaseException:
+                self._unsettled = (step_id, answer)
+                raise
+        self._unsettled = None
+        if applied and step_id not in self._done:
+            self._done.append(step_id)
+
+    def step_applied(self, step_id: int) -> bool:
+        """Whether step ``step_id`` counts as applied (asked after a step call raised)."""
+        self._settle()
+        return step_id in self._done
 
     def _step_trace(
         self, step_id: int, t_submit: float, status: dict[str, Any]
@@ -1014,7 +1189,7 @@ class _RaySession(TrainingSession):
                 values = state.params if w in self.replicas else params[w]
                 ex._install(self.plan, self.plan_id, values, [w], self._replicas(state, [w]))
             # Survivors may or may not have taken the last update before the failure: resend it.
-            self._updates = {w: p for w, p in enumerate(params) if w not in self.replicas}
+            self._updates = {w: params[w] for w in self.takers}
             self._reset_replicas()
             # A pipelined step can have finished on its worker and still never reached the
             # server (its gradients lost with a node): run it again.
@@ -1117,13 +1292,14 @@ class _RaySession(TrainingSession):
         self._ps_call("save", str(path))
 
     def restore(self, ckpt: Checkpoint) -> None:
+        self._unsettled = None  # the restored state decides every step from here on
         self._done = list(ckpt.applied_steps)
         if self.ps is None:
             self._initial = ckpt
             return
         self._ps_call("restore", ckpt)
         params = self._ps_call("worker_params")
-        self._updates = {w: p for w, p in enumerate(params) if w not in self.replicas}
+        self._updates = {w: params[w] for w in self.takers}
         self._reset_replicas()
 
     def close(self) -> None:

@@ -8,6 +8,14 @@ the new params need not travel back from the server (identical inputs, identical
 that step, so activations stay here for the backward wave. A step's env is dropped when its
 last task on this worker finishes (or when the driver abandons the step).
 
+Call order: a step's calls on this worker must run in plan order (the first one takes the new
+params and starts the env; later ones read values earlier ones left in it). The Ray actor runs
+them in submission order (see ``runtime/ray.py``), and each call checks it: call k of a step
+runs only right after call k - 1 of that step finished here. A call that finds its predecessor
+missing raises :class:`CallOrderError` (or the error its predecessor failed with) instead of
+computing from an incomplete env; it never waits, since the predecessor either failed (its
+input failed, so it will never run) or could only run on the thread the waiting call holds.
+
 This module does not import Ray: ``runtime/ray.py`` wraps ``Worker`` as an actor.
 """
 
@@ -26,10 +34,15 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import Checkpoint
+from ..errors import ExecutionError
 from ..paramstore import ParameterStore
 from ..plan import DRIVER, Task
 from ..program import Program, run_nodes
 from ..result import TraceEvent
+
+
+class CallOrderError(ExecutionError):
+    """A step's call ran before the call that must precede it on the same worker finished."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,12 @@ class Worker:
         #: plan id -> (store replica, param -> gradient node) for workers that update locally.
         self.replicas: dict[int, tuple[ParameterStore, dict[str, str]]] = {}
         self.envs: dict[tuple[int, int], dict[str, Any]] = {}
+        #: plan id -> task id -> its position among this worker's calls of a step.
+        self.positions: dict[int, dict[int, int]] = {}
+        #: (plan, step) -> how many of its calls have finished here (the next one's position).
+        self._calls: dict[tuple[int, int], int] = {}
+        #: (plan, step) -> the error that ended it here; its later calls raise it again.
+        self._failed: dict[tuple[int, int], BaseException] = {}
         self.traces: dict[tuple[int, int], list[TraceEvent]] = {}
         self._current: tuple[int, int] | None = None  # (plan, step) of the running task
         self._node = [""]  # the node running now; run_nodes writes it, progress() reads it
@@ -110,6 +129,7 @@ class Worker:
         self._plan_threads[plan_id] = blas_threads
         self.programs[plan_id] = program
         self.tasks[plan_id] = {t.id: t for t in tasks}
+        self.positions[plan_id] = {t.id: i for i, t in enumerate(tasks)}
         self.resident[plan_id] = dict(resident)
         self.replicas.pop(plan_id, None)
         if replica is not None:
@@ -141,8 +161,10 @@ class Worker:
         self.tasks.pop(plan_id, None)
         self.resident.pop(plan_id, None)
         self.replicas.pop(plan_id, None)
-        for key in [k for k in self.envs if k[0] == plan_id]:
-            del self.envs[key]
+        self.positions.pop(plan_id, None)
+        for table in (self.envs, self._calls, self._failed):
+            for key in [k for k in table if k[0] == plan_id]:
+                del table[key]
 
     def set_resident(self, plan_id: int, values: Any) -> None:
         """Replace resident values (a new parameter version, possibly sent by reference)."""
@@ -168,6 +190,10 @@ class Worker:
         """
         task = self.tasks[plan_id][task_id]
         program = self.programs[plan_id]
+        key = (plan_id, step)
+        position = self.positions[plan_id][task_id]
+        if position > 0:
+            self._check_order(key, position, task)
         self._limit_blas(self._plan_threads.get(plan_id))
         args_iter = iter(args)
         update = next(args_iter) if flags & 4 else None
@@ -185,15 +211,22 @@ class Worker:
                 else:
                     feeds[name] = value
         imported = [next(args_iter) for _ in task.imports]
-        # What other workers and the server sent may come by reference: fetch it all at once.
-        received = self._receive(([update] if flags & 4 else []) + imported)
+        try:
+            # What other workers and the server sent may come by reference: fetch it at once.
+            received = self._receive(([update] if flags & 4 else []) + imported)
+        except BaseException as e:
+            self._end_step(key, None if task.last_on_worker else e)
+            raise
         if flags & 4:
             self.resident[plan_id].update(received[0])
             received = received[1:]
-        key = (plan_id, step)
-        env = self.envs.get(key)
-        if env is None:
-            env = self.envs[key] = dict(self.resident[plan_id])
+        if position == 0:
+            # The first call starts the step afresh: a step id run again after a failed attempt
+            # must not read values (or old params) that attempt left behind.
+            self._failed.pop(key, None)
+            self._calls[key] = 0
+            self.envs[key] = dict(self.resident[plan_id])
+        env = self.envs[key]
         env.update(feeds)
         for (_src, _slot, names), values in zip(task.imports, received):
             for name in names:
@@ -214,8 +247,8 @@ class Worker:
                 worker=self.index,
                 current=self._node,
             )
-        except BaseException:
-            self.envs.pop(key, None)
+        except BaseException as e:
+            self._end_step(key, None if task.last_on_worker else e)
             raise
         finally:
             with self._lock:
@@ -223,6 +256,7 @@ class Worker:
         replica = self.replicas.get(plan_id) if task.last_on_worker else None
         if replica is not None:
             self._update_replica(plan_id, step, env, replica, events)
+        self._calls[key] = position + 1
         if events is not None:
             events.append(
                 TraceEvent(
@@ -247,10 +281,38 @@ class Worker:
             for dest, names in task.outputs
         )
         if task.last_on_worker:
-            del self.envs[key]
+            self._end_step(key)
         if not outputs:
             return None
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def _check_order(self, key: tuple[int, int], position: int, task: Task) -> None:
+        """Refuse call ``position`` of a step unless call ``position - 1`` just finished here."""
+        failed = self._failed.get(key)
+        if failed is not None:
+            if task.last_on_worker:
+                self._end_step(key)
+            raise failed  # the step already failed here: report that error, not a new one
+        done = self._calls.get(key)
+        if done != position:
+            plan_id, step = key
+            seen = "none" if done is None else f"{done}"
+            raise CallOrderError(
+                f"worker {self.index}: call {position} of step {step} (plan {plan_id}, task "
+                f"{task.id}, levels {task.first_level}-{task.last_level}) ran when {seen} of its "
+                f"earlier calls had finished here; call {position - 1} failed before it started "
+                "(an input it waited for failed: see that error) or calls arrived out of order. "
+                "Nothing was computed; the step failed"
+            )
+
+    def _end_step(self, key: tuple[int, int], error: BaseException | None = None) -> None:
+        """Forget a step's values here; with ``error``, its later calls raise that error."""
+        self.envs.pop(key, None)
+        self._calls.pop(key, None)
+        if error is not None:
+            self._failed[key] = error
+        else:
+            self._failed.pop(key, None)
 
     def _update_replica(
         self,
@@ -266,7 +328,7 @@ class Worker:
         try:
             applied = store.apply(step, {p: env[g] for p, g in grad_of.items()})
         except BaseException:
-            self.envs.pop((plan_id, step), None)
+            self._end_step((plan_id, step))
             raise
         if applied:
             self.resident[plan_id].update(store.params)
@@ -306,7 +368,7 @@ class Worker:
 
     def drop_step(self, plan_id: int, step: int) -> None:
         """Forget a step that failed or was abandoned."""
-        self.envs.pop((plan_id, step), None)
+        self._end_step((plan_id, step))
         self.traces.pop((plan_id, step), None)
 
     def held_plans(self) -> list[int]:
