@@ -30,7 +30,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
@@ -103,7 +103,7 @@ class Progress(BaseModel):
     """The Trainer's part of a checkpoint (other keys are kept as they are)."""
 
     model_config = ConfigDict(extra="allow")
-    epoch: StrictInt = Field(0, ge=0)
+    epoch: StrictInt = Field(default=0, ge=0)
     segments: list[Segment] = []
     history: HistoryState = HistoryState()
 
@@ -124,7 +124,7 @@ class State(_Strict):
 class _Pointer(_Strict):
     format: Literal["distgraph.checkpoint/2"]
     current: str = Field(pattern=_VERSION.pattern)
-    run_id: str = Field("", pattern=r"^[0-9a-f]{0,64}$")  # a copy, for a cheap run check
+    run_id: str = Field(default="", pattern=r"^[0-9a-f]{0,64}$")  # a copy, for a cheap run check
 
 
 def _invalid(where: str, e: ValidationError) -> CheckpointError:
@@ -242,6 +242,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, *, same_run: bool
         if other != ckpt.run_id:
             raise foreign_run_error(path, other)
     path.mkdir(parents=True, exist_ok=True)
+    # The pointer's model checked `current` against _VERSION, so match() is not None.
     seq = int(_VERSION.match(current).group(1)) + 1 if current else 1  # type: ignore[union-attr]
     name = f"v{seq:08d}-{secrets.token_hex(4)}"
     tmp = path / f"{_TMP_PREFIX}{name}"
@@ -272,7 +273,10 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, *, same_run: bool
     text = json.dumps(meta, indent=1, allow_nan=False).encode()
     try:
         tmp.mkdir()
-        _write_file(tmp / "arrays.npz", lambda f: np.savez(f, **arrays))
+        # numpy's stub checks every **kwds value against savez's allow_pickle: bool too; the
+        # keys here are p<i>/s<i>, never a savez option.
+        members = cast("dict[str, Any]", arrays)
+        _write_file(tmp / "arrays.npz", lambda f: np.savez(f, **members))
         _write_file(tmp / "state.json", lambda f: f.write(text))
         _fsync_dir(tmp)
         os.rename(tmp, path / name)

@@ -9,11 +9,12 @@ do not match ``expect``, and more than ``max_bytes`` in all, before decompressin
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -188,7 +189,8 @@ def _read_data(
     buf = bytearray(nbytes)
     view = memoryview(buf)
     try:
-        with zf.open(info) as fp:
+        # Opened for reading it is a ZipExtFile, a BufferedIOBase (typeshed says only IO[bytes]).
+        with cast(io.BufferedIOBase, zf.open(info)) as fp:
             fp.read(info.file_size - nbytes)  # the header, already checked
             got = 0
             while got < nbytes:
