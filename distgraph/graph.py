@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -92,7 +92,8 @@ class _Params(dict):
         super().clear()
         self._graph._touch()
 
-    def __ior__(self, other: Any) -> _Params:
+    # mypy compares an in-place operator only with a non-overloaded __or__, and dict's is overloaded.
+    def __ior__(self, other: Any) -> _Params:  # type: ignore[misc]
         self.update(other)
         return self
 
@@ -269,6 +270,7 @@ class Graph:
             if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
                 raise ShapeError(f"input {name!r}: shape must be a sequence, got {shape!r}")
             dims = []
+            d: Any  # the hint says int | None; callers may still pass 1e3, True or junk
             for d in shape:
                 if d is not None and (
                     not isinstance(d, (int, np.integer)) or isinstance(d, (bool, np.bool_))
@@ -883,21 +885,22 @@ def _infer(
         raise GraphError(f"node {node!r} (op {op}): needs at least one input")
     if None in shapes:
         return None, _infer_dtype(op, dtypes, attrs, weak, node)
+    known = cast("Sequence[Sequence[int | None]]", shapes)  # `in` above does not narrow for mypy
     if spec.elementwise:
-        first = shapes[0]
+        first = known[0]
         # The common case, tested in C: every input has the same shape (usually one shared
         # list, see ``spec.make_node``), so there is nothing to broadcast.
-        if shapes.count(first) == len(shapes):
-            shape = tuple(first)  # type: ignore[arg-type]
+        if known.count(first) == len(known):
+            shape = tuple(first)
         else:
-            shape = _broadcast([tuple(s) for s in shapes], op, node)  # type: ignore[arg-type]
+            shape = _broadcast([tuple(s) for s in known], op, node)
         return shape, _infer_dtype(op, dtypes, attrs, weak, node)
-    shapes = [tuple(s) for s in shapes]  # type: ignore[arg-type]
+    tuples = [tuple(s) for s in known]
     if op == "matmul":
-        return _matmul_shape(shapes[0], shapes[1], node), _infer_dtype(
+        return _matmul_shape(tuples[0], tuples[1], node), _infer_dtype(
             op, dtypes, attrs, weak, node
         )
-    return _infer_by_running(op, shapes, dtypes, attrs, weak, node)
+    return _infer_by_running(op, tuples, dtypes, attrs, weak, node)
 
 
 def _broadcast(shapes: Sequence[Shape], op: str, node: str | _Label) -> Shape:
@@ -972,7 +975,7 @@ def _infer_by_running(
         # reduction walks every element even of a zero-stride view): the shape stays unknown
         # here and the op's own checks apply when it runs on real values.
         return None, _infer_dtype(op, dtypes, attrs, weak, node)
-    results = []
+    results: list[np.ndarray | Exception] = []
     # Two stand-in batch sizes, neither equal to a fixed dimension: a batch of 3 against 3
     # classes would broadcast where a real batch does not.
     fixed = {d for s in shapes for d in s}
@@ -985,16 +988,17 @@ def _infer_by_running(
         except Exception as e:  # numpy's own message says what did not fit
             results.append(e)
     errors = [r for r in results if isinstance(r, Exception)]
+    arrays = [r for r in results if not isinstance(r, Exception)]
     if len(errors) == len(results):
         raise ShapeError(
             f"node {node!r} (op {op}): inputs of shapes {_fmt(shapes)} and dtypes {list(dtypes)} "
             f"with attrs {attrs} do not fit: {errors[0]}"
         ) from None
-    if errors:
-        return None, results[1 - results.index(errors[0])].dtype.name
-    if len(results) == 1:
-        return results[0].shape, results[0].dtype.name
-    a, b = results
+    if errors:  # the other batch size ran
+        return None, arrays[0].dtype.name
+    if len(arrays) == 1:
+        return arrays[0].shape, arrays[0].dtype.name
+    a, b = arrays
     if a.ndim != b.ndim:
         return None, a.dtype.name
     return tuple(x if x == y else None for x, y in zip(a.shape, b.shape)), a.dtype.name
