@@ -109,10 +109,11 @@ def format_bytes(n: int) -> str:
     """Human-readable byte count: 8 B, 6.1 KiB, 3.0 MiB."""
     if n < 1024:
         return f"{n} B"
+    size = float(n)
     for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}"
     raise AssertionError("unreachable")
 
 

@@ -12,6 +12,7 @@ import html
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,7 @@ def _fmt_tick(v: float) -> str:
 
 
 def _line_chart(
-    series: dict[str, list[float | None]],
+    series: Mapping[str, Sequence[float | None]],
     *,
     svg_id: str,
     colours: list[str],
