@@ -368,15 +368,15 @@ def prepare_feeds(
         if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
             arr = np.ascontiguousarray(arr)  # the layout it would have on a Ray worker
         if shape is not None:
-            shape = tuple(shape)
-            if arr.ndim != len(shape) or any(
-                d is not None and d != a for d, a in zip(shape, arr.shape)
+            dims = tuple(shape)
+            if arr.ndim != len(dims) or any(
+                d is not None and d != a for d, a in zip(dims, arr.shape)
             ):
                 raise FeedError(
                     f"feed {name!r}: shape {arr.shape} does not match the declared shape "
-                    f"{_fmt_shape(shape)}"
+                    f"{_fmt_shape(dims)}"
                 )
-            for d, a in zip(shape, arr.shape):
+            for d, a in zip(dims, arr.shape):
                 if d is None:
                     batch.setdefault(a, []).append(name)
                     break
