@@ -166,7 +166,7 @@ class Trainer:
             raise FeedError(
                 f"training data must be arrays with equal first dimensions, got lengths {sizes}"
             )
-        n = next(iter(sizes.values()))
+        n = len(next(iter(arrays.values())))  # the common length (not a 0-d array: checked)
         if n == 0:
             raise FeedError(f"training data has no rows (lengths {sizes}); give at least one")
         segment = _Segment(self._steps_done + 1, n, batch_size, seed, shuffle, self.epoch, arrays)
