@@ -316,7 +316,10 @@ def _refine_boundary(
     u, v, w = u[order], v[order], w[order]
     ptr = np.searchsorted(u, np.arange(m + 1)).tolist()
     nbr, wt = v.tolist(), w.tolist()
-    load = np.bincount(lv * k + part, weights=sec, minlength=n_levels * k).reshape(n_levels, k)
+    # float64, as bincount with weights returns (numpy's stub says intp whatever the weights).
+    load: np.ndarray = np.bincount(lv * k + part, weights=sec, minlength=n_levels * k).reshape(
+        n_levels, k
+    )
     load_l = load.tolist()
     caps_l = caps.tolist()
     sec_l = sec.tolist()
