@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..checkpoint import (
@@ -84,8 +84,9 @@ def _resolve(items: Sequence[Any]) -> list[Any]:
 
 class _RayWorker(Worker):
     # progress() must answer while run_task is busy, so it gets its own concurrency group.
+    # ray.method returns the function it tags, but its stub types it as an actor handle's method.
     @ray.method(concurrency_group="control")
-    def progress(self) -> dict[str, Any] | None:
+    def progress(self) -> dict[str, Any] | None:  # type: ignore[override]
         return Worker.progress(self)
 
     # Ray keeps a task's results of up to 100 KiB in the caller's process, and the driver is
@@ -119,9 +120,10 @@ class _RayParamServer(ParameterServer):
 # order is pinned explicitly: in-order submission and execution (Ray refuses this setting
 # together with max_concurrency > 1), every order-sensitive method in the default group of one
 # thread, all called by this driver; only progress() runs beside them.
-_WorkerActor = ray.remote(concurrency_groups={"control": 1}, allow_out_of_order_execution=False)(
-    _RayWorker
-)
+# (Ray's stub for ray.remote lacks these two actor options; its docstring and runtime take them.)
+_WorkerActor = ray.remote(  # type: ignore[call-overload]
+    concurrency_groups={"control": 1}, allow_out_of_order_execution=False
+)(_RayWorker)
 _ParamServerActor = ray.remote(_RayParamServer)
 
 
@@ -266,7 +268,7 @@ class RayExecutor(Executor):
         #: (worker, first level, last level, phases) of every actor call of the latest step.
         self.last_calls: list[tuple[int, int, int, tuple[str, ...]]] = []
         self.worker_info: list[dict[str, Any]] = []
-        self._pg = None
+        self._pg: PlacementGroup | None = None
         self.workers: list[Any] = []
         self._connect(connect_timeout, dict(ray_init_kwargs or {}))
         #: Node id of the embedded runtime this executor shares (None: not one we started).
@@ -311,10 +313,11 @@ class RayExecutor(Executor):
         done: dict[str, Any] = {}
         abandoned = threading.Event()
         decided = threading.Lock()  # connected-in-time and given-up are mutually exclusive
+        address = self.address
 
         def connect() -> None:
             try:
-                _check_token(self.address, max(deadline - time.monotonic(), 0.1))
+                _check_token(address, max(deadline - time.monotonic(), 0.1))
                 if abandoned.is_set():
                     return
                 ray.init(address=self.address, **init_kwargs)
@@ -1069,7 +1072,10 @@ class _RaySession(TrainingSession):
             status_ref = self._commit(step_id)
             if step_id not in self._done:
                 self._done.append(step_id)
-            status = ex._get([status_ref], "applying the update")[0] if trace else None
+            # The server's answer to the commit, read only for a trace.
+            status: dict[str, Any] = (
+                ex._get([status_ref], "applying the update")[0] if trace else {}
+            )
         except BaseException:
             self._abandon(step_id, committing, pending)
             raise
@@ -1186,7 +1192,15 @@ class _RaySession(TrainingSession):
             params = self._ps_call("worker_params")
             state = self._ps_call("checkpoint") if self.replicas else None
             for w in replaced:
-                values = state.params if w in self.replicas else params[w]
+                if w not in self.replicas:
+                    values = params[w]
+                elif state is None:  # read above whenever there are replicas; cannot be None
+                    raise WorkerLostError(
+                        f"worker {w} was replaced but the parameter server gave no state to "
+                        "restore its replica from"
+                    )
+                else:
+                    values = state.params
                 ex._install(self.plan, self.plan_id, values, [w], self._replicas(state, [w]))
             # Survivors may or may not have taken the last update before the failure: resend it.
             self._updates = {w: params[w] for w in self.takers}
@@ -1434,7 +1448,9 @@ def _check_token(address: str, timeout: float = 5.0) -> None:
     if address in ("auto", "local") or address.startswith("ray://"):
         return
     try:
-        from ray._raylet import GcsClient  # Ray's CLI probes the same way (ray health-check)
+        # Ray's CLI probes the same way (ray health-check). The compiled module has GcsClient
+        # (Ray imports it from there too); its _raylet.pyi lists only the id types and ObjectRef.
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
     except ImportError:
         return
     try:
