@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/ruff check distgraph tests examples deploy
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -32,6 +33,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check distgraph tests examples deploy
 	$(BIN)/ruff format --check distgraph tests examples deploy
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format distgraph tests examples deploy
