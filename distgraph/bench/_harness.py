@@ -65,7 +65,7 @@ class Record:
 
     def ratio(self, label: str, num: float | None, den: float | None) -> float:
         """Record ``num / den`` (NaN when either side is missing) and return it."""
-        value = num / den if num is not None and den not in (None, 0) else math.nan
+        value = num / den if num is not None and den is not None and den != 0 else math.nan
         self.ratios[label] = float(value)
         return float(value)
 
