@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import gc
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def gc_paused(fn: F) -> F:
+def gc_paused(fn: Callable[P, R]) -> Callable[P, R]:
     """Run ``fn`` with the cyclic garbage collector paused.
 
     Graph transforms allocate hundreds of thousands of small acyclic objects; each allocation
@@ -19,7 +20,7 @@ def gc_paused(fn: F) -> F:
     """
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if not gc.isenabled():
             return fn(*args, **kwargs)
         gc.disable()
@@ -28,4 +29,4 @@ def gc_paused(fn: F) -> F:
         finally:
             gc.enable()
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
