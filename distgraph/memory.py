@@ -217,9 +217,10 @@ def _concrete_shape(
         )
     except DistgraphError:
         return None  # the feeds do not fit: the run reports it, naming the node
-    if shape is None or None in shape:
+    if shape is None:
         return None
-    return tuple(shape)  # type: ignore[arg-type]
+    dims = tuple(d for d in shape if d is not None)
+    return dims if len(dims) == len(shape) else None  # a None left: not fixed by these feeds
 
 
 def check_memory(

@@ -346,8 +346,9 @@ def build_plan(
                     task.phases.append(nodes[n].phase)
             task.last_level = lv_index
     for w in range(num_workers):
-        if open_task[w] is not None:
-            close(open_task[w])  # type: ignore[arg-type]
+        still_open = open_task[w]
+        if still_open is not None:
+            close(still_open)
 
     # Outputs: what each task must hand to other workers, the driver and the parameter server.
     sends: dict[int, dict[int | str, list[str]]] = {t.id: {} for t in tasks}
