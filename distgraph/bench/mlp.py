@@ -66,6 +66,7 @@ def loss_and_grads(params: list, x: np.ndarray, y: np.ndarray) -> tuple[float, l
     n = x.shape[0]
     loss = float(-(y * (shifted - np.log(total))).sum() / n)
     grad = (exp / total - y) / np.float32(n)
+    # Placeholders: the loop below fills every slot before the list is returned.
     grads: list[np.ndarray] = [None] * len(params)  # type: ignore[list-item]
     for i in reversed(range(n_layers)):
         grads[2 * i] = acts[i].T @ grad
