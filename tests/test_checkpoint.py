@@ -258,6 +258,18 @@ TAMPERED = {
         lambda ck: ck.opt_state["w"].update(v=np.asarray(np.inf)),
         r"'w'\.v.*NaN or Inf",
     ),
+    # Review: a negative second moment made every later step fail with "gradient holds NaN";
+    # a counter near 2**63 raised a raw OverflowError on the next update.
+    "negative adam v": (
+        dg.Adam(lr=0.05),
+        lambda ck: ck.opt_state["w"].update(v=np.asarray(-1.0)),
+        r"'w'\.v.*negative",
+    ),
+    "adam t beyond the steps taken": (
+        dg.Adam(lr=0.05),
+        lambda ck: ck.opt_state["w"].update(t=np.asarray(2**63 - 1, np.int64)),
+        r"'w'\.t.*more than",
+    ),
     "negative lr": (
         dg.SGD(lr=0.05),
         lambda ck: ck.optimizer.update(lr=-1.0),
