@@ -368,6 +368,7 @@ class Graph:
         shape, dtype = _infer_checked(
             op, spec, shapes, dtypes, attrs, self._weak_values(names), label
         )
+        _check_result_shape(label, op, shape)
         return self._add(name, op, names, attrs, shape, dtype, user_named=name is not None)
 
     def _operand(self, x: Any) -> Node:
@@ -753,6 +754,7 @@ class Graph:
         shape, dtype = infer(
             node.op, shapes, dtypes, node.attrs, self._weak_values(names), node.name
         )
+        _check_result_shape(node.name, node.op, shape)
         self._add(
             node.name,
             node.op,
@@ -834,6 +836,14 @@ class _Label:
 
 
 # --- shape and dtype inference --------------------------------------------------------------
+
+
+def _check_result_shape(label: Any, op: str, shape: Shape | None) -> None:
+    """Refuse a result a spec cannot hold (broadcast_to, reshape or index past 32 dimensions
+    or 2**36 elements): it would save to JSON that :meth:`Graph.from_json` refuses."""
+    problem = shape_problem(shape) if shape is not None else None
+    if problem is not None:
+        raise ShapeError(f"node {label!r} (op {op}): its result's {problem}")
 
 
 def infer(

@@ -426,3 +426,24 @@ def test_cli_max_memory_bounds_the_feeds_file_too(tmp_path: Path, capsys):
     assert err.startswith("distgraph: error:") and "feeds.npz" in err, err
     assert main([*argv, "--max-memory", "10M"]) == 0
     assert json.loads(capsys.readouterr().out)["values"]["y"] == 200_000.0
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda x: dg.broadcast_to(x, (1,) * 38 + (2, 3)),  # 40 dimensions
+        lambda x: x.reshape((1,) * 38 + (2, 3)),
+        lambda x: x[(None,) * 40],
+        lambda x: dg.broadcast_to(x[:1, :1], (2**20, 2**20)),  # 2**40 elements
+    ],
+    ids=["broadcast_to-ndim", "reshape-ndim", "index-ndim", "broadcast_to-elements"],
+)
+def test_a_result_no_spec_can_hold_is_refused_where_it_is_built(build):
+    # Review: these nodes were built and run, but g.to_json() then wrote a spec that
+    # Graph.from_json refused (shape limits of 32 dimensions and 2**36 elements).
+    g = dg.Graph()
+    x = g.input("x", shape=(2, 3))
+    with pytest.raises(dg.ShapeError, match=r"limit of (32|68719476736)"):
+        build(x)
+    g.output("y", x * 2.0)
+    assert dg.Graph.from_json(g.to_json()).outputs == ["y"]  # the graph is still usable
