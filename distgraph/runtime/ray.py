@@ -214,6 +214,7 @@ class RayExecutor(Executor):
         max_bytes: int | None = None,
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
+        self._closed = False
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
         if not (
@@ -452,8 +453,18 @@ class RayExecutor(Executor):
         """Node IP of each worker, by worker index."""
         return [i["node_ip"] for i in self.worker_info]
 
+    def _check_open(self) -> None:
+        # Without workers a closed executor failed with a raw IndexError, and a call reaching
+        # Ray after the runtime shut down silently started a new one nobody would stop.
+        if self._closed:
+            raise ConfigError(
+                "this RayExecutor is closed (close() or the end of its with block); "
+                "create a new RayExecutor to run or train again"
+            )
+
     def close(self) -> None:
         """Stop the actors, release the placement group, and shut down an embedded Ray."""
+        self._closed = True
         for w in self.workers:
             with contextlib.suppress(Exception):
                 ray.kill(w)
@@ -608,6 +619,7 @@ class RayExecutor(Executor):
         trace: bool = False,
     ) -> Result:
         """Compute ``outputs`` (and gradients of ``grad``) across the workers."""
+        self._check_open()
         t0 = time.time()
         prog = self.program(graph, outputs, grad, feeds=feeds)
         arrays = prepare_feeds(prog, feeds or {}, check_finite)
@@ -816,6 +828,7 @@ class RayExecutor(Executor):
         check_finite: bool = False,
     ) -> TrainingSession:
         """Workers compute gradients; a parameter-server actor applies them."""
+        self._check_open()
         return _RaySession(self, graph, loss, optimizer, store, check_finite)
 
 
@@ -997,6 +1010,7 @@ class _RaySession(TrainingSession):
         return self._run_step(step_id, feeds, trace, len(index))
 
     def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool, batch: int) -> float:
+        self.ex._check_open()
         if self._unrecovered and self.plan is not None:
             # An earlier step gave up on a lost worker or server (or its recovery failed):
             # recover first, so the workers are whole again and the steps counted that the
