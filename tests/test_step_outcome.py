@@ -8,6 +8,7 @@ again under the same id with the same batch.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,36 @@ def test_a_fit_that_gave_up_on_a_lost_worker_is_recovered_by_the_next(tmp_path):
         assert server_after_everything_sent(tr)["applied"] == [1, 2, 3, 4]
         tr.fit(data(), epochs=1, **FIT)
         assert len(ex.replacements) == 1
+        assert tr.applied_steps == list(range(1, 7))
+        assert_identical(tr.params, want)
+        tr.close()
+
+
+@pytest.mark.parametrize("strategy,pipelined", STRATEGIES)
+def test_a_server_checkpoint_that_failed_is_reported_once(tmp_path, strategy, pipelined):
+    # Review: a commit whose checkpoint could not be written (its folder now held a user's
+    # file) re-raised that error on every later call of the session, even Trainer.close(),
+    # after the folder was fixed.
+    flag, ckpt = tmp_path / "never", tmp_path / "ckpt"
+    want = reference(flag, epochs=3, **FIT)
+    with executor(strategy) as ex:
+        # The first checkpoint comes at step 3, inside epoch 2: its failure surfaces in step 4.
+        ex.checkpoint_dir, ex.checkpoint_every = str(ckpt), 3
+        tr = trainer(flag, ex)
+
+        def foreign_folder(step, loss):
+            if step == 2:  # the folder becomes a user's: the server's checkpoint is refused
+                server_after_everything_sent(tr)  # nothing is being written into it now
+                shutil.rmtree(ckpt)
+                ckpt.mkdir()
+                (ckpt / "notes.txt").write_text("mine")
+
+        with pytest.raises(dg.CheckpointError, match=r"notes\.txt"):
+            tr.fit(data(), epochs=3, callback=foreign_folder, **FIT)
+        assert tr.session.pipelined is pipelined
+        assert server_after_everything_sent(tr)["applied"] == list(range(1, tr.step + 1))
+        (ckpt / "notes.txt").unlink()  # the user fixes the folder
+        tr.fit(data(), epochs=3 - tr.epoch, **FIT)
         assert tr.applied_steps == list(range(1, 7))
         assert_identical(tr.params, want)
         tr.close()

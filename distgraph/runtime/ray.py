@@ -1084,8 +1084,8 @@ class _RaySession(TrainingSession):
             if step_id not in self._done:
                 self._done.append(step_id)
             status = ex._get([status_ref], "applying the update")[0] if trace else None
-        except BaseException:
-            self._abandon(step_id, committing, pending)
+        except BaseException as e:
+            self._abandon(step_id, committing, pending, e)
             raise
         self._pending = None if trace else status_ref
         self._updates = routed
@@ -1097,7 +1097,9 @@ class _RaySession(TrainingSession):
         """Submit the server's commit of ``step_id``; returns the ref of its status."""
         return self.ps.commit.remote(step_id)
 
-    def _abandon(self, step_id: int, committing: bool, pending: Any) -> None:
+    def _abandon(
+        self, step_id: int, committing: bool, pending: Any, error: BaseException | None = None
+    ) -> None:
         """After a failed step: make sure it is never applied (or learn that it was), and put
         every worker back in step with the server.
 
@@ -1111,7 +1113,7 @@ class _RaySession(TrainingSession):
                 w.drop_step.remote(self.plan_id, step_id)
         if ps is None:
             return
-        if self._pending is None:
+        if self._pending is None and not self._reported(pending, error):
             self._pending = pending  # the previous step's commit may not have been awaited
         # Runs after the step's stage and any commit sent: its answer is final, and an update
         # the server still holds (gradients of a step that timed out) is dropped.
@@ -1124,6 +1126,18 @@ class _RaySession(TrainingSession):
         # reset to its state: both are read after the abort, whatever the outcome was.
         self._updates = {w: ps.params_of.remote(w) for w in self.takers}
         self._reset_replicas()
+
+    def _reported(self, pending: Any, error: BaseException | None) -> bool:
+        """Whether the earlier commit ``pending`` failed with ``error``, the error this failed
+        step raises: kept, it would fail every later call of the session with the same error
+        (a checkpoint the server could not write made even ``Trainer.close`` raise)."""
+        if pending is None or error is None or not ray.wait([pending], timeout=0)[0]:
+            return pending is None
+        try:
+            self.ex._get([pending], "applying the latest update")
+        except BaseException as e:  # compared with the step's error, not handled
+            return type(e) is type(error) and str(e) == str(error)
+        return False
 
     def _settle(self) -> None:
         """Decide a step whose failure came while its commit was being sent."""
