@@ -447,3 +447,18 @@ def test_a_result_no_spec_can_hold_is_refused_where_it_is_built(build):
         build(x)
     g.output("y", x * 2.0)
     assert dg.Graph.from_json(g.to_json()).outputs == ["y"]  # the graph is still usable
+
+
+def test_the_refusal_of_a_training_run_names_an_undeclared_inputs_dtype_in_words():
+    # Review: the largest values of a training program were listed as "(shape (40, 3) None)".
+    g = dg.Graph()
+    x, y = g.input("x"), g.input("y")
+    g.output("loss", dg.cross_entropy(x @ g.param("W", np.zeros((3, 3))), y))
+    tr = dg.Trainer(
+        g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=dg.LocalExecutor(max_bytes=2000)
+    )
+    data = {"x": np.ones((40, 3)), "y": np.zeros(40, dtype=np.int64)}
+    with pytest.raises(dg.ResourceError) as info:
+        tr.fit(data, epochs=1, batch_size=40)
+    assert "'x' 960 B" in str(info.value)  # the precondition: the undeclared input is listed
+    assert "None)" not in str(info.value) and "dtype of its feed" in str(info.value)
