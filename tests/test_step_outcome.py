@@ -270,3 +270,35 @@ def test_a_server_checkpoint_that_failed_is_reported_once(tmp_path, strategy, pi
         assert tr.applied_steps == list(range(1, 7))
         assert_identical(tr.params, want)
         tr.close()
+
+
+def test_a_step_counted_after_an_interrupt_keeps_the_loss_history_aligned(tmp_path, monkeypatch):
+    # Review: the step counted after the interrupt had no entry in history.step_loss, so the
+    # next fit took the previous step's loss for it when it averaged the epoch's loss.
+    flag = tmp_path / "never"
+    whole = dg.Trainer(regression(flag), loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
+    whole.fit(data(), epochs=3, **FIT)
+    real_commit = dg_ray._RaySession._commit
+    interrupted = []
+
+    def commit_then_interrupt(self, step_id):
+        out = real_commit(self, step_id)
+        if step_id == 3 and not interrupted:  # the first batch of the second epoch
+            interrupted.append(step_id)
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(dg_ray._RaySession, "_commit", commit_then_interrupt)
+    with executor("round_robin") as ex:
+        tr = trainer(flag, ex)
+        with pytest.raises(KeyboardInterrupt):
+            tr.fit(data(), epochs=3, **FIT)
+        assert interrupted == [3] and tr.step == 3  # the precondition: the step counts
+        assert len(tr.history.step_loss) == 3 and np.isnan(tr.history.step_loss[2])
+        tr.fit(data(), epochs=2, **FIT)  # finishes the second epoch, then the third
+        assert_identical(tr.params, whole.params)
+        assert tr.history.step_loss[:2] == whole.history.step_loss[:2]
+        assert tr.history.step_loss[3:] == whole.history.step_loss[3:]
+        # The second epoch's mean leaves out the unknown loss instead of reusing step 2's.
+        assert tr.history.loss[1] == whole.history.step_loss[3]
+        tr.close()
