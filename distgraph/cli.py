@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -629,7 +630,8 @@ def _fail(text: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``distgraph`` console script; returns the exit code.
 
-    0 success; 1 a failed check or an internal error; 2 bad input or settings; 130 interrupted.
+    0 success; 1 a failed check or an internal error; 2 bad input or settings; 130 interrupted;
+    141 stdout closed by its reader (a broken pipe).
     Every failure prints exactly one ``distgraph: ...`` line on stderr (plus the traceback of
     an internal error under ``-v``).
     """
@@ -640,7 +642,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         _resolve_backend(args)
-        return int(args.func(args) or 0)
+        # numpy's RuntimeWarnings (log of 0, overflow) printed source lines next to the one
+        # result or error line; NaN/Inf show in the output (null in --json) and --check-finite
+        # names the node. -v shows them.
+        quiet = np.errstate(all="ignore") if verbose == 0 else contextlib.nullcontext()
+        with quiet:
+            return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`distgraph run ... | head`): not an error of ours. Point stdout
+        # at /dev/null so the interpreter's final flush does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
     except DistgraphError as e:
         if verbose >= 2:
             traceback.print_exc()

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import schedule
 from ._util import gc_paused
-from .errors import DTypeError, FeedError, GraphError, ShapeError, SpecError
+from .errors import DistgraphError, DTypeError, FeedError, GraphError, ShapeError, SpecError
 from .ops import LEAF_OPS, VJP_ATTRS, Op, check_attrs, get_op, run_op
 from .spec import (
     ALLOWED_DTYPES,
@@ -370,6 +370,7 @@ class Graph:
         shape, dtype = _infer_checked(
             op, spec, shapes, dtypes, attrs, self._weak_values(names), label
         )
+        _check_result_shape(label, op, shape)
         return self._add(name, op, names, attrs, shape, dtype, user_named=name is not None)
 
     def _operand(self, x: Any) -> Node:
@@ -742,6 +743,7 @@ class Graph:
                 raise SpecError(f"grads.{src}: refers to a missing node")
         if spec.grad_of is not None and spec.grad_of not in g._nodes:
             raise SpecError(f"grad_of: {spec.grad_of!r} is not a node")
+        _check_backward_pass(g, spec)
         g._grads = dict(spec.grads)
         g._grad_of = spec.grad_of
         g._touch()
@@ -755,6 +757,7 @@ class Graph:
         shape, dtype = infer(
             node.op, shapes, dtypes, node.attrs, self._weak_values(names), node.name
         )
+        _check_result_shape(node.name, node.op, shape)
         self._add(
             node.name,
             node.op,
@@ -836,6 +839,67 @@ class _Label:
 
 
 # --- shape and dtype inference --------------------------------------------------------------
+
+
+def _check_backward_pass(g: Graph, spec: GraphSpec) -> None:
+    """Refuse a spec whose backward pass is not the one :func:`distgraph.grad` builds for its
+    ``grad_of``: ``grads`` naming another node, or backward nodes edited, would make a run
+    return (and a Trainer apply) values that are not the gradients they are named as."""
+    from .autodiff import forward_part, grad  # autodiff builds on this module
+
+    backward = {n.name: n for n in spec.nodes if n.phase == "backward"}
+    if spec.grad_of is None:
+        if spec.grads or backward:
+            raise SpecError(
+                "grad_of: null, but the spec holds a backward pass (grads or backward nodes); "
+                "a backward pass is only read together with the output it differentiates"
+            )
+        return
+    try:
+        want = grad(forward_part(g), of=spec.grad_of, wrt=list(spec.grads))
+    except DistgraphError as e:
+        raise SpecError(f"grad_of: {e}") from None
+    if want._grads != dict(spec.grads):
+        raise SpecError(
+            f"grads: {dict(spec.grads)} is not where the gradients of {spec.grad_of!r} are "
+            f"({want._grads}); re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
+        )
+    made = {n.name: n for n in want._nodes.values() if n.phase == "backward"}
+    for name in sorted(set(made) | set(backward)):
+        a, b = made.get(name), backward.get(name)
+        if a is None or b is None:
+            what = (
+                f"a backward node that dg.grad does not build for {spec.grad_of!r}"
+                if a is None
+                else f"missing: dg.grad builds this backward node for {spec.grad_of!r}"
+            )
+        else:
+            fields = [
+                f
+                for f, mine, theirs in (
+                    ("op", a.op, b.op),
+                    ("inputs", list(a.inputs), b.inputs),
+                    ("attrs", a.attrs, b.attrs),
+                )
+                if mine != theirs
+            ]
+            if not fields:
+                continue
+            what = (
+                f"its {' and '.join(fields)} differ from what dg.grad builds for "
+                f"{spec.grad_of!r} (were a forward node's attrs edited?)"
+            )
+        raise SpecError(
+            f"nodes.{name}: {what}; re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
+        )
+
+
+def _check_result_shape(label: Any, op: str, shape: Shape | None) -> None:
+    """Refuse a result a spec cannot hold (broadcast_to, reshape or index past 32 dimensions
+    or 2**36 elements): it would save to JSON that :meth:`Graph.from_json` refuses."""
+    problem = shape_problem(shape) if shape is not None else None
+    if problem is not None:
+        raise ShapeError(f"node {label!r} (op {op}): its result's {problem}")
 
 
 def infer(

@@ -82,7 +82,9 @@ class MemoryEstimate:
         """The largest values in words."""
         parts = []
         for name, nbytes, shape, dtype in self.largest[:count]:
-            what = f"shape {shape} {dtype}" if shape is not None else "size bounded by its inputs"
+            # An input declared without dtype takes its feed's; it is counted as 8 bytes each.
+            dt = dtype or "dtype of its feed"
+            what = f"shape {shape} {dt}" if shape is not None else "size bounded by its inputs"
             parts.append(f"{name!r} {format_bytes(nbytes)} ({what})")
         return ", ".join(parts)
 

@@ -23,6 +23,8 @@ class Optimizer:
     """Base class: subclasses define ``init_one`` and ``update_one``."""
 
     kind: ClassVar[str] = "optimizer"
+    #: State fields that can never be negative (checked when a checkpoint is loaded).
+    nonnegative: ClassVar[tuple[str, ...]] = ()
 
     def init_one(self, param: np.ndarray) -> State:
         """Fresh state for one parameter."""
@@ -158,6 +160,7 @@ class Adam(Optimizer):
     """Adam with bias correction (Kingma & Ba, 2015)."""
 
     kind: ClassVar[str] = "adam"
+    nonnegative: ClassVar[tuple[str, ...]] = ("v",)  # a running mean of squared gradients
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999

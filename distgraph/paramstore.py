@@ -123,7 +123,7 @@ def validate_checkpoint(ckpt: Checkpoint, expect: Mapping[str, Any]) -> Optimize
     Params: the same names, shapes and float dtypes as the graph's, finite values. Optimizer:
     a valid config; per param exactly the state fields the optimizer keeps, each shaped and
     typed like a fresh state's (so a vector of momentum cannot turn a scalar param into a
-    vector), float fields finite, integer counters (Adam's ``t``) >= 0. Step ids >= 1, unique.
+    vector), float fields finite, Adam's ``v`` >= 0, integer counters (Adam's ``t``) in [0, step]. Step ids >= 1, unique.
     """
     try:
         optimizer = Optimizer.from_config(ckpt.optimizer)
@@ -169,8 +169,15 @@ def validate_checkpoint(ckpt: Checkpoint, expect: Mapping[str, Any]) -> Optimize
                 )
             if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
                 raise CheckpointError(f"checkpoint {field} holds NaN or Inf")
-            if value.dtype.kind in "iu" and np.any(value < 0):
+            if (value.dtype.kind in "iu" or k in optimizer.nonnegative) and np.any(value < 0):
                 raise CheckpointError(f"checkpoint {field} is negative ({value.min()})")
+            # A counter (Adam's t) counts applied steps: more than the checkpoint took is
+            # tampering, and near 2**63 it would overflow on the next update.
+            if value.dtype.kind in "iu" and np.any(value > ckpt.step):
+                raise CheckpointError(
+                    f"checkpoint {field} is {value.max()}, more than the {ckpt.step} steps "
+                    "the checkpoint took"
+                )
     steps = list(ckpt.applied_steps)
     if any(int(s) < 1 for s in steps) or len(set(steps)) != len(steps):
         raise CheckpointError("checkpoint field applied_steps: step ids must be unique and >= 1")

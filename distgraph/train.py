@@ -169,6 +169,7 @@ class Trainer:
         n = len(next(iter(arrays.values())))  # the common length (not a 0-d array: checked)
         if n == 0:
             raise FeedError(f"training data has no rows (lengths {sizes}); give at least one")
+        self._close_finished_epoch()
         segment = _Segment(self._steps_done + 1, n, batch_size, seed, shuffle, self.epoch, arrays)
         # A fit stopped mid-epoch (by an error, or a checkpoint taken mid-epoch) is finished first:
         # the same batches of the same epoch, skipping those already applied.
@@ -216,6 +217,8 @@ class Trainer:
                         with contextlib.suppress(Exception):
                             if self._steps_done < step_id and session.step_applied(step_id):
                                 self._steps_done = step_id
+                                # Its loss never arrived: keep step_loss aligned with step ids.
+                                self.history.step_loss.append(float("nan"))
                         raise
                     if self.trace:
                         self.last_trace = session.last_trace
@@ -262,6 +265,33 @@ class Trainer:
                 _, pos = divmod(step - seg.first + 1, steps_per_epoch(seg.n, seg.batch_size))
                 return (seg, pos) if pos else None
         return None
+
+    def _close_finished_epoch(self) -> None:
+        """Count an epoch whose last step was applied but whose fit stopped before counting it.
+
+        An interrupt (or a callback's error) after an epoch's last step leaves ``self.epoch``
+        behind ``_steps_done``; the next fit would otherwise shuffle that epoch's batches again
+        instead of the next epoch's and end elsewhere than an uninterrupted run."""
+        step = self._steps_done
+        for seg in reversed(self._segments):
+            if step >= seg.first:
+                per_epoch = steps_per_epoch(seg.n, seg.batch_size)
+                full, pos = divmod(step - seg.first + 1, per_epoch)
+                if pos or seg.first_epoch + full != self.epoch + 1:
+                    return
+                sizes = [seg.batch_size] * (per_epoch - 1) + [
+                    seg.n - seg.batch_size * (per_epoch - 1)
+                ]
+                last = self.history.step_loss[len(self.history.step_loss) - per_epoch :]
+                known = [i for i, v in enumerate(last) if not math.isnan(v)]
+                self.history.loss.append(
+                    float(np.average([last[i] for i in known], weights=[sizes[i] for i in known]))
+                    if known and len(last) == per_epoch
+                    else float("nan")
+                )
+                self.history.params.append(self._small_params())
+                self.epoch += 1
+                return
 
     def _progress(self) -> dict[str, Any]:
         """The Trainer's part of a checkpoint: epoch, fit segments (without data), history."""

@@ -258,6 +258,18 @@ TAMPERED = {
         lambda ck: ck.opt_state["w"].update(v=np.asarray(np.inf)),
         r"'w'\.v.*NaN or Inf",
     ),
+    # Review: a negative second moment made every later step fail with "gradient holds NaN";
+    # a counter near 2**63 raised a raw OverflowError on the next update.
+    "negative adam v": (
+        dg.Adam(lr=0.05),
+        lambda ck: ck.opt_state["w"].update(v=np.asarray(-1.0)),
+        r"'w'\.v.*negative",
+    ),
+    "adam t beyond the steps taken": (
+        dg.Adam(lr=0.05),
+        lambda ck: ck.opt_state["w"].update(t=np.asarray(2**63 - 1, np.int64)),
+        r"'w'\.t.*more than",
+    ),
     "negative lr": (
         dg.SGD(lr=0.05),
         lambda ck: ck.optimizer.update(lr=-1.0),
@@ -440,3 +452,19 @@ def test_param_names_that_collide_with_savez_keywords_round_trip(tmp_path, name)
     assert np.array_equal(
         other._store.opt_state[name]["velocity"], tr._store.opt_state[name]["velocity"]
     )
+
+
+def test_fit_interrupted_after_an_epochs_last_step_starts_the_next_epoch():
+    # Review: a stop between an epoch's last applied step and the epoch count (a callback's
+    # error, or Ctrl-C after the commit) made the next fit shuffle that epoch again.
+    whole = local_run(3)
+    per_epoch = len(whole.history.step_loss) // 3
+    g, data, opt = mlp_setup()
+    tr = dg.Trainer(g, loss="loss", optimizer=opt, progress=False)
+    with pytest.raises(Stop):
+        tr.fit(data, epochs=3, batch_size=16, seed=11, callback=stop_after(per_epoch))
+    assert tr.step == per_epoch  # the epoch's last step was applied
+    tr.fit(data, epochs=2, batch_size=16, seed=11)
+    assert tr.step == whole.step and tr.epoch == 3
+    assert_params_identical(tr.params, whole.params)
+    assert tr.history.loss == whole.history.loss

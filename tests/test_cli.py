@@ -382,3 +382,42 @@ def test_ctrl_c_exits_130_with_one_line():
     assert proc.returncode == 130, rest[-2000:]
     assert "Traceback" not in rest
     assert rest.splitlines()[-1] == "distgraph: interrupted"
+
+
+def _log_graph(tmp_path: Path) -> tuple[str, str]:
+    g = dg.Graph()
+    x = g.input("x")
+    g.output("s", dg.log(x).sum())
+    spec, feeds = tmp_path / "log.json", tmp_path / "feeds.npz"
+    spec.write_text(g.to_json())
+    np.savez(feeds, x=np.array([0.0, -1.0, 1.0]))  # log(0) and log(-1): numpy warns
+    return str(spec), str(feeds)
+
+
+def test_numpy_warnings_do_not_add_lines_to_a_refusal(tmp_path):
+    # Review: numpy's RuntimeWarnings (with their source lines) preceded the one error line.
+    spec, feeds = _log_graph(tmp_path)
+    done = subprocess.run(
+        [CONSOLE, "run", spec, "--feeds", feeds, "--check-finite"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "NaN" in _one_error_line(done.stderr)
+
+
+def test_a_reader_closing_the_pipe_is_not_an_internal_error(tmp_path):
+    # Review: `distgraph run ... | head` ended with "internal error: BrokenPipeError", exit 1.
+    spec, feeds = _log_graph(tmp_path)
+    np.savez(feeds, x=np.ones(200_000))  # output larger than a pipe's buffer
+    proc = subprocess.Popen(
+        [CONSOLE, "run", spec, "--feeds", feeds, "--grad", "s", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.read(10) == b'{"values":'  # the reader takes a little, then leaves
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""

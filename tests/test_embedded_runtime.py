@@ -55,3 +55,19 @@ def test_a_runtime_the_user_started_is_left_running(no_ray):
     with dg.RayExecutor(num_workers=1) as ex:
         check_runs(ex)
     assert ray.is_initialized()
+
+
+def test_a_closed_executor_refuses_work_and_starts_no_runtime(no_ray):
+    # Review: a closed executor failed with a raw IndexError, and once the embedded runtime
+    # was down a Trainer on it silently started a new Ray that nobody would shut down.
+    g = models.mlp_classifier((2, 4, 2), seed=1)
+    data = models.spirals(8, seed=1)
+    ex = dg.RayExecutor(num_workers=1)
+    ex.close()
+    assert not ray.is_initialized()  # the precondition: nothing left running
+    with pytest.raises(dg.ConfigError, match="closed"):
+        check_runs(ex)
+    tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+    with pytest.raises(dg.ConfigError, match="closed"):
+        tr.fit(data, epochs=1, batch_size=8)
+    assert tr.step == 0 and not ray.is_initialized()

@@ -426,3 +426,39 @@ def test_cli_max_memory_bounds_the_feeds_file_too(tmp_path: Path, capsys):
     assert err.startswith("distgraph: error:") and "feeds.npz" in err, err
     assert main([*argv, "--max-memory", "10M"]) == 0
     assert json.loads(capsys.readouterr().out)["values"]["y"] == 200_000.0
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda x: dg.broadcast_to(x, (1,) * 38 + (2, 3)),  # 40 dimensions
+        lambda x: x.reshape((1,) * 38 + (2, 3)),
+        lambda x: x[(None,) * 40],
+        lambda x: dg.broadcast_to(x[:1, :1], (2**20, 2**20)),  # 2**40 elements
+    ],
+    ids=["broadcast_to-ndim", "reshape-ndim", "index-ndim", "broadcast_to-elements"],
+)
+def test_a_result_no_spec_can_hold_is_refused_where_it_is_built(build):
+    # Review: these nodes were built and run, but g.to_json() then wrote a spec that
+    # Graph.from_json refused (shape limits of 32 dimensions and 2**36 elements).
+    g = dg.Graph()
+    x = g.input("x", shape=(2, 3))
+    with pytest.raises(dg.ShapeError, match=r"limit of (32|68719476736)"):
+        build(x)
+    g.output("y", x * 2.0)
+    assert dg.Graph.from_json(g.to_json()).outputs == ["y"]  # the graph is still usable
+
+
+def test_the_refusal_of_a_training_run_names_an_undeclared_inputs_dtype_in_words():
+    # Review: the largest values of a training program were listed as "(shape (40, 3) None)".
+    g = dg.Graph()
+    x, y = g.input("x"), g.input("y")
+    g.output("loss", dg.cross_entropy(x @ g.param("W", np.zeros((3, 3))), y))
+    tr = dg.Trainer(
+        g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=dg.LocalExecutor(max_bytes=2000)
+    )
+    data = {"x": np.ones((40, 3)), "y": np.zeros(40, dtype=np.int64)}
+    with pytest.raises(dg.ResourceError) as info:
+        tr.fit(data, epochs=1, batch_size=40)
+    assert "'x' 960 B" in str(info.value)  # the precondition: the undeclared input is listed
+    assert "None)" not in str(info.value) and "dtype of its feed" in str(info.value)

@@ -390,3 +390,50 @@ def test_params_and_constants_are_bounded_through_the_api():
         dg.Graph().param("w", np.zeros((1,) * 40))
     with pytest.raises(dg.ShapeError, match=r"constant c.*40 dimensions"):
         dg.Graph().const(np.zeros((1,) * 40), name="c")
+
+
+# --- review: a spec's backward pass is checked against the one dg.grad builds ------------------
+
+
+def _two_param_grad_spec() -> dict:
+    g = dg.Graph()
+    x = g.input("x", shape=(None, 3))
+    a, b = g.param("a", np.array([1.0, 2.0, 3.0])), g.param("b", np.array([0.5, 0.5, 0.5]))
+    g.output("loss", ((x * a).sum(axis=1) + dg.exp(x * b).sum(axis=1)).mean())
+    return json.loads(dg.grad(g, of="loss").to_json())
+
+
+def _edit_a_forward_sum(doc: dict) -> None:
+    node = next(n for n in doc["nodes"] if n["op"] == "sum" and n["phase"] == "forward")
+    node["attrs"]["keepdims"] = True  # its vjp node keeps the old attrs
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda d: d["grads"].update(a=d["grads"]["b"], b=d["grads"]["a"]), "grads"),
+        (lambda d: d["grads"].update(a="loss"), "grads"),
+        (lambda d: d.update(grad_of=d["grads"]["a"]), "grad_of"),
+        (_edit_a_forward_sum, "attrs"),
+    ],
+    ids=["swapped-same-shape", "grad-is-a-forward-node", "grad_of-elsewhere", "stale-vjp-attrs"],
+)
+def test_a_spec_whose_backward_pass_is_not_the_gradient_is_refused(edit, needle):
+    # Review: these loaded, and run(grad="loss") or a Trainer returned (or applied) values
+    # under the names of gradients they were not: with the swap, a's and b's silently.
+    doc = _two_param_grad_spec()
+    assert dg.Graph.from_json(json.dumps(doc)).grads == doc["grads"]  # the file as written loads
+    edit(doc)
+    with pytest.raises(dg.SpecError, match=needle):
+        dg.Graph.from_json(json.dumps(doc))
+
+
+def test_grad_graphs_with_a_subset_or_outputs_built_from_gradients_still_load():
+    g = dg.Graph()
+    x = g.input("x", shape=(None, 3))
+    w = g.param("w", np.ones(3))
+    g.output("loss", (x * w).sum())
+    partial = dg.grad(g, of="loss", wrt=["w"])
+    partial.output("gnorm", (partial[partial.grads["w"]] ** 2).sum())  # reads the backward pass
+    again = dg.Graph.from_json(partial.to_json())
+    assert again.to_json() == partial.to_json()

@@ -8,6 +8,7 @@ again under the same id with the same batch.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -238,4 +239,66 @@ def test_a_fit_that_gave_up_on_a_lost_worker_is_recovered_by_the_next(tmp_path):
         assert len(ex.replacements) == 1
         assert tr.applied_steps == list(range(1, 7))
         assert_identical(tr.params, want)
+        tr.close()
+
+
+@pytest.mark.parametrize("strategy,pipelined", STRATEGIES)
+def test_a_server_checkpoint_that_failed_is_reported_once(tmp_path, strategy, pipelined):
+    # Review: a commit whose checkpoint could not be written (its folder now held a user's
+    # file) re-raised that error on every later call of the session, even Trainer.close(),
+    # after the folder was fixed.
+    flag, ckpt = tmp_path / "never", tmp_path / "ckpt"
+    want = reference(flag, epochs=3, **FIT)
+    with executor(strategy) as ex:
+        # The first checkpoint comes at step 3, inside epoch 2: its failure surfaces in step 4.
+        ex.checkpoint_dir, ex.checkpoint_every = str(ckpt), 3
+        tr = trainer(flag, ex)
+
+        def foreign_folder(step, loss):
+            if step == 2:  # the folder becomes a user's: the server's checkpoint is refused
+                server_after_everything_sent(tr)  # nothing is being written into it now
+                shutil.rmtree(ckpt)
+                ckpt.mkdir()
+                (ckpt / "notes.txt").write_text("mine")
+
+        with pytest.raises(dg.CheckpointError, match=r"notes\.txt"):
+            tr.fit(data(), epochs=3, callback=foreign_folder, **FIT)
+        assert tr.session.pipelined is pipelined
+        assert server_after_everything_sent(tr)["applied"] == list(range(1, tr.step + 1))
+        (ckpt / "notes.txt").unlink()  # the user fixes the folder
+        tr.fit(data(), epochs=3 - tr.epoch, **FIT)
+        assert tr.applied_steps == list(range(1, 7))
+        assert_identical(tr.params, want)
+        tr.close()
+
+
+def test_a_step_counted_after_an_interrupt_keeps_the_loss_history_aligned(tmp_path, monkeypatch):
+    # Review: the step counted after the interrupt had no entry in history.step_loss, so the
+    # next fit took the previous step's loss for it when it averaged the epoch's loss.
+    flag = tmp_path / "never"
+    whole = dg.Trainer(regression(flag), loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
+    whole.fit(data(), epochs=3, **FIT)
+    real_commit = dg_ray._RaySession._commit
+    interrupted = []
+
+    def commit_then_interrupt(self, step_id):
+        out = real_commit(self, step_id)
+        if step_id == 3 and not interrupted:  # the first batch of the second epoch
+            interrupted.append(step_id)
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(dg_ray._RaySession, "_commit", commit_then_interrupt)
+    with executor("round_robin") as ex:
+        tr = trainer(flag, ex)
+        with pytest.raises(KeyboardInterrupt):
+            tr.fit(data(), epochs=3, **FIT)
+        assert interrupted == [3] and tr.step == 3  # the precondition: the step counts
+        assert len(tr.history.step_loss) == 3 and np.isnan(tr.history.step_loss[2])
+        tr.fit(data(), epochs=2, **FIT)  # finishes the second epoch, then the third
+        assert_identical(tr.params, whole.params)
+        assert tr.history.step_loss[:2] == whole.history.step_loss[:2]
+        assert tr.history.step_loss[3:] == whole.history.step_loss[3:]
+        # The second epoch's mean leaves out the unknown loss instead of reusing step 2's.
+        assert tr.history.loss[1] == whole.history.step_loss[3]
         tr.close()

@@ -216,6 +216,7 @@ class RayExecutor(Executor):
         max_bytes: int | None = None,
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
+        self._closed = False
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
         if not (
@@ -455,8 +456,18 @@ class RayExecutor(Executor):
         """Node IP of each worker, by worker index."""
         return [i["node_ip"] for i in self.worker_info]
 
+    def _check_open(self) -> None:
+        # Without workers a closed executor failed with a raw IndexError, and a call reaching
+        # Ray after the runtime shut down silently started a new one nobody would stop.
+        if self._closed:
+            raise ConfigError(
+                "this RayExecutor is closed (close() or the end of its with block); "
+                "create a new RayExecutor to run or train again"
+            )
+
     def close(self) -> None:
         """Stop the actors, release the placement group, and shut down an embedded Ray."""
+        self._closed = True
         for w in self.workers:
             with contextlib.suppress(Exception):
                 ray.kill(w)
@@ -611,6 +622,7 @@ class RayExecutor(Executor):
         trace: bool = False,
     ) -> Result:
         """Compute ``outputs`` (and gradients of ``grad``) across the workers."""
+        self._check_open()
         t0 = time.time()
         prog = self.program(graph, outputs, grad, feeds=feeds)
         arrays = prepare_feeds(prog, feeds or {}, check_finite)
@@ -819,6 +831,7 @@ class RayExecutor(Executor):
         check_finite: bool = False,
     ) -> TrainingSession:
         """Workers compute gradients; a parameter-server actor applies them."""
+        self._check_open()
         return _RaySession(self, graph, loss, optimizer, store, check_finite)
 
 
@@ -1000,6 +1013,7 @@ class _RaySession(TrainingSession):
         return self._run_step(step_id, feeds, trace, len(index))
 
     def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool, batch: int) -> float:
+        self.ex._check_open()
         if self._unrecovered and self.plan is not None:
             # An earlier step gave up on a lost worker or server (or its recovery failed):
             # recover first, so the workers are whole again and the steps counted that the
@@ -1076,8 +1090,8 @@ class _RaySession(TrainingSession):
             status: dict[str, Any] = (
                 ex._get([status_ref], "applying the update")[0] if trace else {}
             )
-        except BaseException:
-            self._abandon(step_id, committing, pending)
+        except BaseException as e:
+            self._abandon(step_id, committing, pending, e)
             raise
         self._pending = None if trace else status_ref
         self._updates = routed
@@ -1089,7 +1103,9 @@ class _RaySession(TrainingSession):
         """Submit the server's commit of ``step_id``; returns the ref of its status."""
         return self.ps.commit.remote(step_id)
 
-    def _abandon(self, step_id: int, committing: bool, pending: Any) -> None:
+    def _abandon(
+        self, step_id: int, committing: bool, pending: Any, error: BaseException | None = None
+    ) -> None:
         """After a failed step: make sure it is never applied (or learn that it was), and put
         every worker back in step with the server.
 
@@ -1103,7 +1119,7 @@ class _RaySession(TrainingSession):
                 w.drop_step.remote(self.plan_id, step_id)
         if ps is None:
             return
-        if self._pending is None:
+        if self._pending is None and not self._reported(pending, error):
             self._pending = pending  # the previous step's commit may not have been awaited
         # Runs after the step's stage and any commit sent: its answer is final, and an update
         # the server still holds (gradients of a step that timed out) is dropped.
@@ -1116,6 +1132,18 @@ class _RaySession(TrainingSession):
         # reset to its state: both are read after the abort, whatever the outcome was.
         self._updates = {w: ps.params_of.remote(w) for w in self.takers}
         self._reset_replicas()
+
+    def _reported(self, pending: Any, error: BaseException | None) -> bool:
+        """Whether the earlier commit ``pending`` failed with ``error``, the error this failed
+        step raises: kept, it would fail every later call of the session with the same error
+        (a checkpoint the server could not write made even ``Trainer.close`` raise)."""
+        if pending is None or error is None or not ray.wait([pending], timeout=0)[0]:
+            return pending is None
+        try:
+            self.ex._get([pending], "applying the latest update")
+        except BaseException as e:  # compared with the step's error, not handled
+            return type(e) is type(error) and str(e) == str(error)
+        return False
 
     def _settle(self) -> None:
         """Decide a step whose failure came while its commit was being sent."""
