@@ -12,7 +12,6 @@ import math
 import os
 import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,7 +113,9 @@ def to_chrome_trace(events: list[TraceEvent]) -> dict:
 
 
 def write_chrome_trace(path: str | os.PathLike[str], events: list[TraceEvent]) -> None:
-    """Write ``events`` as a Chrome trace JSON file (creating parent directories)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``events`` as a Chrome trace JSON file, into a folder that exists (a missing one is
+    a ``ConfigError``, as for every writer: a typo must not create folders)."""
+    from .viz._paths import output_path
+
+    target = output_path(path, "trace")
     target.write_text(json.dumps(to_chrome_trace(events), allow_nan=False), encoding="utf-8")

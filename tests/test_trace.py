@@ -77,9 +77,16 @@ def test_chrome_trace_shape_and_units():
 
 
 def test_write_chrome_trace_round_trips(tmp_path):
-    path = tmp_path / "deep" / "out.trace.json"
+    path = tmp_path / "out.trace.json"
     assert write_chrome_trace(path, hand_events()) is None
     assert json.loads(path.read_text()) == to_chrome_trace(hand_events())
+
+
+def test_write_chrome_trace_refuses_a_missing_folder_and_creates_none(tmp_path):
+    """It used to create every missing parent folder, as the report writer did (issue 12.5)."""
+    with pytest.raises(dg.ConfigError, match="does not exist"):
+        write_chrome_trace(tmp_path / "deep" / "out.trace.json", hand_events())
+    assert not (tmp_path / "deep").exists()
 
 
 def test_empty_trace_is_valid():
