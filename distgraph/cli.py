@@ -207,7 +207,7 @@ def _load_graph(source: str) -> tuple[Graph, dict[str, Any], str | None]:
         return models.builtin_graph(source)
     path = Path(source)
     if not path.exists():
-        raise DistgraphError(
+        raise ConfigError(
             f"no such graph file {source!r} (or use one of {', '.join(models.BUILTIN)})"
         )
     g = Graph.from_json(read_spec_file(path))  # the size limit holds while reading

@@ -421,3 +421,9 @@ def test_a_reader_closing_the_pipe_is_not_an_internal_error(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == ""
+
+
+def test_a_missing_graph_file_is_a_config_error_naming_it(tmp_path):
+    """The library's rule: every refusal is a specific DistgraphError subclass."""
+    with pytest.raises(dg.ConfigError, match="no such graph file"):
+        cli._load_graph(str(tmp_path / "nope.json"))
