@@ -744,6 +744,7 @@ def choose_layout(
     tries: list[Any] = [strategy]
     if isinstance(strategy, str) and memory_per_worker is not None:
         tries += [s for s in ("mincut", "level", "round_robin") if s != strategy]
+        tries.append(_STAGES)
     grad_bytes = _param_bytes(program)
     options: list[LayoutOption] = []
     for r in _divisors(num_workers):
@@ -773,7 +774,10 @@ def choose_layout(
                         f"{_fmt_bytes(memory_per_worker)} per worker"
                     ),
                 )
-            if best is None or (option.feasible and not best.feasible):
+            if best is None or (option.feasible, -option.worker_bytes) > (
+                best.feasible,
+                -best.worker_bytes,
+            ):
                 best = option
             if option.feasible:
                 break
@@ -845,7 +849,10 @@ def _evaluate(
 
     shard_cost = dataclasses.replace(cost, batch_size=max(rows))
     name = strategy if isinstance(strategy, str) else "custom"
-    placement = partition(program, width, strategy, shard_cost)
+    if strategy is _STAGES:
+        placement = partition(program, width, stage_placement(program, width, shard_cost))
+    else:
+        placement = partition(program, width, strategy, shard_cost)
     plan = build_plan(program, placement, width, shard_cost, training=True, strategy=name)
     compute = plan.estimate()
     transfer = cost.transfer_seconds(2 * r * grad_bytes // ps_shards)
@@ -872,6 +879,45 @@ def _evaluate(
         worker_bytes=max(held),
         rows_per_replica=rows,
     )
+
+
+#: The memory fallback of :func:`choose_layout`: contiguous stages balanced by bytes.
+_STAGES = "stages"
+
+
+def stage_placement(program: Program, width: int, cost: CostModel) -> dict[str, int]:
+    """Forward ops cut into ``width`` contiguous runs (in topological order) holding about
+    equal bytes, counting with each op the params it reads and the backward nodes that
+    differentiate it: a placement that spreads memory (a pipeline's stages) where the
+    speed-minded strategies keep a chain on one worker. Returns the forward ops' workers;
+    ``partition(program, width, placement)`` places leaves and backward nodes with them."""
+    from .plan import bytes_array
+
+    nbytes = dict(zip(program.order, bytes_array(program, cost).tolist()))
+    weight: dict[str, int] = {}
+    forward = [
+        n
+        for n in program.order
+        if program.nodes[n].phase == "forward" and program.nodes[n].op not in LEAF_OPS
+    ]
+    for n in forward:
+        node = program.nodes[n]
+        own = nbytes[n] + sum(
+            nbytes[i] for i in node.inputs if program.nodes[i].op in ("param", "const")
+        )
+        weight[n] = own
+    for n in program.order:
+        origin = program.nodes[n].origin
+        if program.nodes[n].phase == "backward" and origin in weight:
+            weight[origin] += nbytes[n]
+    total = sum(weight.values())
+    placement, done = {}, 0
+    for n in forward:
+        # The stage holding the middle of this op's bytes.
+        mid = done + weight[n] / 2
+        placement[n] = min(width - 1, int(mid * width / total)) if total else 0
+        done += weight[n]
+    return placement
 
 
 def _ms(seconds: float) -> str:
