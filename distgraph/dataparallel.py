@@ -16,13 +16,35 @@ on plain data, tested without Ray:
 * :class:`StalenessClock` — bounded-delay bookkeeping (which steps may start, what was recorded
   on which parameter version, the staleness histogram).
 
-The order of one synchronous step, as the runtime should do it::
+How a runtime uses them. Once per training program::
 
-    split = analyze_rows(program)                    # once per program; refuses coupled rows
-    slices = shard_rows(batch_rows, R)               # per step: replica r takes rows slices[r]
-    grads_r = replica r's gradients on its rows      # each replica, in parallel
-    grads = combine([grads_0, ...], [rows_0, ...], split.kind)   # on each server, for its keys
-    apply grads once as the step id; replicas pull the params their workers hold
+    layout = choose_layout(program, cost, N, batch, ps_shards=S, memory_per_worker=...)
+    split = analyze_rows(program)            # when R > 1; raises GraphError naming the node
+    keys = shard_params({p: nbytes}, S)      # server s owns keys[s] (or shard_param_pieces)
+
+One synchronous step ``t`` (``consistency="sync"``; every replica runs every step)::
+
+    slices = shard_rows(batch_rows, R)       # replica r takes rows slices[r] (same on a retry)
+    grads_r = replica r's gradients on its rows (feeds of split.batch_inputs cut by rows,
+              split.shared_inputs whole), pushed per key to the key's server
+    server s: combine([grads_0[keys], ...], [rows_0, ...], split.kind) in replica order,
+              then apply it once as step t (exactly once per (shard, step))
+    replicas pull the params their workers hold; step t+1 starts after every shard applied t
+
+Asynchronous with staleness ``tau`` (``consistency="async"``; each replica takes whole
+mini-batch steps, handed out in step-id order)::
+
+    clock = StalenessClock(num_shards=S, first_step=first step id not yet applied)
+    replica r, for its next step t: wait until clock.may_start(t, tau);
+        v = clock.version; pull params (every shard has applied every step <= v)
+        clock.record(r, t, v)                # once per (replica, step)
+        compute the gradients of step t's whole mini-batch; push each key to its server
+    server s applies each gradient as it arrives (no combine: one replica's mini-batch);
+        then the driver calls clock.mark_applied(s, t) (once per (shard, step))
+    status() reports clock.status(): applied-through per shard and the staleness histogram
+
+``tau = 0`` makes the async schedule synchronous in order (step t waits for every step
+before it), though each step is still one replica's mini-batch.
 """
 
 from __future__ import annotations
@@ -58,9 +80,9 @@ class RowSplit:
     #: The loss node analysed.
     loss: str
     #: Inputs whose feeds are split by rows (leading axis); every replica gets its own rows.
-    batch_inputs: list[str]
+    batch_inputs: tuple[str, ...]
     #: Inputs fed whole to every replica (no batch axis).
-    shared_inputs: list[str]
+    shared_inputs: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -143,6 +165,19 @@ def analyze_rows(
     ``"sum"`` loss may not add terms that do not depend on the batch (each replica would add
     them once); a ``"mean"`` loss may (the shard weights sum to one).
     """
+    key = ("row_split", loss, None if batch_inputs is None else tuple(batch_inputs))
+    if isinstance(program, Program) and key in program.memo:
+        cached: RowSplit = program.memo[key]
+        return cached
+    split = _analyze_rows(program, loss, batch_inputs)
+    if isinstance(program, Program):
+        program.memo[key] = split
+    return split
+
+
+def _analyze_rows(
+    program: Program | Graph, loss: str | None, batch_inputs: Sequence[str] | None
+) -> RowSplit:
     nodes, loss_name, inputs, declared = _forward_view(program, loss)
     batch, shared = _batch_inputs(nodes, inputs, declared, batch_inputs, loss_name)
     needed = _ancestors(nodes, loss_name)
@@ -172,7 +207,7 @@ def analyze_rows(
             "nothing to split; train with replicas=1"
         )
     kind: Reduction = "mean" if final.kind == "mean" else "sum"
-    return RowSplit(kind=kind, loss=loss_name, batch_inputs=batch, shared_inputs=shared)
+    return RowSplit(kind, loss_name, tuple(batch), tuple(shared))
 
 
 def _forward_view(
@@ -680,6 +715,7 @@ class Layout:
     kind: Reduction | None
     rows_per_replica: tuple[int, ...]
     options: list[LayoutOption] = field(default_factory=list)
+    ps_shards: int = 1
 
 
 def _divisors(n: int) -> list[int]:
@@ -815,6 +851,7 @@ def choose_layout(
         kind=split.kind if split is not None else None,
         rows_per_replica=chosen.rows_per_replica,
         options=options,
+        ps_shards=ps_shards,
     )
 
 
@@ -955,7 +992,10 @@ def explain_layout(layout: Layout) -> str:
             f"  rows per replica: {list(layout.rows_per_replica)}; gradients weighted by "
             f"{weight}, added in replica order"
         )
-    lines.append("alternatives (est. step = compute + gradient push/pull + overhead):")
+    servers = f"{layout.ps_shards} server shard{'s' if layout.ps_shards != 1 else ''}"
+    lines.append(
+        f"alternatives (est. step = compute + gradient push/pull to {servers} + overhead):"
+    )
     for o in layout.options:
         mark = "*" if (o.replicas, o.width) == (layout.replicas, layout.width) else " "
         head = f"  {mark} R={o.replicas} x {o.width} worker{'s' if o.width != 1 else ''}"
