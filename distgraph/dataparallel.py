@@ -835,7 +835,7 @@ def choose_layout(
             runner = min(others, key=lambda o: (o.step_seconds, o.replicas))
             reason = (
                 f"lowest estimated step time: {_ms(chosen.step_seconds)} against "
-                f"{_ms(runner.step_seconds)} for {runner.replicas} x {runner.width}"
+                f"{_ms(runner.step_seconds)} for {_shape_words(runner.replicas, runner.width)}"
             )
         else:
             reason = "the only possible layout"
@@ -957,6 +957,14 @@ def stage_placement(program: Program, width: int, cost: CostModel) -> dict[str, 
     return placement
 
 
+def _shape_words(replicas: int, width: int) -> str:
+    """'2 replicas x 1 worker'."""
+    return (
+        f"{replicas} replica{'s' if replicas != 1 else ''} x "
+        f"{width} worker{'s' if width != 1 else ''}"
+    )
+
+
 def _ms(seconds: float) -> str:
     return "n/a" if math.isinf(seconds) else f"{seconds * 1e3:.3f} ms"
 
@@ -979,9 +987,9 @@ def explain_layout(layout: Layout) -> str:
         else "one worker"
     )
     lines = [
-        f"layout: {layout.replicas} replica{'s' if layout.replicas != 1 else ''} x "
-        f"{layout.width} worker{'s' if layout.width != 1 else ''} each ({shape}) on "
-        f"{layout.num_workers} workers, strategy {layout.strategy!r}, "
+        f"layout: {_shape_words(layout.replicas, layout.width)} each ({shape}) on "
+        f"{layout.num_workers} worker{'s' if layout.num_workers != 1 else ''}, "
+        f"strategy {layout.strategy!r}, "
         f"est. step {_ms(layout.step_seconds)}",
         f"  why: {layout.reason}",
     ]

@@ -316,7 +316,7 @@ def test_a_model_that_fits_one_worker_trains_data_parallel(big_mlp) -> None:
     assert layout.step_seconds < one.step_seconds
     text = explain_layout(layout)
     assert text.splitlines()[0].startswith("layout: 2 replicas x 1 worker each (data parallel)")
-    assert "why: lowest estimated step time" in text
+    assert "why: lowest estimated step time" in text and "for 1 replica x 2 workers" in text
     assert "  * R=2 x 1 worker:" in text and "    R=1 x 2 workers:" in text
     assert "rows per replica: [128, 128]; gradients weighted by rows / 256" in text
 
