@@ -101,17 +101,18 @@ def pipeline(program: Program, num_workers: int, cost: CostModel) -> dict[str, i
 def pipeline_stages(program: Program, num_workers: int, cost: CostModel) -> StageCut:
     """Cut ``program`` into ``num_workers`` contiguous stages minimising the slowest stage.
 
-    Raises :class:`ConfigError` when the program has fewer forward ops than workers (every
-    stage must hold at least one).
+    A program with fewer forward ops ``n`` than workers gets ``n`` stages (one op each) and
+    leaves the other workers idle, as ``mincut`` keeps a tiny graph on one worker.
     """
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
     fwd, anchor = _anchors(program)
-    n, p = len(fwd), num_workers
-    if p > n:
-        raise ConfigError(
-            f"the pipeline strategy cuts the forward ops into one stage per worker, but this "
-            f"program has {n} forward op(s) for {p} workers; use at most {max(n, 1)} workers "
-            "or another strategy"
-        )
+    n = len(fwd)
+    p = max(1, min(num_workers, n))
+    if n == 0:  # nothing to cut: leaves (and their gradients) only
+        placement = dict.fromkeys(program.order, 0)
+        compute, receive = stage_times(program, placement, num_workers, cost)
+        return StageCut((0,), (), compute, receive, placement)
     weight, rects = _stage_inputs(program, cost, anchor, n)
     # Group positions into blocks when there are too many for the quadratic matrix.
     blocks = min(n, MAX_CUT_POSITIONS)
@@ -137,7 +138,7 @@ def pipeline_stages(program: Program, num_workers: int, cost: CostModel) -> Stag
     pos_cuts = tuple(int(first[b]) for b in bcuts)
     stage_of_pos = np.searchsorted(np.asarray(pos_cuts), np.arange(n), side="right") - 1
     placement = {name: int(stage_of_pos[a]) for name, a in zip(program.order, anchor.tolist())}
-    compute, receive = stage_times(program, placement, p, cost)
+    compute, receive = stage_times(program, placement, num_workers, cost)
     return StageCut(pos_cuts, tuple(fwd), compute, receive, placement)
 
 
@@ -463,8 +464,12 @@ def _run(
             for w, acts in enumerate(schedule):
                 if pc[w] < len(acts):
                     act = acts[pc[w]]
-                    waits = [by_key[k] for k in _deps(act, num_stages) if by_key[k] not in times]
-                    stuck.append(f"{act} waits for {', '.join(map(str, waits))}")
+                    waits = [
+                        f"{d} (later in its own list)" if d.worker == w else str(d)
+                        for d in (by_key[k] for k in _deps(act, num_stages))
+                        if d not in times
+                    ]
+                    stuck.append(f"{act} waits for {' and '.join(waits)}")
             raise ScheduleError("the schedule deadlocks: " + "; ".join(stuck))
     return times
 
@@ -533,7 +538,7 @@ def grid(schedule: Schedule, f_slots: int = 1, b_slots: int = 1) -> str:
             rows[act.worker][t] = act.label
     width = max(len(c) for row in rows for c in row)
     label = len(f"w{len(schedule) - 1}")
-    lines = [" " * label + " " + " ".join(f"{t:<{width}}"[:width] for t in range(slots))]
+    lines = [(" " * label + " " + " ".join(f"{t:<{width}}"[:width] for t in range(slots))).rstrip()]
     lines += [
         f"{'w' + str(w):<{label}} " + " ".join(f"{c:<{width}}" for c in row).rstrip()
         for w, row in enumerate(rows)
