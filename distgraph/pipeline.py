@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -39,6 +38,7 @@ __all__ = [
     "ScheduleError",
     "SimResult",
     "StageCut",
+    "StageProfile",
     "StepEstimate",
     "estimate_step",
     "gpipe",
@@ -49,6 +49,7 @@ __all__ = [
     "pipeline",
     "pipeline_stages",
     "simulate",
+    "stage_profile",
     "stage_times",
     "validate",
 ]
@@ -163,6 +164,42 @@ def stage_times(
         for d in dests:
             received[d] += cost.nbytes(node)
     return tuple(compute), tuple(cost.transfer_seconds(b) for b in received)
+
+
+@dataclass(frozen=True)
+class StageProfile:
+    """What the step-time predictor needs from a placed program, per micro-batch (the cost
+    model's ``batch_size``): compute per stage and phase, bytes over each stage boundary."""
+
+    forward: tuple[float, ...]
+    backward: tuple[float, ...]
+    #: ``boundary_bytes[s]``: bytes of the forward values that cross from stages ``<= s`` to
+    #: stages ``> s`` (their gradients cross back).
+    boundary_bytes: tuple[int, ...]
+
+
+def stage_profile(
+    program: Program, placement: Mapping[str, int], num_stages: int, cost: CostModel
+) -> StageProfile:
+    """Forward and backward seconds per stage and bytes per boundary, for :func:`estimate_step`."""
+    nodes = program.nodes
+    fwd = [0.0] * num_stages
+    bwd = [0.0] * num_stages
+    crossing = [0] * max(num_stages - 1, 0)
+    for name in program.order:
+        node = nodes[name]
+        if node.op in LEAF_OPS:
+            continue
+        s = placement[name]
+        secs = cost.seconds(node, [nodes[i] for i in node.inputs])
+        if node.phase == "forward":
+            fwd[s] += secs
+            later = [placement[c] for c in program.consumers.get(name, ()) if placement[c] > s]
+            for b in range(s, max(later, default=s)):
+                crossing[b] += cost.nbytes(node)
+        else:
+            bwd[s] += secs
+    return StageProfile(tuple(fwd), tuple(bwd), tuple(crossing))
 
 
 def _anchors(program: Program) -> tuple[list[str], np.ndarray]:
@@ -424,7 +461,7 @@ def validate(schedule: Schedule) -> tuple[int, int]:
                 raise ScheduleError(
                     f"{act} needs {dep} but does not list worker {dep.worker} in its receives"
                 )
-    _run(schedule, by_key, p, lambda a: 1.0, 0.0)  # raises on deadlock
+    _run(schedule, by_key, p, lambda a: 1.0, lambda d, a: 0.0)  # raises on deadlock
     return p, m
 
 
@@ -433,11 +470,10 @@ def _run(
     by_key: Mapping[tuple[str, int, int], Action],
     num_stages: int,
     duration: Callable[[Action], float],
-    latency: float | Callable[[Action, Action], float],
+    latency: Callable[[Action, Action], float],
 ) -> dict[Action, tuple[float, float]]:
     """Time every action: it starts when its worker is free and each input has arrived (its
     producer's end, plus ``latency`` when the producer is on another worker)."""
-    lat = latency if callable(latency) else (lambda a, b: float(latency))  # type: ignore[misc]
     times: dict[Action, tuple[float, float]] = {}
     pc = [0] * len(schedule)
     free = [0.0] * len(schedule)
@@ -452,7 +488,7 @@ def _run(
                     break
                 ready = max(
                     [free[w]]
-                    + [times[d][1] + (lat(d, act) if d.worker != w else 0.0) for d in deps]
+                    + [times[d][1] + (latency(d, act) if d.worker != w else 0.0) for d in deps]
                 )
                 times[act] = (ready, ready + duration(act))
                 free[w] = times[act][1]
@@ -518,7 +554,7 @@ def simulate(
     def duration(a: Action) -> float:
         return overhead + (f[a.stage] if a.kind == "F" else b[a.stage])
 
-    times = _run(schedule, by_key, p, duration, transfer)
+    times = _run(schedule, by_key, p, duration, lambda d, a: transfer)
     makespan = max(e for _, e in times.values())
     busy = tuple(sum(times[a][1] - times[a][0] for a in acts) for acts in schedule)
     return SimResult(times, makespan, busy)
@@ -612,7 +648,7 @@ def estimate_step(
     # Longest path over an explicit DAG (worker order edges + dependency edges), visiting
     # actions in an order that respects both: the simulation's finishing order.
     order = sorted(
-        _run(schedule, by_key, p, lambda a: 1.0, 0.0).items(),
+        _run(schedule, by_key, p, lambda a: 1.0, lambda d, a: 0.0).items(),
         key=lambda kv: (kv[1][1], kv[0].worker),
     )
     prev_on_worker: dict[Action, Action] = {}
@@ -649,15 +685,3 @@ def estimate_step(
     ]
     bubble = 1.0 - sum(busy) / (seconds * len(busy)) if seconds > 0 else 0.0
     return StepEstimate(seconds, max(busy), bubble, hop, tuple(reversed(path)))
-
-
-def describe(schedule: Schedule) -> dict[str, Any]:
-    """Facts about a schedule for reports: stages, micro-batches, peak in-flight, unit bubble."""
-    p, m = validate(schedule)
-    return {
-        "stages": p,
-        "microbatches": m,
-        "workers": len(schedule),
-        "peak_inflight": peak_inflight(schedule),
-        "bubble_unit": simulate(schedule, 1.0, 1.0).bubble,
-    }
