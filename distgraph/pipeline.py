@@ -117,6 +117,7 @@ def pipeline_stages(program: Program, num_workers: int, cost: CostModel) -> Stag
     weight, rects = _stage_inputs(program, cost, anchor, n)
     # Group positions into blocks when there are too many for the quadratic matrix.
     blocks = min(n, MAX_CUT_POSITIONS)
+    p = min(p, blocks)  # every stage holds at least one block
     block_of = np.arange(n, dtype=np.int64) * blocks // n
     first = np.searchsorted(block_of, np.arange(blocks + 1))  # first position of each block
     bweight = np.bincount(block_of, weights=weight, minlength=blocks)
