@@ -507,7 +507,19 @@ def _place_leaves_and_backward(program: Program, placement: Placement, cost: Cos
             placement[n] = next((placement[i] for i in node.inputs if i in placement), 0)
 
 
-STRATEGIES: dict[str, Strategy] = {"round_robin": round_robin, "level": level, "mincut": mincut}
+def _pipeline(program: Program, num_workers: int, cost: CostModel) -> Placement:
+    """Contiguous stages, one per worker (see :func:`distgraph.pipeline.pipeline`)."""
+    from .pipeline import pipeline
+
+    return pipeline(program, num_workers, cost)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "round_robin": round_robin,
+    "level": level,
+    "mincut": mincut,
+    "pipeline": _pipeline,
+}
 _BUILTIN = tuple(STRATEGIES.values())
 
 
