@@ -14,10 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._util import gc_paused
-from .errors import GraphError
-from .graph import Graph, _inferred_dtype
+from .errors import DistgraphError, GraphError, SpecError
+from .graph import Graph
+from .infer import inferred_dtype
 from .ops import LEAF_OPS, get_op
-from .spec import NodeSpec, make_node
+from .spec import GraphSpec, NodeSpec, make_node
 
 
 def _grad_mask(
@@ -136,7 +137,7 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
                 [nodes[s].shape for s in inputs],
                 # An undeclared input is provisionally float64, as in inference: slicing the
                 # cotangent is then right whenever the fed dtypes agree (the usual case).
-                [_inferred_dtype(nodes[s]) for s in inputs],
+                [inferred_dtype(nodes[s]) for s in inputs],
                 node.dtype,
                 node.attrs,
             )
@@ -194,3 +195,54 @@ def forward_part(graph: Graph) -> Graph:
     out._grad_of = None
     out._touch()
     return out
+
+
+def check_backward_pass(g: Graph, spec: GraphSpec) -> None:
+    """Refuse a spec whose backward pass is not the one :func:`distgraph.grad` builds for its
+    ``grad_of``: ``grads`` naming another node, or backward nodes edited, would make a run
+    return (and a Trainer apply) values that are not the gradients they are named as."""
+    backward = {n.name: n for n in spec.nodes if n.phase == "backward"}
+    if spec.grad_of is None:
+        if spec.grads or backward:
+            raise SpecError(
+                "grad_of: null, but the spec holds a backward pass (grads or backward nodes); "
+                "a backward pass is only read together with the output it differentiates"
+            )
+        return
+    try:
+        want = grad(forward_part(g), of=spec.grad_of, wrt=list(spec.grads))
+    except DistgraphError as e:
+        raise SpecError(f"grad_of: {e}") from None
+    if want._grads != dict(spec.grads):
+        raise SpecError(
+            f"grads: {dict(spec.grads)} is not where the gradients of {spec.grad_of!r} are "
+            f"({want._grads}); re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
+        )
+    made = {n.name: n for n in want._nodes.values() if n.phase == "backward"}
+    for name in sorted(set(made) | set(backward)):
+        a, b = made.get(name), backward.get(name)
+        if a is None or b is None:
+            what = (
+                f"a backward node that dg.grad does not build for {spec.grad_of!r}"
+                if a is None
+                else f"missing: dg.grad builds this backward node for {spec.grad_of!r}"
+            )
+        else:
+            fields = [
+                f
+                for f, mine, theirs in (
+                    ("op", a.op, b.op),
+                    ("inputs", list(a.inputs), b.inputs),
+                    ("attrs", a.attrs, b.attrs),
+                )
+                if mine != theirs
+            ]
+            if not fields:
+                continue
+            what = (
+                f"its {' and '.join(fields)} differ from what dg.grad builds for "
+                f"{spec.grad_of!r} (were a forward node's attrs edited?)"
+            )
+        raise SpecError(
+            f"nodes.{name}: {what}; re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
+        )

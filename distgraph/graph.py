@@ -8,16 +8,16 @@ a bad graph fails on the line that built the bad node. The graph's content is pl
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from . import schedule
 from ._util import gc_paused
-from .errors import DistgraphError, DTypeError, FeedError, GraphError, ShapeError, SpecError
-from .ops import LEAF_OPS, VJP_ATTRS, Op, check_attrs, get_op, run_op
+from .errors import DTypeError, FeedError, GraphError, ShapeError, SpecError
+from .infer import PROVISIONAL_DTYPE, Label, check_result_shape, infer, inferred_dtype
+from .ops import LEAF_OPS, VJP_ATTRS, check_attrs, encode_index, get_op
 from .spec import (
     ALLOWED_DTYPES,
     MAX_SPEC_BYTES,
@@ -37,18 +37,6 @@ from .spec import (
 
 Scalar = int | float | bool
 Operand = "Node | np.ndarray | Scalar"
-
-#: What building assumes of an input declared without a dtype; each run is compiled for the
-#: dtype actually fed (see ``Graph._specialized``).
-PROVISIONAL_DTYPE = "float64"
-
-
-def _inferred_dtype(record: NodeSpec) -> str | None:
-    """A node's dtype for inference: an undeclared input's is provisionally float64."""
-    if record.dtype is None and record.op == "input":
-        return PROVISIONAL_DTYPE
-    return record.dtype
-
 
 #: Graph versions come from one counter, so no two states of any graphs share a version.
 _VERSIONS = itertools.count(1)
@@ -189,7 +177,7 @@ class Node:
         return self
 
     def __getitem__(self, key: Any) -> Node:
-        return self.graph.apply("index", self, index=_encode_index(key))
+        return self.graph.apply("index", self, index=encode_index(key))
 
     # Methods mirroring numpy -----------------------------------------------------------------
     def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
@@ -364,13 +352,11 @@ class Graph:
             if dtype is None and record.op == "input":
                 dtype = PROVISIONAL_DTYPE
             dtypes.append(dtype)
-        label = name or _Label(op, names)  # unnamed: say what it was built from (on error only)
+        label = name or Label(op, names)  # unnamed: say what it was built from (on error only)
         if attrs or spec.required_attrs:
             check_attrs(spec, attrs, shapes, label)
-        shape, dtype = _infer_checked(
-            op, spec, shapes, dtypes, attrs, self._weak_values(names), label
-        )
-        _check_result_shape(label, op, shape)
+        shape, dtype = infer(op, shapes, dtypes, attrs, self._weak_values(names), label, spec)
+        check_result_shape(label, op, shape)
         return self._add(name, op, names, attrs, shape, dtype, user_named=name is not None)
 
     def _operand(self, x: Any) -> Node:
@@ -743,7 +729,9 @@ class Graph:
                 raise SpecError(f"grads.{src}: refers to a missing node")
         if spec.grad_of is not None and spec.grad_of not in g._nodes:
             raise SpecError(f"grad_of: {spec.grad_of!r} is not a node")
-        _check_backward_pass(g, spec)
+        from .autodiff import check_backward_pass  # autodiff builds on this module
+
+        check_backward_pass(g, spec)
         g._grads = dict(spec.grads)
         g._grad_of = spec.grad_of
         g._touch()
@@ -752,12 +740,12 @@ class Graph:
     def _rebuild(self, node: NodeSpec) -> None:
         names = list(node.inputs)
         shapes = [self._nodes[n].shape for n in names]
-        dtypes = [_inferred_dtype(self._nodes[n]) for n in names]
+        dtypes = [inferred_dtype(self._nodes[n]) for n in names]
         check_attrs(get_op(node.op), node.attrs, shapes, node.name)
         shape, dtype = infer(
             node.op, shapes, dtypes, node.attrs, self._weak_values(names), node.name
         )
-        _check_result_shape(node.name, node.op, shape)
+        check_result_shape(node.name, node.op, shape)
         self._add(
             node.name,
             node.op,
@@ -823,326 +811,6 @@ class Graph:
         )
 
 
-class _Label:
-    """``add(x, y)``: the name of a node that has none yet, formatted only if an error needs it."""
-
-    __slots__ = ("names", "op")
-
-    def __init__(self, op: str, names: list[str]):
-        self.op, self.names = op, names
-
-    def __str__(self) -> str:
-        return f"{self.op}({', '.join(self.names)})"
-
-    def __repr__(self) -> str:
-        return repr(str(self))
-
-
-# --- shape and dtype inference --------------------------------------------------------------
-
-
-def _check_backward_pass(g: Graph, spec: GraphSpec) -> None:
-    """Refuse a spec whose backward pass is not the one :func:`distgraph.grad` builds for its
-    ``grad_of``: ``grads`` naming another node, or backward nodes edited, would make a run
-    return (and a Trainer apply) values that are not the gradients they are named as."""
-    from .autodiff import forward_part, grad  # autodiff builds on this module
-
-    backward = {n.name: n for n in spec.nodes if n.phase == "backward"}
-    if spec.grad_of is None:
-        if spec.grads or backward:
-            raise SpecError(
-                "grad_of: null, but the spec holds a backward pass (grads or backward nodes); "
-                "a backward pass is only read together with the output it differentiates"
-            )
-        return
-    try:
-        want = grad(forward_part(g), of=spec.grad_of, wrt=list(spec.grads))
-    except DistgraphError as e:
-        raise SpecError(f"grad_of: {e}") from None
-    if want._grads != dict(spec.grads):
-        raise SpecError(
-            f"grads: {dict(spec.grads)} is not where the gradients of {spec.grad_of!r} are "
-            f"({want._grads}); re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
-        )
-    made = {n.name: n for n in want._nodes.values() if n.phase == "backward"}
-    for name in sorted(set(made) | set(backward)):
-        a, b = made.get(name), backward.get(name)
-        if a is None or b is None:
-            what = (
-                f"a backward node that dg.grad does not build for {spec.grad_of!r}"
-                if a is None
-                else f"missing: dg.grad builds this backward node for {spec.grad_of!r}"
-            )
-        else:
-            fields = [
-                f
-                for f, mine, theirs in (
-                    ("op", a.op, b.op),
-                    ("inputs", list(a.inputs), b.inputs),
-                    ("attrs", a.attrs, b.attrs),
-                )
-                if mine != theirs
-            ]
-            if not fields:
-                continue
-            what = (
-                f"its {' and '.join(fields)} differ from what dg.grad builds for "
-                f"{spec.grad_of!r} (were a forward node's attrs edited?)"
-            )
-        raise SpecError(
-            f"nodes.{name}: {what}; re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
-        )
-
-
-def _check_result_shape(label: Any, op: str, shape: Shape | None) -> None:
-    """Refuse a result a spec cannot hold (broadcast_to, reshape or index past 32 dimensions
-    or 2**36 elements): it would save to JSON that :meth:`Graph.from_json` refuses."""
-    problem = shape_problem(shape) if shape is not None else None
-    if problem is not None:
-        raise ShapeError(f"node {label!r} (op {op}): its result's {problem}")
-
-
-def infer(
-    op: str,
-    shapes: Sequence[Sequence[int | None] | None],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-) -> tuple[Shape | None, str | None]:
-    """Output shape and dtype of ``op`` on inputs of these shapes/dtypes; raises on mismatch."""
-    return _infer_checked(op, get_op(op), shapes, dtypes, attrs, weak, node)
-
-
-def _infer_checked(
-    op: str,
-    spec: Op,
-    shapes: Sequence[Sequence[int | None] | None],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-) -> tuple[Shape | None, str | None]:
-    """:func:`infer` for an op already looked up (``spec`` is ``get_op(op)``)."""
-    shape, dtype = _infer(op, spec, shapes, dtypes, attrs, weak, node)
-    if dtype is not None and dtype not in ALLOWED_DTYPES:
-        # e.g. a cast to object or str: such values could not be checked, fed or serialized.
-        raise DTypeError(
-            f"node {node!r} (op {op}): result dtype {dtype} is not supported "
-            f"(allowed: {', '.join(sorted(ALLOWED_DTYPES))})"
-        )
-    return shape, dtype
-
-
-def _infer(
-    op: str,
-    spec: Op,
-    shapes: Sequence[Sequence[int | None] | None],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-) -> tuple[Shape | None, str | None]:
-    if spec.arity is not None and len(shapes) != spec.arity:
-        raise GraphError(f"node {node!r} (op {op}): takes {spec.arity} inputs, got {len(shapes)}")
-    if spec.arity is None and not shapes:
-        raise GraphError(f"node {node!r} (op {op}): needs at least one input")
-    if None in shapes:
-        return None, _infer_dtype(op, dtypes, attrs, weak, node)
-    known = cast("Sequence[Sequence[int | None]]", shapes)  # `in` above does not narrow for mypy
-    if spec.elementwise:
-        first = known[0]
-        # The common case, tested in C: every input has the same shape (usually one shared
-        # list, see ``spec.make_node``), so there is nothing to broadcast.
-        if known.count(first) == len(known):
-            shape = tuple(first)
-        else:
-            shape = _broadcast([tuple(s) for s in known], op, node)
-        return shape, _infer_dtype(op, dtypes, attrs, weak, node)
-    tuples = [tuple(s) for s in known]
-    if op == "matmul":
-        return _matmul_shape(tuples[0], tuples[1], node), _infer_dtype(
-            op, dtypes, attrs, weak, node
-        )
-    return _infer_by_running(op, tuples, dtypes, attrs, weak, node)
-
-
-def _broadcast(shapes: Sequence[Shape], op: str, node: str | _Label) -> Shape:
-    first = shapes[0]
-    if all(s == first for s in shapes):  # the common case: nothing to broadcast
-        return first
-    ndim = max(len(s) for s in shapes)
-    out: list[int | None] = []
-    for i in range(ndim):
-        dims = {s[len(s) - ndim + i] for s in shapes if len(s) - ndim + i >= 0}
-        fixed = {d for d in dims if d is not None and d != 1}
-        if len(fixed) > 1:
-            raise ShapeError(
-                f"node {node!r} (op {op}): shapes {_fmt(shapes)} do not broadcast "
-                f"(axis {i - ndim}: {sorted(fixed)})"
-            )
-        out.append(fixed.pop() if fixed else (None if None in dims else 1))
-    return tuple(out)
-
-
-def _matmul_shape(a: Shape, b: Shape, node: str | _Label) -> Shape:
-    if not a or not b:
-        raise ShapeError(
-            f"node {node!r} (op matmul): operands must be at least 1-D, got {_fmt([a, b])}"
-        )
-    a2 = (1, *a) if len(a) == 1 else a
-    b2 = (*b, 1) if len(b) == 1 else b
-    k1, k2 = a2[-1], b2[-2]
-    if k1 is not None and k2 is not None and k1 != k2:
-        raise ShapeError(
-            f"node {node!r} (op matmul): shapes {_fmt([a, b])} do not align ({k1} != {k2})"
-        )
-    batch = _broadcast([a2[:-2], b2[:-2]], "matmul", node)
-    out = (*batch, a2[-2], b2[-1])
-    if len(a) == 1:
-        out = out[:-2] + out[-1:]
-    if len(b) == 1:
-        out = out[:-1]
-    return out
-
-
-#: Largest input (in elements) an op is run on to infer its output shape while building.
-INFER_ELEMENTS = 2**24
-
-
-def _dummy(shape: Shape, dtype: str | None, batch: int, weak: Any) -> Any:
-    if weak is not None:
-        return weak
-    dt = np.dtype(dtype or "float64")
-    concrete = tuple(batch if d is None else d for d in shape)
-    # Zero-stride views: inference never allocates a parameter-sized array.
-    fill = np.zeros((), dt) if dt.kind in "iub" else np.full((), 0.5, dt)
-    return np.broadcast_to(fill, concrete)
-
-
-def _infer_by_running(
-    op: str,
-    shapes: list[Shape],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-) -> tuple[Shape | None, str | None]:
-    has_batch = any(d is None for s in shapes for d in s)
-    spec = get_op(op)
-    if spec.movement:
-        return _infer_movement(op, shapes, dtypes, attrs, weak, node, has_batch)
-    sizes = [math.prod(3 if d is None else d for d in s) for s in shapes]
-    # A variadic op's output can be as large as all its inputs together (concat).
-    if (sum(sizes) if spec.arity is None else max(sizes, default=0)) > INFER_ELEMENTS:
-        # Running the op on a stand-in this large could take minutes or exhaust memory (a
-        # reduction walks every element even of a zero-stride view): the shape stays unknown
-        # here and the op's own checks apply when it runs on real values.
-        return None, _infer_dtype(op, dtypes, attrs, weak, node)
-    results: list[np.ndarray | Exception] = []
-    # Two stand-in batch sizes, neither equal to a fixed dimension: a batch of 3 against 3
-    # classes would broadcast where a real batch does not.
-    fixed = {d for s in shapes for d in s}
-    batches = [b for b in (2, 3, 5, 7, 11, 13, 17, 19, 23) if b not in fixed][:2]
-    for batch in batches if has_batch else (1,):
-        args = [_dummy(s, d, batch, w) for s, d, w in zip(shapes, dtypes, weak)]
-        try:
-            with np.errstate(all="ignore"):
-                results.append(np.asarray(run_op(op, args, attrs)))
-        except Exception as e:  # numpy's own message says what did not fit
-            results.append(e)
-    errors = [r for r in results if isinstance(r, Exception)]
-    arrays = [r for r in results if not isinstance(r, Exception)]
-    if len(errors) == len(results):
-        raise ShapeError(
-            f"node {node!r} (op {op}): inputs of shapes {_fmt(shapes)} and dtypes {list(dtypes)} "
-            f"with attrs {attrs} do not fit: {errors[0]}"
-        ) from None
-    if errors:  # the other batch size ran
-        return None, arrays[0].dtype.name
-    if len(arrays) == 1:
-        return arrays[0].shape, arrays[0].dtype.name
-    a, b = arrays
-    if a.ndim != b.ndim:
-        return None, a.dtype.name
-    return tuple(x if x == y else None for x, y in zip(a.shape, b.shape)), a.dtype.name
-
-
-#: A stand-in element of zero bytes: views and copies of it cost nothing, whatever the shape.
-_NO_BYTES = np.empty((), dtype=np.dtype([]))
-
-
-def _infer_movement(
-    op: str,
-    shapes: list[Shape],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-    has_batch: bool,
-) -> tuple[Shape | None, str | None]:
-    """Shapes of ops that only move elements (reshape, transpose, broadcast_to, index), found
-    on stand-ins of zero-byte elements: a huge declared shape never allocates here."""
-    results = []
-    for batch in (2, 3) if has_batch else (1,):
-        args = [
-            np.broadcast_to(_NO_BYTES, tuple(batch if d is None else d for d in s)) for s in shapes
-        ]
-        try:
-            results.append(np.shape(run_op(op, args, attrs)))
-        except Exception as e:  # numpy's own message says what did not fit
-            results.append(e)
-    errors = [r for r in results if isinstance(r, Exception)]
-    if len(errors) == len(results):
-        raise ShapeError(
-            f"node {node!r} (op {op}): inputs of shapes {_fmt(shapes)} "
-            f"with attrs {attrs} do not fit: {errors[0]}"
-        ) from None
-    dtype = dtypes[0]  # moved elements keep their dtype
-    if errors:
-        return None, dtype
-    a, b = results[0], results[-1]
-    if len(a) != len(b):
-        return None, dtype
-    return tuple(x if x == y else None for x, y in zip(a, b)), dtype
-
-
-def _infer_dtype(
-    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str | _Label
-) -> str | None:
-    if None in dtypes:
-        return None
-    # The result dtype depends on the op, the input dtypes, the Python types of weak scalars
-    # and small attrs (pow's exponent, cast's dtype): cache it instead of running numpy per node.
-    key = (op, tuple(dtypes), tuple(map(type, weak)), repr(attrs) if attrs else "")
-    hit = _DTYPE_CACHE.get(key)
-    if hit is None:
-        hit = _DTYPE_CACHE[key] = _run_for_dtype(op, dtypes, attrs, weak, node)
-    return hit
-
-
-_DTYPE_CACHE: dict[tuple, str] = {}
-
-
-def _run_for_dtype(
-    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str | _Label
-) -> str:
-    error: Exception | None = None
-    # Scalars first; ops such as matmul need 2-D operands, and cross_entropy's integer labels
-    # one dimension fewer than its logits.
-    n = len(dtypes)
-    for shapes in ([()] * n, [(1, 1)] * n, [(1, 1)] + [(1,)] * (n - 1)):
-        args = [w if w is not None else np.zeros(s, d) for s, d, w in zip(shapes, dtypes, weak)]
-        try:
-            with np.errstate(all="ignore"):
-                return np.asarray(run_op(op, args, attrs)).dtype.name
-        except Exception as e:
-            error = error or e
-    raise DTypeError(
-        f"node {node!r} (op {op}): dtypes {list(dtypes)} do not fit: {error}"
-    ) from None
-
-
 def _is_topological(nodes: Sequence[NodeSpec]) -> bool:
     seen: set[str] = set()
     for node in nodes:
@@ -1150,10 +818,6 @@ def _is_topological(nodes: Sequence[NodeSpec]) -> bool:
             return False
         seen.add(node.name)
     return True
-
-
-def _fmt(shapes: Sequence[Any]) -> str:
-    return " and ".join(str(tuple(s)) if s is not None else "(unknown)" for s in shapes)
 
 
 def _opt_shape(shape: Any) -> Shape | None:
@@ -1180,22 +844,3 @@ def _axis(axis: int | Sequence[int] | None) -> int | list[int] | None:
     if axis is None or isinstance(axis, int):
         return axis
     return [int(a) for a in axis]
-
-
-def _encode_index(key: Any) -> list[Any]:
-    """An indexing key as JSON: ints, {'slice': [start, stop, step]}, None, '...', int lists."""
-    if not isinstance(key, tuple):
-        key = (key,)
-    out: list[Any] = []
-    for k in key:
-        if isinstance(k, slice):
-            out.append({"slice": [k.start, k.stop, k.step]})
-        elif k is Ellipsis:
-            out.append("...")
-        elif k is None or (isinstance(k, (int, np.integer)) and not isinstance(k, bool)):
-            out.append(None if k is None else int(k))
-        elif isinstance(k, (list, np.ndarray)) and np.asarray(k).dtype.kind in "iu":
-            out.append(np.asarray(k).tolist())
-        else:
-            raise GraphError(f"unsupported index {k!r}: use ints, slices, None, ... or int lists")
-    return out

@@ -26,7 +26,7 @@ import numpy as np
 
 from .cost import itemsize
 from .errors import ConfigError, DistgraphError, ResourceError
-from .graph import infer
+from .infer import infer
 from .ops import LEAF_OPS, get_op
 
 #: Used when the machine's memory cannot be read.

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SpecError, UnknownOpError
+from .errors import GraphError, SpecError, UnknownOpError
 
 Array = np.ndarray
 VJP = Callable[..., Any]
@@ -485,6 +485,25 @@ def _matmul_vjp_b(g: Any, out: Any, a: Any, b: Any) -> Any:
     if np.ndim(b) == 1:
         gb = unbroadcast(gb, (1,) * (gb.ndim - 2) + b2.shape)[..., :, 0].reshape(b.shape)
     return gb
+
+
+def encode_index(key: Any) -> list[Any]:
+    """An indexing key as JSON: ints, {'slice': [start, stop, step]}, None, '...', int lists."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    out: list[Any] = []
+    for k in key:
+        if isinstance(k, slice):
+            out.append({"slice": [k.start, k.stop, k.step]})
+        elif k is Ellipsis:
+            out.append("...")
+        elif k is None or (isinstance(k, (int, np.integer)) and not isinstance(k, bool)):
+            out.append(None if k is None else int(k))
+        elif isinstance(k, (list, np.ndarray)) and np.asarray(k).dtype.kind in "iu":
+            out.append(np.asarray(k).tolist())
+        else:
+            raise GraphError(f"unsupported index {k!r}: use ints, slices, None, ... or int lists")
+    return out
 
 
 def _index_key(index: Sequence[Any]) -> tuple[Any, ...]:

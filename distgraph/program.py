@@ -28,7 +28,8 @@ from .errors import (
     NonFiniteError,
     ShapeError,
 )
-from .graph import PROVISIONAL_DTYPE, Graph
+from .graph import Graph
+from .infer import PROVISIONAL_DTYPE
 from .memory import check_feeds_memory
 from .ops import LEAF_OPS, get_op, run_op, run_vjp
 from .result import TraceEvent
