@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -461,8 +462,56 @@ class Graph:
             new._params[name] = arr
         return new
 
+    # Hooks for autodiff ------------------------------------------------------------------------
+    def attach_backward(self, nodes: Sequence[NodeSpec], grads: Mapping[str, str], of: str) -> None:
+        """Record the backward pass :func:`distgraph.grad` built: append ``nodes`` (phase
+        ``backward``, each reading nodes of the graph or earlier ones of ``nodes``) and set
+        ``grads`` and ``grad_of``. Shapes and dtypes are taken as given (autodiff knows them:
+        a gradient has its input's), so this is not a way to build unchecked forward nodes."""
+        if self._grad_of is not None:
+            raise GraphError(f"graph already holds the backward pass of {self._grad_of!r}")
+        table = self._nodes
+        for node in nodes:
+            if node.phase != "backward" or node.name in table:
+                raise GraphError(f"cannot add gradient node {node.name!r}: the name is taken")
+            table[node.name] = node
+        missing = [n for n in (of, *grads, *grads.values()) if n not in table]
+        if missing:
+            raise GraphError(f"the backward pass refers to missing nodes {missing}")
+        self._grads = dict(grads)
+        self._grad_of = of
+        self._touch()
+
+    def without_backward(self) -> Graph:
+        """A copy without its backward pass: backward nodes, nodes computed from them and the
+        ``grads``/``grad_of`` record are dropped (outputs among them too)."""
+        out = self.copy()
+        dropped: set[str] = set()
+        kept = {}
+        for name, node in self._nodes.items():
+            if node.phase == "backward" or not dropped.isdisjoint(node.inputs):
+                dropped.add(name)
+            else:
+                kept[name] = node
+        out._nodes = kept
+        out._outputs = [o for o in out._outputs if o not in dropped]
+        out._constants = {k: v for k, v in out._constants.items() if k not in dropped}
+        out._grads = {}
+        out._grad_of = None
+        out._touch()
+        return out
+
+    @classmethod
+    def from_records(cls, nodes: Mapping[str, NodeSpec], constants: Mapping[str, Any]) -> Graph:
+        """A graph over node records that were checked already (a compiled program's), for
+        :meth:`specialize`-ing them again; nothing is re-inferred and it holds no params."""
+        g = cls()
+        g._nodes = dict(nodes)
+        g._constants = dict(constants)
+        return g
+
     # Compiling for a feed signature -----------------------------------------------------------
-    def _open_inputs(self) -> list[str]:
+    def open_inputs(self) -> list[str]:
         """Inputs declared without a dtype or without a shape (cached per version)."""
         cached = self._open
         if cached is not None and cached[0] == self.version:
@@ -475,7 +524,7 @@ class Graph:
         self._open = (self.version, names)
         return names
 
-    def _specialized(self, fed: Mapping[str, tuple[str, int]], ranks: bool = False) -> Graph:
+    def specialize(self, fed: Mapping[str, tuple[str, int]], ranks: bool = False) -> Graph:
         """A graph for one feed signature: inputs declared without a dtype take the fed dtype,
         and every node they reach is inferred again, so a feed that does not fit fails here
         with the node named. An input declared without a shape stays of unknown shape unless
@@ -548,6 +597,22 @@ class Graph:
     def nodes(self) -> list[NodeSpec]:
         """Node records in topological (insertion) order."""
         return list(self._nodes.values())
+
+    @property
+    def node_map(self) -> Mapping[str, NodeSpec]:
+        """Node records by name in topological (insertion) order: a read-only view, no copy."""
+        return MappingProxyType(self._nodes)
+
+    @property
+    def param_values(self) -> Mapping[str, np.ndarray]:
+        """Parameter values by name: a read-only view of the arrays themselves, no copies
+        (do not modify them in place; :attr:`params` gives copies)."""
+        return MappingProxyType(self._params)
+
+    @property
+    def constants(self) -> Mapping[str, Any]:
+        """Constant values by node name: a read-only view."""
+        return MappingProxyType(self._constants)
 
     @property
     def outputs(self) -> list[str]:

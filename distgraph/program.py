@@ -83,7 +83,7 @@ class Program:
 def feed_signature(graph: Graph, feeds: Mapping[str, Any] | None) -> tuple[FeedType, ...]:
     """The dtype and rank of each feed for an input declared without a dtype or a shape: what
     a program must be compiled for (see :func:`compile_program`); empty when all are declared."""
-    open_inputs = graph._open_inputs()
+    open_inputs = graph.open_inputs()
     if not feeds or not open_inputs:
         return ()
     out = []
@@ -127,9 +127,9 @@ def compile_program(
         outputs = [outputs]
     declared: dict[str, tuple[list[int | None] | None, str | None]] = {}
     if fed:
-        nodes0 = graph._nodes
+        nodes0 = graph.node_map
         declared = {n: (nodes0[n].shape, nodes0[n].dtype) for n, _, _ in fed}
-        graph = graph._specialized({n: (d, k) for n, d, k in fed})
+        graph = graph.specialize({n: (d, k) for n, d, k in fed})
     if outputs is None:
         outputs = graph.outputs or ([grad] if grad else [])
         if not outputs:
@@ -153,7 +153,7 @@ def compile_program(
     if grad is not None and wrt is not None:
         wanted = {full[n].name for n in wrt if n in full}
         grads = {k: v for k, v in grads.items() if k in wanted}
-    nodes: dict[str, NodeSpec] = full._nodes  # name -> spec in topological (insertion) order
+    nodes = full.node_map  # name -> spec in topological (insertion) order
     names, edges, full_levels = full.structure()
     roots = set(outputs) | set(grads.values())
     sinks = np.flatnonzero(np.bincount(edges[0], minlength=len(names)) == 0).tolist()
@@ -177,7 +177,7 @@ def compile_program(
         leaves[ops[i]].append(order[i])
     if order is names:  # unpruned: the graph's own (cached) levels
         level_of = full_levels
-        levels = [list(group) for group in full._level_groups()]
+        levels = full.levels()  # cached per graph version
     else:
         level_of = schedule.level_array(len(order), edges[0], edges[1])
         levels = schedule.group_by_level(order, level_of)
@@ -192,7 +192,7 @@ def compile_program(
         grad_of=full.grad_of,
         inputs=leaves["input"],
         params=leaves["param"],
-        constants={n: full._constants[n] for n in leaves["const"]},
+        constants={n: full.constants[n] for n in leaves["const"]},
         consumers=_Consumers(order, edges[0], edges[1]),
         # Differentiating adds no inputs, so unpruned, the program's inputs are the graph's.
         graph_inputs=leaves["input"] if order is names else graph.inputs,
@@ -477,16 +477,14 @@ def _check_signature(program: Program, arrays: Mapping[str, np.ndarray]) -> None
     checked = program.memo.setdefault("signatures", set())
     if sig in checked:
         return
-    scratch = Graph()
-    scratch._nodes = dict(program.nodes)
-    scratch._constants = dict(program.constants)
-    scratch._specialized({n: (d, k) for n, d, k in sig})
+    scratch = Graph.from_records(program.nodes, program.constants)
+    scratch.specialize({n: (d, k) for n, d, k in sig})
     for loss in program.scalar_outputs:
         # The loss's rank, estimated from the feeds' ranks: a refusal now beats a step that
         # fails after its update was applied; an estimate that fails says nothing.
         try:
             shape = (
-                scratch._specialized({n: (d, k) for n, d, k in sig}, ranks=True)._nodes[loss].shape
+                scratch.specialize({n: (d, k) for n, d, k in sig}, ranks=True).node_map[loss].shape
             )
         except DistgraphError:
             continue
