@@ -11,18 +11,16 @@
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from ._util import gc_paused
-from .cost import CostModel
+from .cost import CostModel, bytes_array, node_seconds, seconds_array
 from .errors import ConfigError
 from .ops import LEAF_OPS
-from .plan import bytes_array, node_seconds, seconds_array
-from .program import Program, edge_arrays, leaf_mask, node_column
+from .program import Program
 
 Placement = dict[str, int]
 Strategy = Callable[[Program, int, CostModel], Placement]
@@ -81,31 +79,19 @@ class _Arrays:
     """A program as integer arrays (node ids are positions in ``program.order``)."""
 
     def __init__(self, program: Program):
-        order = program.order
+        cache = program.cache
         #: Every input edge, grouped by consumer in order: ``src[e] -> dst[e]``.
-        self.src, self.dst = edge_arrays(program)
-        level = program.memo.get("level_array")
-        if level is None:
-            level = np.fromiter(map(program.level.__getitem__, order), np.int64, len(order))
-        self.level = level
-        self.leaf = leaf_mask(program)
-        phases = node_column(program, "phase")
-        forward = np.fromiter(map("forward".__eq__, phases), bool, len(order))
-        index = program.memo.get("index") or dict(zip(order, range(len(order))))
-        origins = node_column(program, "origin")
-        self.origin = np.fromiter(
-            map(index.get, origins, itertools.repeat(-1)), np.int64, len(order)
-        )
+        self.src, self.dst = cache.edges
+        self.level = cache.level_array
+        self.leaf = cache.leaf_mask
+        self.origin = cache.origin_index
         #: Forward ops (the nodes mincut places itself), in order.
-        self.fwd = np.flatnonzero(forward & ~self.leaf)
-        self.n = len(order)
+        self.fwd = cache.forward_ops
+        self.n = len(program.order)
 
 
 def _arrays(program: Program) -> _Arrays:
-    arrays = program.memo.get("partition_arrays")
-    if arrays is None:
-        arrays = program.memo["partition_arrays"] = _Arrays(program)
-    return arrays
+    return _Arrays(program)  # every array is cached in program.cache
 
 
 def _estimate(

@@ -9,7 +9,8 @@ import numpy as np
 
 from .errors import GradientCheckError
 from .graph import Graph
-from .program import Program, compile_program, feed_signature, prepare_feeds, run_nodes
+from .interpret import prepare_feeds, run_nodes
+from .program import Program, compile_program, feed_signature
 
 
 def check_grads(
