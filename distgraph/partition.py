@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 
 from ._util import gc_paused
 from .cost import CostModel, bytes_array, node_seconds, seconds_array
 from .errors import ConfigError
+from .graph import Graph
 from .ops import LEAF_OPS
 from .program import Program
 
@@ -499,7 +499,7 @@ _BUILTIN = tuple(STRATEGIES.values())
 
 @gc_paused
 def partition(
-    program: Any,
+    program: Program | Graph,
     num_workers: int,
     strategy: str | Strategy | Mapping[str, int] = "mincut",
     cost: CostModel | None = None,
@@ -510,11 +510,12 @@ def partition(
     placement``, or an explicit ``{node: worker}`` dict (nodes it leaves out follow the
     ``mincut`` rules for leaves and backward nodes).
     """
-    from .graph import Graph
-    from .program import compile_program
+    if not isinstance(program, Program):
+        # dg.partition(graph, ...): the graph's program (its own backward pass included),
+        # compiled where plans compile theirs.
+        from .plan import program_of  # plan builds on this module
 
-    if isinstance(program, Graph):
-        program = compile_program(program, grad=program.grad_of)
+        program = program_of(program, grad=program.grad_of)
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
     cost = cost or CostModel()

@@ -9,7 +9,8 @@ from tasks listed before it, so submitting the whole list at once cannot deadloc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._util import gc_paused
@@ -19,8 +20,10 @@ from .cost import CostModel, estimate_makespan, node_bytes, node_seconds
 from .cost import bytes_array as bytes_array
 from .cost import seconds_array as seconds_array
 from .errors import ConfigError
+from .graph import Graph
 from .ops import LEAF_OPS
-from .program import Program
+from .partition import Strategy, partition
+from .program import Program, compile_program
 
 DRIVER = "driver"
 PARAM_SERVER = "ps"
@@ -268,3 +271,43 @@ def build_plan(
         cost=cost,
         strategy=strategy,
     )
+
+
+def program_of(
+    source: Graph | Program,
+    outputs: Sequence[str] | str | None = None,
+    grad: str | None = None,
+    wrt: Sequence[str] | None = None,
+) -> Program:
+    """The program a plan is made for: ``source`` itself, or a Graph compiled for the request."""
+    if isinstance(source, Program):
+        return source
+    return compile_program(source, outputs, grad, wrt)
+
+
+def plan_for(
+    source: Graph | Program,
+    *,
+    num_workers: int,
+    strategy: str | Strategy | Mapping[str, int] = "mincut",
+    training: bool = False,
+    batch_size: int | None = None,
+    cost: CostModel | None = None,
+    outputs: Sequence[str] | str | None = None,
+    grad: str | None = None,
+    wrt: Sequence[str] | None = None,
+) -> Plan:
+    """Compile, partition, plan: the one path from a request to the plan that runs it.
+
+    ``source`` is a Graph (compiled for ``outputs``/``grad``/``wrt``) or a Program compiled
+    already (an executor's, cached). ``batch_size``, when given, is the batch the cost model
+    assumes for ``None`` dimensions (a copy of ``cost`` with it). ``training`` sends param
+    gradients to the parameter server instead of the driver.
+    """
+    program = program_of(source, outputs, grad, wrt)
+    cost = cost or CostModel()
+    if batch_size is not None and batch_size != cost.batch_size:
+        cost = dataclasses.replace(cost, batch_size=batch_size)
+    placement = partition(program, num_workers, strategy, cost)
+    name = strategy if isinstance(strategy, str) else "custom"
+    return build_plan(program, placement, num_workers, cost, training=training, strategy=name)
