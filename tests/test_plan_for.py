@@ -31,7 +31,9 @@ def test_plan_for_is_compile_partition_plan(training):
         g, grad=out, num_workers=3, strategy="round_robin", training=training, cost=SPREAD_COST
     )
     _same(got, want)
-    again = plan_for(prog, num_workers=3, strategy="round_robin", training=training, cost=SPREAD_COST)
+    again = plan_for(
+        prog, num_workers=3, strategy="round_robin", training=training, cost=SPREAD_COST
+    )
     assert again.program is prog  # a compiled program is planned as it is
     _same(again, want)
 
