@@ -7,15 +7,13 @@ from a call's fixed overhead, so the partitioner can keep cheap nodes together.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from .ops import LEAF_OPS, OPS
+from .ops import LEAF_OPS, OPS, find_op
 from .program import Program
 from .spec import NodeSpec
 
@@ -44,19 +42,18 @@ class CostModel:
         return self.numel(node) * itemsize(node.dtype)
 
     def flops(self, node: NodeSpec, inputs: list[NodeSpec]) -> float:
-        """Estimated floating-point operations of a node."""
+        """Estimated floating-point operations of a node: its op row's rate per element of
+        the largest operand, or the row's exact count (matmul's 2*M*N*K)."""
         if node.op in LEAF_OPS:
             return 0.0
-        if node.op == "matmul" or (node.op == "vjp" and node.attrs.get("op") == "matmul"):
-            # A matmul (or one of its VJPs) costs 2*M*N*K; K is the contracted dimension.
-            fwd = inputs if node.op == "matmul" else inputs[-2:]
-            a = fwd[0]
-            k = (a.shape[-1] if a.shape else 1) if a.shape is not None else 1
-            return 2.0 * self.numel(node) * (self.batch_size if k is None else k)
-        op_name = node.attrs.get("op") if node.op == "vjp" else node.op
-        per = OPS[op_name].flops_per_element if op_name in OPS else 1.0
+        name, factor, start = _cost_rule(node)
+        rule = OPS.get(name)
+        if rule is not None and rule.flops is not None:
+            shapes = [i.shape for i in inputs[start:]]
+            return rule.flops(self.numel(node), shapes, self.batch_size)
+        per = rule.flops_per_element if rule is not None else 1.0
         size = max([self.numel(node)] + [self.numel(i) for i in inputs])
-        return (2.0 if node.op == "vjp" else 1.0) * per * size
+        return factor * per * size
 
     def seconds(self, node: NodeSpec, inputs: list[NodeSpec]) -> float:
         """Estimated run time of a node."""
@@ -67,6 +64,14 @@ class CostModel:
     def transfer_seconds(self, nbytes: int) -> float:
         """Estimated time to move ``nbytes`` between workers."""
         return nbytes / self.bytes_per_second
+
+
+def _cost_rule(node: NodeSpec) -> tuple[str, float, int]:
+    """(op whose cost rule applies, factor on its rate, where its operands start)."""
+    row = find_op(node.op)
+    if row is not None and row.cost_rule is not None:
+        return row.cost_rule(node.attrs)
+    return node.op, 1.0, 0
 
 
 @functools.cache
@@ -127,21 +132,26 @@ def seconds_array(program: Program, cost: CostModel) -> np.ndarray:
     # The stock model, on arrays: overhead + factor * flops-per-element * largest operand size,
     # except matmuls (2*M*N*K), which are few and asked one by one.
     numel = _numel_array(program, cost)
-    vjp = np.fromiter(map("vjp".__eq__, ops), bool, len(ops))
-    # The op whose cost rule applies (a VJP's forward op); only VJPs are visited one by one.
+    # The op whose cost rule applies, and a factor: the node's own, except for rows whose rule
+    # depends on their attrs (a VJP's is its forward op's, doubled), visited one by one.
     names = list(ops)
-    attrs = program.cache.attrs
-    for i in np.flatnonzero(vjp).tolist():
-        names[i] = attrs[i].get("op")
+    factor = np.ones(len(ops))
+    dynamic = {op for op in set(ops) if (row := find_op(op)) is not None and row.cost_rule}
+    if dynamic:
+        specs = program.cache.specs
+        visit = np.fromiter(map(dynamic.__contains__, ops), bool, len(ops))
+        for i in np.flatnonzero(visit).tolist():
+            names[i], factor[i], _ = _cost_rule(specs[i])
     rates = {k: OPS[k].flops_per_element if k in OPS else 1.0 for k in set(names)}
     per = np.fromiter(map(rates.__getitem__, names), np.float64, len(names))
-    factor = np.where(vjp, 2.0, 1.0) * per
+    factor *= per
     src, dst = program.cache.edges
     size = numel.astype(np.float64)
     np.maximum.at(size, dst, numel[src].astype(np.float64))
     flops = factor * size
-    matmuls = np.fromiter(map(operator.eq, names, itertools.repeat("matmul")), bool, len(names))
-    for i in np.flatnonzero(matmuls).tolist():
+    exact = {k for k in rates if k in OPS and OPS[k].flops is not None}  # matmuls: few
+    counted = np.fromiter(map(exact.__contains__, names), bool, len(names))
+    for i in np.flatnonzero(counted).tolist():
         s = nodes[program.order[i]]
         flops[i] = cost.flops(s, [nodes[n] for n in s.inputs])
     arr = cost.node_overhead + flops / cost.flops_per_second

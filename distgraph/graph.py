@@ -18,7 +18,7 @@ from . import schedule
 from ._util import gc_paused
 from .errors import DTypeError, FeedError, GraphError, ShapeError, SpecError
 from .infer import PROVISIONAL_DTYPE, Label, check_result_shape, infer, inferred_dtype
-from .ops import LEAF_OPS, VJP_ATTRS, check_attrs, encode_index, get_op
+from .ops import LEAF_OPS, check_attrs, encode_index, get_op, node_op
 from .spec import (
     ALLOWED_DTYPES,
     MAX_SPEC_BYTES,
@@ -555,9 +555,6 @@ class Graph:
                     changed.add(name)
                 elif node.op in LEAF_OPS or changed.isdisjoint(node.inputs):
                     g._nodes[name] = node
-                elif node.op == "vjp":
-                    g._add_vjp_spec(node)
-                    changed.add(name)
                 else:
                     g._rebuild(node)
                     changed.add(name)
@@ -737,9 +734,9 @@ class Graph:
             )
             if problem:
                 raise SpecError(f"nodes.{i}.name: {problem} (a {node.phase} node)")
-            if node.op != "vjp" and node.op not in LEAF_OPS:
+            if node.op not in LEAF_OPS:
                 try:
-                    get_op(node.op)
+                    node_op(node.op)
                 except GraphError as e:
                     raise SpecError(f"nodes.{i}.op: {e}") from None
             elif node.op in LEAF_OPS and node.attrs:
@@ -781,8 +778,6 @@ class Graph:
                 g.const(constants[name], name=name)
             elif node.op == "input":
                 g.input(name, node.shape, node.dtype)
-            elif node.op == "vjp":
-                g._add_vjp_spec(node)
             else:
                 g._rebuild(node)
         for out in spec.outputs:
@@ -803,14 +798,24 @@ class Graph:
         return g
 
     def _rebuild(self, node: NodeSpec) -> None:
+        """Add a node read from a spec (or re-inferred for a feed signature), checked by its
+        op's row: attributes and inferred shape and dtype, or the row's own check and the
+        shape and dtype of the input its result is like (a vjp node: its forward input's)."""
         names = list(node.inputs)
-        shapes = [self._nodes[n].shape for n in names]
-        dtypes = [inferred_dtype(self._nodes[n]) for n in names]
-        check_attrs(get_op(node.op), node.attrs, shapes, node.name)
-        shape, dtype = infer(
-            node.op, shapes, dtypes, node.attrs, self._weak_values(names), node.name
-        )
-        check_result_shape(node.name, node.op, shape)
+        records = [self._nodes[n] for n in names]
+        shapes = [r.shape for r in records]
+        row = node_op(node.op)
+        if row.result_like is not None and row.check_node is not None:
+            row.check_node(node.name, names, node.attrs, shapes)
+            like = records[row.result_like(node.attrs)]
+            # As autodiff makes it (the declared dtype), so a spec round-trips unchanged.
+            shape, dtype = _opt_shape(like.shape), like.dtype
+        else:
+            check_attrs(row, node.attrs, shapes, node.name)
+            dtypes = [inferred_dtype(r) for r in records]
+            weak = self._weak_values(names)
+            shape, dtype = infer(node.op, shapes, dtypes, node.attrs, weak, node.name, row)
+            check_result_shape(node.name, node.op, shape)
         self._add(
             node.name,
             node.op,
@@ -819,59 +824,7 @@ class Graph:
             shape,
             dtype,
             False,
-            node.phase,
-            node.origin,
-        )
-
-    def _add_vjp_spec(self, node: NodeSpec) -> None:
-        attrs = node.attrs
-        argnum = attrs.get("argnum")
-        if (
-            not isinstance(attrs.get("op"), str)
-            or not isinstance(argnum, int)
-            or isinstance(argnum, bool)
-            or argnum < 0
-        ):
-            raise SpecError(
-                f"nodes.{node.name}.attrs: a vjp node needs 'op' (a name) and 'argnum' "
-                f"(an int >= 0), got op={attrs.get('op')!r}, argnum={argnum!r}"
-            )
-        if not isinstance(attrs.get("attrs", {}), dict):
-            raise SpecError(f"nodes.{node.name}.attrs.attrs: must be an object")
-        extra = sorted(set(attrs) - VJP_ATTRS)
-        if extra:
-            raise SpecError(
-                f"node {node.name!r} (op vjp): attribute {extra[0]!r} is not declared "
-                f"(a vjp node takes {', '.join(sorted(VJP_ATTRS))})"
-            )
-        try:
-            op = get_op(attrs["op"])
-        except GraphError as e:
-            raise SpecError(f"nodes.{node.name}.attrs.op: {e}") from None
-        if not op.has_vjp(attrs["argnum"]):
-            raise SpecError(
-                f"nodes.{node.name}.attrs: {attrs['op']} input {attrs['argnum']} has no gradient"
-            )
-        # Inputs: the cotangent, the forward output when the VJP reads it, the forward inputs.
-        fwd = node.inputs[1 + int(op.uses_out) :]
-        if (op.arity is not None and len(fwd) != op.arity) or attrs["argnum"] >= len(fwd):
-            raise SpecError(
-                f"nodes.{node.name}.inputs: a vjp of {attrs['op']} input {attrs['argnum']} "
-                f"takes {1 + int(op.uses_out)} + {op.arity or 'the forward'} inputs, "
-                f"got {len(node.inputs)}"
-            )
-        check_attrs(op, attrs.get("attrs", {}), [self._nodes[n].shape for n in fwd], node.name)
-        src = fwd[attrs["argnum"]]
-        ref = self._nodes[src]
-        self._add(
-            node.name,
-            "vjp",
-            list(node.inputs),
-            dict(attrs),
-            _opt_shape(ref.shape),
-            ref.dtype,  # as autodiff makes it, so a spec round-trips unchanged
-            False,
-            "backward",
+            row.phase or node.phase,
             node.origin,
         )
 

@@ -22,7 +22,7 @@ from .errors import (
 )
 from .graph import Graph
 from .memory import check_feeds_memory
-from .ops import LEAF_OPS, get_op, run_vjp
+from .ops import LEAF_OPS, node_op
 from .program import Kernel, Program, format_shape, undeclared_dtype
 from .result import TraceEvent
 from .spec import ALLOWED_DTYPES, NodeSpec
@@ -309,31 +309,17 @@ def _kernels(program: Program) -> dict[str, Kernel]:
     """name -> (function, input names, keyword attrs) for every non-leaf node, built once."""
     kernels = program.cache.kernels
     if kernels is None:
-        kernels = {}
-        for name, node in program.nodes.items():
-            if node.op in LEAF_OPS:
-                continue
-            if node.op == "vjp":
-                kernels[name] = (_vjp_kernel(node.attrs), node.inputs, {})
-            else:
-                kernels[name] = (get_op(node.op).forward, node.inputs, node.attrs)
+        kernels = {
+            name: (node_op(node.op).forward, node.inputs, node.attrs)
+            for name, node in program.nodes.items()
+            if node.op not in LEAF_OPS
+        }
         program.cache.kernels = kernels
     return kernels
 
 
-def _vjp_kernel(attrs: dict[str, Any]) -> Any:
-    op_name, argnum, fwd_attrs = attrs["op"], attrs["argnum"], attrs.get("attrs", {})
-    uses_out = get_op(op_name).uses_out
-
-    def kernel(g: Any, *rest: Any) -> Any:
-        out, inputs = (rest[0], rest[1:]) if uses_out else (None, rest)
-        return run_vjp(op_name, argnum, g, out, inputs, fwd_attrs)
-
-    return kernel
-
-
 def _op_label(node: NodeSpec) -> str:
-    return f"vjp({node.attrs['op']}, {node.attrs['argnum']})" if node.op == "vjp" else node.op
+    return node_op(node.op).node_label(node.attrs)
 
 
 def _check_finite(node: NodeSpec, value: Any, args: Sequence[Any]) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from .cost import itemsize
 from .errors import ConfigError, DistgraphError, ResourceError
 from .infer import infer
-from .ops import LEAF_OPS, get_op
+from .ops import LEAF_OPS, node_op
 from .program import Program
 
 #: Used when the machine's memory cannot be read.
@@ -204,9 +204,9 @@ def _concrete_shape(
         return None if s is None else tuple(s)
     if node.op in LEAF_OPS:
         return None
-    if node.op == "vjp":  # the shape of the forward input it is the gradient of
-        fwd = node.inputs[1 + int(get_op(node.attrs["op"]).uses_out) :]
-        return shape_of(fwd[node.attrs["argnum"]])
+    row = node_op(node.op)
+    if row.result_like is not None:  # a vjp node: its forward input's shape
+        return shape_of(node.inputs[row.result_like(node.attrs)])
     ins = [shape_of(i) for i in node.inputs]
     if any(s is None for s in ins):
         return None
