@@ -471,13 +471,16 @@ class Graph:
         if self._grad_of is not None:
             raise GraphError(f"graph already holds the backward pass of {self._grad_of!r}")
         table = self._nodes
-        for node in nodes:
-            if node.phase != "backward" or node.name in table:
+        new = {node.name: node for node in nodes}
+        for node in nodes:  # checked before anything is added: a refusal changes nothing
+            if node.name in table or len(new) != len(nodes):
                 raise GraphError(f"cannot add gradient node {node.name!r}: the name is taken")
-            table[node.name] = node
-        missing = [n for n in (of, *grads, *grads.values()) if n not in table]
+            if node.phase != "backward":
+                raise GraphError(f"gradient node {node.name!r} must have phase 'backward'")
+        missing = [n for n in (of, *grads, *grads.values()) if n not in table and n not in new]
         if missing:
             raise GraphError(f"the backward pass refers to missing nodes {missing}")
+        table.update(new)
         self._grads = dict(grads)
         self._grad_of = of
         self._touch()
