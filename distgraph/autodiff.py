@@ -17,7 +17,7 @@ from ._util import gc_paused
 from .errors import DistgraphError, GraphError, SpecError
 from .graph import Graph
 from .infer import inferred_dtype
-from .ops import LEAF_OPS, get_op
+from .ops import LEAF_OPS, VJP_NAME, get_op
 from .spec import GraphSpec, NodeSpec, make_node
 
 
@@ -157,7 +157,7 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
             attrs = vjp_attrs.get(key)
             if attrs is None:
                 attrs = vjp_attrs[key] = {"op": node.op, "argnum": i, "attrs": node.attrs}
-            share = add(f"vjp:{name}:{i}", "vjp", head + inputs, attrs, nodes[src], name)
+            share = add(f"vjp:{name}:{i}", VJP_NAME, head + inputs, attrs, nodes[src], name)
             mine = shares.get(src)
             if mine is None:
                 shares[src] = [share]
