@@ -165,13 +165,13 @@ def analyze_rows(
     ``"sum"`` loss may not add terms that do not depend on the batch (each replica would add
     them once); a ``"mean"`` loss may (the shard weights sum to one).
     """
-    key = ("row_split", loss, None if batch_inputs is None else tuple(batch_inputs))
-    if isinstance(program, Program) and key in program.memo:
-        cached: RowSplit = program.memo[key]
+    key = (loss, None if batch_inputs is None else tuple(batch_inputs))
+    if isinstance(program, Program) and key in program.cache.row_splits:
+        cached: RowSplit = program.cache.row_splits[key]
         return cached
     split = _analyze_rows(program, loss, batch_inputs)
     if isinstance(program, Program):
-        program.memo[key] = split
+        program.cache.row_splits[key] = split
     return split
 
 
@@ -882,7 +882,8 @@ def _evaluate(
 ) -> LayoutOption:
     """Estimate one layout (see :func:`choose_layout`)."""
     from .partition import partition
-    from .plan import build_plan, bytes_array
+    from .cost import bytes_array
+    from .plan import build_plan
 
     shard_cost = dataclasses.replace(cost, batch_size=max(rows))
     name = strategy if isinstance(strategy, str) else "custom"
@@ -928,7 +929,7 @@ def stage_placement(program: Program, width: int, cost: CostModel) -> dict[str, 
     differentiate it: a placement that spreads memory (a pipeline's stages) where the
     speed-minded strategies keep a chain on one worker. Returns the forward ops' workers;
     ``partition(program, width, placement)`` places leaves and backward nodes with them."""
-    from .plan import bytes_array
+    from .cost import bytes_array
 
     nbytes = dict(zip(program.order, bytes_array(program, cost).tolist()))
     weight: dict[str, int] = {}

@@ -27,7 +27,7 @@ import numpy as np
 from .cost import CostModel
 from .functional import mean
 from .graph import Graph, Node
-from .ops import OPS, Attr, defop
+from .ops import OPS, VJP_NAME, Attr, defop
 from .spec import NodeSpec
 
 #: The op's name in graphs and specs.
@@ -117,7 +117,7 @@ class SimCostModel(CostModel):
         """Estimated run time of a node: a sim layer's sleep plus the node overhead."""
         if node.op == SIM_LAYER:
             return self.node_overhead + float(node.attrs.get("f_ms", 0.0)) / 1000.0
-        if node.op == "vjp" and node.attrs.get("op") == SIM_LAYER:
+        if node.op == VJP_NAME and node.attrs.get("op") == SIM_LAYER:
             b_ms = float(node.attrs.get("attrs", {}).get("b_ms", 0.0))
             return self.node_overhead + b_ms / 2000.0
         return super().seconds(node, inputs)
