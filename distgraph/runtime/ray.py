@@ -64,7 +64,8 @@ from ..program import Program, prepare_feeds, to_python
 from ..result import Result, TraceEvent
 from .base import Executor, TrainingSession
 from .paramserver import ParameterServer
-from .worker import Rows, Worker
+from .protocol import CallHeader, Rows, pack
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class _RayWorker(Worker):
     # nested and fetches itself.
     def _send(self, values: dict[str, Any]) -> Any:
         return ray.put(values)
+
+    def _location(self) -> tuple[str, str]:
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def _receive(self, items: list[Any]) -> list[Any]:
         return _resolve(items)
@@ -700,32 +704,33 @@ class RayExecutor(Executor):
         refs: dict[int, list[Any]] = {}
         pending_update = dict(param_updates)
         self.last_calls = []
-        base_flags = (1 if trace else 0) | (2 if check_finite else 0)
-        if self.data_path == "store":
-            base_flags |= 8
         for task in plan.tasks:
-            args: list[Any] = []
-            flags = base_flags
             update = pending_update.pop(task.worker, None)
-            if update is not None:
-                args.append(update)
-                flags |= 4
             for n in task.feeds:
                 if n not in small and n not in big:
                     # Put a large feed when its first task goes out, so the first worker can
                     # start while the driver is still putting the other workers' feeds.
                     big[n] = ray.put(feeds[n])
-            if task.feeds:
-                # Each argument costs Ray a round of bookkeeping: pack the small feeds into one.
-                args.append({n: small[n] for n in task.feeds if n in small})
-                args.extend(big[n] for n in task.feeds if n in big)
-            args.extend(refs[src][slot] for src, slot, _ in task.imports)
-            n_out = max(1, len(task.outputs))
-            out = (
-                self.workers[task.worker]
-                .run_task.options(num_returns=n_out)
-                .remote(plan_id, step, task.id, flags, *args)
+            header = CallHeader(
+                plan_id,
+                step,
+                task.id,
+                trace=trace,
+                check_finite=check_finite,
+                by_ref=self.data_path == "store",
+                update=update is not None,
+                inline={n: small[n] for n in task.feeds if n in small},
+                big=tuple(n for n in task.feeds if n in big),
+                imports=len(task.imports),
             )
+            args = pack(
+                header,
+                update,
+                [big[n] for n in header.big],
+                [refs[src][slot] for src, slot, _ in task.imports],
+            )
+            n_out = max(1, len(task.outputs))
+            out = self.workers[task.worker].run_task.options(num_returns=n_out).remote(*args)
             refs[task.id] = list(out) if n_out > 1 else [out]
             self.last_calls.append(
                 (task.worker, task.first_level, task.last_level, tuple(task.phases))
