@@ -175,8 +175,8 @@ class Worker:
         """Value dicts from ``items`` as sent by ``_send`` (here, already the values)."""
         return items
 
-    def run_task(self, header: CallHeader, *values: Any) -> Any:
-        """Run one task: ``header`` says which and how, ``values`` are its param update, large
+    def run_task(self, header: CallHeader, *args: Any) -> Any:
+        """Run one task: ``header`` says which and how, ``args`` are its param update, large
         feeds and imported value dicts (see :mod:`distgraph.runtime.protocol`).
 
         Returns one dict per output of the task (a bare dict when it has one, None for none).
@@ -189,7 +189,7 @@ class Worker:
         if position > 0:
             self._check_order(key, position, task)
         self._limit_blas(self._plan_threads.get(plan_id))
-        call = unpack(header, values)
+        call = unpack(header, args)
         try:
             # What other workers and the server sent may come by reference: fetch it at once.
             received = self._receive(([call.update] if header.update else []) + call.imported)
