@@ -118,7 +118,7 @@ def test_a_step_run_again_starts_from_the_new_params():
 
 
 def test_the_ray_worker_actor_runs_calls_in_submission_order():
-    from distgraph.runtime import ray as dg_ray
+    from distgraph.runtime.ray.actors import WorkerActor
 
     # Ray refuses this setting with max_concurrency > 1: the step calls share one thread.
-    assert dg_ray._WorkerActor._default_options["allow_out_of_order_execution"] is False
+    assert WorkerActor._default_options["allow_out_of_order_execution"] is False
