@@ -5,8 +5,8 @@ State: ``options`` (shared with the parts below, so setting ``ex.deadline`` and 
 applies to the next call), ``cluster`` (the Ray connection, placement group and workers),
 ``waves`` (installed plans, one step's calls) and a counter of run() step ids.
 
-Order of a run: compile the request into a Program (cached) -> place it and group it into
-tasks (a Plan, cached and installed on the workers once) -> submit every task of the step at
+Order of a run (``Executor.run``'s template, then ``_evaluate`` here): compile the request
+into a Program (cached) -> check the feeds -> place it and group it into tasks (a Plan, cached and installed on the workers once) -> submit every task of the step at
 once and wait for its end within the deadline, fetching only the requested outputs. A worker
 lost on the way is replaced and the run tried again, up to ``max_recoveries`` times. Training
 steps are described in ``session.py``.
@@ -31,9 +31,9 @@ from ...optim import Optimizer
 from ...paramstore import ParameterStore
 from ...partition import Strategy
 from ...plan import Plan
-from ...program import prepare_feeds, to_python
-from ...result import Result, TraceEvent
-from ..base import Executor, TrainingSession
+from ...program import Program
+from ...result import TraceEvent
+from ..base import Evaluation, Executor, TrainingSession
 from .cluster import Cluster
 from .options import RayOptions
 from .session import RaySession
@@ -222,33 +222,32 @@ class RayExecutor(Executor):
         return self.waves.make_plan(self.program(graph, outputs, grad, wrt), training)
 
     # Running ------------------------------------------------------------------------------------
-    def run(
+    def _check_open(self) -> None:
+        self.cluster.check_open()
+
+    def _evaluate(
         self,
         graph: Graph,
-        feeds: Mapping[str, Any] | None = None,
-        outputs: Sequence[str] | str | None = None,
-        grad: str | None = None,
+        prog: Program,
+        feeds: Mapping[str, Any],
+        env: dict[str, Any],
         *,
-        check_finite: bool = False,
-        trace: bool = False,
-    ) -> Result:
-        """Compute ``outputs`` (and gradients of ``grad``) across the workers."""
-        self.cluster.check_open()
-        t0 = time.time()
-        prog = self.program(graph, outputs, grad, feeds=feeds)
-        arrays = prepare_feeds(prog, feeds or {}, check_finite)
-        self.cluster.check_feeds_fit(arrays)
-        events: list[TraceEvent] = []
+        check_finite: bool,
+        trace: bool,
+        started: float,
+    ) -> Evaluation:
+        """Run the request's plan across the workers; only the requested outputs come back."""
+        self.cluster.check_feeds_fit(feeds)
         for attempt in range(self.max_recoveries + 1):
             step = next(self._run_steps)
             try:
                 # Installing is inside the recovery loop: a worker that died while the executor
                 # was idle is found here, replaced, and the plan installed on its successor.
                 plan, plan_id = self.waves.installed(
-                    prog, False, graph._params, batch_size(prog, arrays), key_extra=graph.version
+                    prog, False, graph._params, batch_size(prog, feeds), key_extra=graph.version
                 )
                 t_submit = time.time()
-                refs = self.waves.submit(plan, plan_id, step, arrays, {}, trace, check_finite)
+                refs = self.waves.submit(plan, plan_id, step, feeds, {}, trace, check_finite)
                 got = self.waves.finish(plan, plan_id, step, refs, extra=[])
                 break
             except WorkerLostError:
@@ -256,22 +255,14 @@ class RayExecutor(Executor):
                     raise
                 log.warning("a worker died during a run; replacing it and running again")
                 self.recover()
-        env: dict[str, Any] = {}
-        for d in got["driver"]:
-            env.update(d)
-        env.update(arrays)
-        env.update({p: graph._params[p] for p in prog.params})
-        env.update(prog.constants)
+        for values in got["driver"]:
+            # The request's own feeds, params and constants stay as given (the originals).
+            env.update({k: v for k, v in values.items() if k not in env})
+        events: list[TraceEvent] = []
         if trace:
-            events.append(TraceEvent("plan", "call", "plan", -1, "driver", t0, t_submit))
+            events.append(TraceEvent("plan", "call", "plan", -1, "driver", started, t_submit))
             events.extend(self.waves.trace(plan, plan_id, step, t_submit))
-        return Result(
-            values={o: to_python(env[o]) for o in prog.outputs},
-            grads={leaf: to_python(env[node]) for leaf, node in prog.grads.items()},
-            trace=sorted(events, key=lambda e: e.start),
-            placement=dict(plan.placement),
-            levels=[list(lv) for lv in prog.levels],
-        )
+        return Evaluation(sorted(events, key=lambda e: e.start), dict(plan.placement))
 
     # Training -----------------------------------------------------------------------------------
     def training_session(
