@@ -6,10 +6,11 @@ applies to the next call), ``cluster`` (the Ray connection, placement group and 
 ``waves`` (installed plans, one step's calls) and a counter of run() step ids.
 
 Order of a run (``Executor.run``'s template, then ``_evaluate`` here): compile the request
-into a Program (cached) -> check the feeds -> place it and group it into tasks (a Plan, cached and installed on the workers once) -> submit every task of the step at
-once and wait for its end within the deadline, fetching only the requested outputs. A worker
-lost on the way is replaced and the run tried again, up to ``max_recoveries`` times. Training
-steps are described in ``session.py``.
+into a Program (cached) -> check the feeds -> place it and group it into tasks (a Plan,
+cached and installed on the workers once) -> submit every task of the step at once and wait
+for its end within the deadline, fetching only the requested outputs. A worker lost on the
+way is replaced and the run tried again, up to ``max_recoveries`` times. Training steps are
+described in ``session.py``.
 
 Only ``distgraph.runtime.ray`` imports ``ray``.
 """
