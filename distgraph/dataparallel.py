@@ -881,8 +881,8 @@ def _evaluate(
     strategies: Mapping[str, Any],
 ) -> LayoutOption:
     """Estimate one layout (see :func:`choose_layout`)."""
-    from .partition import partition
     from .cost import bytes_array
+    from .partition import partition
     from .plan import build_plan
 
     shard_cost = dataclasses.replace(cost, batch_size=max(rows))

@@ -15,10 +15,6 @@ from dataclasses import dataclass, field
 
 from ._util import gc_paused
 from .cost import CostModel, estimate_makespan, node_bytes, node_seconds
-
-# TODO(merge): cost arrays moved to cost.py; re-exported for code written against plan.py.
-from .cost import bytes_array as bytes_array
-from .cost import seconds_array as seconds_array
 from .errors import ConfigError
 from .graph import Graph
 from .ops import LEAF_OPS

@@ -30,12 +30,6 @@ from .spec import ALLOWED_DTYPES, NodeSpec
 
 if TYPE_CHECKING:  # cost.py and interpret.py build on this module
     from .cost import CostModel, NodeCosts
-    from .interpret import prepare_feeds as prepare_feeds
-
-    # TODO(merge): for the runtime's imports from here; see __getattr__ at the end.
-    from .interpret import preview as preview
-    from .interpret import run_nodes as run_nodes
-    from .interpret import to_python as to_python
 
 #: One feed's type as far as compiling cares: (input name, dtype name, number of dimensions).
 FeedType = tuple[str, str, int]
@@ -91,28 +85,6 @@ class Program:
         seen = dict.fromkeys(self.outputs)
         seen.update(dict.fromkeys(self.grads.values()))
         return list(seen)
-
-    @property
-    def memo(self) -> _MemoShim:
-        """TODO(merge): runtime/base.py still reads and writes ``prog.memo["max_bytes"]``;
-        it calls :func:`distgraph.memory.check_program_memory` after the merge. Remove then."""
-        return _MemoShim(self.cache)
-
-
-class _MemoShim:
-    """TODO(merge): the one ``memo`` key the runtime used, mapped onto its typed field."""
-
-    def __init__(self, cache: ProgramCache):
-        self.cache = cache
-
-    def get(self, key: str, default: Any = None) -> Any:
-        assert key == "max_bytes", key
-        limit = self.cache.memory_limit
-        return default if limit is None else limit
-
-    def __setitem__(self, key: str, value: int) -> None:
-        assert key == "max_bytes", key
-        self.cache.memory_limit = value
 
 
 class ProgramCache:
@@ -468,13 +440,3 @@ def format_shape(shape: Sequence[int | None]) -> str:
         + ("," if len(shape) == 1 else "")
         + ")"
     )
-
-
-def __getattr__(name: str) -> Any:
-    # TODO(merge): the runtime imports these from here; they live in interpret.py now (a
-    # lazy import: interpret builds on this module). Remove once runtime/ imports interpret.
-    if name in ("prepare_feeds", "run_nodes", "to_python", "preview"):
-        from . import interpret
-
-        return getattr(interpret, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

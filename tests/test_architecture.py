@@ -34,11 +34,6 @@ RUNTIME_IMPORT_ALLOWED: dict[str, str] = {
     "runtime, as the CLI does",
 }
 
-# TODO(merge): the Ray driver is being split into runtime/ray/ (helper `rayrt`) and its
-# private reads of Graph/Program fields are listed in the core helper's report; until the lead
-# merges both, runtime files are exempt from rules (a) and (b). Delete this list then.
-SKIP_UNTIL_MERGE = ("distgraph/runtime/",)
-
 
 # --- reading the package ----------------------------------------------------------------------
 
@@ -281,18 +276,14 @@ def _checked_sources() -> dict[str, str]:
     return sources
 
 
-def _skipped(path: str) -> bool:
-    return path.startswith(SKIP_UNTIL_MERGE)
-
-
 def test_no_module_touches_another_modules_underscore_names():
     problems = private_access_problems(_checked_sources())
-    assert [p for p in problems if not _skipped(p)] == []
+    assert problems == []
 
 
 def test_only_runtime_ray_imports_ray():
     problems = ray_import_problems(_checked_sources())
-    assert [p for p in problems if not _skipped(p)] == []
+    assert problems == []
 
 
 def test_core_modules_do_not_import_the_runtime():

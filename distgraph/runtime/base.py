@@ -16,17 +16,11 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..graph import Graph
-from ..memory import check_max_bytes, check_memory
+from ..interpret import prepare_feeds, to_python
+from ..memory import check_max_bytes, check_program_memory
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
-from ..program import (
-    Program,
-    check_scalar_loss,
-    compile_program,
-    feed_signature,
-    prepare_feeds,
-    to_python,
-)
+from ..program import Program, check_scalar_loss, compile_program, feed_signature
 from ..result import Result, TraceEvent
 
 
@@ -119,7 +113,7 @@ class Executor(abc.ABC):
         prog = self.program(graph, outputs, grad, feeds=feeds)
         arrays = prepare_feeds(prog, feeds or {}, check_finite)
         env: dict[str, Any] = dict(arrays)
-        env.update({p: graph._params[p] for p in prog.params})
+        env.update({p: graph.param_values[p] for p in prog.params})
         env.update(prog.constants)
         done = self._evaluate(
             graph, prog, arrays, env, check_finite=check_finite, trace=trace, started=started
@@ -193,10 +187,7 @@ class Executor(abc.ABC):
             self._programs[key] = (graph, prog)
             while len(self._programs) > self._cache_size:
                 self._programs.popitem(last=False)
-        if prog.memo.get("max_bytes") != self.max_bytes:
-            # Before any kernel allocates; prepare_feeds checks again once the batch is known.
-            check_memory(prog, self.max_bytes)
-            prog.memo["max_bytes"] = self.max_bytes
+        check_program_memory(prog, self.max_bytes)
         return prog
 
     def training_program(self, graph: Graph, loss: str, wrt: Sequence[str]) -> Program:

@@ -16,9 +16,10 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import ConfigError
 from ..graph import Graph
+from ..interpret import prepare_feeds, run_nodes
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
-from ..program import Program, prepare_feeds, run_nodes
+from ..program import Program
 from ..result import TraceEvent
 from .base import Evaluation, Executor, TrainingSession
 

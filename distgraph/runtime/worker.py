@@ -33,9 +33,10 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import ExecutionError
+from ..interpret import run_nodes
 from ..paramstore import ParameterStore
 from ..plan import DRIVER, Task
-from ..program import Program, run_nodes
+from ..program import Program
 from ..result import TraceEvent
 from .protocol import CallHeader, unpack
 

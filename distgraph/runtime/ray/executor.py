@@ -245,7 +245,11 @@ class RayExecutor(Executor):
                 # Installing is inside the recovery loop: a worker that died while the executor
                 # was idle is found here, replaced, and the plan installed on its successor.
                 plan, plan_id = self.waves.installed(
-                    prog, False, graph._params, batch_size(prog, feeds), key_extra=graph.version
+                    prog,
+                    False,
+                    graph.param_values,
+                    batch_size(prog, feeds),
+                    key_extra=graph.version,
                 )
                 t_submit = time.time()
                 refs = self.waves.submit(plan, plan_id, step, feeds, {}, trace, check_finite)

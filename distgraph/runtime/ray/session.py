@@ -43,10 +43,11 @@ import numpy as np
 
 from ...checkpoint import Checkpoint, save_checkpoint
 from ...errors import WorkerLostError
+from ...interpret import prepare_feeds
 from ...optim import Optimizer
 from ...paramstore import ParameterStore
 from ...plan import PARAM_SERVER, Plan
-from ...program import Program, prepare_feeds
+from ...program import Program
 from ...result import TraceEvent
 from ..base import TrainingSession
 from .cluster import Cluster

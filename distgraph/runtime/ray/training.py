@@ -11,8 +11,9 @@ import numpy as np
 import ray
 
 from ...errors import DistgraphError
+from ...interpret import prepare_feeds
 from ...plan import DRIVER, PARAM_SERVER, Plan
-from ...program import Program, prepare_feeds
+from ...program import Program
 from .cluster import Cluster
 from .options import INLINE_BYTES
 

@@ -30,10 +30,8 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
-from ...cost import CostModel
 from ...errors import DistgraphError, WaveTimeoutError, WorkerLostError
-from ...partition import partition
-from ...plan import DRIVER, Plan, build_plan
+from ...plan import DRIVER, Plan, plan_for
 from ...program import Program
 from ...result import TraceEvent
 from ..protocol import CallHeader, Rows, pack
@@ -75,12 +73,14 @@ class Waves:
     def make_plan(self, program: Program, training: bool, batch: int = 1) -> Plan:
         """Place ``program`` on the workers (the options' strategy) and group it into tasks."""
         o = self.options
-        cost = o.cost
-        if batch != cost.batch_size:
-            cost = CostModel(**{**cost.__dict__, "batch_size": batch})
-        placement = partition(program, o.num_workers, o.strategy, cost)
-        name = o.strategy if isinstance(o.strategy, str) else "custom"
-        return build_plan(program, placement, o.num_workers, cost, training=training, strategy=name)
+        return plan_for(
+            program,
+            num_workers=o.num_workers,
+            strategy=o.strategy,
+            training=training,
+            batch_size=batch,
+            cost=o.cost,
+        )
 
     def new_plan_id(self) -> int:
         """A plan id no installed plan uses."""
