@@ -313,7 +313,7 @@ class Trainer:
                     "epoch %d: loss %.6g%s",
                     self.epoch,
                     epoch_loss,
-                    "".join(f", {k} {v:.6g}" for k, v in self._latest_validation().items()),
+                    "".join(f", {k} {v}" for k, v in self._latest_validation().items()),
                 )
                 if bar is not None:
                     bar.set_postfix(loss=f"{epoch_loss:.4g}", **self._latest_validation())
