@@ -267,6 +267,10 @@ class Trainer:
                 known = [i for i, v in enumerate(before) if not math.isnan(v)]
                 losses = [before[i] for i in known]
                 weights = [len(batches[i]) for i in known]
+                # The bar's running loss, kept incrementally (a mean over the list per step
+                # would cost O(steps) each).
+                run_sum = sum(v * w for v, w in zip(losses, weights))
+                run_rows = sum(weights)
                 if bar is not None:
                     bar.set_description(f"epoch {e + 1}/{epochs}", refresh=False)
                 for idx in batches[skip:]:
@@ -289,9 +293,10 @@ class Trainer:
                     losses.append(loss)
                     weights.append(len(idx))
                     self.history.step_loss.append(loss)
+                    run_sum, run_rows = run_sum + loss * len(idx), run_rows + len(idx)
                     if bar is not None:
                         bar.set_postfix(
-                            loss=f"{np.average(losses, weights=weights):.4g}",
+                            loss=f"{run_sum / run_rows:.4g}",
                             **self._latest_validation(),
                             refresh=False,
                         )

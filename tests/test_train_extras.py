@@ -235,6 +235,36 @@ def test_clipping_and_schedule_are_identical_on_ray_and_local(ray_ready):
         tr.close()
 
 
+def test_steps_replayed_after_a_server_crash_keep_their_rate_and_clipping(ray_ready, tmp_path):
+    # The server restarts from its checkpoint at step 5 and replays steps 6-8: each must get
+    # the rate of its own step id (the schedule decays every 2 steps) and the same clipping.
+    g, data = models.mlp_classifier((2, 8, 2), seed=2), models.spirals(32, seed=5)
+
+    def opt():
+        return dg.SGD(lr=dg.StepDecayLR(0.5, every=2, factor=0.7), clip_norm=0.2)
+
+    ref = dg.Trainer(g, "loss", opt(), progress=False)
+    ref.fit(data, epochs=3, batch_size=16, seed=3)  # 12 steps
+    ckpt = str(tmp_path / "ps")
+    with dg.RayExecutor(num_workers=2, checkpoint_dir=ckpt, checkpoint_every=5) as ex:
+        tr = dg.Trainer(g, "loss", opt(), executor=ex, progress=False)
+
+        def crash(step: int, loss: float) -> None:
+            if step == 8:
+                tr.session.ps.crash.remote()
+
+        tr.fit(data, epochs=3, batch_size=16, seed=3, callback=crash)
+        recoveries = tr.session.recoveries
+        assert any("replaying steps [6, 7, 8" in r for r in recoveries), recoveries
+        status = tr.session.status()
+        assert status["applied"] == list(range(1, 13))
+        # The restarted server clipped the steps it replayed and those after, like the local run.
+        assert status["clipped"] and set(status["clipped"]) <= set(ref.session.status()["clipped"])
+        assert status["lr"] == ref.session.status()["lr"] == opt().lr(12)
+        assert_params_identical(tr.params, ref.params)
+        tr.close()
+
+
 # --- validation, evaluate, metrics ------------------------------------------------------------
 
 
