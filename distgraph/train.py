@@ -233,6 +233,11 @@ class Trainer:
             n = len(next(iter(arrays.values())))
         elif validation is not None:
             val_arrays = _rows(validation, "validation data")[0]
+            if set(val_arrays) != set(arrays):  # found now, not after an epoch of training
+                raise FeedError(
+                    f"validation data has inputs {sorted(val_arrays)}, the training data "
+                    f"{sorted(arrays)}; give both the same inputs"
+                )
         scorer = self._scorer(metric) if val_arrays is not None else None
         self._close_finished_epoch()
         segment = _Segment(self._steps_done + 1, n, batch_size, seed, shuffle, self.epoch, arrays)

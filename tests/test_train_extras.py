@@ -346,6 +346,11 @@ def test_validation_history_is_kept_by_checkpoints(tmp_path):
             "not both",
         ),
         ({"validation": {"x": np.ones((2, 2)), "y": np.ones(3)}}, dg.FeedError, "validation"),
+        (
+            {"validation": {"x": np.ones((2, 2))}},
+            dg.FeedError,
+            r"validation data has inputs \['x'\]",
+        ),
     ],
 )
 def test_bad_validation_options_are_refused_before_any_step(kwargs, error, needle):
