@@ -48,6 +48,11 @@ from .functional import transpose as transpose
 from .functional import where as where
 from .graph import Graph as Graph
 from .graph import Node as Node
+from .lr import ConstantLR as ConstantLR
+from .lr import CosineLR as CosineLR
+from .lr import LRSchedule as LRSchedule
+from .lr import StepDecayLR as StepDecayLR
+from .lr import WarmupLR as WarmupLR
 from .optim import SGD as SGD
 from .optim import Adam as Adam
 from .optim import Momentum as Momentum

@@ -280,7 +280,13 @@ class RayExecutor(Executor):
     ) -> TrainingSession:
         """Workers compute gradients; a parameter-server actor applies them."""
         self.cluster.check_open()
-        program = self.training_program(graph, loss, list(store.params))
+        wrt = list(store.params)
         return RaySession(
-            self.cluster, self.waves, self.options, program, optimizer, store, check_finite
+            self.cluster,
+            self.waves,
+            self.options,
+            lambda: self.training_program(graph, loss, wrt),
+            optimizer,
+            store,
+            check_finite,
         )

@@ -73,18 +73,20 @@ class RaySession(TrainingSession):
         cluster: Cluster,
         waves: Waves,
         options: RayOptions,
-        program: Program,
+        compile_program: Callable[[], Program],
         optimizer: Optimizer,
         store: ParameterStore,
         check_finite: bool,
     ):
         self.cluster, self.waves, self.options = cluster, waves, options
-        self.prog, self.check_finite = program, check_finite
-        self.loss = self.prog.outputs[0]
+        self.check_finite = check_finite
+        self._compile = compile_program
+        self._prog: Program | None = None
+        self.optimizer = optimizer
         self.plan: Plan | None = None
         self.plan_id = 0
         self._initial = store.to_checkpoint()
-        self.server = ServerLink(waves, options, optimizer, program.grads, self._recover)
+        self.server = ServerLink(waves, options, optimizer, {}, self._recover)
         self._updates: dict[int, Any] = {}
         self._done: list[int] = list(self._initial.applied_steps)
         #: step id -> feeds; set by the Trainer so a restarted parameter server can catch up.
@@ -99,6 +101,20 @@ class RaySession(TrainingSession):
         self._unrecovered = False  # a step gave up on a lost worker: recover before the next
 
     @property
+    def prog(self) -> Program:
+        """The training program, compiled on first use: opening a session never fails on the
+        graph (a loss that is not a scalar is refused by the first step)."""
+        if self._prog is None:
+            self._prog = self._compile()
+            self.server.grads = dict(self._prog.grads)
+        return self._prog
+
+    @property
+    def loss(self) -> str:
+        """The loss node's name in the program."""
+        return self.prog.outputs[0]
+
+    @property
     def ps(self) -> Any:
         """The parameter-server actor (None before the first step and after close)."""
         return self.server.handle
@@ -110,7 +126,8 @@ class RaySession(TrainingSession):
         self.plan = self.waves.make_plan(self.prog, training=True, batch=batch)
         self.plan_id = self.waves.new_plan_id()
         self.cluster.check_fits(self.plan, self._initial.params)
-        if o.worker_updates:
+        # Clipping needs every gradient's share of the global norm: only the server has them.
+        if o.worker_updates and self.optimizer.clip_norm is None:
             self.replicas, self.pipelined = replica_layout(self.plan)
         self.takers = takers(self.plan, self.replicas, o.num_workers)
         try:
