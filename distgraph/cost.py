@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -50,9 +51,33 @@ class CostModel:
             k = (a.shape[-1] if a.shape else 1) if a.shape is not None else 1
             return 2.0 * self.numel(node) * (self.batch_size if k is None else k)
         op_name = node.attrs.get("op") if node.op == "vjp" else node.op
+        rule = OPS[op_name].flops if op_name in OPS else None
+        if rule is not None:
+            return self._rule_flops(rule, node, inputs)
         per = OPS[op_name].flops_per_element if op_name in OPS else 1.0
         size = max([self.numel(node)] + [self.numel(i) for i in inputs])
         return (2.0 if node.op == "vjp" else 1.0) * per * size
+
+    def _rule_flops(self, rule: Any, node: NodeSpec, inputs: list[NodeSpec]) -> float:
+        """An op's own cost rule (``Op.flops``) on concrete shapes; for a VJP node, the forward's
+        output shape is the cotangent's and its inputs are the node's last inputs."""
+        if node.op == "vjp":
+            op = OPS[node.attrs["op"]]
+            skip = 2 if op.uses_out else 1
+            fwd, out, attrs = inputs[skip:], inputs[0], node.attrs.get("attrs", {})
+            argnum = node.attrs.get("argnum")
+        else:
+            fwd, out, attrs, argnum = inputs, node, node.attrs, None
+        shapes = [self._concrete(i) for i in fwd]
+        out_shape = self._concrete(out)
+        if out_shape is None or None in shapes:
+            return float(self.numel(node))  # unknown shapes: as cheap as an elementwise op
+        return float(rule(out_shape, shapes, attrs, argnum))
+
+    def _concrete(self, node: NodeSpec) -> tuple[int, ...] | None:
+        if node.shape is None:
+            return None
+        return tuple(self.batch_size if d is None else d for d in node.shape)
 
     def seconds(self, node: NodeSpec, inputs: list[NodeSpec]) -> float:
         """Estimated run time of a node."""

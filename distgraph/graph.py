@@ -947,6 +947,9 @@ def _infer(
         raise GraphError(f"node {node!r} (op {op}): takes {spec.arity} inputs, got {len(shapes)}")
     if spec.arity is None and not shapes:
         raise GraphError(f"node {node!r} (op {op}): needs at least one input")
+    if spec.infer is not None:  # the op's own rule (see Op.infer)
+        shape, dtype = spec.infer([_opt_shape(s) for s in shapes], list(dtypes), attrs, node)
+        return shape, dtype
     if None in shapes:
         return None, _infer_dtype(op, dtypes, attrs, weak, node)
     known = cast("Sequence[Sequence[int | None]]", shapes)  # `in` above does not narrow for mypy

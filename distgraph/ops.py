@@ -322,6 +322,13 @@ class Op:
     #: input_dtypes, out_dtype, attrs)`` returns, per input, ``(op, attrs)`` or None (then the
     #: generic ``vjp`` node, which reads every input, is used); or None for all inputs.
     vjp_as_op: Callable[..., list[tuple[str, dict[str, Any]] | None] | None] | None = None
+    #: Shape and dtype rule ``infer(shapes, dtypes, attrs, node) -> (shape, dtype)`` (None in
+    #: either for unknown), raising ShapeError/DTypeError; None: found by running the op on
+    #: stand-in values (which cannot work for ops that need, say, 4-D inputs or integer ids).
+    infer: Callable[..., tuple[Any, Any]] | None = None
+    #: Cost rule ``flops(out_shape, input_shapes, attrs, argnum)``: operations of the forward
+    #: (argnum None) or of input ``argnum``'s VJP, on concrete shapes; None: per element.
+    flops: Callable[..., float] | None = None
 
     @functools.cached_property
     def required_attrs(self) -> tuple[str, ...]:
@@ -762,6 +769,10 @@ def run_op(op_name: str, inputs: Sequence[Any], attrs: dict) -> Any:
         return run_vjp(attrs["op"], attrs["argnum"], g, out, fwd_inputs, attrs.get("attrs", {}))
     return get_op(op_name).forward(*inputs, **attrs)
 
+
+# The neural-network ops (conv2d, layer_norm, einsum, ...) are rows of this table kept in their
+# own module; importing it here registers them wherever the table is used (driver, workers).
+from . import nnops as _nnops  # noqa: E402, F401
 
 #: The ops distgraph itself defines (custom ops registered later are not in this set).
 BUILTIN_OPS = frozenset(OPS)

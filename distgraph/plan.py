@@ -9,9 +9,7 @@ from tasks listed before it, so submitting the whole list at once cannot deadloc
 
 from __future__ import annotations
 
-import itertools
 import math
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -196,7 +194,9 @@ def seconds_array(program: Program, cost: CostModel) -> np.ndarray:
     size = numel.astype(np.float64)
     np.maximum.at(size, dst, numel[src].astype(np.float64))
     flops = factor * size
-    matmuls = np.fromiter(map(operator.eq, names, itertools.repeat("matmul")), bool, len(names))
+    # ... and ops with their own cost rule (Op.flops: convolutions, einsums).
+    ruled = {k for k in rates if k == "matmul" or (k in OPS and OPS[k].flops is not None)}
+    matmuls = np.fromiter(map(ruled.__contains__, names), bool, len(names))
     for i in np.flatnonzero(matmuls).tolist():
         s = nodes[program.order[i]]
         flops[i] = cost.flops(s, [nodes[n] for n in s.inputs])

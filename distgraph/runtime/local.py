@@ -8,6 +8,7 @@ values from the same inputs in any order.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import ConfigError
 from ..graph import Graph
+from ..nnops import step_scope
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
 from ..program import Program, prepare_feeds, run_nodes, to_python
@@ -74,9 +76,17 @@ class LocalExecutor(Executor):
             if self._pool is None or len(level) == 1:
                 run_nodes(prog, level, env, check_finite=check_finite, trace=events)
             else:
+                # Each task runs in a copy of this context: a training step's id reaches the
+                # pool's threads (see nnops.step_scope).
                 futures = [
                     self._pool.submit(
-                        run_nodes, prog, [n], env, check_finite=check_finite, trace=events
+                        contextvars.copy_context().run,
+                        run_nodes,
+                        prog,
+                        [n],
+                        env,
+                        check_finite=check_finite,
+                        trace=events,
                     )
                     for n in level
                 ]
@@ -115,7 +125,8 @@ class _LocalSession(TrainingSession):
         env.update({p: self.store.params[p] for p in self.prog.params})
         env.update(self.prog.constants)
         events: list[TraceEvent] | None = [] if trace else None
-        self.ex.execute(self.prog, env, self.check_finite, events)
+        with step_scope(step_id):  # stochastic ops (dropout) draw from the step id
+            self.ex.execute(self.prog, env, self.check_finite, events)
         start = time.time()
         self.store.apply(step_id, {p: env[self.prog.grads[p]] for p in self.store.params})
         if events is not None:

@@ -688,8 +688,10 @@ class RayExecutor(Executor):
         param_updates: Mapping[int, Any],
         trace: bool,
         check_finite: bool,
+        training: bool = False,
     ) -> dict[int, list[Any]]:
-        """Submit every task of a step; returns each task's output refs."""
+        """Submit every task of a step; returns each task's output refs. ``training``: ``step``
+        is a training step id, which stochastic ops (dropout) draw from (flag bit 4)."""
         small: dict[str, Any] = {}
         big: dict[str, Any] = {}
         for name, arr in feeds.items():
@@ -703,6 +705,8 @@ class RayExecutor(Executor):
         base_flags = (1 if trace else 0) | (2 if check_finite else 0)
         if self.data_path == "store":
             base_flags |= 8
+        if training:
+            base_flags |= 16
         for task in plan.tasks:
             args: list[Any] = []
             flags = base_flags
@@ -1062,7 +1066,14 @@ class _RaySession(TrainingSession):
         committing = False
         try:
             refs = ex._submit(
-                plan, self.plan_id, step_id, arrays, updates, trace, self.check_finite
+                plan,
+                self.plan_id,
+                step_id,
+                arrays,
+                updates,
+                trace,
+                self.check_finite,
+                training=True,
             )
             grads = [
                 refs[t.id][t.slot(PARAM_SERVER)]

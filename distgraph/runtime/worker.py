@@ -35,6 +35,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..errors import ExecutionError
+from ..nnops import step_scope
 from ..paramstore import ParameterStore
 from ..plan import DRIVER, Task
 from ..program import Program, run_nodes
@@ -185,7 +186,8 @@ class Worker:
         feed] + imported value dicts, in plan order.
 
         ``flags``: bit 0 trace, bit 1 check_finite, bit 2 a param update comes first, bit 3
-        send values for other workers and the server through ``_send`` (by reference).
+        send values for other workers and the server through ``_send`` (by reference), bit 4
+        a training step (``step`` is its id: dropout draws from it; else dropout is identity).
         Returns one dict per output of the task (a bare dict when it has one, None for none).
         """
         task = self.tasks[plan_id][task_id]
@@ -237,16 +239,18 @@ class Worker:
             with self._lock:
                 self._current = (plan_id, step)
                 self._node[0] = ""
-            run_nodes(
-                program,
-                task.nodes,
-                env,
-                check_finite=bool(flags & 2),
-                trace=events,
-                track=self.track,
-                worker=self.index,
-                current=self._node,
-            )
+            # Bit 4: a training step, whose id stochastic ops (dropout) draw from.
+            with step_scope(step if flags & 16 else None):
+                run_nodes(
+                    program,
+                    task.nodes,
+                    env,
+                    check_finite=bool(flags & 2),
+                    trace=events,
+                    track=self.track,
+                    worker=self.index,
+                    current=self._node,
+                )
         except BaseException as e:
             self._end_step(key, None if task.last_on_worker else e)
             raise
