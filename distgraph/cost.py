@@ -44,15 +44,9 @@ class CostModel:
         """Estimated floating-point operations of a node."""
         if node.op in LEAF_OPS:
             return 0.0
-        if node.op == "matmul" or (node.op == "vjp" and node.attrs.get("op") == "matmul"):
-            # A matmul (or one of its VJPs) costs 2*M*N*K; K is the contracted dimension.
-            fwd = inputs if node.op == "matmul" else inputs[-2:]
-            a = fwd[0]
-            k = (a.shape[-1] if a.shape else 1) if a.shape is not None else 1
-            return 2.0 * self.numel(node) * (self.batch_size if k is None else k)
         op_name = node.attrs.get("op") if node.op == "vjp" else node.op
         rule = OPS[op_name].flops if op_name in OPS else None
-        if rule is not None:
+        if rule is not None:  # the op's own rule: matmul (2*M*N*K), conv2d, einsum
             return self._rule_flops(rule, node, inputs)
         per = OPS[op_name].flops_per_element if op_name in OPS else 1.0
         size = max([self.numel(node)] + [self.numel(i) for i in inputs])

@@ -179,7 +179,8 @@ def seconds_array(program: Program, cost: CostModel) -> np.ndarray:
         arr = program.memo[key] = np.array(out, dtype=np.float64)
         return arr
     # The stock model, on arrays: overhead + factor * flops-per-element * largest operand size,
-    # except matmuls (2*M*N*K), which are few and asked one by one.
+    # except ops with their own cost rule (Op.flops: matmul's 2*M*N*K, conv2d, einsum), which
+    # are few and asked one by one.
     numel = _numel_array(program, cost)
     vjp = np.fromiter(map("vjp".__eq__, ops), bool, len(ops))
     # The op whose cost rule applies (a VJP's forward op); only VJPs are visited one by one.
@@ -194,8 +195,7 @@ def seconds_array(program: Program, cost: CostModel) -> np.ndarray:
     size = numel.astype(np.float64)
     np.maximum.at(size, dst, numel[src].astype(np.float64))
     flops = factor * size
-    # ... and ops with their own cost rule (Op.flops: convolutions, einsums).
-    ruled = {k for k in rates if k == "matmul" or (k in OPS and OPS[k].flops is not None)}
+    ruled = {k for k in rates if k in OPS and OPS[k].flops is not None}
     matmuls = np.fromiter(map(ruled.__contains__, names), bool, len(names))
     for i in np.flatnonzero(matmuls).tolist():
         s = nodes[program.order[i]]

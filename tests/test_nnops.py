@@ -416,60 +416,68 @@ def test_cost_model_counts_conv_and_einsum_flops():
     g = dg.Graph()
     x = g.input("x", shape=(8, 16, 16, 16), dtype="float64")
     y = dg.conv2d(x, g.param("w", np.zeros((32, 16, 3, 3))), padding=1, name="conv")
-    g.output("loss", dg.sum(y))
+    g.output("loss", g.apply("sum", y, name="total"))
     secs = _node_seconds(g, CostModel(node_overhead=0, flops_per_second=1.0), "loss")
     gemm = 2 * 8 * 32 * 16 * 16 * 16 * 9
-    assert gemm <= secs["conv"] <= 1.5 * gemm
-    assert secs["vjp:conv:1"] == secs["conv"]  # the weight gradient is the same contraction
-    assert secs["conv"] > 100 * secs["sum_0"] if "sum_0" in secs else True
+    # The GEMM plus im2col's memory traffic (a fraction of it at these sizes); each VJP is
+    # the same contraction again.
+    for name in ("conv", "vjp:conv:0", "vjp:conv:1"):
+        assert gemm < secs[name] < 5 * gemm, (name, secs[name] / gemm)
+    assert secs["total"] < secs["conv"] / 100  # a reduction of the output is cheap beside it
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int = 7) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def _seconds(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def test_cost_model_matches_measured_kernel_times_within_2x():
-    """Calibrate once (a plain GEMM's rate on this machine), then the model's estimates for a
-    convolution and for attention-sized matmuls must be within 2x of their measured times.
+    """Calibrate once (a plain 384^3 GEMM's rate on this machine: the figure
+    ``flops_per_second`` stands for), then the model's estimates for a convolution, its VJPs
+    and attention-sized products must be within 2x of their measured times.
 
-    Absolute speed is not asserted (the machine is shared): only that the model ranks a conv and
-    an attention matmul correctly relative to a GEMM, which is what mincut and explain use."""
+    Absolute speed is not asserted (the machine is shared): probe and kernels are timed
+    interleaved, 9 times each, and only the ratio estimate / measured is checked."""
     from threadpoolctl import threadpool_limits
 
     from distgraph.ops import run_op, run_vjp
 
     r = _rng(0)
+    g = dg.Graph()
+    x = g.input("x", shape=(16, 16, 24, 24), dtype="float64")
+    w = g.param("w", r.standard_normal((32, 16, 3, 3)))
+    y = dg.conv2d(x, w, padding=1, name="conv")
+    q = g.input("q", shape=(8, 4, 128, 32), dtype="float64")
+    kt = g.input("kt", shape=(8, 4, 32, 128), dtype="float64")
+    s = g.apply("einsum", q, q, name="scores", subscripts="bhqd,bhkd->bhqk")
+    m = g.apply("matmul", q, kt, name="qk")
+    g.output("loss", dg.sum(y) + dg.sum(s) + dg.sum(m))
+    unit = _node_seconds(g, CostModel(flops_per_second=1.0, node_overhead=0), "loss")
+    xv, qv = r.standard_normal((16, 16, 24, 24)), r.standard_normal((8, 4, 128, 32))
+    ktv = np.ascontiguousarray(qv.transpose(0, 1, 3, 2))
+    gy = r.standard_normal((16, 32, 24, 24))
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}
+    wv = g.params["w"]
+    kernels = {
+        "conv": lambda: run_op("conv2d", [xv, wv], conv),
+        "vjp:conv:0": lambda: run_vjp("conv2d", 0, gy, None, [xv, wv], conv),
+        "vjp:conv:1": lambda: run_vjp("conv2d", 1, gy, None, [xv, wv], conv),
+        "scores": lambda: run_op("einsum", [qv, qv], {"subscripts": "bhqd,bhkd->bhqk"}),
+        "qk": lambda: run_op("matmul", [qv, ktv], {}),
+    }
+    a, b = r.standard_normal((384, 384)), r.standard_normal((384, 384))
+    probe: list[float] = []
+    measured: dict[str, list[float]] = {n: [] for n in kernels}
     with threadpool_limits(1):
-        a, b = r.standard_normal((384, 384)), r.standard_normal((384, 384))
-        probe = _median_seconds(lambda: a @ b)
-        rate = 2 * 384**3 / probe
-        model = CostModel(flops_per_second=rate, node_overhead=0)
-
-        g = dg.Graph()
-        x = g.input("x", shape=(16, 16, 24, 24), dtype="float64")
-        w = g.param("w", r.standard_normal((32, 16, 3, 3)))
-        y = dg.conv2d(x, w, padding=1, name="conv")
-        q = g.input("q", shape=(8, 4, 128, 32), dtype="float64")
-        s = dg.einsum("bhqd,bhkd->bhqk", q, q)
-        g.output("loss", dg.sum(y) + dg.sum(s))
-        nodes = dict.fromkeys(["conv", "vjp:conv:0", "vjp:conv:1", s.name])
-        secs = _node_seconds(g, model, "loss")
-        xv, qv = r.standard_normal((16, 16, 24, 24)), r.standard_normal((8, 4, 128, 32))
-        gy = r.standard_normal((16, 32, 24, 24))
-        conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}
-        wv = g.params["w"]
-        kernels = {
-            "conv": lambda: run_op("conv2d", [xv, wv], conv),
-            "vjp:conv:0": lambda: run_vjp("conv2d", 0, gy, None, [xv, wv], conv),
-            "vjp:conv:1": lambda: run_vjp("conv2d", 1, gy, None, [xv, wv], conv),
-            s.name: lambda: run_op("einsum", [qv, qv], {"subscripts": "bhqd,bhkd->bhqk"}),
-        }
-        ratios = {n: secs[n] / _median_seconds(kernels[n]) for n in nodes}
+        for _ in range(9):
+            for name, kernel in kernels.items():
+                probe.append(_seconds(lambda: a @ b))
+                measured[name].append(_seconds(kernel))
+    # The fastest of the repeats, on both sides: on a shared machine other processes only ever
+    # add time, so the minimum is the estimate of a kernel's own cost that noise disturbs least.
+    rate = 2 * 384**3 / min(probe)
+    ratios = {n: unit[n] / rate / min(t) for n, t in measured.items()}
     assert all(0.5 <= v <= 2.0 for v in ratios.values()), ratios
 
 
