@@ -313,50 +313,62 @@ def _pool_args(kernel: Any, stride: Any) -> tuple[tuple[int, int], tuple[int, in
     return k, (k if stride is None else _pair(stride))
 
 
-def _pool_windows(x: Any, op: str, kernel: Any, stride: Any) -> Any:
+def _pool_taps(x: Any, op: str, kernel: Any, stride: Any) -> list[tuple[Any, ...]]:
+    """For each kernel offset: the index of the (N, C, Ho, Wo) strided view of ``x`` that tap
+    reads. Looping over the few taps beats reducing a 6-D window view (numpy's reduction over
+    two short strided axes is several times slower)."""
     if np.ndim(x) != 4:
         raise ValueError(f"{op} needs a 4-D NCHW input, got shape {np.shape(x)}")
-    (kh, kw), st = _pool_args(kernel, stride)
-    if x.shape[2] < kh or x.shape[3] < kw:
-        raise ValueError(
-            f"{op}: a {kh}x{kw} window does not fit the {x.shape[2]}x{x.shape[3]} input"
-        )
-    return _windows(x, kh, kw, st, (1, 1))
-
-
-def _scatter_windows(parts: Any, x_shape: Any, stride: Any) -> Any:
-    """Add (N, C, Ho, Wo, kh, kw) window values back onto an (N, C, H, W) array."""
-    ho, wo, kh, kw = parts.shape[2:]
-    sh, sw = stride
-    dx = np.zeros(x_shape, dtype=parts.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            dx[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] += parts[
-                ..., i, j
-            ]
-    return dx
+    (kh, kw), (sh, sw) = _pool_args(kernel, stride)
+    h, w = x.shape[2:]
+    if h < kh or w < kw:
+        raise ValueError(f"{op}: a {kh}x{kw} window does not fit the {h}x{w} input")
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    every = slice(None)
+    return [
+        (every, every, slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
+        for i in range(kh)
+        for j in range(kw)
+    ]
 
 
 def _max_pool2d(x: Any, kernel: Any, stride: Any = None) -> Any:
-    return _pool_windows(x, "max_pool2d", kernel, stride).max(axis=(-2, -1))
+    taps = _pool_taps(x, "max_pool2d", kernel, stride)
+    out = x[taps[0]].copy()
+    for key in taps[1:]:
+        np.maximum(out, x[key], out=out)
+    return out
 
 
 def _max_pool2d_vjp(g: Any, out: Any, x: Any, kernel: Any, stride: Any = None) -> Any:
-    win = _pool_windows(x, "max_pool2d", kernel, stride)
-    hit = win == out[..., None, None]
+    taps = _pool_taps(x, "max_pool2d", kernel, stride)
+    hits = [x[key] == out for key in taps]
     # Ties share the window's gradient equally, as the ``max`` op does.
-    share = g / hit.sum(axis=(-2, -1))
-    return _scatter_windows(hit * share[..., None, None], x.shape, _pool_args(kernel, stride)[1])
+    count = hits[0].astype(g.dtype)
+    for hit in hits[1:]:
+        count += hit
+    share = g / count
+    dx = np.zeros(np.shape(x), dtype=np.result_type(g, x))
+    for key, hit in zip(taps, hits):
+        dx[key] += np.where(hit, share, 0)
+    return dx
 
 
 def _avg_pool2d(x: Any, kernel: Any, stride: Any = None) -> Any:
-    return _pool_windows(x, "avg_pool2d", kernel, stride).mean(axis=(-2, -1))
+    taps = _pool_taps(x, "avg_pool2d", kernel, stride)
+    total = x[taps[0]].copy()
+    for key in taps[1:]:
+        total += x[key]
+    return total / len(taps)
 
 
 def _avg_pool2d_vjp(g: Any, out: Any, x: Any, kernel: Any, stride: Any = None) -> Any:
-    (kh, kw), st = _pool_args(kernel, stride)
-    parts = np.broadcast_to((g / (kh * kw))[..., None, None], (*g.shape, kh, kw))
-    return _scatter_windows(parts, x.shape, st)
+    taps = _pool_taps(x, "avg_pool2d", kernel, stride)
+    part = g / len(taps)
+    dx = np.zeros(np.shape(x), dtype=np.result_type(g, x))
+    for key in taps:
+        dx[key] += part
+    return dx
 
 
 def _pool_infer(op: str) -> Any:
