@@ -371,18 +371,24 @@ def test_dropout_is_identity_outside_a_training_step():
 
 
 def _dropout_model() -> tuple[dg.Graph, dict[str, np.ndarray]]:
+    """Two branches, each with its dropout, so a dropout shares a level with another node."""
     r = _rng(21)
     g = dg.Graph()
     x = g.input("x", shape=(None, 6), dtype="float64")
     y = g.input("y", shape=(None,), dtype="int64")
-    h = dg.dropout(dg.gelu(x @ g.param("w1", r.standard_normal((6, 16)) * 0.5)), 0.4, seed=1)
-    logits = h @ g.param("w2", r.standard_normal((16, 3)) * 0.5)
+    branches = [
+        dg.dropout(dg.gelu(x @ g.param(f"w{i}", r.standard_normal((6, 16)) * 0.5)), 0.4, seed=1)
+        for i in (1, 2)
+    ]
+    logits = (branches[0] + branches[1]) @ g.param("out", r.standard_normal((16, 3)) * 0.5)
     g.output("loss", dg.cross_entropy(logits, y))
     return g, {"x": r.standard_normal((32, 6)), "y": r.integers(0, 3, 32)}
 
 
 def test_dropout_training_is_reproducible_and_threads_agree():
     g, data = _dropout_model()
+    # Precondition: with threads, the dropouts run on the pool (a level of one node runs inline).
+    assert any({"dropout_0", "dropout_1"} <= set(level) for level in g.levels())
     runs = []
     for threads in (1, 2, 1):
         ex = dg.LocalExecutor(threads=threads)
@@ -396,7 +402,7 @@ def test_dropout_training_is_reproducible_and_threads_agree():
             assert np.array_equal(tr.params[k], v), k
     # Without dropout the losses differ: the masks were really applied.
     assert '"p":0.4' in g.to_json()
-    plain = dg.Graph.from_json(g.to_json().replace('"p":0.4', '"p":0.0'))
+    plain = dg.Graph.from_json(g.to_json().replace('"p":0.4', '"p":0.0', 2))
     tr = dg.Trainer(plain, loss="loss", optimizer=dg.SGD(lr=0.1), progress=False)
     tr.fit(data, epochs=2, batch_size=8, seed=0)
     assert tr.history.loss != runs[0].history.loss
