@@ -250,7 +250,7 @@ def _conv2d_infer(shapes: Sequence[Any], dtypes: Sequence[Any], attrs: dict, nod
     stride, padding, dilation = (
         _pair(attrs.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))
     )
-    out = []
+    out: list[int | None] = []
     for axis in (0, 1):
         size, k = xs[2 + axis], ws[2 + axis]
         if k is None:
@@ -605,6 +605,13 @@ def _parse_subscripts(subscripts: str) -> tuple[list[str], str] | str:
     return terms, out
 
 
+def _parsed(subscripts: str) -> tuple[list[str], str]:
+    """Subscripts the attribute check accepted, parsed (an internal error otherwise)."""
+    parsed = _parse_subscripts(subscripts)
+    assert not isinstance(parsed, str), parsed
+    return parsed
+
+
 def _einsum_check(value: Any, shapes: Sequence[Any]) -> str | None:
     parsed = _parse_subscripts(value)
     if isinstance(parsed, str):
@@ -661,9 +668,7 @@ def _einsum_vjp(i: int, g: Any, out: Any, *xs: Any, subscripts: str) -> Any:
     # d out / d x_i contracts the cotangent with every other operand: swap x_i's term and the
     # output's ("ab,bc->ac": the gradient of input 0 is "ac,bc->ab"). Every letter of x_i
     # appears in the output or another input (the subscripts check refuses the rest).
-    parsed = _parse_subscripts(subscripts)
-    assert not isinstance(parsed, str), parsed
-    terms, out_term = parsed
+    terms, out_term = _parsed(subscripts)
     rest = [t for j, t in enumerate(terms) if j != i]
     others = [x for j, x in enumerate(xs) if j != i]
     grad_terms = [out_term, *rest]
@@ -677,7 +682,7 @@ def _einsum_vjp(i: int, g: Any, out: Any, *xs: Any, subscripts: str) -> Any:
 
 def _einsum_infer(shapes: Sequence[Any], dtypes: Sequence[Any], attrs: dict, node: Any) -> Any:
     dtype = _float_dtype(node, "einsum", dtypes, tuple(range(len(dtypes))))
-    terms, out = _parse_subscripts(attrs["subscripts"])  # type: ignore[misc]  # checked
+    terms, out = _parsed(attrs["subscripts"])
     sizes: dict[str, Any] = {}
     for t, s in zip(terms, shapes):
         if s is None:
@@ -703,7 +708,7 @@ def _einsum_infer(shapes: Sequence[Any], dtypes: Sequence[Any], attrs: dict, nod
 def _einsum_flops(out: Shape, ins: Sequence[Shape], attrs: dict, argnum: int | None) -> float:
     # 2 flops per point of the full index space, plus writing the result (the forward's output
     # or input ``argnum``'s gradient) and reading the operands.
-    terms, _ = _parse_subscripts(attrs["subscripts"])  # type: ignore[misc]
+    terms, _ = _parsed(attrs["subscripts"])
     sizes: dict[str, int] = {}
     for t, s in zip(terms, ins):
         for c, n in zip(t, s):
