@@ -409,31 +409,44 @@ _POOL_ATTRS = {
 
 
 def _ln_stats(x: Any, eps: float) -> tuple[Any, Any]:
-    mu = x.mean(axis=-1, keepdims=True)
-    xc = x - mu
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    """Centred rows and 1/std over the last axis. Row dot products go through einsum, which
+    does not materialise ``xc * xc``."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    var = np.einsum("...i,...i->...", xc, xc)[..., None] / x.shape[-1]
     return xc, 1.0 / np.sqrt(var + eps)
 
 
 def _layer_norm(x: Any, weight: Any, bias: Any, eps: float = 1e-5) -> Any:
     xc, rstd = _ln_stats(x, eps)
-    return xc * rstd * weight + bias
+    # xc is this call's own temporary: normalise it in place (in the result's dtype, which a
+    # float64 weight on float32 rows would widen).
+    xc = xc.astype(np.result_type(xc, weight, bias), copy=False)
+    xc *= rstd
+    xc *= weight
+    xc += bias
+    return xc
 
 
 def _layer_norm_vjp_x(g: Any, out: Any, x: Any, weight: Any, bias: Any, eps: float = 1e-5) -> Any:
     xc, rstd = _ln_stats(x, eps)
-    xhat = xc * rstd
+    xc *= rstd  # now x-hat
     gh = g * weight
+    d = x.shape[-1]
     # d/dx of (x - mean) / std along the normalised axis, in one pass over the rows.
-    return rstd * (
-        gh - gh.mean(axis=-1, keepdims=True) - xhat * np.mean(gh * xhat, axis=-1, keepdims=True)
-    )
+    mean_gh = gh.mean(axis=-1, keepdims=True)
+    mean_ghx = np.einsum("...i,...i->...", gh, xc)[..., None] / d
+    gh -= mean_gh
+    xc *= mean_ghx
+    gh -= xc
+    gh *= rstd
+    return gh
 
 
 def _layer_norm_vjp_w(g: Any, out: Any, x: Any, weight: Any, bias: Any, eps: float = 1e-5) -> Any:
     xc, rstd = _ln_stats(x, eps)
-    lead = tuple(range(np.ndim(g) - 1))
-    return np.sum(g * xc * rstd, axis=lead) if lead else g * xc * rstd
+    xc *= rstd
+    d = x.shape[-1]
+    return np.einsum("ni,ni->i", np.reshape(g, (-1, d)), xc.reshape(-1, d))
 
 
 def _layer_norm_infer(shapes: Sequence[Any], dtypes: Sequence[Any], attrs: dict, node: Any) -> Any:

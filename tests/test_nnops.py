@@ -557,3 +557,16 @@ def test_recovered_step_draws_the_same_dropout_masks(tmp_path):
         for k, v in ref.params.items():
             assert np.array_equal(tr.params[k], v), k
         tr.close()
+
+
+def test_layer_norm_result_has_the_inferred_dtype_with_mixed_inputs():
+    """float32 rows with a float64 weight: the fused kernel works in place, but in the
+    result's dtype (float64), as inferred when the graph was built."""
+    g = dg.Graph()
+    x = g.input("x", shape=(None, 4), dtype="float32")
+    y = dg.layer_norm(x, g.param("w", np.full(4, 0.1)), g.param("b", np.zeros(4, np.float32)))
+    g.output("y", y)
+    feeds = {"x": np.arange(8, dtype=np.float32).reshape(2, 4)}
+    out = dg.LocalExecutor().run(g, feeds).values["y"]
+    assert y.dtype == np.float64 and out.dtype == np.float64
+    np.testing.assert_allclose(out, ln_ref(feeds["x"].astype(np.float64), 0.1, 0.0), rtol=1e-6)
