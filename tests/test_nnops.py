@@ -444,7 +444,7 @@ def test_cost_model_matches_measured_kernel_times_within_2x():
     and attention-sized products must be within 2x of their measured times.
 
     Absolute speed is not asserted (the machine is shared): probe and kernels are timed
-    interleaved, 9 times each, and only the ratio estimate / measured is checked."""
+    interleaved, 25 times each, and only the ratio estimate / measured is checked."""
     from threadpoolctl import threadpool_limits
 
     from distgraph.ops import run_op, run_vjp
@@ -476,7 +476,7 @@ def test_cost_model_matches_measured_kernel_times_within_2x():
     probe: list[float] = []
     measured: dict[str, list[float]] = {n: [] for n in kernels}
     with threadpool_limits(1):
-        for _ in range(9):
+        for _ in range(25):
             for name, kernel in kernels.items():
                 probe.append(_seconds(lambda: a @ b))
                 measured[name].append(_seconds(kernel))
