@@ -12,8 +12,16 @@ vjp_0, vjp_1, ..., attrs=...)``), plus two facts the core ops do not need:
   is not a constant per output element).
 
 Kernels are numpy only. Convolution is im2col: a strided window view
-(``sliding_window_view``), one contiguous copy, one BLAS matmul; its input gradient is the
-transposed matmul followed by col2im (one strided add per kernel offset).
+(``sliding_window_view``), one contiguous copy into (N, C*kh*kw, Ho*Wo) columns, and a batch of
+BLAS GEMMs (one per image); its input gradient is the transposed product followed by col2im
+(one strided add per kernel offset). Pooling loops over the kernel's taps (strided views).
+Ties in ``max_pool2d`` share the gradient equally, as the ``max`` op's do. ``einsum`` with two
+operands runs as one batched matmul on contiguous operands.
+
+**Dropout and data parallelism.** Element ``i`` of the mask is a function of its flat index in
+the array the kernel sees: a row shard of a batch would draw the masks of the batch's first
+rows. Sharding rows across replicas needs the shard's row offset added to the index (see
+:func:`dropout_mask`).
 
 **Dropout determinism.** ``dropout`` draws its mask from ``(seed, step id, key)`` with a
 counter-based hash (splitmix64 of the element's flat index): the same step id draws the same mask
