@@ -10,6 +10,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -49,11 +50,34 @@ class CostModel:
         name, factor, start = _cost_rule(node)
         rule = OPS.get(name)
         if rule is not None and rule.flops is not None:
-            shapes = [i.shape for i in inputs[start:]]
-            return rule.flops(self.numel(node), shapes, self.batch_size)
+            # The op's own count (matmul's 2*M*N*K, conv2d, einsum), of the forward or of the
+            # VJP for one input: a weight gradient never scales like its input's gradient.
+            argnum = node.attrs.get("argnum") if name != node.op else None
+            return self._rule_flops(rule.flops, node, inputs, start, argnum)
         per = rule.flops_per_element if rule is not None else 1.0
         size = max([self.numel(node)] + [self.numel(i) for i in inputs])
         return factor * per * size
+
+    def _rule_flops(
+        self, rule: Any, node: NodeSpec, inputs: list[NodeSpec], start: int, argnum: int | None
+    ) -> float:
+        """An op's own cost rule (``Op.flops``) on concrete shapes; for a VJP node (``argnum``
+        set), the forward's output shape is the cotangent's (the node's first input) and the
+        forward inputs start at ``start``."""
+        if argnum is not None:
+            fwd, out, attrs = inputs[start:], inputs[0], node.attrs.get("attrs", {})
+        else:
+            fwd, out, attrs = inputs, node, node.attrs
+        shapes = [self._concrete(i) for i in fwd]
+        out_shape = self._concrete(out)
+        if out_shape is None or None in shapes:
+            return float(self.numel(node))  # unknown shapes: as cheap as an elementwise op
+        return float(rule(out_shape, shapes, attrs, argnum))
+
+    def _concrete(self, node: NodeSpec) -> tuple[int, ...] | None:
+        if node.shape is None:
+            return None
+        return tuple(self.batch_size if d is None else d for d in node.shape)
 
     def seconds(self, node: NodeSpec, inputs: list[NodeSpec]) -> float:
         """Estimated run time of a node."""

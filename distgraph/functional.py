@@ -146,3 +146,112 @@ def cross_entropy(logits: Any, labels: Any) -> Node:
 def stop_gradient(x: Node) -> Node:
     """Identity forward, no gradient backward."""
     return _fn("stop_gradient", x)
+
+
+# --- neural-network ops (rows in distgraph/nnops.py) -----------------------------------------
+
+
+def _pair(v: int | Sequence[int]) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(d) for d in v]
+
+
+def conv2d(
+    x: Node,
+    w: Any,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    name: str | None = None,
+) -> Node:
+    """2-D cross-correlation of an NCHW input with an OIHW weight (no bias: add one)."""
+    return _graph_of(x, w).apply(
+        "conv2d",
+        x,
+        w,
+        name=name,
+        stride=_pair(stride),
+        padding=_pair(padding),
+        dilation=_pair(dilation),
+    )
+
+
+def max_pool2d(
+    x: Node, kernel: int | Sequence[int], stride: int | Sequence[int] | None = None
+) -> Node:
+    """Maximum over each window of an NCHW input (stride defaults to the kernel)."""
+    attrs: dict[str, Any] = {"kernel": _pair(kernel)}
+    if stride is not None:
+        attrs["stride"] = _pair(stride)
+    return _fn("max_pool2d", x, **attrs)
+
+
+def avg_pool2d(
+    x: Node, kernel: int | Sequence[int], stride: int | Sequence[int] | None = None
+) -> Node:
+    """Mean over each window of an NCHW input (stride defaults to the kernel)."""
+    attrs: dict[str, Any] = {"kernel": _pair(kernel)}
+    if stride is not None:
+        attrs["stride"] = _pair(stride)
+    return _fn("avg_pool2d", x, **attrs)
+
+
+def layer_norm(x: Node, weight: Any, bias: Any, eps: float = 1e-5) -> Node:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (one fused node)."""
+    return _fn("layer_norm", x, weight, bias, eps=eps)
+
+
+def embedding(ids: Node, table: Any) -> Node:
+    """Rows ``table[ids]``: integer ids of any shape pick rows of a (rows, ...) table."""
+    return _fn("embedding", ids, table)
+
+
+def dropout(x: Node, p: float, seed: int = 0, name: str | None = None) -> Node:
+    """Zero each element with probability ``p`` and scale the rest by 1 / (1 - p), in training
+    steps only (identity elsewhere). The mask is a function of (seed, step id, node name)."""
+    g = _graph_of(x)
+    if name is None:
+        k = 0
+        while f"dropout_{k}" in g:
+            k += 1
+        name = f"dropout_{k}"
+    return g.apply("dropout", x, name=name, p=float(p), key=name, seed=int(seed))
+
+
+def gelu(x: Node) -> Node:
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))."""
+    return _fn("gelu", x)
+
+
+def einsum(subscripts: str, *xs: Any) -> Node:
+    """Einstein summation with explicit output, e.g. ``einsum('bhqd,bhkd->bhqk', q, k)``."""
+    return _fn("einsum", *xs, subscripts=subscripts)
+
+
+def split(x: Node, sections: int | Sequence[int], axis: int = 0) -> list[Node]:
+    """Pieces of ``x`` along ``axis``: ``sections`` equal pieces, or pieces of these sizes."""
+    if isinstance(sections, int):
+        size = x.shape[axis] if x.shape is not None else None
+        if size is None:
+            raise GraphError(
+                f"split of {x.name!r} into {sections} equal pieces needs axis {axis}'s size "
+                "known; pass the piece sizes instead"
+            )
+        if sections < 1 or size % sections:
+            raise GraphError(
+                f"split of {x.name!r}: axis {axis} has {size} elements, which do not divide "
+                f"into {sections} equal pieces"
+            )
+        sizes = [size // sections] * sections
+    else:
+        sizes = [int(s) for s in sections]
+    return [_fn("split", x, sizes=sizes, index=i, axis=axis) for i in range(len(sizes))]
+
+
+def stack(xs: Sequence[Any], axis: int = 0) -> Node:
+    """Stack same-shaped values along a new axis."""
+    return _fn("stack", *xs, axis=axis)
+
+
+def causal_mask(scores: Node, fill: float = -1e9) -> Node:
+    """Scores (..., queries, keys) with every key after its query replaced by ``fill``."""
+    return _fn("causal_mask", scores, fill=fill)

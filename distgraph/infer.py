@@ -91,6 +91,10 @@ def _infer(
         raise GraphError(f"node {node!r} (op {op}): takes {spec.arity} inputs, got {len(shapes)}")
     if spec.arity is None and not shapes:
         raise GraphError(f"node {node!r} (op {op}): needs at least one input")
+    if spec.infer is not None:  # the op's own rule (see Op.infer)
+        return spec.infer(
+            [None if s is None else tuple(s) for s in shapes], list(dtypes), attrs, node
+        )
     if None in shapes:
         return None, _infer_dtype(op, dtypes, attrs, weak, node)
     known = cast("Sequence[Sequence[int | None]]", shapes)  # `in` above does not narrow for mypy

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -308,6 +309,8 @@ class Op:
     name: str
     forward: Callable[..., Any]
     vjps: tuple[VJP | None, ...] = ()
+    #: The module that registered the row (tells distgraph's own ops from custom ones).
+    module: str = ""
     #: For variadic ops: ``vjp_n(i, g, out, *inputs, **attrs)``.
     vjp_n: VJP | None = None
     arity: int | None = None  # None: variadic
@@ -324,9 +327,6 @@ class Op:
     #: input_dtypes, out_dtype, attrs)`` returns, per input, ``(op, attrs)`` or None (then the
     #: generic ``vjp`` node, which reads every input, is used); or None for all inputs.
     vjp_as_op: Callable[..., list[tuple[str, dict[str, Any]] | None] | None] | None = None
-    #: Exact flop count where "rate x largest operand" is wrong (matmul's 2*M*N*K):
-    #: ``flops(numel_of_result, operand_shapes, batch_size)``.
-    flops: Callable[[int, Sequence[Any], int], float] | None = None
     #: For rows whose cost depends on their attrs (vjp): ``cost_rule(attrs)`` gives the op
     #: whose rate and flops rule apply, a factor on the rate, and where its operands start
     #: among the node's inputs.
@@ -346,6 +346,14 @@ class Op:
     def node_label(self, attrs: Mapping[str, Any]) -> str:
         """What messages and traces call a node of this op with ``attrs``."""
         return self.name if self.label is None else self.label(attrs)
+
+    #: Shape and dtype rule ``infer(shapes, dtypes, attrs, node) -> (shape, dtype)`` (None in
+    #: either for unknown), raising ShapeError/DTypeError; None: found by running the op on
+    #: stand-in values (which cannot work for ops that need, say, 4-D inputs or integer ids).
+    infer: Callable[..., tuple[Any, Any]] | None = None
+    #: Cost rule ``flops(out_shape, input_shapes, attrs, argnum)``: operations of the forward
+    #: (argnum None) or of input ``argnum``'s VJP, on concrete shapes; None: per element.
+    flops: Callable[..., float] | None = None
 
     @functools.cached_property
     def required_attrs(self) -> tuple[str, ...]:
@@ -390,6 +398,7 @@ def defop(
         name,
         forward,
         tuple(vjps),
+        module=sys._getframe(1).f_globals.get("__name__", ""),
         arity=len(vjps) if arity == -1 else arity,
         attrs=declared,
         **facts,
@@ -506,17 +515,32 @@ def _matmul_promoted(g: Any, a: Any, b: Any) -> tuple[Any, Any, Any]:
     return g2, a2, b2
 
 
+def _transposed(x: Any) -> Any:
+    """``x`` with its last two axes swapped, as an operand of matmul: BLAS reads a transposed
+    2-D view in place, but numpy's batched matmul on a transposed view is ~2.5x slower than
+    a copy followed by the matmul (measured at attention sizes)."""
+    t = np.swapaxes(x, -1, -2)
+    return np.ascontiguousarray(t) if np.ndim(t) > 2 else t
+
+
 def _matmul_vjp_a(g: Any, out: Any, a: Any, b: Any) -> Any:
+    if np.ndim(b) == 2 and np.ndim(a) > 2 and np.ndim(g) == np.ndim(a):
+        # A linear layer on N-D rows: one GEMM over all rows (numpy would loop over the batch).
+        return (np.reshape(g, (-1, g.shape[-1])) @ b.T).reshape(*g.shape[:-1], b.shape[0])
     g2, a2, b2 = _matmul_promoted(g, a, b)
-    ga = np.matmul(g2, np.swapaxes(b2, -1, -2))
+    ga = np.matmul(g2, _transposed(b2))
     if np.ndim(a) == 1:
         ga = unbroadcast(ga, (1,) * (ga.ndim - 2) + a2.shape)[..., 0, :].reshape(a.shape)
     return ga
 
 
 def _matmul_vjp_b(g: Any, out: Any, a: Any, b: Any) -> Any:
+    if np.ndim(b) == 2 and np.ndim(a) > 2 and np.ndim(g) == np.ndim(a):
+        # The weight of a linear layer on N-D rows: one GEMM contracting every row, instead of
+        # a batch of products summed afterwards.
+        return np.reshape(a, (-1, a.shape[-1])).T @ np.reshape(g, (-1, g.shape[-1]))
     g2, a2, b2 = _matmul_promoted(g, a, b)
-    gb = np.matmul(np.swapaxes(a2, -1, -2), g2)
+    gb = np.matmul(_transposed(a2), g2)
     if np.ndim(b) == 1:
         gb = unbroadcast(gb, (1,) * (gb.ndim - 2) + b2.shape)[..., :, 0].reshape(b.shape)
     return gb
@@ -541,6 +565,16 @@ def encode_index(key: Any) -> list[Any]:
     return out
 
 
+def _matmul_flops(out: Any, ins: Sequence[Any], attrs: dict, argnum: int | None) -> float:
+    """2*M*N*K per batch entry, plus writing the result: small batched products (attention's
+    T x d by d x T) are bound by memory, not by BLAS's peak (see nnops.MOVE_FLOPS)."""
+    from .nnops import MOVE_FLOPS
+
+    k = ins[0][-1] if ins[0] else 1
+    written = math.prod(out) if argnum is None else math.prod(ins[argnum])
+    return 2.0 * math.prod(out) * k + MOVE_FLOPS * written
+
+
 def _index_key(index: Sequence[Any]) -> tuple[Any, ...]:
     """Decode the JSON form of an index: ints, [start, stop, step] slices, None, '...', lists."""
     key: list[Any] = []
@@ -554,14 +588,6 @@ def _index_key(index: Sequence[Any]) -> tuple[Any, ...]:
         else:
             key.append(item)  # int or None (new axis)
     return tuple(key)
-
-
-def _matmul_flops(numel: int, shapes: Sequence[Any], batch: int) -> float:
-    """2*M*N*K: two flops per element of the result per contracted element (K, the first
-    operand's last dimension; a batch dimension counts as ``batch``)."""
-    a = shapes[0]
-    k = (a[-1] if a else 1) if a is not None else 1
-    return 2.0 * numel * (batch if k is None else k)
 
 
 def _index_vjp(g: Any, out: Any, x: Any, index: Sequence[Any]) -> Any:
@@ -902,5 +928,19 @@ VJP_ROW = Op(
 )
 
 
-#: The ops distgraph itself defines (custom ops registered later are not in this set).
-BUILTIN_OPS = frozenset(OPS)
+#: Modules whose rows are distgraph's own: this one and the neural-network rows (conv2d,
+#: layer_norm, einsum, ...) of ``nnops.py``, which builds on it and is imported by the package.
+BUILTIN_MODULES = ("distgraph.ops", "distgraph.nnops")
+
+
+def builtin_ops() -> frozenset[str]:
+    """The ops distgraph itself defines (not custom ops, whenever they were registered)."""
+    return frozenset(name for name, op in OPS.items() if op.module in BUILTIN_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    # BUILTIN_OPS reads the table when asked, so the rows nnops.py adds are in it; a module
+    # attribute because that is how callers have always read it.
+    if name == "BUILTIN_OPS":
+        return builtin_ops()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -240,6 +240,43 @@ CASES += [
             lv.param("logits", (2, 3, 4)), lv.feed("y", lv.rng.integers(0, 4, (2, 3)), "int32")
         ),
     ),
+    # Neural-network ops (distgraph/nnops.py; checked against autograd in test_nnops.py).
+    Case(
+        "conv2d_stride_pad_dilation",
+        lambda lv: dg.conv2d(
+            lv.input("x", (2, 2, 7, 6)), lv.param("w", (3, 2, 3, 2)), 2, 1, [2, 1]
+        ),
+    ),
+    Case("max_pool2d", lambda lv: dg.max_pool2d(_distinct(lv, "x", (1, 2, 5, 4)), [2, 2], 1)),
+    Case("avg_pool2d", lambda lv: dg.avg_pool2d(lv.input("x", (2, 1, 5, 5)), 2, [1, 2])),
+    Case(
+        "layer_norm",
+        lambda lv: dg.layer_norm(
+            lv.input("x", (2, 3, 5)), lv.param("w", (5,)), lv.param("b", (5,))
+        ),
+    ),
+    Case(
+        "embedding",
+        lambda lv: dg.embedding(
+            lv.feed("ids", [[0, 2, 2], [3, 1, 0]], "int64"), lv.param("t", (4, 3))
+        ),
+    ),
+    Case("dropout_outside_training", lambda lv: dg.dropout(lv.input("x", (3, 4)), 0.5)),
+    Case("gelu", lambda lv: dg.gelu(lv.input("x", (3, 4), low=-3, high=3))),
+    Case(
+        "einsum_attention",
+        lambda lv: dg.einsum(
+            "bhqd,bhkd->bhqk", lv.input("q", (2, 2, 3, 4)), lv.param("k", (2, 1, 5, 4))
+        ),
+    ),
+    Case("split", lambda lv: dg.split(lv.input("x", (3, 7)), [2, 5], axis=1)[1]),
+    Case(
+        "stack",
+        lambda lv: dg.stack([lv.input("a", (2, 3)), lv.param("b", (2, 3))], axis=1),
+    ),
+    # Through softmax, as attention uses it: the -1e9 fill itself would swamp the finite
+    # differences of the probe sum.
+    Case("causal_mask", lambda lv: dg.softmax(dg.causal_mask(lv.input("x", (2, 4, 4))))),
     Case(
         "cross_entropy_probs",
         lambda lv: dg.cross_entropy(

@@ -8,6 +8,7 @@ values from the same inputs in any order.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,6 +17,7 @@ from ..checkpoint import Checkpoint
 from ..errors import ConfigError
 from ..graph import Graph
 from ..interpret import prepare_feeds, run_nodes
+from ..nnops import step_scope
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
 from ..program import Program
@@ -66,9 +68,17 @@ class LocalExecutor(Executor):
             if self._pool is None or len(level) == 1:
                 run_nodes(prog, level, env, check_finite=check_finite, trace=events)
             else:
+                # Each task runs in a copy of this context: a training step's id reaches the
+                # pool's threads (see nnops.step_scope).
                 futures = [
                     self._pool.submit(
-                        run_nodes, prog, [n], env, check_finite=check_finite, trace=events
+                        contextvars.copy_context().run,
+                        run_nodes,
+                        prog,
+                        [n],
+                        env,
+                        check_finite=check_finite,
+                        trace=events,
                     )
                     for n in level
                 ]
@@ -127,7 +137,8 @@ class LocalSession(TrainingSession):
         env.update({p: params[p] for p in prog.params})
         env.update(prog.constants)
         events: list[TraceEvent] | None = [] if trace else None
-        self.ex.execute(prog, env, self.check_finite, events)
+        with step_scope(step_id):  # stochastic ops (dropout) draw from the step id
+            self.ex.execute(prog, env, self.check_finite, events)
         self.server.stage(step_id, {p: env[prog.grads[p]] for p in self._wrt})
         status = self.server.commit(step_id)
         if events is not None:

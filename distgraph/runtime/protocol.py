@@ -48,6 +48,9 @@ class CallHeader:
     by_ref: bool = False
     #: The first value after the header is a param update.
     update: bool = False
+    #: ``step`` is a training step's id, which stochastic ops (dropout) draw from; otherwise
+    #: they are the identity.
+    training: bool = False
     #: Small feeds by name (one argument for all of them: each argument costs Ray
     #: bookkeeping); a :class:`Rows` entry takes its rows from the big feed of the same name.
     inline: Mapping[str, Any] = field(default_factory=dict)

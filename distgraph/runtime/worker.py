@@ -34,6 +34,7 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import ExecutionError
 from ..interpret import run_nodes
+from ..nnops import step_scope
 from ..paramstore import ParameterStore
 from ..plan import DRIVER, Task
 from ..program import Program
@@ -217,16 +218,18 @@ class Worker:
             with self._lock:
                 self._current = (plan_id, step)
                 self._node[0] = ""
-            run_nodes(
-                program,
-                task.nodes,
-                env,
-                check_finite=header.check_finite,
-                trace=events,
-                track=self.track,
-                worker=self.index,
-                current=self._node,
-            )
+            # A training step's id is what stochastic ops (dropout) draw from.
+            with step_scope(step if header.training else None):
+                run_nodes(
+                    program,
+                    task.nodes,
+                    env,
+                    check_finite=header.check_finite,
+                    trace=events,
+                    track=self.track,
+                    worker=self.index,
+                    current=self._node,
+                )
         except BaseException as e:
             self._end_step(key, None if task.last_on_worker else e)
             raise

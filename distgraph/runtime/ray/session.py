@@ -247,7 +247,14 @@ class RaySession(TrainingSession):
         committing = False
         try:
             refs = waves.submit(
-                plan, self.plan_id, step_id, arrays, updates, trace, self.check_finite
+                plan,
+                self.plan_id,
+                step_id,
+                arrays,
+                updates,
+                trace,
+                self.check_finite,
+                training=True,
             )
             grads = [
                 refs[t.id][t.slot(PARAM_SERVER)]

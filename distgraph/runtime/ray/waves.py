@@ -185,8 +185,10 @@ class Waves:
         param_updates: Mapping[int, Any],
         trace: bool,
         check_finite: bool,
+        training: bool = False,
     ) -> dict[int, list[Any]]:
-        """Submit every task of a step; returns each task's output refs."""
+        """Submit every task of a step; returns each task's output refs. ``training``: ``step``
+        is a training step's id (see :attr:`CallHeader.training`)."""
         workers = self.cluster.workers
         small: dict[str, Any] = {}
         big: dict[str, Any] = {}
@@ -213,6 +215,7 @@ class Waves:
                 check_finite=check_finite,
                 by_ref=self.options.data_path == "store",
                 update=update is not None,
+                training=training,
                 inline={n: small[n] for n in task.feeds if n in small},
                 big=tuple(n for n in task.feeds if n in big),
                 imports=len(task.imports),
