@@ -96,25 +96,31 @@ def build_graph(
 
 
 def held_out_loss(ex: Any, graph: dg.Graph, ids: np.ndarray, context: int) -> float:
-    """Mean next-character loss over every held-out character after the first, in windows of
-    ``context`` (the last, shorter window is padded; padded positions are not counted)."""
-    total, count = 0.0, 0
-    for s in range(0, len(ids) - 1, context):
-        x = ids[s : s + context]
-        y = ids[s + 1 : s + context + 1]
-        n = len(y)
-        xp, yp = np.zeros((1, context), np.int64), np.zeros((1, context), np.int64)
-        xp[0, : len(x)], yp[0, :n] = x, y
-        logits = ex.run(graph, {"x": xp, "y": yp}, outputs=["logits"]).values["logits"][0, :n]
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        total -= float(logp[np.arange(n), y].sum())
-        count += n
-    return total / count
+    """Mean next-character loss over every held-out character after the first, in consecutive
+    windows of ``context`` run as one batch (the last, shorter window is padded; padded
+    positions are not counted)."""
+    starts = range(0, len(ids) - 1, context)
+    x = np.zeros((len(starts), context), np.int64)
+    y = np.zeros((len(starts), context), np.int64)
+    counted = np.zeros((len(starts), context), bool)
+    for row, s in enumerate(starts):
+        n = len(ids[s + 1 : s + context + 1])
+        x[row, :n], y[row, :n], counted[row, :n] = ids[s : s + n], ids[s + 1 : s + n + 1], True
+    logits = ex.run(graph, {"x": x, "y": y}, outputs=["logits"]).values["logits"]
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+    return float(-picked[counted].mean())
 
 
 def generate(
-    ex: Any, graph: dg.Graph, corpus: Corpus, context: int, prompt: str, n: int, seed: int,
+    ex: Any,
+    graph: dg.Graph,
+    corpus: Corpus,
+    context: int,
+    prompt: str,
+    n: int,
+    seed: int,
     temperature: float = 0.8,
 ) -> str:
     """Sample ``n`` characters after ``prompt`` (seeded): each from the model's distribution at
