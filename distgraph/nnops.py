@@ -12,8 +12,16 @@ vjp_0, vjp_1, ..., attrs=...)``), plus two facts the core ops do not need:
   is not a constant per output element).
 
 Kernels are numpy only. Convolution is im2col: a strided window view
-(``sliding_window_view``), one contiguous copy, one BLAS matmul; its input gradient is the
-transposed matmul followed by col2im (one strided add per kernel offset).
+(``sliding_window_view``), one contiguous copy into (N, C*kh*kw, Ho*Wo) columns, and a batch of
+BLAS GEMMs (one per image); its input gradient is the transposed product followed by col2im
+(one strided add per kernel offset). Pooling loops over the kernel's taps (strided views).
+Ties in ``max_pool2d`` share the gradient equally, as the ``max`` op's do. ``einsum`` with two
+operands runs as one batched matmul on contiguous operands.
+
+**Dropout and data parallelism.** Element ``i`` of the mask is a function of its flat index in
+the array the kernel sees: a row shard of a batch would draw the masks of the batch's first
+rows. Sharding rows across replicas needs the shard's row offset added to the index (see
+:func:`dropout_mask`).
 
 **Dropout determinism.** ``dropout`` draws its mask from ``(seed, step id, key)`` with a
 counter-based hash (splitmix64 of the element's flat index): the same step id draws the same mask
@@ -250,7 +258,7 @@ def _conv2d_infer(shapes: Sequence[Any], dtypes: Sequence[Any], attrs: dict, nod
     stride, padding, dilation = (
         _pair(attrs.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))
     )
-    out = []
+    out: list[int | None] = []
     for axis in (0, 1):
         size, k = xs[2 + axis], ws[2 + axis]
         if k is None:
@@ -409,31 +417,44 @@ _POOL_ATTRS = {
 
 
 def _ln_stats(x: Any, eps: float) -> tuple[Any, Any]:
-    mu = x.mean(axis=-1, keepdims=True)
-    xc = x - mu
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    """Centred rows and 1/std over the last axis. Row dot products go through einsum, which
+    does not materialise ``xc * xc``."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    var = np.einsum("...i,...i->...", xc, xc)[..., None] / x.shape[-1]
     return xc, 1.0 / np.sqrt(var + eps)
 
 
 def _layer_norm(x: Any, weight: Any, bias: Any, eps: float = 1e-5) -> Any:
     xc, rstd = _ln_stats(x, eps)
-    return xc * rstd * weight + bias
+    # xc is this call's own temporary: normalise it in place (in the result's dtype, which a
+    # float64 weight on float32 rows would widen).
+    xc = xc.astype(np.result_type(xc, weight, bias), copy=False)
+    xc *= rstd
+    xc *= weight
+    xc += bias
+    return xc
 
 
 def _layer_norm_vjp_x(g: Any, out: Any, x: Any, weight: Any, bias: Any, eps: float = 1e-5) -> Any:
     xc, rstd = _ln_stats(x, eps)
-    xhat = xc * rstd
+    xc *= rstd  # now x-hat
     gh = g * weight
+    d = x.shape[-1]
     # d/dx of (x - mean) / std along the normalised axis, in one pass over the rows.
-    return rstd * (
-        gh - gh.mean(axis=-1, keepdims=True) - xhat * np.mean(gh * xhat, axis=-1, keepdims=True)
-    )
+    mean_gh = gh.mean(axis=-1, keepdims=True)
+    mean_ghx = np.einsum("...i,...i->...", gh, xc)[..., None] / d
+    gh -= mean_gh
+    xc *= mean_ghx
+    gh -= xc
+    gh *= rstd
+    return gh
 
 
 def _layer_norm_vjp_w(g: Any, out: Any, x: Any, weight: Any, bias: Any, eps: float = 1e-5) -> Any:
     xc, rstd = _ln_stats(x, eps)
-    lead = tuple(range(np.ndim(g) - 1))
-    return np.sum(g * xc * rstd, axis=lead) if lead else g * xc * rstd
+    xc *= rstd
+    d = x.shape[-1]
+    return np.einsum("ni,ni->i", np.reshape(g, (-1, d)), xc.reshape(-1, d))
 
 
 def _layer_norm_infer(shapes: Sequence[Any], dtypes: Sequence[Any], attrs: dict, node: Any) -> Any:
@@ -605,6 +626,13 @@ def _parse_subscripts(subscripts: str) -> tuple[list[str], str] | str:
     return terms, out
 
 
+def _parsed(subscripts: str) -> tuple[list[str], str]:
+    """Subscripts the attribute check accepted, parsed (an internal error otherwise)."""
+    parsed = _parse_subscripts(subscripts)
+    assert not isinstance(parsed, str), parsed
+    return parsed
+
+
 def _einsum_check(value: Any, shapes: Sequence[Any]) -> str | None:
     parsed = _parse_subscripts(value)
     if isinstance(parsed, str):
@@ -661,9 +689,7 @@ def _einsum_vjp(i: int, g: Any, out: Any, *xs: Any, subscripts: str) -> Any:
     # d out / d x_i contracts the cotangent with every other operand: swap x_i's term and the
     # output's ("ab,bc->ac": the gradient of input 0 is "ac,bc->ab"). Every letter of x_i
     # appears in the output or another input (the subscripts check refuses the rest).
-    parsed = _parse_subscripts(subscripts)
-    assert not isinstance(parsed, str), parsed
-    terms, out_term = parsed
+    terms, out_term = _parsed(subscripts)
     rest = [t for j, t in enumerate(terms) if j != i]
     others = [x for j, x in enumerate(xs) if j != i]
     grad_terms = [out_term, *rest]
@@ -677,7 +703,7 @@ def _einsum_vjp(i: int, g: Any, out: Any, *xs: Any, subscripts: str) -> Any:
 
 def _einsum_infer(shapes: Sequence[Any], dtypes: Sequence[Any], attrs: dict, node: Any) -> Any:
     dtype = _float_dtype(node, "einsum", dtypes, tuple(range(len(dtypes))))
-    terms, out = _parse_subscripts(attrs["subscripts"])  # type: ignore[misc]  # checked
+    terms, out = _parsed(attrs["subscripts"])
     sizes: dict[str, Any] = {}
     for t, s in zip(terms, shapes):
         if s is None:
@@ -703,7 +729,7 @@ def _einsum_infer(shapes: Sequence[Any], dtypes: Sequence[Any], attrs: dict, nod
 def _einsum_flops(out: Shape, ins: Sequence[Shape], attrs: dict, argnum: int | None) -> float:
     # 2 flops per point of the full index space, plus writing the result (the forward's output
     # or input ``argnum``'s gradient) and reading the operands.
-    terms, _ = _parse_subscripts(attrs["subscripts"])  # type: ignore[misc]
+    terms, _ = _parsed(attrs["subscripts"])
     sizes: dict[str, int] = {}
     for t, s in zip(terms, ins):
         for c, n in zip(t, s):

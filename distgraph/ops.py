@@ -487,6 +487,9 @@ def _transposed(x: Any) -> Any:
 
 
 def _matmul_vjp_a(g: Any, out: Any, a: Any, b: Any) -> Any:
+    if np.ndim(b) == 2 and np.ndim(a) > 2 and np.ndim(g) == np.ndim(a):
+        # A linear layer on N-D rows: one GEMM over all rows (numpy would loop over the batch).
+        return (np.reshape(g, (-1, g.shape[-1])) @ b.T).reshape(*g.shape[:-1], b.shape[0])
     g2, a2, b2 = _matmul_promoted(g, a, b)
     ga = np.matmul(g2, _transposed(b2))
     if np.ndim(a) == 1:
@@ -495,6 +498,10 @@ def _matmul_vjp_a(g: Any, out: Any, a: Any, b: Any) -> Any:
 
 
 def _matmul_vjp_b(g: Any, out: Any, a: Any, b: Any) -> Any:
+    if np.ndim(b) == 2 and np.ndim(a) > 2 and np.ndim(g) == np.ndim(a):
+        # The weight of a linear layer on N-D rows: one GEMM contracting every row, instead of
+        # a batch of products summed afterwards.
+        return np.reshape(a, (-1, a.shape[-1])).T @ np.reshape(g, (-1, g.shape[-1]))
     g2, a2, b2 = _matmul_promoted(g, a, b)
     gb = np.matmul(_transposed(a2), g2)
     if np.ndim(b) == 1:

@@ -61,6 +61,8 @@ REQUIRED_FIGURES = {
         "driver_refs_first",
         "driver_refs_last",
     ],
+    "conv": ["numpy_s", "distgraph_local_s"],
+    "attention": ["numpy_s", "distgraph_local_s"],
 }
 
 
