@@ -61,6 +61,11 @@ from .functional import transpose as transpose
 from .functional import where as where
 from .graph import Graph as Graph
 from .graph import Node as Node
+from .lr import ConstantLR as ConstantLR
+from .lr import CosineLR as CosineLR
+from .lr import LRSchedule as LRSchedule
+from .lr import StepDecayLR as StepDecayLR
+from .lr import WarmupLR as WarmupLR
 from .nnops import step_scope as step_scope
 from .optim import SGD as SGD
 from .optim import Adam as Adam

@@ -97,6 +97,8 @@ class HistoryState(_Strict):
     loss: list[float | None] = []
     step_loss: list[float | None] = []
     params: list[dict[str, Any]] = []
+    val_loss: list[float | None] = []
+    val_metrics: dict[str, list[float | None]] = {}
 
 
 class Progress(BaseModel):

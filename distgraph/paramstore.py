@@ -16,7 +16,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError
-from .optim import Optimizer
+from .optim import Optimizer, Update
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,15 @@ class ParameterStore:
         """Apply ``grads`` as step ``step_id``; a step id seen before changes nothing."""
         return self.install(step_id, self.prepare(step_id, grads))
 
-    def prepare(self, step_id: int, grads: Mapping[str, Any]) -> tuple[dict, dict] | None:
-        """The (params, optimizer state) step ``step_id`` would produce from the current ones,
-        or None for a step id already applied; changes nothing (see :meth:`install`)."""
+    def prepare(self, step_id: int, grads: Mapping[str, Any]) -> Update | None:
+        """The update step ``step_id`` would make from the current state (at that step's
+        learning rate), or None for a step id already applied; changes nothing (see
+        :meth:`install`)."""
         if step_id in self._applied_set:
             return None
-        return self.optimizer.update(self.params, grads, self.opt_state)
+        return self.optimizer.apply(self.params, grads, self.opt_state, step=step_id)
 
-    def install(self, step_id: int, update: tuple[dict, dict] | None) -> bool:
+    def install(self, step_id: int, update: Update | None) -> bool:
         """Make a prepared update current, as step ``step_id``; returns whether it applied.
 
         Only valid while nothing else changed the store since :meth:`prepare`."""
@@ -68,7 +69,8 @@ class ParameterStore:
             self.duplicates.append(step_id)
             log.warning("step %d was already applied; ignoring the repeated update", step_id)
             return False
-        self.params, self.opt_state = update  # every value was built before anything changes
+        # Every value was built before anything changes.
+        self.params, self.opt_state = update.params, update.state
         self.applied.append(step_id)
         self._applied_set.add(step_id)
         return True

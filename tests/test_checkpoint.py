@@ -287,7 +287,7 @@ TAMPERED = {
 def test_tampered_checkpoint_is_refused_and_changes_nothing(tmp_path, case):
     optimizer, tamper, needle = TAMPERED[case]
     source = _trained(optimizer)
-    ck = source._store.to_checkpoint()
+    ck = source.session.checkpoint()
     tamper(ck)
     save_checkpoint(tmp_path / "ck", ck)
 
@@ -450,7 +450,8 @@ def test_param_names_that_collide_with_savez_keywords_round_trip(tmp_path, name)
     other.load(tmp_path / "ck")
     assert other.params == tr.params
     assert np.array_equal(
-        other._store.opt_state[name]["velocity"], tr._store.opt_state[name]["velocity"]
+        other.session.checkpoint().opt_state[name]["velocity"],
+        tr.session.checkpoint().opt_state[name]["velocity"],
     )
 
 

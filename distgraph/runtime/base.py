@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..checkpoint import Checkpoint
@@ -17,7 +17,17 @@ from ..result import Result, TraceEvent
 
 
 class TrainingSession(abc.ABC):
-    """A graph, a loss and an optimizer bound to an executor, stepping by step id."""
+    """A graph, a loss and an optimizer bound to an executor, stepping by step id.
+
+    The one interface the Trainer talks to, whatever the executor: the local session applies
+    updates in this process, the Ray session on a parameter-server actor. A session holds the
+    training state (params, optimizer state, applied step ids); opening one is cheap and never
+    fails on the graph (the program is compiled by the first step).
+    """
+
+    #: step id -> that step's feeds: set by the Trainer, so a session that lost applied steps
+    #: (a parameter server restarted from an older checkpoint) can run them again.
+    replay: Callable[[int], Mapping[str, Any]] | None = None
 
     @abc.abstractmethod
     def step(self, step_id: int, feeds: Mapping[str, Any], trace: bool = False) -> float:
@@ -39,6 +49,20 @@ class TrainingSession(abc.ABC):
     @abc.abstractmethod
     def restore(self, ckpt: Checkpoint) -> None:
         """Replace params, optimizer state and the applied-step record."""
+
+    @abc.abstractmethod
+    def save(self, path: str) -> None:
+        """Write the session's checkpoint (with the latest progress) to directory ``path``;
+        a directory holding another run's checkpoint is refused."""
+
+    @abc.abstractmethod
+    def status(self) -> dict[str, Any]:
+        """``version``, ``applied`` and ``duplicates`` step ids, ``clipped`` step ids, and the
+        latest step's ``lr`` and ``grad_norm`` (see ``ParameterServer.status``)."""
+
+    @abc.abstractmethod
+    def set_progress(self, progress: Mapping[str, Any]) -> None:
+        """The Trainer's progress (epoch, fit segments, history), kept for checkpoints."""
 
     @property
     @abc.abstractmethod

@@ -9,7 +9,6 @@ values from the same inputs in any order.
 from __future__ import annotations
 
 import contextvars
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,6 +22,7 @@ from ..paramstore import ParameterStore
 from ..program import Program, prepare_feeds, run_nodes, to_python
 from ..result import Result, TraceEvent
 from .base import Executor, TrainingSession
+from .paramserver import ParameterServer
 
 
 class LocalExecutor(Executor):
@@ -101,8 +101,8 @@ class LocalExecutor(Executor):
         store: ParameterStore,
         check_finite: bool = False,
     ) -> TrainingSession:
-        """A session whose steps run here and update ``store`` directly."""
-        return _LocalSession(self, graph, loss, store, check_finite)
+        """A session whose steps run here; its updates start from ``store`` (which it keeps)."""
+        return LocalSession(self, graph, loss, store, check_finite)
 
     def close(self) -> None:
         """Stop the thread pool."""
@@ -111,24 +111,44 @@ class LocalExecutor(Executor):
             self._pool = None
 
 
-class _LocalSession(TrainingSession):
+class LocalSession(TrainingSession):
+    """Training in this process: forward and backward on the executor, updates applied by an
+    in-process :class:`~distgraph.runtime.paramserver.ParameterServer` (the same code the Ray
+    parameter-server actor runs: learning-rate schedule, clipping, exactly-once step ids).
+
+    State: the server (params, optimizer state, applied steps, the Trainer's progress) and the
+    training program, compiled by the first step. Order of a step: feeds checked, every node
+    evaluated level by level, the gradients staged on the server, then committed.
+    """
+
     def __init__(
         self, ex: LocalExecutor, graph: Graph, loss: str, store: ParameterStore, check_finite: bool
     ):
-        self.ex, self.graph, self.store, self.check_finite = ex, graph, store, check_finite
-        self.prog = ex.training_program(graph, loss, list(store.params))
-        self.loss = self.prog.outputs[0]
+        self.ex, self.graph, self.check_finite = ex, graph, check_finite
+        self._loss_name, self._wrt = loss, list(store.params)
+        self._prog: Program | None = None
+        # Gradients are handed over by param name (no routes: nothing is sent anywhere).
+        self.server = ParameterServer.over(store, {p: p for p in store.params})
         self.last_trace: list[TraceEvent] = []
 
+    @property
+    def prog(self) -> Program:
+        """The training program, compiled on first use (as the Ray session's)."""
+        if self._prog is None:
+            self._prog = self.ex.training_program(self.graph, self._loss_name, self._wrt)
+        return self._prog
+
     def step(self, step_id: int, feeds: Mapping[str, Any], trace: bool = False) -> float:
-        env: dict[str, Any] = dict(prepare_feeds(self.prog, feeds, self.check_finite))
-        env.update({p: self.store.params[p] for p in self.prog.params})
-        env.update(self.prog.constants)
+        prog = self.prog
+        env: dict[str, Any] = dict(prepare_feeds(prog, feeds, self.check_finite))
+        params = self.server.params()
+        env.update({p: params[p] for p in prog.params})
+        env.update(prog.constants)
         events: list[TraceEvent] | None = [] if trace else None
         with step_scope(step_id):  # stochastic ops (dropout) draw from the step id
-            self.ex.execute(self.prog, env, self.check_finite, events)
-        start = time.time()
-        self.store.apply(step_id, {p: env[self.prog.grads[p]] for p in self.store.params})
+            self.ex.execute(prog, env, self.check_finite, events)
+        self.server.stage(step_id, {p: env[prog.grads[p]] for p in self._wrt})
+        status = self.server.commit(step_id)
         if events is not None:
             events.append(
                 TraceEvent(
@@ -137,23 +157,34 @@ class _LocalSession(TrainingSession):
                     "update",
                     -1,
                     "parameter server",
-                    start,
-                    time.time(),
+                    status["start"],
+                    status["end"],
+                    args={"version": status["version"]},
                 )
             )
             self.last_trace = events
-        return float(env[self.loss])
+        return float(env[prog.outputs[0]])
 
     @property
     def params(self) -> dict[str, Any]:
-        return dict(self.store.params)
+        return self.server.params()
 
     @property
     def applied_steps(self) -> list[int]:
-        return list(self.store.applied)
+        return self.server.status()["applied"]
+
+    def status(self) -> dict[str, Any]:
+        """Version, applied, duplicate and clipped step ids, the latest lr and gradient norm."""
+        return self.server.status()
 
     def checkpoint(self) -> Checkpoint:
-        return self.store.to_checkpoint()
+        return self.server.checkpoint()
+
+    def save(self, path: str) -> None:
+        self.server.save(str(path))
 
     def restore(self, ckpt: Checkpoint) -> None:
-        self.store = ParameterStore.from_checkpoint(ckpt, self.store.params)
+        self.server.restore(ckpt)
+
+    def set_progress(self, progress: Mapping[str, Any]) -> None:
+        self.server.set_progress(dict(progress))

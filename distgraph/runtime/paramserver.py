@@ -1,7 +1,13 @@
 """The parameter server: master parameters, optimizer state, versions and checkpoints.
 
 State: a :class:`~distgraph.paramstore.ParameterStore` (params, optimizer state, the record of
-applied step ids) and, per worker, the names of the params that worker keeps resident.
+applied step ids), per worker the names of the params that worker keeps resident, and how the
+updates it applied were taken (learning rate, gradient norm, clipped step ids).
+
+Where the gradients meet: ``stage`` evaluates the learning-rate schedule at the step id it
+stages and clips by the global norm of all the step's gradients, so a replayed step gets the
+same rate and the same clipping as its first run. The local training session runs this same
+class in-process (see ``runtime/local.py``).
 
 Order of a step (one outcome per step id: applied, and the driver counts it, or never applied):
 
@@ -33,7 +39,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import WorkerLostError
-from ..optim import Optimizer
+from ..optim import Optimizer, Update
 from ..paramstore import ParameterStore
 
 
@@ -49,7 +55,7 @@ class _Staged:
     step: int
     store: ParameterStore  # the store it was computed from (a restore replaces the store)
     version: int
-    update: tuple[dict, dict] | None  # None: the step id was applied before (a duplicate)
+    update: Update | None  # None: the step id was applied before (a duplicate)
     start: float
 
 
@@ -75,6 +81,19 @@ class ParameterServer:
         self.progress: dict[str, Any] = {}
         self._saved_version = -1  # the version last written to checkpoint_dir
         self._staged: _Staged | None = None
+        #: Step ids whose gradients were scaled down to ``clip_norm``, in the order applied.
+        self.clipped: list[int] = []
+        #: Learning rate and gradient norm of the latest applied step (norm: with clip_norm).
+        self.last_lr: float | None = None
+        self.last_grad_norm: float | None = None
+
+    @classmethod
+    def over(cls, store: ParameterStore, grad_names: dict[str, str]) -> ParameterServer:
+        """A server in this process over ``store`` (no routes, no checkpoint directory): the
+        local training session's, so it applies updates with exactly this code."""
+        server = cls({}, store.optimizer, {}, grad_names)
+        server.store = store
+        return server
 
     def stage(self, step_id: int, *grad_dicts: dict[str, Any], routed: bool = False) -> Any:
         """Compute step ``step_id``'s update from its gradients and hold it (apply nothing).
@@ -90,7 +109,7 @@ class ParameterServer:
         self._staged = _Staged(step_id, self.store, self.store.version, update, start)
         if not routed:
             return step_id
-        params = self.store.params if update is None else update[0]
+        params = self.store.params if update is None else update.params
         return (step_id, *self._route(params))
 
     def commit(self, step_id: int) -> dict[str, Any]:
@@ -108,6 +127,10 @@ class ParameterServer:
                 "never arrived, or the server restarted); the step must run again"
             )
         applied = self.store.install(step_id, staged.update)
+        if applied and staged.update is not None:
+            self.last_lr, self.last_grad_norm = staged.update.lr, staged.update.grad_norm
+            if staged.update.clipped:
+                self.clipped.append(step_id)
         if applied and self.checkpoint_every and self.store.version % self.checkpoint_every == 0:
             self.save(self.checkpoint_dir)
         status = {
@@ -177,11 +200,16 @@ class ParameterServer:
         return self.store.version
 
     def status(self) -> dict[str, Any]:
-        """Version, applied step ids and ignored duplicates."""
+        """Version, applied step ids, ignored duplicates, the step ids whose gradients were
+        clipped (since this server started), and the latest step's learning rate and gradient
+        norm (None before the first update; the norm is computed only with ``clip_norm``)."""
         return {
             "version": self.store.version,
             "applied": list(self.store.applied),
             "duplicates": list(self.store.duplicates),
+            "clipped": list(self.clipped),
+            "lr": self.last_lr,
+            "grad_norm": self.last_grad_norm,
         }
 
     def crash(self) -> None:

@@ -865,8 +865,8 @@ class _RaySession(TrainingSession):
         check_finite: bool,
     ):
         self.ex, self.graph, self.optimizer, self.check_finite = ex, graph, optimizer, check_finite
-        self.prog = ex.training_program(graph, loss, list(store.params))
-        self.loss = self.prog.outputs[0]
+        self._loss_name, self._wrt = loss, list(store.params)
+        self._prog: Program | None = None  # compiled by the first use (see ``prog``)
         self.plan: Plan | None = None
         self.plan_id = 0
         self._initial = store.to_checkpoint()
@@ -889,6 +889,19 @@ class _RaySession(TrainingSession):
         self._unsettled: tuple[int, Any] | None = None
         self._unrecovered = False  # a step gave up on a lost worker: recover before the next
 
+    @property
+    def prog(self) -> Program:
+        """The training program, compiled on first use: opening a session never fails on the
+        graph (a loss that is not a scalar is refused by the first step)."""
+        if self._prog is None:
+            self._prog = self.ex.training_program(self.graph, self._loss_name, self._wrt)
+        return self._prog
+
+    @property
+    def loss(self) -> str:
+        """The loss node's name in the program."""
+        return self.prog.outputs[0]
+
     def _ensure(self, batch: int) -> None:
         if self.plan is not None:
             return
@@ -896,7 +909,8 @@ class _RaySession(TrainingSession):
         self.plan = ex._make_plan(self.prog, training=True, batch_size=batch)
         self.plan_id = next(ex._plan_ids)
         ex._check_fits(self.plan, self._initial.params)
-        if ex.worker_updates:
+        # Clipping needs every gradient's share of the global norm: only the server has them.
+        if ex.worker_updates and self.optimizer.clip_norm is None:
             self.replicas, self.pipelined = replica_layout(self.plan)
         #: Workers that take their params from the server after each step: those that keep
         #: params and no replica (the others would only be sent empty updates).
