@@ -369,14 +369,19 @@ def transformer_block(
     causal: bool = True,
     activation: str = "gelu",
     eps: float = 1e-5,
+    dropout: float = 0.0,
     seed: int = 0,
     dtype: Any = None,
 ) -> Node:
     """A pre-norm transformer block over ``x`` (batch, time, width):
 
-    ``h = x + attn(ln1(x))``; ``out = h + mlp(ln2(h))``, with parts ``<name>.ln1``,
+    ``h = x + drop(attn(ln1(x)))``; ``out = h + drop(mlp(ln2(h)))``, with parts ``<name>.ln1``,
     ``<name>.attn`` (:func:`multi_head_attention`), ``<name>.ln2`` and ``<name>.mlp``
     (:func:`mlp_block`, hidden = mlp_ratio * width). Returns the node ``<name>``.
+
+    ``dropout`` > 0 adds ``dg.dropout`` nodes ``<name>.attn.drop`` and ``<name>.mlp.drop``
+    (probability ``dropout``, stream seed ``seed``): active in training steps only, their masks
+    drawn from (seed, step id, node name), so every executor and a replayed step draw the same.
     """
     g = x.graph
     _claim(g, name, "transformer_block")
@@ -390,11 +395,19 @@ def transformer_block(
         )
     mlp_ratio = _positive(mlp_ratio, "transformer_block", name, "mlp_ratio")
     _choice(activation, ACTIVATIONS, "transformer_block", name, "activation")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise GraphError(
+            f"transformer_block {name!r}: dropout must be a probability in [0, 1), got {dropout!r}"
+        )
     a = layer_norm(x, name=f"{name}.ln1", eps=eps, dtype=dtype)
     a = multi_head_attention(a, heads, name=f"{name}.attn", causal=causal, seed=seed, dtype=dtype)
+    if dropout:
+        a = F.dropout(a, dropout, seed=seed, name=f"{name}.attn.drop")
     h = g.apply("add", x, a, name=f"{name}.res1")
     m = layer_norm(h, name=f"{name}.ln2", eps=eps, dtype=dtype)
     m = mlp_block(
         m, mlp_ratio * width, name=f"{name}.mlp", activation=activation, seed=seed, dtype=dtype
     )
+    if dropout:
+        m = F.dropout(m, dropout, seed=seed, name=f"{name}.mlp.drop")
     return g.apply("add", h, m, name=name)

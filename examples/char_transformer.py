@@ -77,7 +77,13 @@ def ngram_losses(corpus: Corpus) -> tuple[float, float]:
 
 
 def build_graph(
-    vocab: int, context: int, width: int = 64, heads: int = 4, layers: int = 2, seed: int = 0
+    vocab: int,
+    context: int,
+    width: int = 64,
+    heads: int = 4,
+    layers: int = 2,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> dg.Graph:
     """The transformer; outputs ``logits`` (batch, context, vocab) and ``loss``."""
     g = dg.Graph()
@@ -87,7 +93,7 @@ def build_graph(
     pos = nn.embedding(g.const(np.arange(context)), context, width, name="pos", seed=seed)
     h = tok + pos  # (batch, context, width) + (context, width)
     for i in range(layers):
-        h = nn.transformer_block(h, heads, name=f"block{i}", seed=seed)
+        h = nn.transformer_block(h, heads, name=f"block{i}", dropout=dropout, seed=seed)
     h = nn.layer_norm(h, name="ln_f")
     g.output("logits", nn.linear(h, vocab, name="head", seed=seed, init="glorot"))
     flat = g["logits"].reshape(-1, vocab)
@@ -149,8 +155,11 @@ def make_executor(backend: str, workers: int, strategy: str) -> Any:
 def parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, default=30, help="passes over the windows (default 30)")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    p.add_argument("--epochs", type=int, default=8, help="passes over the windows (default 8)")
+    p.add_argument(
+        "--lr", type=float, default=3e-3, help="Adam's first rate, cosine-decayed (default 3e-3)"
+    )
+    p.add_argument("--dropout", type=float, default=0.1, help="block dropout (default 0.1)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per step (default 32)")
     p.add_argument("--context", type=int, default=64, help="characters per window (default 64)")
     p.add_argument("--stride", type=int, default=8, help="gap between window starts (default 8)")
@@ -182,17 +191,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.quick:
         train = {k: v[:64] for k, v in train.items()}
         epochs = min(epochs, 1)
-    g = build_graph(corpus.vocab, args.context, args.width, args.heads, args.layers, args.seed)
+    g = build_graph(
+        corpus.vocab, args.context, args.width, args.heads, args.layers, args.dropout, args.seed
+    )
     unigram, bigram = ngram_losses(corpus)
+    # Per-epoch validation on the held-out text's whole windows (the final figure below also
+    # counts the last, partial window).
+    held_out = windows(corpus.test, args.context, args.context)
+    steps = epochs * -(-len(train["x"]) // args.batch_size)
+    optimizer = dg.Adam(lr=dg.CosineLR(args.lr, steps=steps, final=args.lr / 10))
     ex = make_executor(args.backend, args.workers, args.strategy)
     started = time.perf_counter()
     sample = ""
     try:
-        trainer = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=args.lr), executor=ex)
+        trainer = dg.Trainer(g, loss="loss", optimizer=optimizer, executor=ex)
         for _ in range(epochs):
-            history = trainer.fit(train, epochs=1, batch_size=args.batch_size, seed=args.seed)
+            history = trainer.fit(
+                train, epochs=1, batch_size=args.batch_size, seed=args.seed, validation=held_out
+            )
             if not args.quiet:
-                print(f"epoch {trainer.epoch:3d}: loss {history.loss[-1]:.4f}", flush=True)
+                print(
+                    f"epoch {trainer.epoch:3d}: loss {history.loss[-1]:.4f}, held-out "
+                    f"{history.val_loss[-1]:.4f}",
+                    flush=True,
+                )
         seconds = time.perf_counter() - started
         trained = g.with_params(trainer.params)
         loss = held_out_loss(ex, trained, corpus.test, args.context)
@@ -212,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"--- sample (seed {args.seed}) ---\n{sample}")
     return {
         "held_out_loss": loss,
+        "val_loss": list(trainer.history.val_loss),
         "unigram_loss": unigram,
         "bigram_loss": bigram,
         "history": list(trainer.history.loss),

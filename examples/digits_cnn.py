@@ -5,9 +5,9 @@
     python examples/digits_cnn.py --quick                      # a short smoke run
 
 conv(8, 3x3) -> relu -> max-pool 2 -> conv(16, 3x3) -> relu -> max-pool 2 -> linear(10), softmax
-cross-entropy, Adam. The 1,797 images are split once by a seeded permutation into 1,437 training
-and 360 held-out images; the script prints the mean loss of every epoch and the accuracy on the
-held-out images (the default run reaches over 97 %).
+cross-entropy, Adam with a cosine-decayed rate. The 1,797 images are split once by a seeded
+permutation into 1,438 training and 359 held-out images; after every epoch the script prints the
+mean training loss and the accuracy on the held-out images (the default run ends above 97 %).
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=25, help="passes over the data (default 25)")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
+    p.add_argument(
+        "--lr", type=float, default=0.01, help="Adam's first rate, cosine-decayed (default 0.01)"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, init, shuffling")
     p.add_argument("--backend", choices=["local", "ray"], default="local", help="executor")
@@ -88,18 +90,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ex = make_executor(args.backend, args.workers, args.strategy)
     started = time.perf_counter()
     try:
-        trainer = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=args.lr), executor=ex)
+        # Adam with the rate cosine-decayed to a twentieth over the run: late epochs settle
+        # instead of oscillating around the minimum.
+        steps = epochs * -(-len(train["y"]) // args.batch_size)
+        lr = dg.CosineLR(args.lr, steps=steps, final=args.lr / 20)
+        trainer = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=lr), executor=ex)
         for _ in range(epochs):
-            history = trainer.fit(train, epochs=1, batch_size=args.batch_size, seed=args.seed)
+            # The held-out images are scored after every epoch (history.val_accuracy); they
+            # choose nothing, so the last epoch's figure is an honest test accuracy.
+            history = trainer.fit(
+                train,
+                epochs=1,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                validation=test,
+                metric="accuracy",
+            )
             if not args.quiet:
-                print(f"epoch {trainer.epoch:3d}: loss {history.loss[-1]:.4f}", flush=True)
-        params = trainer.params
+                print(
+                    f"epoch {trainer.epoch:3d}: loss {history.loss[-1]:.4f}, held-out accuracy "
+                    f"{history.val_accuracy[-1]:.2%}",
+                    flush=True,
+                )
         seconds = time.perf_counter() - started
-        # Held-out accuracy: one forward pass over the test images with the trained params.
-        logits = ex.run(g.with_params(params), test, outputs=["logits"]).values["logits"]
+        accuracy = trainer.evaluate(test, metric="accuracy")["accuracy"]
+        params = trainer.params
     finally:
         ex.close()
-    accuracy = float(np.mean(np.argmax(logits, axis=1) == test["y"]))
     loss = trainer.history.loss[-1]
     print(
         f"test accuracy {accuracy:.2%} on {len(test['y'])} held-out images; final training "
@@ -107,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     return {
         "accuracy": accuracy,
+        "val_accuracy": list(trainer.history.val_accuracy),
         "loss": loss,
         "history": list(trainer.history.loss),
         "seconds": seconds,
