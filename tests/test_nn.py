@@ -315,3 +315,47 @@ def test_ray_matches_local_on_a_transformer_block(ray_executor):
         assert np.array_equal(local.values[k], remote.values[k]), k
     for k in local.grads:
         assert np.array_equal(local.grads[k], remote.grads[k]), k
+
+
+def dropout_block_graph(p: float) -> dg.Graph:
+    g = dg.Graph()
+    x = g.input("x", shape=(None, 5, 8))
+    h = nn.transformer_block(x, 2, name="block0", mlp_ratio=2, dropout=p, seed=1)
+    g.output("loss", (h * h).mean())
+    return g
+
+
+def test_block_dropout_is_identity_outside_training_and_named_after_the_block():
+    with_drop, without = dropout_block_graph(0.5), dropout_block_graph(0.0)
+    assert "block0.attn.drop" in with_drop and "block0.mlp.drop" in with_drop
+    assert "block0.attn.drop" not in without
+    feeds = block_feeds()
+    ex = dg.LocalExecutor()
+    a = ex.run(with_drop, feeds, grad="loss")
+    b = ex.run(without, feeds, grad="loss")
+    assert np.array_equal(a.values["loss"], b.values["loss"])
+    with pytest.raises(dg.GraphError, match="dropout must be a probability"):
+        dropout_block_graph(1.0)
+
+
+def _train(g: dg.Graph, executor: object, steps: int = 3) -> dict[str, np.ndarray]:
+    feeds = {"x": np.random.default_rng(2).standard_normal((8, 5, 8))}
+    trainer = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=executor)
+    trainer.fit(feeds, epochs=steps, batch_size=8)
+    return trainer.params
+
+
+def test_block_dropout_changes_training_steps():
+    trained = _train(dropout_block_graph(0.5), dg.LocalExecutor())
+    plain = _train(dropout_block_graph(0.0), dg.LocalExecutor())
+    assert not np.array_equal(trained["block0.attn.wq"], plain["block0.attn.wq"])
+    again = _train(dropout_block_graph(0.5), dg.LocalExecutor())
+    assert all(np.array_equal(trained[k], again[k]) for k in trained)
+
+
+def test_ray_trains_a_dropout_block_to_the_same_params_as_local(ray_executor):
+    local = _train(dropout_block_graph(0.5), dg.LocalExecutor())
+    remote = _train(dropout_block_graph(0.5), ray_executor)
+    assert local.keys() == remote.keys()
+    for k in local:
+        assert np.array_equal(local[k], remote[k]), k
