@@ -34,7 +34,7 @@ class Digits(NamedTuple):
 def _read(name: str) -> bytes:
     """The bytes of ``distgraph/data/<name>``, or a ConfigError saying the install is broken."""
     try:
-        return resources.files("distgraph").joinpath("data", name).read_bytes()
+        return resources.files("distgraph").joinpath("data").joinpath(name).read_bytes()
     except (FileNotFoundError, NotADirectoryError) as e:
         raise ConfigError(
             f"the data file distgraph/data/{name} is missing from this installation of "

@@ -170,7 +170,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["local", "ray"], default="local", help="executor")
     p.add_argument("--workers", type=int, default=2, help="Ray worker actors (default 2)")
     p.add_argument(
-        "--strategy", default="mincut", help="RayExecutor partitioning strategy (default mincut)"
+        "--strategy",
+        default="mincut",
+        help=f"RayExecutor strategy: {', '.join(sorted(dg.STRATEGIES))} (default mincut)",
     )
     p.add_argument("--generate", type=int, default=0, metavar="N", help="sample N characters")
     p.add_argument("--prompt", default="The ", help="text the samples continue (default 'The ')")

@@ -69,7 +69,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["local", "ray"], default="local", help="executor")
     p.add_argument("--workers", type=int, default=2, help="Ray worker actors (default 2)")
     p.add_argument(
-        "--strategy", default="mincut", help="Ray partitioning strategy (default mincut)"
+        "--strategy",
+        default="mincut",
+        help=f"RayExecutor strategy: {', '.join(sorted(dg.STRATEGIES))} (default mincut)",
     )
     p.add_argument(
         "--quick", action="store_true", help="2 epochs on 256 images: a smoke run, no target"
