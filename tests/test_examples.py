@@ -144,8 +144,15 @@ def test_quick_runs_on_ray_equal_the_local_ones(name):
 
     ensure_ray()  # the examples' executors join the shared runtime
     example = load_example(name)
+    # Precondition: round_robin spreads the training graph over both workers (mincut, the
+    # default, keeps these sequential models on one worker, which would prove little).
+    graph = example.build_graph() if name == "digits_cnn" else example.build_graph(82, 64)
+    placement = dg.partition(dg.grad(graph, of="loss"), 2, "round_robin")
+    assert set(placement.values()) == {0, 1}
     local = example.main(["--quick", "--quiet"])
-    remote = example.main(["--quick", "--quiet", "--backend", "ray", "--workers", "2"])
+    remote = example.main(
+        ["--quick", "--quiet", "--backend", "ray", "--workers", "2", "--strategy", "round_robin"]
+    )
     assert remote["history"] == local["history"]
     key = "accuracy" if name == "digits_cnn" else "held_out_loss"
     assert remote[key] == local[key]
