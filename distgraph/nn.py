@@ -131,6 +131,14 @@ def _rank(x: Node, ranks: Sequence[int], what: str, name: str, layout: str) -> N
         )
 
 
+def _float_input(x: Node, what: str, name: str) -> None:
+    if x.dtype is not None and x.dtype.kind != "f":
+        raise GraphError(
+            f"{what} {name!r}: input {x.name!r} has dtype {x.dtype}; it needs floating-point "
+            "values (cast it with .astype('float32'))"
+        )
+
+
 def _param_dtype(x: Node, dtype: Any) -> str:
     if dtype is not None:
         d = np.dtype(dtype)
@@ -231,7 +239,19 @@ def conv2d(
     kh, kw = (kernel, kernel) if isinstance(kernel, (int, np.integer)) else tuple(kernel)
     kh = _positive(kh, "conv2d", name, "kernel height")
     kw = _positive(kw, "conv2d", name, "kernel width")
+    _float_input(x, "conv2d", name)
     dt = _param_dtype(x, dtype)
+    # The geometry (stride, padding, dilation against the image) is checked by building the
+    # convolution alone on a scratch graph first: its error, raised before any param is added.
+    scratch = Graph()
+    F.conv2d(
+        scratch.input(x.name, shape=x.shape, dtype=dt),
+        scratch.input(f"{name}.w", shape=(out_channels, cin, kh, kw), dtype=dt),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        name=name,
+    )
     fan_in, fan_out = cin * kh * kw, out_channels * kh * kw
     w = g.param(
         f"{name}.w",
@@ -251,6 +271,9 @@ def layer_norm(x: Node, *, name: str, eps: float = 1e-5, dtype: Any = None) -> N
     """
     g = x.graph
     _claim(g, name, "layer_norm")
+    _float_input(x, "layer_norm", name)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise GraphError(f"layer_norm {name!r}: eps must be a number >= 0, got {eps!r}")
     d = _dim(x, -1, "layer_norm", name, "last axis (features)")
     dt = _param_dtype(x, dtype)
     w = g.param(f"{name}.w", np.ones(d, dtype=dt))
@@ -310,6 +333,7 @@ def multi_head_attention(
     _claim(g, name, "multi_head_attention")
     heads = _positive(heads, "multi_head_attention", name, "heads")
     _rank(x, (3,), "multi_head_attention", name, "a 3-D (batch, time, width) input")
+    _float_input(x, "multi_head_attention", name)
     width = _dim(x, -1, "multi_head_attention", name, "last axis (width)")
     if width % heads:
         raise ShapeError(
@@ -386,6 +410,7 @@ def transformer_block(
     g = x.graph
     _claim(g, name, "transformer_block")
     _rank(x, (3,), "transformer_block", name, "a 3-D (batch, time, width) input")
+    _float_input(x, "transformer_block", name)
     width = _dim(x, -1, "transformer_block", name, "last axis (width)")
     heads = _positive(heads, "transformer_block", name, "heads")
     if width % heads:

@@ -268,6 +268,24 @@ def test_bad_arguments_name_the_layer_and_add_nothing(build, match):
     assert len(g) == before and not g.params
 
 
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda x: nn.conv2d(x, 2, 9, name="c"), "a 9x9 kernel with dilation"),
+        (lambda x: nn.conv2d(x, 2, 3, stride=0, name="c"), "stride"),
+        (lambda x: nn.conv2d(x, 2, 3, dilation=4, name="c"), "does not fit"),
+        (lambda x: nn.conv2d(x.astype("int64"), 2, 3, name="c"), "dtype int64"),
+        (lambda x: nn.layer_norm(x, eps=-1.0, name="n"), "eps must be a number >= 0"),
+    ],
+)
+def test_refused_convolutions_and_norms_add_no_param(build, match):
+    g = dg.Graph()
+    x = g.input("x", shape=(None, 1, 8, 8), dtype="float32")
+    with pytest.raises(dg.DistgraphError, match=match):
+        build(x)
+    assert not g.params and all(n.op in ("input", "cast") for n in g.nodes)
+
+
 def test_a_width_that_is_a_batch_dimension_is_refused():
     g = dg.Graph()
     x = g.input("x", shape=(None, None))
