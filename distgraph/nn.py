@@ -4,10 +4,11 @@ Each helper takes the node it reads, the layer's sizes, and a keyword-only ``nam
 layer's **namespace**: its params are ``<name>.<param>`` and its nodes ``<name>`` (the layer's
 result) or ``<name>.<part>``, so a name says where it lives (``block0.attn.wq``,
 ``block0.mlp.fc1.w``). Composite helpers nest their parts' namespaces (``transformer_block(...,
-name="block0")`` calls ``multi_head_attention(..., name="block0.attn")``). A helper refuses, before
-it adds anything, a namespace that already holds a node or param (``GraphError``), so a repeated
-name never leaves a half-built layer behind. Nothing is remembered between calls: the graph
-stays plain data and the helpers keep no global state.
+name="block0")`` calls ``multi_head_attention(..., name="block0.attn")``). A helper checks its
+arguments before it adds anything -- the namespace is free of nodes and params, sizes are known
+and positive, inputs are floating point, a convolution fits its image -- so a refused call
+(``GraphError`` or ``ShapeError`` naming the layer) leaves the graph as it was. Nothing is
+remembered between calls: the graph stays plain data and the helpers keep no global state.
 
 **Initialisation is a pure function of (seed, param name).** Each param draws from its own
 ``numpy.random.Generator`` seeded with ``[seed, blake2b(name)]``: the same seed and name give
@@ -24,8 +25,8 @@ zero, layer-norm gains at one):
 ``mlp_block``               ``fc1``: He (it feeds the activation); ``fc2``: Glorot
 ==========================  ===================================================================
 
-Param dtypes follow the input (a float input's dtype, else float64) unless ``dtype=`` says
-otherwise.
+Param dtypes follow the input (a float input's dtype, else float64; an embedding table is
+float64) unless ``dtype=`` says otherwise.
 """
 
 from __future__ import annotations
