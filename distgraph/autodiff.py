@@ -14,10 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._util import gc_paused
-from .errors import GraphError
-from .graph import Graph, _inferred_dtype
-from .ops import LEAF_OPS, get_op
-from .spec import NodeSpec, make_node
+from .errors import DistgraphError, GraphError, SpecError
+from .graph import Graph
+from .infer import inferred_dtype
+from .ops import LEAF_OPS, VJP_NAME, get_op
+from .spec import GraphSpec, NodeSpec, make_node
 
 
 def _grad_mask(
@@ -50,7 +51,7 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
     if of not in graph:
         raise GraphError(f"cannot differentiate {of!r}: no such node")
     of = graph[of].name
-    nodes = graph._nodes  # name -> record, in topological (insertion) order
+    nodes = graph.node_map  # name -> record, in topological (insertion) order
     if np.dtype(nodes[of].dtype or "float64").kind != "f":
         raise GraphError(
             f"cannot differentiate {of!r}: its dtype {nodes[of].dtype} is not floating"
@@ -76,7 +77,7 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
                     f"{nodes[n].dtype} is not floating"
                 )
     targets = set(wrt)
-    backwards = list(reversed(nodes))
+    backwards = list(nodes)[::-1]
 
     # Nodes that lie on a path from a target leaf to `of`.
     ancestors = {of}
@@ -98,14 +99,13 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
         if any(m and s in needs for m, s in zip(mask, node.inputs)):
             needs.add(name)
 
-    out = graph.copy()
-    table = out._nodes
+    added: dict[str, NodeSpec] = {}
 
     def add(name: str, op: str, inputs: list[str], attrs: dict, like: NodeSpec, origin: str) -> str:
         # Generated names hold ':', which user names cannot, so only a second grad() clashes.
-        if name in table:
+        if name in nodes or name in added:
             raise GraphError(f"cannot add gradient node {name!r}: the name is taken")
-        table[name] = make_node(name, op, inputs, attrs, like.shape, like.dtype, "backward", origin)
+        added[name] = make_node(name, op, inputs, attrs, like.shape, like.dtype, "backward", origin)
         return name
 
     shares: dict[str, list[str]] = {}
@@ -136,7 +136,7 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
                 [nodes[s].shape for s in inputs],
                 # An undeclared input is provisionally float64, as in inference: slicing the
                 # cotangent is then right whenever the fed dtypes agree (the usual case).
-                [_inferred_dtype(nodes[s]) for s in inputs],
+                [inferred_dtype(nodes[s]) for s in inputs],
                 node.dtype,
                 node.attrs,
             )
@@ -157,7 +157,7 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
             attrs = vjp_attrs.get(key)
             if attrs is None:
                 attrs = vjp_attrs[key] = {"op": node.op, "argnum": i, "attrs": node.attrs}
-            share = add(f"vjp:{name}:{i}", "vjp", head + inputs, attrs, nodes[src], name)
+            share = add(f"vjp:{name}:{i}", VJP_NAME, head + inputs, attrs, nodes[src], name)
             mine = shares.get(src)
             if mine is None:
                 shares[src] = [share]
@@ -170,27 +170,63 @@ def grad(graph: Graph, of: str, wrt: Sequence[str] | None = None) -> Graph:
             grads[leaf] = grad_node[leaf]
         else:  # no path to `of`: the gradient is zero, still a node so every executor agrees
             grads[leaf] = add(grad_name(leaf), "zeros_like", [leaf], {}, nodes[leaf], leaf)
-    out._grads = grads
-    out._grad_of = of
-    out._touch()  # nodes were added to its table directly
+    out = graph.copy()
+    out.attach_backward(list(added.values()), grads, of)
     return out
 
 
 def forward_part(graph: Graph) -> Graph:
     """A copy of ``graph`` without its backward pass: backward nodes, nodes computed from them
     and the ``grads``/``grad_of`` record are dropped (outputs among them too)."""
-    out = graph.copy()
-    dropped: set[str] = set()
-    kept = {}
-    for name, node in graph._nodes.items():
-        if node.phase == "backward" or not dropped.isdisjoint(node.inputs):
-            dropped.add(name)
+    return graph.without_backward()
+
+
+def check_backward_pass(g: Graph, spec: GraphSpec) -> None:
+    """Refuse a spec whose backward pass is not the one :func:`distgraph.grad` builds for its
+    ``grad_of``: ``grads`` naming another node, or backward nodes edited, would make a run
+    return (and a Trainer apply) values that are not the gradients they are named as."""
+    backward = {n.name: n for n in spec.nodes if n.phase == "backward"}
+    if spec.grad_of is None:
+        if spec.grads or backward:
+            raise SpecError(
+                "grad_of: null, but the spec holds a backward pass (grads or backward nodes); "
+                "a backward pass is only read together with the output it differentiates"
+            )
+        return
+    try:
+        want = grad(forward_part(g), of=spec.grad_of, wrt=list(spec.grads))
+    except DistgraphError as e:
+        raise SpecError(f"grad_of: {e}") from None
+    if want.grads != dict(spec.grads):
+        raise SpecError(
+            f"grads: {dict(spec.grads)} is not where the gradients of {spec.grad_of!r} are "
+            f"({want.grads}); re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
+        )
+    made = {n.name: n for n in want.node_map.values() if n.phase == "backward"}
+    for name in sorted(set(made) | set(backward)):
+        a, b = made.get(name), backward.get(name)
+        if a is None or b is None:
+            what = (
+                f"a backward node that dg.grad does not build for {spec.grad_of!r}"
+                if a is None
+                else f"missing: dg.grad builds this backward node for {spec.grad_of!r}"
+            )
         else:
-            kept[name] = node
-    out._nodes = kept
-    out._outputs = [o for o in out._outputs if o not in dropped]
-    out._constants = {k: v for k, v in out._constants.items() if k not in dropped}
-    out._grads = {}
-    out._grad_of = None
-    out._touch()
-    return out
+            fields = [
+                f
+                for f, mine, theirs in (
+                    ("op", a.op, b.op),
+                    ("inputs", list(a.inputs), b.inputs),
+                    ("attrs", a.attrs, b.attrs),
+                )
+                if mine != theirs
+            ]
+            if not fields:
+                continue
+            what = (
+                f"its {' and '.join(fields)} differ from what dg.grad builds for "
+                f"{spec.grad_of!r} (were a forward node's attrs edited?)"
+            )
+        raise SpecError(
+            f"nodes.{name}: {what}; re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
+        )

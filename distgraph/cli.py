@@ -461,29 +461,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .cost import CostModel
-    from .partition import partition
-    from .plan import build_plan
-    from .program import compile_program
+    from .plan import plan_for
 
     g, _, grad = _load_graph(args.graph)
     if args.grad is not None:
         grad = args.grad
     elif grad is None:
         grad = g.outputs[-1] if g.outputs else None
-    prog = compile_program(g, grad=grad)
-    cost = CostModel(batch_size=args.batch_size)
-    placement = partition(prog, args.workers, args.strategy, cost)
-    plan = build_plan(prog, placement, args.workers, cost, strategy=args.strategy)
+    plan = plan_for(
+        g, grad=grad, num_workers=args.workers, strategy=args.strategy, batch_size=args.batch_size
+    )
     print(plan.explain())
     return 0
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
     from .autodiff import grad as differentiate
-    from .cost import CostModel
-    from .partition import partition
-    from .program import compile_program
+    from .plan import plan_for
     from .viz import render_svg, to_dot
     from .viz._paths import output_path
 
@@ -491,12 +485,15 @@ def cmd_viz(args: argparse.Namespace) -> int:
     g, _, grad = _load_graph(args.graph)
     if args.backward and grad and g.grad_of is None:
         g = differentiate(g, grad)
-    prog = (
-        compile_program(g, grad=None, outputs=g.outputs or None)
-        if g.outputs
-        else compile_program(g, grad=grad)
+    plan = plan_for(
+        g,
+        outputs=g.outputs or None,
+        grad=None if g.outputs else grad,
+        num_workers=args.workers,
+        strategy=args.strategy,
+        batch_size=args.batch_size,
     )
-    placement = partition(prog, args.workers, args.strategy, CostModel(batch_size=args.batch_size))
+    placement = dict(plan.placement)
     placement.update({n.name: 0 for n in g.nodes if n.name not in placement})
     text = (
         to_dot(g.spec, placement=placement, batch_size=args.batch_size)

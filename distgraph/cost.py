@@ -1,4 +1,4 @@
-"""A small cost model: bytes of each value and estimated seconds of each node.
+"""A small cost model: bytes of each value and estimated seconds of each node, per program.
 
 Rough on purpose: it only has to tell a 512x512 matmul from a scalar add, and a 1 MB transfer
 from a call's fixed overhead, so the partitioner can keep cheap nodes together.
@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .ops import LEAF_OPS, OPS
+from .ops import LEAF_OPS, OPS, find_op
+from .program import Program
 from .spec import NodeSpec
 
 
@@ -41,27 +43,31 @@ class CostModel:
         return self.numel(node) * itemsize(node.dtype)
 
     def flops(self, node: NodeSpec, inputs: list[NodeSpec]) -> float:
-        """Estimated floating-point operations of a node."""
+        """Estimated floating-point operations of a node: its op row's rate per element of
+        the largest operand, or the row's exact count (matmul's 2*M*N*K)."""
         if node.op in LEAF_OPS:
             return 0.0
-        op_name = node.attrs.get("op") if node.op == "vjp" else node.op
-        rule = OPS[op_name].flops if op_name in OPS else None
-        if rule is not None:  # the op's own rule: matmul (2*M*N*K), conv2d, einsum
-            return self._rule_flops(rule, node, inputs)
-        per = OPS[op_name].flops_per_element if op_name in OPS else 1.0
+        name, factor, start = _cost_rule(node)
+        rule = OPS.get(name)
+        if rule is not None and rule.flops is not None:
+            # The op's own count (matmul's 2*M*N*K, conv2d, einsum), of the forward or of the
+            # VJP for one input: a weight gradient never scales like its input's gradient.
+            argnum = node.attrs.get("argnum") if name != node.op else None
+            return self._rule_flops(rule.flops, node, inputs, start, argnum)
+        per = rule.flops_per_element if rule is not None else 1.0
         size = max([self.numel(node)] + [self.numel(i) for i in inputs])
-        return (2.0 if node.op == "vjp" else 1.0) * per * size
+        return factor * per * size
 
-    def _rule_flops(self, rule: Any, node: NodeSpec, inputs: list[NodeSpec]) -> float:
-        """An op's own cost rule (``Op.flops``) on concrete shapes; for a VJP node, the forward's
-        output shape is the cotangent's and its inputs are the node's last inputs."""
-        if node.op == "vjp":
-            op = OPS[node.attrs["op"]]
-            skip = 2 if op.uses_out else 1
-            fwd, out, attrs = inputs[skip:], inputs[0], node.attrs.get("attrs", {})
-            argnum = node.attrs.get("argnum")
+    def _rule_flops(
+        self, rule: Any, node: NodeSpec, inputs: list[NodeSpec], start: int, argnum: int | None
+    ) -> float:
+        """An op's own cost rule (``Op.flops``) on concrete shapes; for a VJP node (``argnum``
+        set), the forward's output shape is the cotangent's (the node's first input) and the
+        forward inputs start at ``start``."""
+        if argnum is not None:
+            fwd, out, attrs = inputs[start:], inputs[0], node.attrs.get("attrs", {})
         else:
-            fwd, out, attrs, argnum = inputs, node, node.attrs, None
+            fwd, out, attrs = inputs, node, node.attrs
         shapes = [self._concrete(i) for i in fwd]
         out_shape = self._concrete(out)
         if out_shape is None or None in shapes:
@@ -84,7 +90,150 @@ class CostModel:
         return nbytes / self.bytes_per_second
 
 
+def _cost_rule(node: NodeSpec) -> tuple[str, float, int]:
+    """(op whose cost rule applies, factor on its rate, where its operands start)."""
+    row = find_op(node.op)
+    if row is not None and row.cost_rule is not None:
+        return row.cost_rule(node.attrs)
+    return node.op, 1.0, 0
+
+
 @functools.cache
 def itemsize(dtype: str | None) -> int:
     """Bytes per element of a dtype name (unknown dtypes count as float64)."""
     return np.dtype(dtype).itemsize if dtype else 8
+
+
+@dataclass(eq=False)
+class NodeCosts:
+    """One program's per-node estimates under one cost model (kept in ``program.cache``)."""
+
+    #: Seconds per node, in ``program.order``.
+    seconds: np.ndarray | None = None
+    #: Bytes of each node's value, in ``program.order``.
+    nbytes: np.ndarray | None = None
+    seconds_by_name: dict[str, float] | None = None
+    bytes_by_name: dict[str, int] | None = None
+
+
+def _costs(program: Program, cost: CostModel) -> NodeCosts:
+    found = program.cache.costs.get(cost)
+    if found is None:
+        found = program.cache.costs[cost] = NodeCosts()
+    return found
+
+
+def node_seconds(program: Program, cost: CostModel) -> dict[str, float]:
+    """Estimated seconds per node (computed once per program and cost model)."""
+    costs = _costs(program, cost)
+    if costs.seconds_by_name is None:
+        costs.seconds_by_name = dict(zip(program.order, seconds_array(program, cost).tolist()))
+    return costs.seconds_by_name
+
+
+def node_bytes(program: Program, cost: CostModel) -> dict[str, int]:
+    """Bytes of each node's value (computed once per program and cost model)."""
+    costs = _costs(program, cost)
+    if costs.bytes_by_name is None:
+        costs.bytes_by_name = dict(zip(program.order, bytes_array(program, cost).tolist()))
+    return costs.bytes_by_name
+
+
+def seconds_array(program: Program, cost: CostModel) -> np.ndarray:
+    """Estimated seconds per node as a float array in ``program.order`` (cached)."""
+    costs = _costs(program, cost)
+    if costs.seconds is not None:
+        return costs.seconds
+    nodes = program.nodes
+    ops = program.cache.ops
+    if type(cost) is not CostModel:  # a subclass may estimate differently: ask it per node
+        out = [
+            cost.seconds(s, [nodes[i] for i in s.inputs]) if s.op not in LEAF_OPS else 0.0
+            for s in map(nodes.__getitem__, program.order)
+        ]
+        arr = costs.seconds = np.array(out, dtype=np.float64)
+        return arr
+    # The stock model, on arrays: overhead + factor * flops-per-element * largest operand size,
+    # except matmuls (2*M*N*K), which are few and asked one by one.
+    numel = _numel_array(program, cost)
+    # The op whose cost rule applies, and a factor: the node's own, except for rows whose rule
+    # depends on their attrs (a VJP's is its forward op's, doubled), visited one by one.
+    names = list(ops)
+    factor = np.ones(len(ops))
+    dynamic = {op for op in set(ops) if (row := find_op(op)) is not None and row.cost_rule}
+    if dynamic:
+        specs = program.cache.specs
+        visit = np.fromiter(map(dynamic.__contains__, ops), bool, len(ops))
+        for i in np.flatnonzero(visit).tolist():
+            names[i], factor[i], _ = _cost_rule(specs[i])
+    rates = {k: OPS[k].flops_per_element if k in OPS else 1.0 for k in set(names)}
+    per = np.fromiter(map(rates.__getitem__, names), np.float64, len(names))
+    factor *= per
+    src, dst = program.cache.edges
+    size = numel.astype(np.float64)
+    np.maximum.at(size, dst, numel[src].astype(np.float64))
+    flops = factor * size
+    exact = {k for k in rates if k in OPS and OPS[k].flops is not None}  # matmuls: few
+    counted = np.fromiter(map(exact.__contains__, names), bool, len(names))
+    for i in np.flatnonzero(counted).tolist():
+        s = nodes[program.order[i]]
+        flops[i] = cost.flops(s, [nodes[n] for n in s.inputs])
+    arr = cost.node_overhead + flops / cost.flops_per_second
+    arr[program.cache.leaf_mask] = 0.0
+    costs.seconds = arr
+    return arr
+
+
+def bytes_array(program: Program, cost: CostModel) -> np.ndarray:
+    """Bytes of each node's value as an int array in ``program.order`` (cached)."""
+    costs = _costs(program, cost)
+    arr = costs.nbytes
+    if arr is None:
+        if type(cost) is CostModel:
+            dtypes = program.cache.dtypes
+            widths = np.fromiter(map(itemsize, dtypes), np.int64, len(dtypes))
+            arr = _numel_array(program, cost) * widths
+        else:
+            nodes = program.nodes
+            arr = np.array([cost.nbytes(nodes[n]) for n in program.order], dtype=np.int64)
+        costs.nbytes = arr
+    return arr
+
+
+def _numel_array(program: Program, cost: CostModel) -> np.ndarray:
+    """Element count of each node's value under the stock model (unknown shapes count one)."""
+    arr = program.cache.numel.get(cost.batch_size)
+    if arr is None:
+        batch = cost.batch_size
+        shapes = program.cache.shapes
+        try:  # every shape fully known: one C-level pass
+            arr = np.fromiter(map(math.prod, shapes), np.int64, len(shapes))
+        except TypeError:  # unknown shapes or batch dimensions
+            arr = np.fromiter(
+                (
+                    1
+                    if s is None
+                    else math.prod(s)
+                    if None not in s
+                    else math.prod(batch if d is None else d for d in s)
+                    for s in shapes
+                ),
+                np.int64,
+                len(shapes),
+            )
+        program.cache.numel[batch] = arr
+    return arr
+
+
+def estimate_makespan(
+    program: Program, placement: Mapping[str, int], cost: CostModel, calls: int, cross_bytes: int
+) -> float:
+    """Level-synchronous estimate: sum over levels of the busiest worker, plus overheads."""
+    secs = node_seconds(program, cost)
+    total = 0.0
+    for lv in program.levels:
+        per: dict[int, float] = {}
+        for n in lv:
+            per[placement[n]] = per.get(placement[n], 0.0) + secs[n]
+        total += max(per.values(), default=0.0)
+    return total + calls * cost.call_overhead + cost.transfer_seconds(cross_bytes)

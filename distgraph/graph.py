@@ -8,16 +8,17 @@ a bad graph fails on the line that built the bad node. The graph's content is pl
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
 from . import schedule
 from ._util import gc_paused
-from .errors import DistgraphError, DTypeError, FeedError, GraphError, ShapeError, SpecError
-from .ops import LEAF_OPS, VJP_ATTRS, Op, check_attrs, get_op, run_op
+from .errors import DTypeError, FeedError, GraphError, ShapeError, SpecError
+from .infer import PROVISIONAL_DTYPE, Label, check_result_shape, infer, inferred_dtype
+from .ops import LEAF_OPS, check_attrs, encode_index, get_op, node_op
 from .spec import (
     ALLOWED_DTYPES,
     MAX_SPEC_BYTES,
@@ -37,18 +38,6 @@ from .spec import (
 
 Scalar = int | float | bool
 Operand = "Node | np.ndarray | Scalar"
-
-#: What building assumes of an input declared without a dtype; each run is compiled for the
-#: dtype actually fed (see ``Graph._specialized``).
-PROVISIONAL_DTYPE = "float64"
-
-
-def _inferred_dtype(record: NodeSpec) -> str | None:
-    """A node's dtype for inference: an undeclared input's is provisionally float64."""
-    if record.dtype is None and record.op == "input":
-        return PROVISIONAL_DTYPE
-    return record.dtype
-
 
 #: Graph versions come from one counter, so no two states of any graphs share a version.
 _VERSIONS = itertools.count(1)
@@ -189,7 +178,7 @@ class Node:
         return self
 
     def __getitem__(self, key: Any) -> Node:
-        return self.graph.apply("index", self, index=_encode_index(key))
+        return self.graph.apply("index", self, index=encode_index(key))
 
     # Methods mirroring numpy -----------------------------------------------------------------
     def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
@@ -364,13 +353,11 @@ class Graph:
             if dtype is None and record.op == "input":
                 dtype = PROVISIONAL_DTYPE
             dtypes.append(dtype)
-        label = name or _Label(op, names)  # unnamed: say what it was built from (on error only)
+        label = name or Label(op, names)  # unnamed: say what it was built from (on error only)
         if attrs or spec.required_attrs:
             check_attrs(spec, attrs, shapes, label)
-        shape, dtype = _infer_checked(
-            op, spec, shapes, dtypes, attrs, self._weak_values(names), label
-        )
-        _check_result_shape(label, op, shape)
+        shape, dtype = infer(op, shapes, dtypes, attrs, self._weak_values(names), label, spec)
+        check_result_shape(label, op, shape)
         return self._add(name, op, names, attrs, shape, dtype, user_named=name is not None)
 
     def _operand(self, x: Any) -> Node:
@@ -475,8 +462,59 @@ class Graph:
             new._params[name] = arr
         return new
 
+    # Hooks for autodiff ------------------------------------------------------------------------
+    def attach_backward(self, nodes: Sequence[NodeSpec], grads: Mapping[str, str], of: str) -> None:
+        """Record the backward pass :func:`distgraph.grad` built: append ``nodes`` (phase
+        ``backward``, each reading nodes of the graph or earlier ones of ``nodes``) and set
+        ``grads`` and ``grad_of``. Shapes and dtypes are taken as given (autodiff knows them:
+        a gradient has its input's), so this is not a way to build unchecked forward nodes."""
+        if self._grad_of is not None:
+            raise GraphError(f"graph already holds the backward pass of {self._grad_of!r}")
+        table = self._nodes
+        new = {node.name: node for node in nodes}
+        for node in nodes:  # checked before anything is added: a refusal changes nothing
+            if node.name in table or len(new) != len(nodes):
+                raise GraphError(f"cannot add gradient node {node.name!r}: the name is taken")
+            if node.phase != "backward":
+                raise GraphError(f"gradient node {node.name!r} must have phase 'backward'")
+        missing = [n for n in (of, *grads, *grads.values()) if n not in table and n not in new]
+        if missing:
+            raise GraphError(f"the backward pass refers to missing nodes {missing}")
+        table.update(new)
+        self._grads = dict(grads)
+        self._grad_of = of
+        self._touch()
+
+    def without_backward(self) -> Graph:
+        """A copy without its backward pass: backward nodes, nodes computed from them and the
+        ``grads``/``grad_of`` record are dropped (outputs among them too)."""
+        out = self.copy()
+        dropped: set[str] = set()
+        kept = {}
+        for name, node in self._nodes.items():
+            if node.phase == "backward" or not dropped.isdisjoint(node.inputs):
+                dropped.add(name)
+            else:
+                kept[name] = node
+        out._nodes = kept
+        out._outputs = [o for o in out._outputs if o not in dropped]
+        out._constants = {k: v for k, v in out._constants.items() if k not in dropped}
+        out._grads = {}
+        out._grad_of = None
+        out._touch()
+        return out
+
+    @classmethod
+    def from_records(cls, nodes: Mapping[str, NodeSpec], constants: Mapping[str, Any]) -> Graph:
+        """A graph over node records that were checked already (a compiled program's), for
+        :meth:`specialize`-ing them again; nothing is re-inferred and it holds no params."""
+        g = cls()
+        g._nodes = dict(nodes)
+        g._constants = dict(constants)
+        return g
+
     # Compiling for a feed signature -----------------------------------------------------------
-    def _open_inputs(self) -> list[str]:
+    def open_inputs(self) -> list[str]:
         """Inputs declared without a dtype or without a shape (cached per version)."""
         cached = self._open
         if cached is not None and cached[0] == self.version:
@@ -489,7 +527,7 @@ class Graph:
         self._open = (self.version, names)
         return names
 
-    def _specialized(self, fed: Mapping[str, tuple[str, int]], ranks: bool = False) -> Graph:
+    def specialize(self, fed: Mapping[str, tuple[str, int]], ranks: bool = False) -> Graph:
         """A graph for one feed signature: inputs declared without a dtype take the fed dtype,
         and every node they reach is inferred again, so a feed that does not fit fails here
         with the node named. An input declared without a shape stays of unknown shape unless
@@ -520,9 +558,6 @@ class Graph:
                     changed.add(name)
                 elif node.op in LEAF_OPS or changed.isdisjoint(node.inputs):
                     g._nodes[name] = node
-                elif node.op == "vjp":
-                    g._add_vjp_spec(node)
-                    changed.add(name)
                 else:
                     g._rebuild(node)
                     changed.add(name)
@@ -562,6 +597,22 @@ class Graph:
     def nodes(self) -> list[NodeSpec]:
         """Node records in topological (insertion) order."""
         return list(self._nodes.values())
+
+    @property
+    def node_map(self) -> Mapping[str, NodeSpec]:
+        """Node records by name in topological (insertion) order: a read-only view, no copy."""
+        return MappingProxyType(self._nodes)
+
+    @property
+    def param_values(self) -> Mapping[str, np.ndarray]:
+        """Parameter values by name: a read-only view of the arrays themselves, no copies
+        (do not modify them in place; :attr:`params` gives copies)."""
+        return MappingProxyType(self._params)
+
+    @property
+    def constants(self) -> Mapping[str, Any]:
+        """Constant values by node name: a read-only view."""
+        return MappingProxyType(self._constants)
 
     @property
     def outputs(self) -> list[str]:
@@ -686,9 +737,9 @@ class Graph:
             )
             if problem:
                 raise SpecError(f"nodes.{i}.name: {problem} (a {node.phase} node)")
-            if node.op != "vjp" and node.op not in LEAF_OPS:
+            if node.op not in LEAF_OPS:
                 try:
-                    get_op(node.op)
+                    node_op(node.op)
                 except GraphError as e:
                     raise SpecError(f"nodes.{i}.op: {e}") from None
             elif node.op in LEAF_OPS and node.attrs:
@@ -730,8 +781,6 @@ class Graph:
                 g.const(constants[name], name=name)
             elif node.op == "input":
                 g.input(name, node.shape, node.dtype)
-            elif node.op == "vjp":
-                g._add_vjp_spec(node)
             else:
                 g._rebuild(node)
         for out in spec.outputs:
@@ -743,21 +792,33 @@ class Graph:
                 raise SpecError(f"grads.{src}: refers to a missing node")
         if spec.grad_of is not None and spec.grad_of not in g._nodes:
             raise SpecError(f"grad_of: {spec.grad_of!r} is not a node")
-        _check_backward_pass(g, spec)
+        from .autodiff import check_backward_pass  # autodiff builds on this module
+
+        check_backward_pass(g, spec)
         g._grads = dict(spec.grads)
         g._grad_of = spec.grad_of
         g._touch()
         return g
 
     def _rebuild(self, node: NodeSpec) -> None:
+        """Add a node read from a spec (or re-inferred for a feed signature), checked by its
+        op's row: attributes and inferred shape and dtype, or the row's own check and the
+        shape and dtype of the input its result is like (a vjp node: its forward input's)."""
         names = list(node.inputs)
-        shapes = [self._nodes[n].shape for n in names]
-        dtypes = [_inferred_dtype(self._nodes[n]) for n in names]
-        check_attrs(get_op(node.op), node.attrs, shapes, node.name)
-        shape, dtype = infer(
-            node.op, shapes, dtypes, node.attrs, self._weak_values(names), node.name
-        )
-        _check_result_shape(node.name, node.op, shape)
+        records = [self._nodes[n] for n in names]
+        shapes = [r.shape for r in records]
+        row = node_op(node.op)
+        if row.result_like is not None and row.check_node is not None:
+            row.check_node(node.name, names, node.attrs, shapes)
+            like = records[row.result_like(node.attrs)]
+            # As autodiff makes it (the declared dtype), so a spec round-trips unchanged.
+            shape, dtype = _opt_shape(like.shape), like.dtype
+        else:
+            check_attrs(row, node.attrs, shapes, node.name)
+            dtypes = [inferred_dtype(r) for r in records]
+            weak = self._weak_values(names)
+            shape, dtype = infer(node.op, shapes, dtypes, node.attrs, weak, node.name, row)
+            check_result_shape(node.name, node.op, shape)
         self._add(
             node.name,
             node.op,
@@ -766,384 +827,9 @@ class Graph:
             shape,
             dtype,
             False,
-            node.phase,
+            row.phase or node.phase,
             node.origin,
         )
-
-    def _add_vjp_spec(self, node: NodeSpec) -> None:
-        attrs = node.attrs
-        argnum = attrs.get("argnum")
-        if (
-            not isinstance(attrs.get("op"), str)
-            or not isinstance(argnum, int)
-            or isinstance(argnum, bool)
-            or argnum < 0
-        ):
-            raise SpecError(
-                f"nodes.{node.name}.attrs: a vjp node needs 'op' (a name) and 'argnum' "
-                f"(an int >= 0), got op={attrs.get('op')!r}, argnum={argnum!r}"
-            )
-        if not isinstance(attrs.get("attrs", {}), dict):
-            raise SpecError(f"nodes.{node.name}.attrs.attrs: must be an object")
-        extra = sorted(set(attrs) - VJP_ATTRS)
-        if extra:
-            raise SpecError(
-                f"node {node.name!r} (op vjp): attribute {extra[0]!r} is not declared "
-                f"(a vjp node takes {', '.join(sorted(VJP_ATTRS))})"
-            )
-        try:
-            op = get_op(attrs["op"])
-        except GraphError as e:
-            raise SpecError(f"nodes.{node.name}.attrs.op: {e}") from None
-        if not op.has_vjp(attrs["argnum"]):
-            raise SpecError(
-                f"nodes.{node.name}.attrs: {attrs['op']} input {attrs['argnum']} has no gradient"
-            )
-        # Inputs: the cotangent, the forward output when the VJP reads it, the forward inputs.
-        fwd = node.inputs[1 + int(op.uses_out) :]
-        if (op.arity is not None and len(fwd) != op.arity) or attrs["argnum"] >= len(fwd):
-            raise SpecError(
-                f"nodes.{node.name}.inputs: a vjp of {attrs['op']} input {attrs['argnum']} "
-                f"takes {1 + int(op.uses_out)} + {op.arity or 'the forward'} inputs, "
-                f"got {len(node.inputs)}"
-            )
-        check_attrs(op, attrs.get("attrs", {}), [self._nodes[n].shape for n in fwd], node.name)
-        src = fwd[attrs["argnum"]]
-        ref = self._nodes[src]
-        self._add(
-            node.name,
-            "vjp",
-            list(node.inputs),
-            dict(attrs),
-            _opt_shape(ref.shape),
-            ref.dtype,  # as autodiff makes it, so a spec round-trips unchanged
-            False,
-            "backward",
-            node.origin,
-        )
-
-
-class _Label:
-    """``add(x, y)``: the name of a node that has none yet, formatted only if an error needs it."""
-
-    __slots__ = ("names", "op")
-
-    def __init__(self, op: str, names: list[str]):
-        self.op, self.names = op, names
-
-    def __str__(self) -> str:
-        return f"{self.op}({', '.join(self.names)})"
-
-    def __repr__(self) -> str:
-        return repr(str(self))
-
-
-# --- shape and dtype inference --------------------------------------------------------------
-
-
-def _check_backward_pass(g: Graph, spec: GraphSpec) -> None:
-    """Refuse a spec whose backward pass is not the one :func:`distgraph.grad` builds for its
-    ``grad_of``: ``grads`` naming another node, or backward nodes edited, would make a run
-    return (and a Trainer apply) values that are not the gradients they are named as."""
-    from .autodiff import forward_part, grad  # autodiff builds on this module
-
-    backward = {n.name: n for n in spec.nodes if n.phase == "backward"}
-    if spec.grad_of is None:
-        if spec.grads or backward:
-            raise SpecError(
-                "grad_of: null, but the spec holds a backward pass (grads or backward nodes); "
-                "a backward pass is only read together with the output it differentiates"
-            )
-        return
-    try:
-        want = grad(forward_part(g), of=spec.grad_of, wrt=list(spec.grads))
-    except DistgraphError as e:
-        raise SpecError(f"grad_of: {e}") from None
-    if want._grads != dict(spec.grads):
-        raise SpecError(
-            f"grads: {dict(spec.grads)} is not where the gradients of {spec.grad_of!r} are "
-            f"({want._grads}); re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
-        )
-    made = {n.name: n for n in want._nodes.values() if n.phase == "backward"}
-    for name in sorted(set(made) | set(backward)):
-        a, b = made.get(name), backward.get(name)
-        if a is None or b is None:
-            what = (
-                f"a backward node that dg.grad does not build for {spec.grad_of!r}"
-                if a is None
-                else f"missing: dg.grad builds this backward node for {spec.grad_of!r}"
-            )
-        else:
-            fields = [
-                f
-                for f, mine, theirs in (
-                    ("op", a.op, b.op),
-                    ("inputs", list(a.inputs), b.inputs),
-                    ("attrs", a.attrs, b.attrs),
-                )
-                if mine != theirs
-            ]
-            if not fields:
-                continue
-            what = (
-                f"its {' and '.join(fields)} differ from what dg.grad builds for "
-                f"{spec.grad_of!r} (were a forward node's attrs edited?)"
-            )
-        raise SpecError(
-            f"nodes.{name}: {what}; re-create the graph with dg.grad(graph, of={spec.grad_of!r})"
-        )
-
-
-def _check_result_shape(label: Any, op: str, shape: Shape | None) -> None:
-    """Refuse a result a spec cannot hold (broadcast_to, reshape or index past 32 dimensions
-    or 2**36 elements): it would save to JSON that :meth:`Graph.from_json` refuses."""
-    problem = shape_problem(shape) if shape is not None else None
-    if problem is not None:
-        raise ShapeError(f"node {label!r} (op {op}): its result's {problem}")
-
-
-def infer(
-    op: str,
-    shapes: Sequence[Sequence[int | None] | None],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-) -> tuple[Shape | None, str | None]:
-    """Output shape and dtype of ``op`` on inputs of these shapes/dtypes; raises on mismatch."""
-    return _infer_checked(op, get_op(op), shapes, dtypes, attrs, weak, node)
-
-
-def _infer_checked(
-    op: str,
-    spec: Op,
-    shapes: Sequence[Sequence[int | None] | None],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-) -> tuple[Shape | None, str | None]:
-    """:func:`infer` for an op already looked up (``spec`` is ``get_op(op)``)."""
-    shape, dtype = _infer(op, spec, shapes, dtypes, attrs, weak, node)
-    if dtype is not None and dtype not in ALLOWED_DTYPES:
-        # e.g. a cast to object or str: such values could not be checked, fed or serialized.
-        raise DTypeError(
-            f"node {node!r} (op {op}): result dtype {dtype} is not supported "
-            f"(allowed: {', '.join(sorted(ALLOWED_DTYPES))})"
-        )
-    return shape, dtype
-
-
-def _infer(
-    op: str,
-    spec: Op,
-    shapes: Sequence[Sequence[int | None] | None],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-) -> tuple[Shape | None, str | None]:
-    if spec.arity is not None and len(shapes) != spec.arity:
-        raise GraphError(f"node {node!r} (op {op}): takes {spec.arity} inputs, got {len(shapes)}")
-    if spec.arity is None and not shapes:
-        raise GraphError(f"node {node!r} (op {op}): needs at least one input")
-    if spec.infer is not None:  # the op's own rule (see Op.infer)
-        shape, dtype = spec.infer([_opt_shape(s) for s in shapes], list(dtypes), attrs, node)
-        return shape, dtype
-    if None in shapes:
-        return None, _infer_dtype(op, dtypes, attrs, weak, node)
-    known = cast("Sequence[Sequence[int | None]]", shapes)  # `in` above does not narrow for mypy
-    if spec.elementwise:
-        first = known[0]
-        # The common case, tested in C: every input has the same shape (usually one shared
-        # list, see ``spec.make_node``), so there is nothing to broadcast.
-        if known.count(first) == len(known):
-            shape = tuple(first)
-        else:
-            shape = _broadcast([tuple(s) for s in known], op, node)
-        return shape, _infer_dtype(op, dtypes, attrs, weak, node)
-    tuples = [tuple(s) for s in known]
-    if op == "matmul":
-        return _matmul_shape(tuples[0], tuples[1], node), _infer_dtype(
-            op, dtypes, attrs, weak, node
-        )
-    return _infer_by_running(op, tuples, dtypes, attrs, weak, node)
-
-
-def _broadcast(shapes: Sequence[Shape], op: str, node: str | _Label) -> Shape:
-    first = shapes[0]
-    if all(s == first for s in shapes):  # the common case: nothing to broadcast
-        return first
-    ndim = max(len(s) for s in shapes)
-    out: list[int | None] = []
-    for i in range(ndim):
-        dims = {s[len(s) - ndim + i] for s in shapes if len(s) - ndim + i >= 0}
-        fixed = {d for d in dims if d is not None and d != 1}
-        if len(fixed) > 1:
-            raise ShapeError(
-                f"node {node!r} (op {op}): shapes {_fmt(shapes)} do not broadcast "
-                f"(axis {i - ndim}: {sorted(fixed)})"
-            )
-        out.append(fixed.pop() if fixed else (None if None in dims else 1))
-    return tuple(out)
-
-
-def _matmul_shape(a: Shape, b: Shape, node: str | _Label) -> Shape:
-    if not a or not b:
-        raise ShapeError(
-            f"node {node!r} (op matmul): operands must be at least 1-D, got {_fmt([a, b])}"
-        )
-    a2 = (1, *a) if len(a) == 1 else a
-    b2 = (*b, 1) if len(b) == 1 else b
-    k1, k2 = a2[-1], b2[-2]
-    if k1 is not None and k2 is not None and k1 != k2:
-        raise ShapeError(
-            f"node {node!r} (op matmul): shapes {_fmt([a, b])} do not align ({k1} != {k2})"
-        )
-    batch = _broadcast([a2[:-2], b2[:-2]], "matmul", node)
-    out = (*batch, a2[-2], b2[-1])
-    if len(a) == 1:
-        out = out[:-2] + out[-1:]
-    if len(b) == 1:
-        out = out[:-1]
-    return out
-
-
-#: Largest input (in elements) an op is run on to infer its output shape while building.
-INFER_ELEMENTS = 2**24
-
-
-def _dummy(shape: Shape, dtype: str | None, batch: int, weak: Any) -> Any:
-    if weak is not None:
-        return weak
-    dt = np.dtype(dtype or "float64")
-    concrete = tuple(batch if d is None else d for d in shape)
-    # Zero-stride views: inference never allocates a parameter-sized array.
-    fill = np.zeros((), dt) if dt.kind in "iub" else np.full((), 0.5, dt)
-    return np.broadcast_to(fill, concrete)
-
-
-def _infer_by_running(
-    op: str,
-    shapes: list[Shape],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-) -> tuple[Shape | None, str | None]:
-    has_batch = any(d is None for s in shapes for d in s)
-    spec = get_op(op)
-    if spec.movement:
-        return _infer_movement(op, shapes, dtypes, attrs, weak, node, has_batch)
-    sizes = [math.prod(3 if d is None else d for d in s) for s in shapes]
-    # A variadic op's output can be as large as all its inputs together (concat).
-    if (sum(sizes) if spec.arity is None else max(sizes, default=0)) > INFER_ELEMENTS:
-        # Running the op on a stand-in this large could take minutes or exhaust memory (a
-        # reduction walks every element even of a zero-stride view): the shape stays unknown
-        # here and the op's own checks apply when it runs on real values.
-        return None, _infer_dtype(op, dtypes, attrs, weak, node)
-    results: list[np.ndarray | Exception] = []
-    # Two stand-in batch sizes, neither equal to a fixed dimension: a batch of 3 against 3
-    # classes would broadcast where a real batch does not.
-    fixed = {d for s in shapes for d in s}
-    batches = [b for b in (2, 3, 5, 7, 11, 13, 17, 19, 23) if b not in fixed][:2]
-    for batch in batches if has_batch else (1,):
-        args = [_dummy(s, d, batch, w) for s, d, w in zip(shapes, dtypes, weak)]
-        try:
-            with np.errstate(all="ignore"):
-                results.append(np.asarray(run_op(op, args, attrs)))
-        except Exception as e:  # numpy's own message says what did not fit
-            results.append(e)
-    errors = [r for r in results if isinstance(r, Exception)]
-    arrays = [r for r in results if not isinstance(r, Exception)]
-    if len(errors) == len(results):
-        raise ShapeError(
-            f"node {node!r} (op {op}): inputs of shapes {_fmt(shapes)} and dtypes {list(dtypes)} "
-            f"with attrs {attrs} do not fit: {errors[0]}"
-        ) from None
-    if errors:  # the other batch size ran
-        return None, arrays[0].dtype.name
-    if len(arrays) == 1:
-        return arrays[0].shape, arrays[0].dtype.name
-    a, b = arrays
-    if a.ndim != b.ndim:
-        return None, a.dtype.name
-    return tuple(x if x == y else None for x, y in zip(a.shape, b.shape)), a.dtype.name
-
-
-#: A stand-in element of zero bytes: views and copies of it cost nothing, whatever the shape.
-_NO_BYTES = np.empty((), dtype=np.dtype([]))
-
-
-def _infer_movement(
-    op: str,
-    shapes: list[Shape],
-    dtypes: Sequence[str | None],
-    attrs: dict,
-    weak: Sequence[Any],
-    node: str | _Label,
-    has_batch: bool,
-) -> tuple[Shape | None, str | None]:
-    """Shapes of ops that only move elements (reshape, transpose, broadcast_to, index), found
-    on stand-ins of zero-byte elements: a huge declared shape never allocates here."""
-    results = []
-    for batch in (2, 3) if has_batch else (1,):
-        args = [
-            np.broadcast_to(_NO_BYTES, tuple(batch if d is None else d for d in s)) for s in shapes
-        ]
-        try:
-            results.append(np.shape(run_op(op, args, attrs)))
-        except Exception as e:  # numpy's own message says what did not fit
-            results.append(e)
-    errors = [r for r in results if isinstance(r, Exception)]
-    if len(errors) == len(results):
-        raise ShapeError(
-            f"node {node!r} (op {op}): inputs of shapes {_fmt(shapes)} "
-            f"with attrs {attrs} do not fit: {errors[0]}"
-        ) from None
-    dtype = dtypes[0]  # moved elements keep their dtype
-    if errors:
-        return None, dtype
-    a, b = results[0], results[-1]
-    if len(a) != len(b):
-        return None, dtype
-    return tuple(x if x == y else None for x, y in zip(a, b)), dtype
-
-
-def _infer_dtype(
-    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str | _Label
-) -> str | None:
-    if None in dtypes:
-        return None
-    # The result dtype depends on the op, the input dtypes, the Python types of weak scalars
-    # and small attrs (pow's exponent, cast's dtype): cache it instead of running numpy per node.
-    key = (op, tuple(dtypes), tuple(map(type, weak)), repr(attrs) if attrs else "")
-    hit = _DTYPE_CACHE.get(key)
-    if hit is None:
-        hit = _DTYPE_CACHE[key] = _run_for_dtype(op, dtypes, attrs, weak, node)
-    return hit
-
-
-_DTYPE_CACHE: dict[tuple, str] = {}
-
-
-def _run_for_dtype(
-    op: str, dtypes: Sequence[str | None], attrs: dict, weak: Sequence[Any], node: str | _Label
-) -> str:
-    error: Exception | None = None
-    # Scalars first; ops such as matmul need 2-D operands, and cross_entropy's integer labels
-    # one dimension fewer than its logits.
-    n = len(dtypes)
-    for shapes in ([()] * n, [(1, 1)] * n, [(1, 1)] + [(1,)] * (n - 1)):
-        args = [w if w is not None else np.zeros(s, d) for s, d, w in zip(shapes, dtypes, weak)]
-        try:
-            with np.errstate(all="ignore"):
-                return np.asarray(run_op(op, args, attrs)).dtype.name
-        except Exception as e:
-            error = error or e
-    raise DTypeError(
-        f"node {node!r} (op {op}): dtypes {list(dtypes)} do not fit: {error}"
-    ) from None
 
 
 def _is_topological(nodes: Sequence[NodeSpec]) -> bool:
@@ -1153,10 +839,6 @@ def _is_topological(nodes: Sequence[NodeSpec]) -> bool:
             return False
         seen.add(node.name)
     return True
-
-
-def _fmt(shapes: Sequence[Any]) -> str:
-    return " and ".join(str(tuple(s)) if s is not None else "(unknown)" for s in shapes)
 
 
 def _opt_shape(shape: Any) -> Shape | None:
@@ -1183,22 +865,3 @@ def _axis(axis: int | Sequence[int] | None) -> int | list[int] | None:
     if axis is None or isinstance(axis, int):
         return axis
     return [int(a) for a in axis]
-
-
-def _encode_index(key: Any) -> list[Any]:
-    """An indexing key as JSON: ints, {'slice': [start, stop, step]}, None, '...', int lists."""
-    if not isinstance(key, tuple):
-        key = (key,)
-    out: list[Any] = []
-    for k in key:
-        if isinstance(k, slice):
-            out.append({"slice": [k.start, k.stop, k.step]})
-        elif k is Ellipsis:
-            out.append("...")
-        elif k is None or (isinstance(k, (int, np.integer)) and not isinstance(k, bool)):
-            out.append(None if k is None else int(k))
-        elif isinstance(k, (list, np.ndarray)) and np.asarray(k).dtype.kind in "iu":
-            out.append(np.asarray(k).tolist())
-        else:
-            raise GraphError(f"unsupported index {k!r}: use ints, slices, None, ... or int lists")
-    return out

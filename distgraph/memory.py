@@ -26,8 +26,9 @@ import numpy as np
 
 from .cost import itemsize
 from .errors import ConfigError, DistgraphError, ResourceError
-from .graph import infer
-from .ops import LEAF_OPS, get_op
+from .infer import infer
+from .ops import LEAF_OPS, node_op
+from .program import Program
 
 #: Used when the machine's memory cannot be read.
 FALLBACK_MAX_BYTES = 4 * 2**30
@@ -99,7 +100,7 @@ def format_bytes(n: float) -> str:
 
 
 def estimate_memory(
-    program: Any, input_shapes: Mapping[str, Sequence[int]] | None = None
+    program: Program, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> MemoryEstimate:
     """Estimate ``program``'s peak memory.
 
@@ -107,10 +108,8 @@ def estimate_memory(
     dimensions counted as 1. With them (the shapes of the prepared feeds), sizes that depend on
     the batch are propagated from the feeds.
     """
-    from .program import edge_arrays, leaf_mask  # program imports this module
-
     order, nodes = program.order, program.nodes
-    specs = program.memo.get("specs") or list(map(nodes.__getitem__, order))
+    specs = program.cache.specs
     shapes = list(map(_SHAPE, specs))
     # Bytes per node as floats: exact to 2**53, and a huge shape cannot overflow.
     per_item = np.fromiter(map(itemsize, map(_DTYPE, specs)), np.float64, len(order))
@@ -137,10 +136,10 @@ def estimate_memory(
             ins = [float(sizes[index[n]]) for n in node.inputs]
             sizes[i] = _unknown_bytes(node, ins)
     # Kernel scratch: the largest operand (input or output) of any one non-leaf node.
-    src, dst = edge_arrays(program)
+    src, dst = program.cache.edges
     operand = sizes.copy()
     np.maximum.at(operand, dst, sizes[src])
-    compute = ~leaf_mask(program)
+    compute = ~program.cache.leaf_mask
     scratch = 2 * int(operand[compute].max()) if compute.any() else 0
     values = int(sizes.sum())
     top = np.argsort(-sizes, kind="stable")[:5].tolist()
@@ -185,7 +184,7 @@ def _unknown_bytes(node: Any, inputs: list[float]) -> float:
 
 
 def _concrete_shape(
-    program: Any,
+    program: Program,
     node: Any,
     concrete: Mapping[str, tuple[int, ...] | None],
     shapes: Sequence[Any],
@@ -197,7 +196,7 @@ def _concrete_shape(
     def shape_of(name: str) -> tuple[int, ...] | None:
         if name in concrete:
             return concrete[name]
-        s = nodes[name].shape  # batch-independent: as inferred
+        s: Any = nodes[name].shape  # batch-independent: as inferred
         return None if s is None or None in s else tuple(s)
 
     if node.op == "input":
@@ -205,9 +204,9 @@ def _concrete_shape(
         return None if s is None else tuple(s)
     if node.op in LEAF_OPS:
         return None
-    if node.op == "vjp":  # the shape of the forward input it is the gradient of
-        fwd = node.inputs[1 + int(get_op(node.attrs["op"]).uses_out) :]
-        return shape_of(fwd[node.attrs["argnum"]])
+    row = node_op(node.op)
+    if row.result_like is not None:  # a vjp node: its forward input's shape
+        return shape_of(node.inputs[row.result_like(node.attrs)])
     ins = [shape_of(i) for i in node.inputs]
     if any(s is None for s in ins):
         return None
@@ -226,7 +225,7 @@ def _concrete_shape(
 
 
 def check_memory(
-    program: Any,
+    program: Program,
     max_bytes: int,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> MemoryEstimate:
@@ -244,25 +243,30 @@ def check_memory(
     return est
 
 
-def batch_dependent(program: Any) -> bool:
+def batch_dependent(program: Program) -> bool:
     """Whether any value's size depends on the feeds (a batch dimension or an unknown shape)."""
-    hit = program.memo.get("memory_batch_dependent")
-    if hit is None:
-        hit = program.memo["memory_batch_dependent"] = any(
-            n.shape is None or None in n.shape for n in program.nodes.values()
-        )
-    return hit
+    return bool(program.cache.batch_dependent)
 
 
-def check_feeds_memory(program: Any, arrays: Mapping[str, Any]) -> None:
+def check_feeds_memory(program: Program, arrays: Mapping[str, Any]) -> None:
     """The check once the feeds fix the batch size (a no-op for programs compiled outside an
     executor, which sets the limit, and for programs whose sizes do not depend on feeds)."""
-    limit = program.memo.get("max_bytes")
+    limit = program.cache.memory_limit
     if limit is None or not batch_dependent(program):
         return
     shapes = {k: tuple(getattr(v, "shape", ())) for k, v in arrays.items()}
     key = (limit, tuple(sorted(shapes.items())))
-    if program.memo.get("memory_checked") == key:  # the same feed shapes as last time
+    if program.cache.memory_checked == key:  # the same feed shapes as last time
         return
     check_memory(program, limit, shapes)
-    program.memo["memory_checked"] = key
+    program.cache.memory_checked = key
+
+
+def check_program_memory(program: Program, max_bytes: int) -> None:
+    """Check a compiled program's static estimate against ``max_bytes`` (once per limit), and
+    set the limit its feeds are checked against (see :func:`check_feeds_memory`): an executor
+    calls this for each program it hands out."""
+    if program.cache.memory_limit != max_bytes:
+        # Before any kernel allocates; prepare_feeds checks again once the batch is known.
+        check_memory(program, max_bytes)
+        program.cache.memory_limit = max_bytes

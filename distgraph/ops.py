@@ -21,13 +21,14 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import SpecError, UnknownOpError
+from .errors import GraphError, SpecError, UnknownOpError
 
 Array = np.ndarray
 VJP = Callable[..., Any]
@@ -295,6 +296,8 @@ def check_attrs(op: Op, attrs: Mapping[str, Any], shapes: Sequence[Any], node: o
             )
 
 
+#: The op of the gradient nodes autodiff inserts (see :data:`VJP_ROW`).
+VJP_NAME = "vjp"
 #: The attributes of a ``vjp`` node (the gradient of input ``argnum`` of a node of ``op``).
 VJP_ATTRS = frozenset({"op", "argnum", "attrs"})
 
@@ -306,6 +309,8 @@ class Op:
     name: str
     forward: Callable[..., Any]
     vjps: tuple[VJP | None, ...] = ()
+    #: The module that registered the row (tells distgraph's own ops from custom ones).
+    module: str = ""
     #: For variadic ops: ``vjp_n(i, g, out, *inputs, **attrs)``.
     vjp_n: VJP | None = None
     arity: int | None = None  # None: variadic
@@ -322,6 +327,26 @@ class Op:
     #: input_dtypes, out_dtype, attrs)`` returns, per input, ``(op, attrs)`` or None (then the
     #: generic ``vjp`` node, which reads every input, is used); or None for all inputs.
     vjp_as_op: Callable[..., list[tuple[str, dict[str, Any]] | None] | None] | None = None
+    #: For rows whose cost depends on their attrs (vjp): ``cost_rule(attrs)`` gives the op
+    #: whose rate and flops rule apply, a factor on the rate, and where its operands start
+    #: among the node's inputs.
+    cost_rule: Callable[[Mapping[str, Any]], tuple[str, float, int]] | None = None
+    #: For rows whose result has the shape and dtype of one input (vjp): ``result_like(attrs)``
+    #: gives that input's index; the node is then checked by ``check_node`` instead of being
+    #: inferred, and takes that input's (declared) shape and dtype.
+    result_like: Callable[[Mapping[str, Any]], int] | None = None
+    #: ``check_node(name, inputs, attrs, input_shapes)``: a row's own check of a node read from
+    #: a spec, replacing :func:`check_attrs` (vjp: its attrs name another op's row).
+    check_node: Callable[[str, Sequence[str], Mapping[str, Any], Sequence[Any]], None] | None = None
+    #: The phase of every node of this op (None: the node's own).
+    phase: str | None = None
+    #: How a node of this op is named in messages and traces (default: the op's name).
+    label: Callable[[Mapping[str, Any]], str] | None = None
+
+    def node_label(self, attrs: Mapping[str, Any]) -> str:
+        """What messages and traces call a node of this op with ``attrs``."""
+        return self.name if self.label is None else self.label(attrs)
+
     #: Shape and dtype rule ``infer(shapes, dtypes, attrs, node) -> (shape, dtype)`` (None in
     #: either for unknown), raising ShapeError/DTypeError; None: found by running the op on
     #: stand-in values (which cannot work for ops that need, say, 4-D inputs or integer ids).
@@ -363,7 +388,7 @@ def defop(
     ``attrs`` declares the op's attributes, e.g. ``{"scale": Attr("float", default=1.0)}``;
     an op that declares none accepts none.
     """
-    if name in OPS or name in LEAF_OPS or name == "vjp":
+    if name in OPS or name in LEAF_OPS or name == VJP_NAME:
         raise ValueError(f"op {name!r} is already registered")
     declared = dict(attrs or {})
     for key, decl in declared.items():
@@ -373,6 +398,7 @@ def defop(
         name,
         forward,
         tuple(vjps),
+        module=sys._getframe(1).f_globals.get("__name__", ""),
         arity=len(vjps) if arity == -1 else arity,
         attrs=declared,
         **facts,
@@ -389,6 +415,17 @@ def get_op(name: str) -> Op:
         raise UnknownOpError(
             f"unknown op {name!r}; registered ops: {', '.join(sorted(OPS))}"
         ) from None
+
+
+def node_op(name: str) -> Op:
+    """The row of a node's op: a registered op, or :data:`VJP_ROW` (which the graph API cannot
+    build, so it is not in ``OPS``); raises :class:`UnknownOpError` like :func:`get_op`."""
+    return VJP_ROW if name == VJP_NAME else get_op(name)
+
+
+def find_op(name: str) -> Op | None:
+    """:func:`node_op`, or None for an unknown op (cost estimates tolerate one)."""
+    return VJP_ROW if name == VJP_NAME else OPS.get(name)
 
 
 def unbroadcast(grad: Any, shape: tuple[int, ...]) -> Any:
@@ -507,6 +544,25 @@ def _matmul_vjp_b(g: Any, out: Any, a: Any, b: Any) -> Any:
     if np.ndim(b) == 1:
         gb = unbroadcast(gb, (1,) * (gb.ndim - 2) + b2.shape)[..., :, 0].reshape(b.shape)
     return gb
+
+
+def encode_index(key: Any) -> list[Any]:
+    """An indexing key as JSON: ints, {'slice': [start, stop, step]}, None, '...', int lists."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    out: list[Any] = []
+    for k in key:
+        if isinstance(k, slice):
+            out.append({"slice": [k.start, k.stop, k.step]})
+        elif k is Ellipsis:
+            out.append("...")
+        elif k is None or (isinstance(k, (int, np.integer)) and not isinstance(k, bool)):
+            out.append(None if k is None else int(k))
+        elif isinstance(k, (list, np.ndarray)) and np.asarray(k).dtype.kind in "iu":
+            out.append(np.asarray(k).tolist())
+        else:
+            raise GraphError(f"unsupported index {k!r}: use ints, slices, None, ... or int lists")
+    return out
 
 
 def _matmul_flops(out: Any, ins: Sequence[Any], attrs: dict, argnum: int | None) -> float:
@@ -786,18 +842,105 @@ def _add_n(xs: Sequence[Any]) -> Any:
 
 
 def run_op(op_name: str, inputs: Sequence[Any], attrs: dict) -> Any:
-    """Apply a registered op's forward (``vjp`` nodes are dispatched to :func:`run_vjp`)."""
-    if op_name == "vjp":
-        g, rest = inputs[0], inputs[1:]
+    """Apply a node's op (a registered op's forward, or a ``vjp`` node's gradient)."""
+    return node_op(op_name).forward(*inputs, **attrs)
+
+
+# --- the row of the gradient nodes autodiff inserts -------------------------------------------
+# A ``vjp`` node computes input ``argnum``'s share of the gradient of a node of op ``op`` (with
+# forward attrs ``attrs``). Its inputs: the cotangent, the forward output when that op's VJPs
+# read it, then the forward inputs. Autodiff builds these nodes; specs carry them; the graph
+# API cannot (``apply`` looks ops up in ``OPS``, which does not hold this row).
+
+
+def _vjp_forward(g: Any, *rest: Any, op: str, argnum: int, attrs: dict | None = None) -> Any:
+    fwd = get_op(op)
+    out, inputs = (rest[0], rest[1:]) if fwd.uses_out else (None, rest)
+    return run_vjp(op, argnum, g, out, inputs, attrs or {})
+
+
+def _vjp_offset(attrs: Mapping[str, Any]) -> int:
+    """Where the forward inputs start among a vjp node's inputs."""
+    fwd = OPS.get(attrs.get("op"))  # type: ignore[arg-type]
+    return 1 + int(fwd is not None and fwd.uses_out)
+
+
+def _vjp_result_like(attrs: Mapping[str, Any]) -> int:
+    return _vjp_offset(attrs) + int(attrs["argnum"])
+
+
+def _vjp_cost_rule(attrs: Mapping[str, Any]) -> tuple[str, float, int]:
+    # A VJP costs about twice its forward per element; a matmul's VJP is a matmul.
+    return attrs.get("op"), 2.0, _vjp_offset(attrs)  # type: ignore[return-value]
+
+
+def _vjp_check_node(
+    name: str, inputs: Sequence[str], attrs: Mapping[str, Any], shapes: Sequence[Any]
+) -> None:
+    """A vjp node from a spec: its attrs name a registered op and a differentiable input of
+    it, it has that op's inputs, and the forward attrs are valid for that op."""
+    argnum = attrs.get("argnum")
+    if (
+        not isinstance(attrs.get("op"), str)
+        or not isinstance(argnum, int)
+        or isinstance(argnum, bool)
+        or argnum < 0
+    ):
+        raise SpecError(
+            f"nodes.{name}.attrs: a vjp node needs 'op' (a name) and 'argnum' "
+            f"(an int >= 0), got op={attrs.get('op')!r}, argnum={argnum!r}"
+        )
+    if not isinstance(attrs.get("attrs", {}), dict):
+        raise SpecError(f"nodes.{name}.attrs.attrs: must be an object")
+    extra = sorted(set(attrs) - VJP_ATTRS)
+    if extra:
+        raise SpecError(
+            f"node {name!r} (op vjp): attribute {extra[0]!r} is not declared "
+            f"(a vjp node takes {', '.join(sorted(VJP_ATTRS))})"
+        )
+    try:
         op = get_op(attrs["op"])
-        out, fwd_inputs = (rest[0], rest[1:]) if op.uses_out else (None, rest)
-        return run_vjp(attrs["op"], attrs["argnum"], g, out, fwd_inputs, attrs.get("attrs", {}))
-    return get_op(op_name).forward(*inputs, **attrs)
+    except UnknownOpError as e:
+        raise SpecError(f"nodes.{name}.attrs.op: {e}") from None
+    if not op.has_vjp(argnum):
+        raise SpecError(f"nodes.{name}.attrs: {attrs['op']} input {argnum} has no gradient")
+    fwd = shapes[1 + int(op.uses_out) :]
+    if (op.arity is not None and len(fwd) != op.arity) or argnum >= len(fwd):
+        raise SpecError(
+            f"nodes.{name}.inputs: a vjp of {attrs['op']} input {argnum} "
+            f"takes {1 + int(op.uses_out)} + {op.arity or 'the forward'} inputs, "
+            f"got {len(inputs)}"
+        )
+    check_attrs(op, attrs.get("attrs", {}), fwd, name)
 
 
-# The neural-network ops (conv2d, layer_norm, einsum, ...) are rows of this table kept in their
-# own module; importing it here registers them wherever the table is used (driver, workers).
-from . import nnops as _nnops  # noqa: E402, F401
+#: The ``vjp`` row: not in ``OPS`` (see above); :func:`node_op` finds it.
+VJP_ROW = Op(
+    VJP_NAME,
+    _vjp_forward,
+    arity=None,
+    differentiable=False,
+    cost_rule=_vjp_cost_rule,
+    result_like=_vjp_result_like,
+    check_node=_vjp_check_node,
+    phase="backward",
+    label=lambda attrs: f"vjp({attrs['op']}, {attrs['argnum']})",
+)
 
-#: The ops distgraph itself defines (custom ops registered later are not in this set).
-BUILTIN_OPS = frozenset(OPS)
+
+#: Modules whose rows are distgraph's own: this one and the neural-network rows (conv2d,
+#: layer_norm, einsum, ...) of ``nnops.py``, which builds on it and is imported by the package.
+BUILTIN_MODULES = ("distgraph.ops", "distgraph.nnops")
+
+
+def builtin_ops() -> frozenset[str]:
+    """The ops distgraph itself defines (not custom ops, whenever they were registered)."""
+    return frozenset(name for name, op in OPS.items() if op.module in BUILTIN_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    # BUILTIN_OPS reads the table when asked, so the rows nnops.py adds are in it; a module
+    # attribute because that is how callers have always read it.
+    if name == "BUILTIN_OPS":
+        return builtin_ops()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,18 +11,16 @@
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 
 from ._util import gc_paused
-from .cost import CostModel
+from .cost import CostModel, bytes_array, node_seconds, seconds_array
 from .errors import ConfigError
+from .graph import Graph
 from .ops import LEAF_OPS
-from .plan import bytes_array, node_seconds, seconds_array
-from .program import Program, edge_arrays, leaf_mask, node_column
+from .program import Program
 
 Placement = dict[str, int]
 Strategy = Callable[[Program, int, CostModel], Placement]
@@ -81,31 +79,19 @@ class _Arrays:
     """A program as integer arrays (node ids are positions in ``program.order``)."""
 
     def __init__(self, program: Program):
-        order = program.order
+        cache = program.cache
         #: Every input edge, grouped by consumer in order: ``src[e] -> dst[e]``.
-        self.src, self.dst = edge_arrays(program)
-        level = program.memo.get("level_array")
-        if level is None:
-            level = np.fromiter(map(program.level.__getitem__, order), np.int64, len(order))
-        self.level = level
-        self.leaf = leaf_mask(program)
-        phases = node_column(program, "phase")
-        forward = np.fromiter(map("forward".__eq__, phases), bool, len(order))
-        index = program.memo.get("index") or dict(zip(order, range(len(order))))
-        origins = node_column(program, "origin")
-        self.origin = np.fromiter(
-            map(index.get, origins, itertools.repeat(-1)), np.int64, len(order)
-        )
+        self.src, self.dst = cache.edges
+        self.level = cache.level_array
+        self.leaf = cache.leaf_mask
+        self.origin = cache.origin_index
         #: Forward ops (the nodes mincut places itself), in order.
-        self.fwd = np.flatnonzero(forward & ~self.leaf)
-        self.n = len(order)
+        self.fwd = cache.forward_ops
+        self.n = len(program.order)
 
 
 def _arrays(program: Program) -> _Arrays:
-    arrays = program.memo.get("partition_arrays")
-    if arrays is None:
-        arrays = program.memo["partition_arrays"] = _Arrays(program)
-    return arrays
+    return _Arrays(program)  # every array is cached in program.cache
 
 
 def _estimate(
@@ -507,13 +493,25 @@ def _place_leaves_and_backward(program: Program, placement: Placement, cost: Cos
             placement[n] = next((placement[i] for i in node.inputs if i in placement), 0)
 
 
-STRATEGIES: dict[str, Strategy] = {"round_robin": round_robin, "level": level, "mincut": mincut}
+def _pipeline(program: Program, num_workers: int, cost: CostModel) -> Placement:
+    """Contiguous stages, one per worker (see :func:`distgraph.pipeline.pipeline`)."""
+    from .pipeline import pipeline
+
+    return pipeline(program, num_workers, cost)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "round_robin": round_robin,
+    "level": level,
+    "mincut": mincut,
+    "pipeline": _pipeline,
+}
 _BUILTIN = tuple(STRATEGIES.values())
 
 
 @gc_paused
 def partition(
-    program: Any,
+    program: Program | Graph,
     num_workers: int,
     strategy: str | Strategy | Mapping[str, int] = "mincut",
     cost: CostModel | None = None,
@@ -524,11 +522,12 @@ def partition(
     placement``, or an explicit ``{node: worker}`` dict (nodes it leaves out follow the
     ``mincut`` rules for leaves and backward nodes).
     """
-    from .graph import Graph
-    from .program import compile_program
+    if not isinstance(program, Program):
+        # dg.partition(graph, ...): the graph's program (its own backward pass included),
+        # compiled where plans compile theirs.
+        from .plan import program_of  # plan builds on this module
 
-    if isinstance(program, Graph):
-        program = compile_program(program, grad=program.grad_of)
+        program = program_of(program, grad=program.grad_of)
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
     cost = cost or CostModel()

@@ -9,17 +9,17 @@ from tasks listed before it, so submitting the whole list at once cannot deadloc
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ._util import gc_paused
-from .cost import CostModel, itemsize
+from .cost import CostModel, estimate_makespan, node_bytes, node_seconds
 from .errors import ConfigError
-from .ops import LEAF_OPS, OPS
-from .program import Program, edge_arrays, leaf_mask, node_column
+from .graph import Graph
+from .ops import LEAF_OPS
+from .partition import Strategy, partition
+from .program import Program, compile_program
 
 DRIVER = "driver"
 PARAM_SERVER = "ps"
@@ -145,123 +145,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def node_seconds(program: Program, cost: CostModel) -> dict[str, float]:
-    """Estimated seconds per node (computed once per program and cost model)."""
-    cache = program.memo.get(("seconds", cost))
-    if cache is None:
-        cache = dict(zip(program.order, seconds_array(program, cost).tolist()))
-        program.memo[("seconds", cost)] = cache
-    return cache
-
-
-def node_bytes(program: Program, cost: CostModel) -> dict[str, int]:
-    """Bytes of each node's value (computed once per program and cost model)."""
-    cache = program.memo.get(("bytes", cost))
-    if cache is None:
-        cache = dict(zip(program.order, bytes_array(program, cost).tolist()))
-        program.memo[("bytes", cost)] = cache
-    return cache
-
-
-def seconds_array(program: Program, cost: CostModel) -> np.ndarray:
-    """Estimated seconds per node as a float array in ``program.order`` (memoized)."""
-    key = ("seconds_array", cost)
-    arr = program.memo.get(key)
-    if arr is not None:
-        return arr
-    nodes = program.nodes
-    ops = node_column(program, "op")
-    if type(cost) is not CostModel:  # a subclass may estimate differently: ask it per node
-        out = [
-            cost.seconds(s, [nodes[i] for i in s.inputs]) if s.op not in LEAF_OPS else 0.0
-            for s in map(nodes.__getitem__, program.order)
-        ]
-        arr = program.memo[key] = np.array(out, dtype=np.float64)
-        return arr
-    # The stock model, on arrays: overhead + factor * flops-per-element * largest operand size,
-    # except ops with their own cost rule (Op.flops: matmul's 2*M*N*K, conv2d, einsum), which
-    # are few and asked one by one.
-    numel = _numel_array(program, cost)
-    vjp = np.fromiter(map("vjp".__eq__, ops), bool, len(ops))
-    # The op whose cost rule applies (a VJP's forward op); only VJPs are visited one by one.
-    names = list(ops)
-    attrs = node_column(program, "attrs")
-    for i in np.flatnonzero(vjp).tolist():
-        names[i] = attrs[i].get("op")
-    rates = {k: OPS[k].flops_per_element if k in OPS else 1.0 for k in set(names)}
-    per = np.fromiter(map(rates.__getitem__, names), np.float64, len(names))
-    factor = np.where(vjp, 2.0, 1.0) * per
-    src, dst = edge_arrays(program)
-    size = numel.astype(np.float64)
-    np.maximum.at(size, dst, numel[src].astype(np.float64))
-    flops = factor * size
-    ruled = {k for k in rates if k in OPS and OPS[k].flops is not None}
-    matmuls = np.fromiter(map(ruled.__contains__, names), bool, len(names))
-    for i in np.flatnonzero(matmuls).tolist():
-        s = nodes[program.order[i]]
-        flops[i] = cost.flops(s, [nodes[n] for n in s.inputs])
-    arr = cost.node_overhead + flops / cost.flops_per_second
-    arr[leaf_mask(program)] = 0.0
-    program.memo[key] = arr
-    return arr
-
-
-def bytes_array(program: Program, cost: CostModel) -> np.ndarray:
-    """Bytes of each node's value as an int array in ``program.order`` (memoized)."""
-    key = ("bytes_array", cost)
-    arr = program.memo.get(key)
-    if arr is None:
-        if type(cost) is CostModel:
-            dtypes = node_column(program, "dtype")
-            widths = np.fromiter(map(itemsize, dtypes), np.int64, len(dtypes))
-            arr = _numel_array(program, cost) * widths
-        else:
-            nodes = program.nodes
-            arr = np.array([cost.nbytes(nodes[n]) for n in program.order], dtype=np.int64)
-        program.memo[key] = arr
-    return arr
-
-
-def _numel_array(program: Program, cost: CostModel) -> np.ndarray:
-    """Element count of each node's value under the stock model (unknown shapes count one)."""
-    key = ("numel_array", cost.batch_size)
-    arr = program.memo.get(key)
-    if arr is None:
-        batch = cost.batch_size
-        shapes = node_column(program, "shape")
-        try:  # every shape fully known: one C-level pass
-            arr = np.fromiter(map(math.prod, shapes), np.int64, len(shapes))
-        except TypeError:  # unknown shapes or batch dimensions
-            arr = np.fromiter(
-                (
-                    1
-                    if s is None
-                    else math.prod(s)
-                    if None not in s
-                    else math.prod(batch if d is None else d for d in s)
-                    for s in shapes
-                ),
-                np.int64,
-                len(shapes),
-            )
-        program.memo[key] = arr
-    return arr
-
-
-def estimate_makespan(
-    program: Program, placement: Mapping[str, int], cost: CostModel, calls: int, cross_bytes: int
-) -> float:
-    """Level-synchronous estimate: sum over levels of the busiest worker, plus overheads."""
-    secs = node_seconds(program, cost)
-    total = 0.0
-    for lv in program.levels:
-        per: dict[int, float] = {}
-        for n in lv:
-            per[placement[n]] = per.get(placement[n], 0.0) + secs[n]
-        total += max(per.values(), default=0.0)
-    return total + calls * cost.call_overhead + cost.transfer_seconds(cross_bytes)
-
-
 @gc_paused
 def build_plan(
     program: Program,
@@ -384,3 +267,43 @@ def build_plan(
         cost=cost,
         strategy=strategy,
     )
+
+
+def program_of(
+    source: Graph | Program,
+    outputs: Sequence[str] | str | None = None,
+    grad: str | None = None,
+    wrt: Sequence[str] | None = None,
+) -> Program:
+    """The program a plan is made for: ``source`` itself, or a Graph compiled for the request."""
+    if isinstance(source, Program):
+        return source
+    return compile_program(source, outputs, grad, wrt)
+
+
+def plan_for(
+    source: Graph | Program,
+    *,
+    num_workers: int,
+    strategy: str | Strategy | Mapping[str, int] = "mincut",
+    training: bool = False,
+    batch_size: int | None = None,
+    cost: CostModel | None = None,
+    outputs: Sequence[str] | str | None = None,
+    grad: str | None = None,
+    wrt: Sequence[str] | None = None,
+) -> Plan:
+    """Compile, partition, plan: the one path from a request to the plan that runs it.
+
+    ``source`` is a Graph (compiled for ``outputs``/``grad``/``wrt``) or a Program compiled
+    already (an executor's, cached). ``batch_size``, when given, is the batch the cost model
+    assumes for ``None`` dimensions (a copy of ``cost`` with it). ``training`` sends param
+    gradients to the parameter server instead of the driver.
+    """
+    program = program_of(source, outputs, grad, wrt)
+    cost = cost or CostModel()
+    if batch_size is not None and batch_size != cost.batch_size:
+        cost = dataclasses.replace(cost, batch_size=batch_size)
+    placement = partition(program, num_workers, strategy, cost)
+    name = strategy if isinstance(strategy, str) else "custom"
+    return build_plan(program, placement, num_workers, cost, training=training, strategy=name)

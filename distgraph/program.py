@@ -1,17 +1,17 @@
-"""From a graph and a request (outputs, grad) to a runnable Program, and the node loop itself.
+"""From a graph and a request (outputs, grad) to a runnable Program (see interpret.py to run one).
 
 A ``Program`` is plain data: the nodes needed for the request, their levels, and where each
-requested value lives. ``run_nodes`` is the single place a node's op is applied; the reference
-executor and the Ray workers both call it, so they cannot drift apart.
+requested value lives, plus a cache of tables derived from them.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import operator
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,22 +20,23 @@ from ._util import gc_paused
 from .autodiff import forward_part
 from .autodiff import grad as differentiate
 from .errors import (
-    DistgraphError,
-    DTypeError,
-    ExecutionError,
-    FeedError,
     GraphError,
-    NonFiniteError,
     ShapeError,
 )
-from .graph import PROVISIONAL_DTYPE, Graph
-from .memory import check_feeds_memory
-from .ops import LEAF_OPS, get_op, run_op, run_vjp
-from .result import TraceEvent
+from .graph import Graph
+from .infer import PROVISIONAL_DTYPE
+from .ops import LEAF_OPS
 from .spec import ALLOWED_DTYPES, NodeSpec
+
+if TYPE_CHECKING:  # cost.py and interpret.py build on this module
+    from .cost import CostModel, NodeCosts
 
 #: One feed's type as far as compiling cares: (input name, dtype name, number of dimensions).
 FeedType = tuple[str, str, int]
+
+
+#: A non-leaf node's prepared call: (function, input names, keyword attrs).
+Kernel = tuple[Callable[..., Any], list[str], dict[str, Any]]
 
 
 @dataclass
@@ -54,8 +55,6 @@ class Program:
     constants: dict[str, Any] = field(default_factory=dict)
     #: Every input the graph declares, needed or not (feeding an unneeded one is fine).
     graph_inputs: list[str] = field(default_factory=list)
-    #: Derived tables (node costs per cost model), filled on first use.
-    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     #: Consumers of each node within the program (for placement and transfers).
     consumers: Mapping[str, list[str]] = field(default_factory=dict)
     #: For inputs compiled for a feed signature: the (shape, dtype) they were declared with,
@@ -64,12 +63,21 @@ class Program:
     #: Outputs that must be scalars (a training loss): checked at compile time when their shape
     #: is known, else for each feed signature before anything runs.
     scalar_outputs: list[str] = field(default_factory=list)
+    #: Derived tables and caches, built on first use (see :class:`ProgramCache`); not pickled.
+    cache: ProgramCache = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.cache = ProgramCache(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        # The memo is derived data (and can be large): rebuild it where the program is used.
+        # The cache is derived data (and can be large): rebuild it where the program is used.
         state = dict(self.__dict__)
-        state["memo"] = {}
+        del state["cache"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.cache = ProgramCache(self)
 
     @property
     def fetches(self) -> list[str]:
@@ -79,10 +87,137 @@ class Program:
         return list(seen)
 
 
+class ProgramCache:
+    """A program's derived data, built on first use (``compile_program`` hands over what it
+    has at hand) and never pickled. Tables are columns and integer arrays over positions in
+    ``program.order``, which partitioning, costing, memory estimates and the interpreter read;
+    the mutable caches below each belong to the module named beside them, which alone writes
+    them.
+    """
+
+    def __init__(self, program: Program):
+        self.program = program
+        #: cost.py: per cost model, each node's estimated seconds and bytes.
+        self.costs: dict[CostModel, NodeCosts] = {}
+        #: cost.py: each node's element count, per assumed batch size.
+        self.numel: dict[int, np.ndarray] = {}
+        #: interpret.py: each non-leaf node's kernel.
+        self.kernels: dict[str, Kernel] | None = None
+        #: interpret.py: the feed signatures (of open inputs) already checked against the graph.
+        self.checked_signatures: set[tuple[FeedType, ...]] = set()
+        #: memory.py: the limit the program's static estimate was checked against.
+        self.memory_limit: int | None = None
+        #: memory.py: (limit, feed shapes) of the last feeds checked, so a repeat is free.
+        self.memory_checked: tuple[int, tuple[Any, ...]] | None = None
+        #: dataparallel.py: row-coupling analyses, by (loss, batch inputs).
+        self.row_splits: dict[tuple[str | None, tuple[str, ...] | None], Any] = {}
+
+    def seed(self, **known: Any) -> None:
+        """Hand over tables computed anyway while compiling (names of the properties below)."""
+        for name in known:
+            assert isinstance(getattr(ProgramCache, name, None), functools.cached_property), name
+        vars(self).update(known)
+
+    @functools.cached_property
+    def specs(self) -> list[NodeSpec]:
+        """Node records in order."""
+        return list(map(self.program.nodes.__getitem__, self.program.order))
+
+    @functools.cached_property
+    def ops(self) -> list[str]:
+        """Each node's op."""
+        return list(map(_OP, self.specs))
+
+    @functools.cached_property
+    def inputs(self) -> list[list[str]]:
+        """Each node's input names."""
+        return list(map(_INPUTS, self.specs))
+
+    @functools.cached_property
+    def _fields(self) -> tuple[list[Any], ...]:
+        # On a large program, reaching each record costs far more than reading a field of it,
+        # so one pass reads the fields partitioning and planning use together.
+        specs = self.specs
+        if not specs:
+            return tuple([] for _ in _READ_TOGETHER)
+        return tuple(map(list, zip(*map(operator.attrgetter(*_READ_TOGETHER), specs))))
+
+    @property
+    def phases(self) -> list[str]:
+        """Each node's phase (forward or backward)."""
+        return self._fields[0]
+
+    @property
+    def origins(self) -> list[Any]:
+        """Each backward node's forward node (None for forward nodes)."""
+        return self._fields[1]
+
+    @property
+    def attrs(self) -> list[dict[str, Any]]:
+        """Each node's attributes."""
+        return self._fields[2]
+
+    @property
+    def shapes(self) -> list[Any]:
+        """Each node's inferred shape."""
+        return self._fields[3]
+
+    @property
+    def dtypes(self) -> list[str | None]:
+        """Each node's inferred dtype."""
+        return self._fields[4]
+
+    @functools.cached_property
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Input edges as ``(src, dst)`` position arrays, grouped by consumer in order."""
+        return schedule.edge_arrays(self.program.order, self.inputs)[:2]
+
+    @functools.cached_property
+    def index(self) -> dict[str, int]:
+        """Position of each node in ``program.order``."""
+        order = self.program.order
+        return dict(zip(order, range(len(order))))
+
+    @functools.cached_property
+    def level_array(self) -> np.ndarray:
+        """Each node's level."""
+        order, level = self.program.order, self.program.level
+        return np.fromiter(map(level.__getitem__, order), np.int64, len(order))
+
+    @functools.cached_property
+    def leaf_mask(self) -> np.ndarray:
+        """Whether each node is a leaf: input, param or const."""
+        ops = self.ops
+        return np.fromiter(map(LEAF_OPS.__contains__, ops), bool, len(ops))
+
+    @functools.cached_property
+    def origin_index(self) -> np.ndarray:
+        """Position of each node's origin (-1 for none)."""
+        index, origins = self.index, self.origins
+        return np.fromiter(map(index.get, origins, itertools.repeat(-1)), np.int64, len(origins))
+
+    @functools.cached_property
+    def forward_ops(self) -> np.ndarray:
+        """Positions of the forward non-leaf nodes, in order."""
+        forward = np.fromiter(map("forward".__eq__, self.phases), bool, len(self.phases))
+        return np.flatnonzero(forward & ~self.leaf_mask)
+
+    @functools.cached_property
+    def open_inputs(self) -> list[str]:
+        """Inputs compiled without a known dtype or shape (checked per feed signature)."""
+        nodes = self.program.nodes
+        return [n for n in self.program.inputs if nodes[n].dtype is None or nodes[n].shape is None]
+
+    @functools.cached_property
+    def batch_dependent(self) -> bool:
+        """Whether any value's size depends on the feeds (a batch dimension or unknown shape)."""
+        return any(s is None or None in s for s in self.shapes)
+
+
 def feed_signature(graph: Graph, feeds: Mapping[str, Any] | None) -> tuple[FeedType, ...]:
     """The dtype and rank of each feed for an input declared without a dtype or a shape: what
     a program must be compiled for (see :func:`compile_program`); empty when all are declared."""
-    open_inputs = graph._open_inputs()
+    open_inputs = graph.open_inputs()
     if not feeds or not open_inputs:
         return ()
     out = []
@@ -95,11 +230,11 @@ def feed_signature(graph: Graph, feeds: Mapping[str, Any] | None) -> tuple[FeedT
         except Exception:
             continue  # prepare_feeds reports it
         if arr.dtype.name in ALLOWED_DTYPES:
-            out.append((name, _undeclared_dtype(value, arr).name, arr.ndim))
+            out.append((name, undeclared_dtype(value, arr).name, arr.ndim))
     return tuple(out)
 
 
-def _undeclared_dtype(value: Any, arr: np.ndarray) -> np.dtype:
+def undeclared_dtype(value: Any, arr: np.ndarray) -> np.dtype:
     """The dtype an input declared without one takes from its feed: a numpy array's (or numpy
     scalar's) own; Python numbers and lists, which carry none, are read as float64."""
     if isinstance(value, (np.ndarray, np.generic)):
@@ -126,9 +261,9 @@ def compile_program(
         outputs = [outputs]
     declared: dict[str, tuple[list[int | None] | None, str | None]] = {}
     if fed:
-        nodes0 = graph._nodes
+        nodes0 = graph.node_map
         declared = {n: (nodes0[n].shape, nodes0[n].dtype) for n, _, _ in fed}
-        graph = graph._specialized({n: (d, k) for n, d, k in fed})
+        graph = graph.specialize({n: (d, k) for n, d, k in fed})
     if outputs is None:
         outputs = graph.outputs or ([grad] if grad else [])
         if not outputs:
@@ -152,7 +287,7 @@ def compile_program(
     if grad is not None and wrt is not None:
         wanted = {full[n].name for n in wrt if n in full}
         grads = {k: v for k, v in grads.items() if k in wanted}
-    nodes: dict[str, NodeSpec] = full._nodes  # name -> spec in topological (insertion) order
+    nodes = full.node_map  # name -> spec in topological (insertion) order
     names, edges, full_levels = full.structure()
     roots = set(outputs) | set(grads.values())
     sinks = np.flatnonzero(np.bincount(edges[0], minlength=len(names)) == 0).tolist()
@@ -176,7 +311,7 @@ def compile_program(
         leaves[ops[i]].append(order[i])
     if order is names:  # unpruned: the graph's own (cached) levels
         level_of = full_levels
-        levels = [list(group) for group in full._level_groups()]
+        levels = full.levels()  # cached per graph version
     else:
         level_of = schedule.level_array(len(order), edges[0], edges[1])
         levels = schedule.group_by_level(order, level_of)
@@ -191,23 +326,26 @@ def compile_program(
         grad_of=full.grad_of,
         inputs=leaves["input"],
         params=leaves["param"],
-        constants={n: full._constants[n] for n in leaves["const"]},
+        constants={n: full.constants[n] for n in leaves["const"]},
         consumers=_Consumers(order, edges[0], edges[1]),
         # Differentiating adds no inputs, so unpruned, the program's inputs are the graph's.
         graph_inputs=leaves["input"] if order is names else graph.inputs,
         declared=declared,
     )
     # Integer views of the program for the partitioner (cheap here, dear to rebuild).
-    program.memo["edges"] = edges[:2]
-    program.memo["index"] = edges[2]
-    program.memo["level_array"] = level_of
-    program.memo["specs"] = specs
-    program.memo[("column", "op")] = ops
-    program.memo["leaf_mask"] = is_leaf
+    program.cache.seed(
+        edges=edges[:2],
+        index=edges[2],
+        level_array=level_of,
+        specs=specs,
+        ops=ops,
+        leaf_mask=is_leaf,
+    )
     return program
 
 
 _OP = operator.attrgetter("op")
+_INPUTS = operator.attrgetter("inputs")
 
 
 def _redifferentiate(
@@ -231,45 +369,14 @@ def _redifferentiate(
 _READ_TOGETHER = ("phase", "origin", "attrs", "shape", "dtype")
 
 
-def node_column(program: Program, attr: str) -> list[Any]:
-    """One NodeSpec field of every node, in ``program.order`` (memoized)."""
-    key = ("column", attr)
-    col = program.memo.get(key)
-    if col is None:
-        specs = program.memo.get("specs")
-        if specs is None:
-            specs = program.memo["specs"] = list(map(program.nodes.__getitem__, program.order))
-        wanted = [a for a in _READ_TOGETHER if ("column", a) not in program.memo]
-        if attr in wanted and len(wanted) > 1 and specs:
-            # On a large program, reaching each record costs far more than reading a field of
-            # it, so one pass reads every field of the group (its users need them all).
-            columns = zip(*map(operator.attrgetter(*wanted), specs))
-            for name, values in zip(wanted, columns):
-                program.memo["column", name] = list(values)
-            return program.memo[key]
-        col = program.memo[key] = list(map(operator.attrgetter(attr), specs))
-    return col
-
-
 def edge_arrays(program: Program) -> tuple[np.ndarray, np.ndarray]:
-    """Input edges as ``(src, dst)`` arrays of positions in ``program.order`` (memoized)."""
-    edges = program.memo.get("edges")
-    if edges is None:
-        edges = program.memo["edges"] = schedule.edge_arrays(
-            program.order, node_column(program, "inputs")
-        )[:2]
-    return edges
+    """Input edges as ``(src, dst)`` arrays of positions in ``program.order`` (cached)."""
+    return program.cache.edges
 
 
 def leaf_mask(program: Program) -> np.ndarray:
-    """Whether each node (in ``program.order``) is a leaf: input, param or const (memoized)."""
-    mask = program.memo.get("leaf_mask")
-    if mask is None:
-        ops = node_column(program, "op")
-        mask = program.memo["leaf_mask"] = np.fromiter(
-            map(LEAF_OPS.__contains__, ops), bool, len(ops)
-        )
-    return mask
+    """Whether each node (in ``program.order``) is a leaf: input, param or const (cached)."""
+    return program.cache.leaf_mask
 
 
 class _Consumers(Mapping[str, list[str]]):
@@ -313,386 +420,23 @@ class _Consumers(Mapping[str, list[str]]):
         return repr(self._get_table())
 
 
-def prepare_feeds(
-    program: Program, feeds: Mapping[str, Any], check_finite: bool = False, strict: bool = True
-) -> dict[str, np.ndarray]:
-    """Check feeds against the declared inputs and convert them to arrays of the declared dtype.
-
-    Missing inputs, unexpected names, wrong ranks, fixed dimensions and batch sizes that
-    disagree between inputs are reported at once. A value that does not fit the declared dtype
-    is refused, never wrapped: an integer out of the dtype's range, a float that is not a whole
-    number (or out of range) for an integer input, a finite value that would overflow to inf.
-    Floats may narrow (float64 to float32 rounds). An input declared without a dtype takes the
-    dtype of a numpy array fed to it (Python numbers and lists are read as float64); without a
-    shape, any shape (the feeds' dtypes and ranks are checked against the graph once per
-    signature).
-    """
-    missing = [n for n in program.inputs if n not in feeds]
-    problems: list[str] = []
-    if missing:
-        problems.append(f"missing feeds for inputs {missing}")
-    if strict:
-        unknown = [n for n in feeds if n not in program.graph_inputs]
-        if unknown:
-            problems.append(
-                f"unexpected feeds {unknown} (the graph's inputs are {program.graph_inputs})"
-            )
-    if problems:
-        raise FeedError("; ".join(problems))
-    arrays: dict[str, np.ndarray] = {}
-    batch: dict[int, list[str]] = {}
-    declared = program.declared
-    for name in program.inputs:
-        node = program.nodes[name]
-        shape, dtype = declared.get(name, (node.shape, node.dtype))
-        value = feeds[name]
-        try:
-            arr = np.asarray(value)
-        except Exception as e:
-            raise FeedError(
-                f"feed {name!r}: cannot convert {type(value).__name__} to an array: {e}"
-            ) from None
-        if arr.dtype.name not in ALLOWED_DTYPES:
-            raise DTypeError(
-                f"feed {name!r}: dtype {arr.dtype} is not supported (feed numbers or booleans; "
-                f"allowed dtypes: {', '.join(sorted(ALLOWED_DTYPES))})"
-            )
-        want = np.dtype(dtype) if dtype is not None else _undeclared_dtype(value, arr)
-        if arr.dtype != want:
-            arr = _convert_feed(name, arr, want)
-        elif node.dtype is not None and arr.dtype != node.dtype:
-            # Compiled for another signature: a caller bypassed Executor.program's cache key.
-            raise DTypeError(
-                f"feed {name!r}: dtype {arr.dtype}, but the program was compiled for {node.dtype}"
-            )
-        if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
-            arr = np.ascontiguousarray(arr)  # the layout it would have on a Ray worker
-        if shape is not None:
-            dims = tuple(shape)
-            if arr.ndim != len(dims) or any(
-                d is not None and d != a for d, a in zip(dims, arr.shape)
-            ):
-                raise FeedError(
-                    f"feed {name!r}: shape {arr.shape} does not match the declared shape "
-                    f"{_fmt_shape(dims)}"
-                )
-            for d, a in zip(dims, arr.shape):
-                if d is None:
-                    batch.setdefault(a, []).append(name)
-                    break
-        if check_finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            raise NonFiniteError(f"feed {name!r} contains NaN or Inf")
-        arrays[name] = arr
-    if len(batch) > 1:
-        detail = ", ".join(f"{names} have batch size {b}" for b, names in sorted(batch.items()))
-        raise FeedError(f"feeds disagree on the batch size: {detail}")
-    _check_signature(program, arrays)
-    check_feeds_memory(program, arrays)  # sizes that depend on the batch, before any kernel
-    return arrays
-
-
-def _convert_feed(name: str, arr: np.ndarray, want: np.dtype) -> np.ndarray:
-    """``arr`` as ``want``, refusing values that would not survive the conversion."""
-    have = arr.dtype
-    if want.kind == "b" or have.kind not in "biuf":
-        raise DTypeError(
-            f"feed {name!r}: dtype {have} cannot be used as {want} (input {name!r} declares {want})"
-        )
-    if want.kind in "iu":
-        info = np.iinfo(want)
-        if have.kind == "f":
-            # Whole numbers only (labels read from a CSV arrive as floats), within range.
-            with np.errstate(invalid="ignore"):
-                fraction = ~np.isfinite(arr) | (arr != np.trunc(arr))
-            if fraction.any():  # a float that is not a whole number: the wrong kind of data
-                _refuse_value(name, arr, fraction, want, "whole numbers", DTypeError)
-            bad = (arr < info.min) | (arr >= float(info.max) + 1)  # max + 1: a power of two
-            if bad.any():
-                _refuse_value(name, arr, bad, want, f"[{info.min}, {info.max}]")
-        elif have.kind in "iu" and arr.size:
-            lo, hi = int(arr.min()), int(arr.max())
-            if lo < info.min or hi > info.max:
-                bad = arr > info.max if hi > info.max else arr < info.min
-                _refuse_value(name, arr, bad, want, f"[{info.min}, {info.max}]")
-        with np.errstate(all="ignore"):
-            return arr.astype(want)
-    # want is floating: narrowing rounds, but a finite value must not become inf.
-    with np.errstate(all="ignore"):
-        out = arr.astype(want)
-    if have.kind != "b" and want.itemsize < 8 and arr.size:
-        overflow = np.isinf(out)
-        if have.kind == "f" and overflow.any():  # an inf fed as inf is no overflow
-            overflow &= np.isfinite(arr)
-        if overflow.any():
-            top = float(np.finfo(want).max)
-            _refuse_value(name, arr, overflow, want, f"magnitudes up to {top:g}")
-    return out
-
-
-def _refuse_value(
-    name: str,
-    arr: np.ndarray,
-    bad: np.ndarray,
-    want: np.dtype,
-    fits: str,
-    error: type[DistgraphError] = FeedError,
-) -> None:
-    idx = np.unravel_index(int(np.argmax(bad)), arr.shape) if arr.ndim else ()
-    where = f" at index {list(map(int, idx))}" if arr.ndim else ""
-    raise error(
-        f"feed {name!r}: {arr.dtype} value {arr[idx].item()!r}{where} does not fit {want} "
-        f"(input {name!r} declares {want}, which holds {fits}; {int(np.count_nonzero(bad))} "
-        "such value(s)): fix the data or declare another dtype"
-    )
-
-
 def check_scalar_loss(program: Program, loss: str) -> None:
     """Refuse a training loss whose inferred shape is not a scalar (naming node and shape); one
     whose shape is unknown yet is checked per feed signature (see :func:`prepare_feeds`)."""
     shape = program.nodes[loss].shape
     if shape is not None and len(shape) != 0:
         raise ShapeError(
-            f"loss {loss!r} has shape {_fmt_shape(shape)}, but a training loss must be a "
+            f"loss {loss!r} has shape {format_shape(shape)}, but a training loss must be a "
             f"scalar: reduce it (e.g. .mean() over the batch) before training on it"
         )
     if loss not in program.scalar_outputs:
         program.scalar_outputs.append(loss)
 
 
-def _check_signature(program: Program, arrays: Mapping[str, np.ndarray]) -> None:
-    """A program compiled without knowing some inputs' dtype or rank (a training session's)
-    is checked once per feed signature, so a feed that does not fit the graph fails here
-    naming the node instead of deep inside a run."""
-    open_inputs = program.memo.get("open_inputs")
-    if open_inputs is None:
-        open_inputs = program.memo["open_inputs"] = [
-            n
-            for n in program.inputs
-            if program.nodes[n].dtype is None or program.nodes[n].shape is None
-        ]
-    if not open_inputs:
-        return
-    sig = tuple((n, arrays[n].dtype.name, arrays[n].ndim) for n in open_inputs)
-    checked = program.memo.setdefault("signatures", set())
-    if sig in checked:
-        return
-    scratch = Graph()
-    scratch._nodes = dict(program.nodes)
-    scratch._constants = dict(program.constants)
-    scratch._specialized({n: (d, k) for n, d, k in sig})
-    for loss in program.scalar_outputs:
-        # The loss's rank, estimated from the feeds' ranks: a refusal now beats a step that
-        # fails after its update was applied; an estimate that fails says nothing.
-        try:
-            shape = (
-                scratch._specialized({n: (d, k) for n, d, k in sig}, ranks=True)._nodes[loss].shape
-            )
-        except DistgraphError:
-            continue
-        if shape is not None and len(shape) != 0:
-            raise ShapeError(
-                f"loss {loss!r} has shape {_fmt_shape(shape)} for these feeds (dtypes and ranks "
-                f"{[s[1:] for s in sig]}), but a training loss must be a scalar: reduce it "
-                "(e.g. .mean() over the batch) or declare the inputs' shapes"
-            )
-    checked.add(sig)
-
-
-def _fmt_shape(shape: Sequence[int | None]) -> str:
+def format_shape(shape: Sequence[int | None]) -> str:
     return (
         "("
         + ", ".join("batch" if d is None else str(d) for d in shape)
         + ("," if len(shape) == 1 else "")
         + ")"
     )
-
-
-def run_nodes(
-    program: Program,
-    names: Iterable[str],
-    env: dict[str, Any],
-    *,
-    check_finite: bool = False,
-    trace: list[TraceEvent] | None = None,
-    track: str = "worker 0",
-    worker: int = 0,
-    current: list[str] | None = None,
-) -> None:
-    """Evaluate ``names`` in order, reading inputs from and writing results to ``env``.
-
-    ``current``, when given, holds the name of the node being evaluated (a worker reports it
-    when a wave passes its deadline).
-    """
-    if not check_finite and trace is None:
-        _run_fast(program, names, env, current)
-        return
-    nodes = program.nodes
-    for name in names:
-        node = nodes[name]
-        if node.op in LEAF_OPS:
-            continue
-        args = [env[i] for i in node.inputs]
-        if current is not None:
-            current[0] = name
-        start = time.time() if trace is not None else 0.0
-        try:
-            value = run_op(node.op, args, node.attrs)
-            if isinstance(value, np.ndarray) and not (
-                value.flags.c_contiguous or value.flags.f_contiguous
-            ):
-                # A strided or broadcast view comes out of pickling (between Ray workers) as a
-                # contiguous copy, and numpy's matmul sums in a different order for each
-                # layout: give every executor the layout a transfer would give, so results
-                # agree bit for bit. (The copy can fail too: a huge broadcast.)
-                value = np.ascontiguousarray(value)
-        except DistgraphError:
-            raise
-        except Exception as e:
-            shapes = ", ".join(f"{i}{tuple(np.shape(a))}" for i, a in zip(node.inputs, args))
-            raise ExecutionError(
-                f"node {name!r} (op {_op_label(node)}) failed on inputs {shapes}: {e}"
-                + _undeclared_hint(program, name, env)
-            ) from e
-        if check_finite:
-            _check_finite(node, value, args)
-        env[name] = value
-        if trace is not None:
-            info = {"value": preview(value)}
-            if node.origin is not None:
-                info["origin"] = node.origin
-            event = TraceEvent(
-                name,
-                "node",
-                node.phase,
-                program.level[name],
-                track,
-                start,
-                time.time(),
-                _op_label(node),
-                worker,
-                info,
-            )
-            trace.append(event)
-
-
-def _run_fast(
-    program: Program, names: Iterable[str], env: dict[str, Any], current: list[str] | None
-) -> None:
-    """The same loop without checks or tracing: prepared kernels, one dict lookup per input."""
-    kernels = _kernels(program)
-    track = current if current is not None else [""]
-    name = ""
-    try:
-        for name in names:
-            kernel = kernels.get(name)
-            if kernel is None:  # a leaf
-                continue
-            track[0] = name
-            fn, inputs, attrs = kernel
-            value = fn(*[env[i] for i in inputs], **attrs)
-            if type(value) is np.ndarray and not (
-                value.flags.c_contiguous or value.flags.f_contiguous
-            ):
-                value = np.ascontiguousarray(value)  # see run_nodes: match what a transfer gives
-            env[name] = value
-    except DistgraphError:
-        raise
-    except Exception as e:
-        node = program.nodes[name]
-        shapes = ", ".join(f"{i}{tuple(np.shape(env[i]))}" for i in node.inputs if i in env)
-        raise ExecutionError(
-            f"node {name!r} (op {_op_label(node)}) failed on inputs {shapes}: {e}"
-            + _undeclared_hint(program, name, env)
-        ) from e
-
-
-def _undeclared_hint(program: Program, name: str, env: Mapping[str, Any]) -> str:
-    """For a node that failed at run time: the inputs it reads that were declared without a
-    dtype or shape (their mismatches could not be caught while building), and what to do."""
-    nodes, declared = program.nodes, program.declared
-    upstream, stack = set(), [name]
-    while stack:
-        for i in nodes[stack.pop()].inputs:
-            if i not in upstream:
-                upstream.add(i)
-                stack.append(i)
-    found = []
-    for n in program.inputs:
-        shape, dtype = declared.get(n, (nodes[n].shape, nodes[n].dtype))
-        if n in upstream and (shape is None or dtype is None):
-            fed = f" (fed {env[n].dtype} of shape {tuple(env[n].shape)})" if n in env else ""
-            found.append(f"{n!r}{fed}")
-    if not found:
-        return ""
-    return (
-        f"; it reads inputs declared without a dtype or shape: {', '.join(found)}; declare "
-        "them so the graph is checked when built, e.g. g.input('y', shape=(None,), "
-        "dtype='int64') for class labels"
-    )
-
-
-def _kernels(program: Program) -> dict[str, tuple[Any, list[str], dict[str, Any]]]:
-    """name -> (function, input names, keyword attrs) for every non-leaf node, built once."""
-    kernels = program.memo.get("kernels")
-    if kernels is None:
-        kernels = {}
-        for name, node in program.nodes.items():
-            if node.op in LEAF_OPS:
-                continue
-            if node.op == "vjp":
-                kernels[name] = (_vjp_kernel(node.attrs), node.inputs, {})
-            else:
-                kernels[name] = (get_op(node.op).forward, node.inputs, node.attrs)
-        program.memo["kernels"] = kernels
-    return kernels
-
-
-def _vjp_kernel(attrs: dict[str, Any]) -> Any:
-    op_name, argnum, fwd_attrs = attrs["op"], attrs["argnum"], attrs.get("attrs", {})
-    uses_out = get_op(op_name).uses_out
-
-    def kernel(g: Any, *rest: Any) -> Any:
-        out, inputs = (rest[0], rest[1:]) if uses_out else (None, rest)
-        return run_vjp(op_name, argnum, g, out, inputs, fwd_attrs)
-
-    return kernel
-
-
-def _op_label(node: NodeSpec) -> str:
-    return f"vjp({node.attrs['op']}, {node.attrs['argnum']})" if node.op == "vjp" else node.op
-
-
-def _check_finite(node: NodeSpec, value: Any, args: Sequence[Any]) -> None:
-    arr = np.asarray(value)
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        bad = "NaN" if np.isnan(arr).any() else "Inf"
-        raise NonFiniteError(
-            f"node {node.name!r} (op {_op_label(node)}) produced {bad} from inputs {node.inputs}"
-        )
-
-
-#: Values with at most this many elements are copied whole into trace events.
-PREVIEW_ELEMENTS = 16
-
-
-def preview(value: Any) -> Any:
-    """A JSON-able look at a value for traces and reports: small values whole, else a summary."""
-    arr = np.asarray(value)
-    if arr.size <= PREVIEW_ELEMENTS:
-        return arr.tolist()
-    flat = arr.reshape(-1)
-    mean = float(np.mean(flat)) if arr.dtype.kind in "fiu" else None
-    return {
-        "shape": list(arr.shape),
-        "dtype": arr.dtype.name,
-        "first": flat[:4].tolist(),
-        "mean": mean,
-    }
-
-
-def to_python(value: Any) -> Any:
-    """0-d results become Python scalars; arrays are returned as writable numpy arrays."""
-    arr = np.asarray(value)
-    if arr.ndim == 0:
-        return arr.item()
-    return arr if arr.flags.writeable else arr.copy()

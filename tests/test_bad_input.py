@@ -519,7 +519,7 @@ def _assert_still_works(ex) -> None:
 
 def test_feed_too_large_for_the_object_store(ray_ex, monkeypatch):
     capacity = 150 * 1024
-    monkeypatch.setattr(ray_ex, "_object_store_capacity", lambda: float(capacity))
+    monkeypatch.setattr(ray_ex.cluster, "object_store_capacity", lambda: float(capacity))
     g = dg.Graph()
     x = g.input("x", shape=(None,))
     g.output("out", (x * g.param("w", 2.0)).sum())
@@ -542,7 +542,7 @@ def test_feed_too_large_for_the_object_store(ray_ex, monkeypatch):
 
 def test_param_too_large_for_the_object_store(ray_ex, monkeypatch):
     capacity = 150 * 1024
-    monkeypatch.setattr(ray_ex, "_object_store_capacity", lambda: float(capacity))
+    monkeypatch.setattr(ray_ex.cluster, "object_store_capacity", lambda: float(capacity))
     g = dg.Graph()
     x = g.input("x", shape=(None,))
     big = g.param("huge_w", np.ones(200 * 1024 // 8))
@@ -680,9 +680,9 @@ def no_embedded_ray(monkeypatch):
 
 
 def test_embedded_ray_refuses_more_workers_than_cpus(no_embedded_ray):
-    from distgraph.runtime.ray import _machine_cpus
+    from distgraph.runtime.ray import machine_cpus
 
-    cpus = _machine_cpus()
+    cpus = machine_cpus()
     for workers in (cpus + 1, 1000):
         with pytest.raises(dg.ClusterError) as info:
             dg.RayExecutor(num_workers=workers)
@@ -704,9 +704,9 @@ def test_embedded_ray_refuses_more_workers_than_cpus(no_embedded_ray):
     ids=["oversubscribe", "explicit-num-cpus"],
 )
 def test_embedded_ray_starts_more_workers_when_asked(no_embedded_ray, kwargs, num_cpus):
-    from distgraph.runtime.ray import _machine_cpus
+    from distgraph.runtime.ray import machine_cpus
 
-    workers = _machine_cpus() + 1
+    workers = machine_cpus() + 1
     with pytest.raises(RuntimeError, match="stop before starting Ray"):
         dg.RayExecutor(num_workers=workers, **kwargs)
     (call,) = no_embedded_ray.calls
@@ -714,11 +714,11 @@ def test_embedded_ray_starts_more_workers_when_asked(no_embedded_ray, kwargs, nu
 
 
 def test_embedded_ray_within_the_cpu_count_is_not_refused(no_embedded_ray):
-    from distgraph.runtime.ray import _machine_cpus
+    from distgraph.runtime.ray import machine_cpus
 
     with pytest.raises(RuntimeError, match="stop before starting Ray"):
-        dg.RayExecutor(num_workers=_machine_cpus())
-    assert no_embedded_ray.calls[0]["num_cpus"] == _machine_cpus()
+        dg.RayExecutor(num_workers=machine_cpus())
+    assert no_embedded_ray.calls[0]["num_cpus"] == machine_cpus()
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), "10", True])

@@ -344,9 +344,9 @@ def test_address_implies_the_ray_backend():
 
 def test_embedded_runtime_refuses_more_workers_than_cpus():
     """A fresh process (no Ray yet): refused at once, before any Ray process starts."""
-    from distgraph.runtime.ray import _machine_cpus
+    from distgraph.runtime.ray import machine_cpus
 
-    workers = _machine_cpus() + 1
+    workers = machine_cpus() + 1
     done = subprocess.run(
         [sys.executable, "-m", "distgraph.cli", "demo", "--backend", "ray"]
         + ["--workers", str(workers)],

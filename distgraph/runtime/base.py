@@ -1,15 +1,23 @@
-"""What every executor offers: ``run`` a request, and open a training session."""
+"""What every executor offers: ``run`` a request, and open a training session.
+
+``Executor.run`` is written once, here: compile the request (cached) -> check and convert the
+feeds -> assemble the values the request knows (feeds, params, constants) -> the executor's own
+``_evaluate``, which adds every computed value -> the :class:`~distgraph.result.Result`.
+"""
 
 from __future__ import annotations
 
 import abc
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..graph import Graph
-from ..memory import check_max_bytes, check_memory
+from ..interpret import prepare_feeds, to_python
+from ..memory import check_max_bytes, check_program_memory
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
 from ..program import Program, check_scalar_loss, compile_program, feed_signature
@@ -91,6 +99,14 @@ class TrainingSession(abc.ABC):
         """Release resources held for the session."""
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What an executor reports of one evaluated request besides the values."""
+
+    trace: list[TraceEvent]  # in the order the Result shows them
+    placement: dict[str, int]  # node -> worker that computed it
+
+
 class Executor(abc.ABC):
     """Base class; compiled programs are cached per (graph version, request, feed signature).
 
@@ -105,7 +121,6 @@ class Executor(abc.ABC):
         self._programs: OrderedDict[tuple, tuple[Graph, Program]] = OrderedDict()
         self.max_bytes = check_max_bytes(max_bytes)
 
-    @abc.abstractmethod
     def run(
         self,
         graph: Graph,
@@ -117,6 +132,42 @@ class Executor(abc.ABC):
         trace: bool = False,
     ) -> Result:
         """Compute ``outputs`` (default: the graph's outputs) and, with ``grad``, gradients."""
+        self._check_open()
+        started = time.time()
+        prog = self.program(graph, outputs, grad, feeds=feeds)
+        arrays = prepare_feeds(prog, feeds or {}, check_finite)
+        env: dict[str, Any] = dict(arrays)
+        env.update({p: graph.param_values[p] for p in prog.params})
+        env.update(prog.constants)
+        done = self._evaluate(
+            graph, prog, arrays, env, check_finite=check_finite, trace=trace, started=started
+        )
+        return Result(
+            values={o: to_python(env[o]) for o in prog.outputs},
+            grads={leaf: to_python(env[node]) for leaf, node in prog.grads.items()},
+            trace=done.trace,
+            placement=done.placement,
+            levels=[list(lv) for lv in prog.levels],
+        )
+
+    def _check_open(self) -> None:  # noqa: B027 - optional hook
+        """Refuse to run when this executor was closed (the default never refuses)."""
+
+    @abc.abstractmethod
+    def _evaluate(
+        self,
+        graph: Graph,
+        prog: Program,
+        feeds: Mapping[str, Any],
+        env: dict[str, Any],
+        *,
+        check_finite: bool,
+        trace: bool,
+        started: float,
+    ) -> Evaluation:
+        """Compute every node ``prog`` needs into ``env``, which holds the request's feeds
+        (also given alone, checked and converted), params and constants; ``started`` is when
+        the run began (for a trace)."""
 
     @abc.abstractmethod
     def training_session(
@@ -160,10 +211,7 @@ class Executor(abc.ABC):
             self._programs[key] = (graph, prog)
             while len(self._programs) > self._cache_size:
                 self._programs.popitem(last=False)
-        if prog.memo.get("max_bytes") != self.max_bytes:
-            # Before any kernel allocates; prepare_feeds checks again once the batch is known.
-            check_memory(prog, self.max_bytes)
-            prog.memo["max_bytes"] = self.max_bytes
+        check_program_memory(prog, self.max_bytes)
         return prog
 
     def training_program(self, graph: Graph, loss: str, wrt: Sequence[str]) -> Program:

@@ -9,19 +9,20 @@ values from the same inputs in any order.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import ConfigError
 from ..graph import Graph
+from ..interpret import prepare_feeds, run_nodes
 from ..nnops import step_scope
 from ..optim import Optimizer
 from ..paramstore import ParameterStore
-from ..program import Program, prepare_feeds, run_nodes, to_python
-from ..result import Result, TraceEvent
-from .base import Executor, TrainingSession
+from ..program import Program
+from ..result import TraceEvent
+from .base import Evaluation, Executor, TrainingSession
 from .paramserver import ParameterServer
 
 
@@ -39,30 +40,21 @@ class LocalExecutor(Executor):
             ThreadPoolExecutor(threads, thread_name_prefix="distgraph") if threads > 1 else None
         )
 
-    def run(
+    def _evaluate(
         self,
         graph: Graph,
-        feeds: Mapping[str, Any] | None = None,
-        outputs: Sequence[str] | str | None = None,
-        grad: str | None = None,
+        prog: Program,
+        feeds: Mapping[str, Any],
+        env: dict[str, Any],
         *,
-        check_finite: bool = False,
-        trace: bool = False,
-    ) -> Result:
-        """Compute ``outputs`` and, with ``grad``, the gradients of that output."""
-        prog = self.program(graph, outputs, grad, feeds=feeds)
-        env: dict[str, Any] = dict(prepare_feeds(prog, feeds or {}, check_finite))
-        env.update({p: graph._params[p] for p in prog.params})
-        env.update(prog.constants)
+        check_finite: bool,
+        trace: bool,
+        started: float,
+    ) -> Evaluation:
+        """Run every level here (see :meth:`execute`); every node counts as worker 0's."""
         events: list[TraceEvent] | None = [] if trace else None
         self.execute(prog, env, check_finite, events)
-        return Result(
-            values={o: to_python(env[o]) for o in prog.outputs},
-            grads={leaf: to_python(env[node]) for leaf, node in prog.grads.items()},
-            trace=events or [],
-            placement=dict.fromkeys(prog.order, 0),
-            levels=[list(lv) for lv in prog.levels],
-        )
+        return Evaluation(events or [], dict.fromkeys(prog.order, 0))
 
     def execute(
         self,

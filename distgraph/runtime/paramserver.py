@@ -27,7 +27,7 @@ Order of a step (one outcome per step id: applied, and the driver counts it, or 
    the driver run in submission order, so its answer is final: a step aborted before any
    commit was sent is never applied.
 
-This module does not import Ray: ``runtime/ray.py`` wraps ``ParameterServer`` as an actor.
+This module does not import Ray: ``runtime/ray/actors.py`` wraps ``ParameterServer`` as an actor.
 """
 
 from __future__ import annotations

@@ -10,13 +10,14 @@ last task on this worker finishes (or when the driver abandons the step).
 
 Call order: a step's calls on this worker must run in plan order (the first one takes the new
 params and starts the env; later ones read values earlier ones left in it). The Ray actor runs
-them in submission order (see ``runtime/ray.py``), and each call checks it: call k of a step
+them in submission order (see ``runtime/ray/actors.py``), and each call checks it: call k of a step
 runs only right after call k - 1 of that step finished here. A call that finds its predecessor
 missing raises :class:`CallOrderError` (or the error its predecessor failed with) instead of
 computing from an incomplete env; it never waits, since the predecessor either failed (its
 input failed, so it will never run) or could only run on the thread the waiting call holds.
 
-This module does not import Ray: ``runtime/ray.py`` wraps ``Worker`` as an actor.
+This module does not import Ray: ``runtime/ray/actors.py`` wraps ``Worker`` as an actor, and
+the call's arguments are read with :mod:`distgraph.runtime.protocol`.
 """
 
 from __future__ import annotations
@@ -28,29 +29,21 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..errors import ExecutionError
+from ..interpret import run_nodes
 from ..nnops import step_scope
 from ..paramstore import ParameterStore
 from ..plan import DRIVER, Task
-from ..program import Program, run_nodes
+from ..program import Program
 from ..result import TraceEvent
+from .protocol import CallHeader, unpack
 
 
 class CallOrderError(ExecutionError):
     """A step's call ran before the call that must precede it on the same worker finished."""
-
-
-@dataclass(frozen=True)
-class Rows:
-    """A feed given as rows of a training array the worker receives by reference."""
-
-    index: np.ndarray
 
 
 class Worker:
@@ -101,19 +94,22 @@ class Worker:
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs."""
-        import ray
-
-        ctx = ray.get_runtime_context()
+        node_id, node_ip = self._location()
         return {
             "index": self.index,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "node_id": ctx.get_node_id(),
-            "node_ip": ray.util.get_node_ip_address(),
+            "node_id": node_id,
+            "node_ip": node_ip,
             "cpus": len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity")
             else os.cpu_count(),
         }
+
+    def _location(self) -> tuple[str, str]:
+        """(node id, node IP) of this process; the Ray actor asks Ray (a worker run in-process
+        has no cluster node)."""
+        return "", "127.0.0.1"
 
     def install(
         self,
@@ -181,15 +177,13 @@ class Worker:
         """Value dicts from ``items`` as sent by ``_send`` (here, already the values)."""
         return items
 
-    def run_task(self, plan_id: int, step: int, task_id: int, flags: int, *args: Any) -> Any:
-        """Run one task: ``args`` = [param update] + [small feeds as one dict, then each large
-        feed] + imported value dicts, in plan order.
+    def run_task(self, header: CallHeader, *args: Any) -> Any:
+        """Run one task: ``header`` says which and how, ``args`` are its param update, large
+        feeds and imported value dicts (see :mod:`distgraph.runtime.protocol`).
 
-        ``flags``: bit 0 trace, bit 1 check_finite, bit 2 a param update comes first, bit 3
-        send values for other workers and the server through ``_send`` (by reference), bit 4
-        a training step (``step`` is its id: dropout draws from it; else dropout is identity).
         Returns one dict per output of the task (a bare dict when it has one, None for none).
         """
+        plan_id, step, task_id = header.plan_id, header.step, header.task_id
         task = self.tasks[plan_id][task_id]
         program = self.programs[plan_id]
         key = (plan_id, step)
@@ -197,29 +191,14 @@ class Worker:
         if position > 0:
             self._check_order(key, position, task)
         self._limit_blas(self._plan_threads.get(plan_id))
-        args_iter = iter(args)
-        update = next(args_iter) if flags & 4 else None
-        feeds: dict[str, Any] = {}
-        if task.feeds:
-            # Small feeds come packed in one dict (one argument); large ones as their own refs,
-            # and rows of an attached training array as its ref plus (in the dict) the rows.
-            small = next(args_iter)
-            for name in task.feeds:
-                value = small.get(name, small)
-                if value is small:
-                    feeds[name] = next(args_iter)
-                elif isinstance(value, Rows):
-                    feeds[name] = np.take(next(args_iter), value.index, axis=0)
-                else:
-                    feeds[name] = value
-        imported = [next(args_iter) for _ in task.imports]
+        call = unpack(header, args)
         try:
             # What other workers and the server sent may come by reference: fetch it at once.
-            received = self._receive(([update] if flags & 4 else []) + imported)
+            received = self._receive(([call.update] if header.update else []) + call.imported)
         except BaseException as e:
             self._end_step(key, None if task.last_on_worker else e)
             raise
-        if flags & 4:
+        if header.update:
             self.resident[plan_id].update(received[0])
             received = received[1:]
         if position == 0:
@@ -229,23 +208,23 @@ class Worker:
             self._calls[key] = 0
             self.envs[key] = dict(self.resident[plan_id])
         env = self.envs[key]
-        env.update(feeds)
+        env.update(call.feeds)
         for (_src, _slot, names), values in zip(task.imports, received):
             for name in names:
                 env[name] = values[name]
-        events = self.traces.setdefault(key, []) if flags & 1 else None
+        events = self.traces.setdefault(key, []) if header.trace else None
         start = time.time()
         try:
             with self._lock:
                 self._current = (plan_id, step)
                 self._node[0] = ""
-            # Bit 4: a training step, whose id stochastic ops (dropout) draw from.
-            with step_scope(step if flags & 16 else None):
+            # A training step's id is what stochastic ops (dropout) draw from.
+            with step_scope(step if header.training else None):
                 run_nodes(
                     program,
                     task.nodes,
                     env,
-                    check_finite=bool(flags & 2),
+                    check_finite=header.check_finite,
                     trace=events,
                     track=self.track,
                     worker=self.index,
@@ -276,8 +255,8 @@ class Worker:
                 )
             )
         # The driver is the caller of every task, and Ray keeps a caller's small results in
-        # its process: with bit 3, values for other workers or the server leave by _send.
-        by_ref = bool(flags & 8)
+        # its process: with header.by_ref, values for other workers or the server leave by _send.
+        by_ref = header.by_ref
         outputs = tuple(
             self._send({n: env[n] for n in names})
             if by_ref and dest != DRIVER

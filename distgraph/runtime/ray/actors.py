@@ -1,0 +1,75 @@
+"""The actors: ``Worker`` and ``ParameterServer`` as Ray actors, and the driver's one way to
+read values (:func:`fetch`). Thin shells: the work is done by the Ray-free classes they wrap."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from ..paramserver import ParameterServer
+from ..worker import Worker
+
+
+def fetch(refs: Any, timeout: float | None = None) -> Any:
+    """The driver's only way to read values (one place to instrument in tests)."""
+    return ray.get(refs, timeout=timeout)
+
+
+def resolve(items: Sequence[Any]) -> list[Any]:
+    """``items`` with every ObjectRef replaced by its value, fetched in one ``ray.get``."""
+    at = [i for i, v in enumerate(items) if isinstance(v, ray.ObjectRef)]
+    out = list(items)
+    if at:
+        for i, value in zip(at, ray.get([out[i] for i in at])):
+            out[i] = value
+    return out
+
+
+class _RayWorker(Worker):
+    # progress() must answer while run_task is busy, so it gets its own concurrency group.
+    # ray.method returns the function it tags, but its stub types it as an actor handle's method.
+    @ray.method(concurrency_group="control")
+    def progress(self) -> dict[str, Any] | None:  # type: ignore[override]
+        return Worker.progress(self)
+
+    # Ray keeps a task's results of up to 100 KiB in the caller's process, and the driver is
+    # the caller of every task: with data_path="store", values for other workers and the
+    # server are put in the object store here instead (owned by this worker) and only their
+    # reference is returned, which the receiver, given it as a top-level argument, finds
+    # nested and fetches itself.
+    def _send(self, values: dict[str, Any]) -> Any:
+        return ray.put(values)
+
+    def _receive(self, items: list[Any]) -> list[Any]:
+        return resolve(items)
+
+    def _location(self) -> tuple[str, str]:
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
+class _RayParamServer(ParameterServer):
+    """The server as an actor. With data_path="store" gradients arrive by reference from the
+    workers, and each worker's new params leave the same way, so neither is stored in the
+    driver (the caller of ``stage``)."""
+
+    def stage(self, step_id: int, *grad_dicts: Any, routed: bool = False) -> Any:
+        by_ref = any(isinstance(g, ray.ObjectRef) for g in grad_dicts)  # data_path="store"
+        out = ParameterServer.stage(self, step_id, *resolve(grad_dicts), routed=routed)
+        if not (routed and by_ref):
+            return out
+        step, *params = out  # answer the way the gradients came
+        return (step, *[ray.put(p) if p else p for p in params])
+
+
+# Step calls must run in submission order (the worker checks it: see worker.py). Ray documents
+# that order for single-threaded actors; a concurrency group makes the actor threaded, so the
+# order is pinned explicitly: in-order submission and execution (Ray refuses this setting
+# together with max_concurrency > 1), every order-sensitive method in the default group of one
+# thread, all called by this driver; only progress() runs beside them.
+# (Ray's stub for ray.remote lacks these two actor options; its docstring and runtime take them.)
+WorkerActor = ray.remote(  # type: ignore[call-overload]
+    concurrency_groups={"control": 1}, allow_out_of_order_execution=False
+)(_RayWorker)
+ParamServerActor = ray.remote(_RayParamServer)

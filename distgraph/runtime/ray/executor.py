@@ -1,0 +1,292 @@
+"""The Ray executor: a thin facade over a cluster of worker actors, the waves that run plans
+on them, and training sessions with a parameter-server actor.
+
+State: ``options`` (shared with the parts below, so setting ``ex.deadline`` and the like
+applies to the next call), ``cluster`` (the Ray connection, placement group and workers),
+``waves`` (installed plans, one step's calls) and a counter of run() step ids.
+
+Order of a run (``Executor.run``'s template, then ``_evaluate`` here): compile the request
+into a Program (cached) -> check the feeds -> place it and group it into tasks (a Plan,
+cached and installed on the workers once) -> submit every task of the step at once and wait
+for its end within the deadline, fetching only the requested outputs. A worker lost on the
+way is replaced and the run tried again, up to ``max_recoveries`` times. Training steps are
+described in ``session.py``.
+
+Only ``distgraph.runtime.ray`` imports ``ray``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from ...cost import CostModel
+from ...errors import ConfigError, WorkerLostError
+from ...graph import Graph
+from ...optim import Optimizer
+from ...paramstore import ParameterStore
+from ...partition import Strategy
+from ...plan import Plan
+from ...program import Program
+from ...result import TraceEvent
+from ..base import Evaluation, Executor, TrainingSession
+from .cluster import Cluster
+from .options import RayOptions
+from .session import RaySession
+from .waves import Waves, batch_size
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _Option(Generic[T]):
+    """An executor attribute kept in its shared :class:`RayOptions` (read and set live)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, ex: Any, owner: Any = None) -> T:
+        return getattr(ex.options, self.name)
+
+    def __set__(self, ex: Any, value: T) -> None:
+        setattr(ex.options, self.name, value)
+
+
+class RayExecutor(Executor):
+    """Run graphs on ``num_workers`` Ray worker actors.
+
+    ``address=None`` (and no ``RAY_ADDRESS``) starts an embedded local Ray, which later
+    executors of the process share, and the last of them to ``close()`` shuts it down;
+    ``"auto"`` or ``"host:port"`` joins a running cluster and leaves it running; an
+    already initialised Ray is reused as it is. ``strategy`` is ``"mincut"``, ``"level"``,
+    ``"round_robin"``, a callable or a ``{node: worker}`` dict. ``placement="spread"`` asks Ray
+    to put workers on distinct nodes, ``"pack"`` on as few as possible. ``worker_updates=False``
+    makes every worker take its new params from the parameter server after each step.
+
+    Joining a cluster gives up after ``connect_timeout`` seconds in all (reachability probe,
+    token check and ``ray.init`` together) with a ``ClusterError``. An embedded Ray refuses more
+    workers (or worker CPUs) than this machine has CPUs, since each worker is a process of its
+    own; ``oversubscribe=True`` (or an explicit ``ray_init_kwargs["num_cpus"]``) allows it.
+
+    ``data_path``: how values for another worker or the server travel. ``"inline"`` (default)
+    returns them from the task; Ray keeps results up to 100 KiB in the caller's process, so
+    small values, gradients and params pass through the driver's memory (it never reads them)
+    on their way, which is the fastest route for small graphs. ``"store"``: the producer puts
+    them in the object store and returns only a reference, so nothing but the requested
+    outputs reaches the driver, at the cost of an object-store put per value (about 1-2 ms
+    each on a loaded 2-core machine).
+    """
+
+    num_workers = _Option[int]()
+    strategy = _Option["str | Strategy | Mapping[str, int]"]()
+    address = _Option["str | None"]()
+    placement = _Option[str]()
+    resources = _Option["dict[str, float]"]()
+    cost = _Option[CostModel]()
+    blas_threads = _Option["int | None"]()
+    deadline = _Option[float]()
+    checkpoint_dir = _Option["str | None"]()
+    checkpoint_every = _Option[int]()
+    max_recoveries = _Option[int]()
+    #: Training: a worker that computes every gradient of its params applies the optimizer
+    #: step to its own copy too, so new params need not come back from the server.
+    worker_updates = _Option[bool]()
+    data_path = _Option[str]()
+    ops_modules = _Option["list[str]"]()
+    worker_runtime_env = _Option["dict[str, Any] | None"]()
+    #: Let an embedded Ray start more workers than the machine has CPUs.
+    oversubscribe = _Option[bool]()
+    #: How many run() plans stay installed (least recently used ones are dropped).
+    max_plans = _Option[int]()
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        strategy: str | Strategy | Mapping[str, int] = "mincut",
+        address: str | None = None,
+        placement: str = "spread",
+        resources_per_worker: Mapping[str, float] | None = None,
+        *,
+        cost: CostModel | None = None,
+        blas_threads: int | None = None,
+        deadline: float = 600.0,
+        connect_timeout: float = 30.0,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 0,
+        max_recoveries: int = 3,
+        worker_updates: bool = True,
+        data_path: str = "inline",
+        ops_modules: Sequence[str] = (),
+        worker_runtime_env: Mapping[str, Any] | None = None,
+        ray_init_kwargs: Mapping[str, Any] | None = None,
+        oversubscribe: bool = False,
+        max_bytes: int | None = None,
+    ):
+        super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
+            raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
+        if not (
+            isinstance(connect_timeout, (int, float))
+            and not isinstance(connect_timeout, bool)
+            and 0 < connect_timeout < float("inf")
+        ):
+            raise ConfigError(
+                f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}"
+            )
+        if placement not in ("spread", "pack"):
+            raise ConfigError(f"placement must be 'spread' or 'pack', got {placement!r}")
+        if not (isinstance(deadline, (int, float)) and deadline > 0):
+            raise ConfigError(f"deadline must be a positive number of seconds, got {deadline!r}")
+        if data_path not in ("inline", "store"):
+            raise ConfigError(f"data_path must be 'inline' or 'store', got {data_path!r}")
+        if checkpoint_every and not checkpoint_dir:
+            raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
+        self.options = RayOptions(
+            num_workers=num_workers,
+            strategy=strategy,
+            address=address if address is not None else os.environ.get("RAY_ADDRESS") or None,
+            placement=placement,
+            resources=dict(resources_per_worker or {"CPU": 1}),
+            cost=cost or CostModel(),
+            blas_threads=blas_threads,
+            deadline=float(deadline),
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            max_recoveries=max_recoveries,
+            worker_updates=bool(worker_updates),
+            data_path=data_path,
+            ops_modules=list(ops_modules),
+            worker_runtime_env=dict(worker_runtime_env) if worker_runtime_env else None,
+            oversubscribe=bool(oversubscribe),
+        )
+        for module in self.options.ops_modules:  # the driver builds graphs with these ops too
+            importlib.import_module(module)
+        self._run_steps = itertools.count(1)
+        self.cluster = Cluster(self.options, connect_timeout, dict(ray_init_kwargs or {}))
+        self.waves = Waves(self.cluster, self.options)
+
+    # What the cluster and the waves know --------------------------------------------------------
+    @property
+    def workers(self) -> list[Any]:
+        """The worker actors, by index."""
+        return self.cluster.workers
+
+    @property
+    def worker_info(self) -> list[dict[str, Any]]:
+        """Where each worker runs (index, pid, host, node id and IP, CPUs)."""
+        return self.cluster.worker_info
+
+    @property
+    def nodes(self) -> list[str]:
+        """Node IP of each worker, by worker index."""
+        return self.cluster.nodes
+
+    @property
+    def replacements(self) -> list[int]:
+        """Workers replaced after a crash or node loss, by index."""
+        return self.cluster.replacements
+
+    @property
+    def last_calls(self) -> list[tuple[int, int, int, tuple[str, ...]]]:
+        """(worker, first level, last level, phases) of every actor call of the latest step."""
+        return self.waves.last_calls
+
+    def recover(self) -> list[int]:
+        """Replace dead workers and reinstall the run() plans on them; returns their indices."""
+        return self.waves.recover()
+
+    def close(self) -> None:
+        """Stop the actors, release the placement group, and shut down an embedded Ray."""
+        waves, cluster = getattr(self, "waves", None), getattr(self, "cluster", None)
+        if waves is not None:
+            waves.plans.clear()
+        if cluster is not None:
+            cluster.close()
+
+    # Planning -----------------------------------------------------------------------------------
+    def plan(
+        self,
+        graph: Graph,
+        outputs: Sequence[str] | str | None = None,
+        grad: str | None = None,
+        *,
+        training: bool = False,
+        wrt: Sequence[str] | None = None,
+    ) -> Plan:
+        """The plan this executor would run for a request (not installed)."""
+        return self.waves.make_plan(self.program(graph, outputs, grad, wrt), training)
+
+    # Running ------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        self.cluster.check_open()
+
+    def _evaluate(
+        self,
+        graph: Graph,
+        prog: Program,
+        feeds: Mapping[str, Any],
+        env: dict[str, Any],
+        *,
+        check_finite: bool,
+        trace: bool,
+        started: float,
+    ) -> Evaluation:
+        """Run the request's plan across the workers; only the requested outputs come back."""
+        self.cluster.check_feeds_fit(feeds)
+        for attempt in range(self.max_recoveries + 1):
+            step = next(self._run_steps)
+            try:
+                # Installing is inside the recovery loop: a worker that died while the executor
+                # was idle is found here, replaced, and the plan installed on its successor.
+                plan, plan_id = self.waves.installed(
+                    prog,
+                    False,
+                    graph.param_values,
+                    batch_size(prog, feeds),
+                    key_extra=graph.version,
+                )
+                t_submit = time.time()
+                refs = self.waves.submit(plan, plan_id, step, feeds, {}, trace, check_finite)
+                got = self.waves.finish(plan, plan_id, step, refs, extra=[])
+                break
+            except WorkerLostError:
+                if attempt == self.max_recoveries:
+                    raise
+                log.warning("a worker died during a run; replacing it and running again")
+                self.recover()
+        for values in got["driver"]:
+            # The request's own feeds, params and constants stay as given (the originals).
+            env.update({k: v for k, v in values.items() if k not in env})
+        events: list[TraceEvent] = []
+        if trace:
+            events.append(TraceEvent("plan", "call", "plan", -1, "driver", started, t_submit))
+            events.extend(self.waves.trace(plan, plan_id, step, t_submit))
+        return Evaluation(sorted(events, key=lambda e: e.start), dict(plan.placement))
+
+    # Training -----------------------------------------------------------------------------------
+    def training_session(
+        self,
+        graph: Graph,
+        loss: str,
+        optimizer: Optimizer,
+        store: ParameterStore,
+        check_finite: bool = False,
+    ) -> TrainingSession:
+        """Workers compute gradients; a parameter-server actor applies them."""
+        self.cluster.check_open()
+        wrt = list(store.params)
+        return RaySession(
+            self.cluster,
+            self.waves,
+            self.options,
+            lambda: self.training_program(graph, loss, wrt),
+            optimizer,
+            store,
+            check_finite,
+        )

@@ -1,0 +1,40 @@
+"""The Ray executor's settings, one mutable object shared by the cluster, the waves and every
+training session (a setting changed on the executor, e.g. ``ex.deadline = 5``, applies to the
+next call of each)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...cost import CostModel
+from ...partition import Strategy
+
+
+@dataclass
+class RayOptions:
+    """Validated settings of a :class:`~distgraph.runtime.ray.RayExecutor` (see its docstring)."""
+
+    num_workers: int = 2
+    strategy: str | Strategy | Mapping[str, int] = "mincut"
+    address: str | None = None
+    placement: str = "spread"
+    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    cost: CostModel = field(default_factory=CostModel)
+    blas_threads: int | None = None
+    deadline: float = 600.0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    max_recoveries: int = 3
+    worker_updates: bool = True
+    data_path: str = "inline"
+    ops_modules: list[str] = field(default_factory=list)
+    worker_runtime_env: dict[str, Any] | None = None
+    oversubscribe: bool = False
+    #: How many run() plans stay installed (least recently used ones are dropped).
+    max_plans: int = 32
+
+
+#: Arrays bigger than this are put in the object store once instead of inlined per call.
+INLINE_BYTES = 100 * 1024

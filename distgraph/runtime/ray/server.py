@@ -1,0 +1,209 @@
+"""The parameter-server actor of one training session, as the driver sees it.
+
+State:
+- ``handle``: the actor (None before the session's first step and after close);
+- ``pending``: the ref of the latest commit's status, not yet awaited (the next step, or any
+  read of the server, waits for it);
+- ``progress``: the Trainer's progress, sent with every (re)start so checkpoints carry it.
+
+A read (:meth:`ServerLink.call`) first waits for ``pending``; if the server was lost, the
+session's recovery (``recover``: restart from a checkpoint and replay) runs, then the read is
+asked again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from ...checkpoint import (
+    Checkpoint,
+    checkpoint_run_id,
+    foreign_run_error,
+    is_checkpoint,
+    load_checkpoint,
+)
+from ...errors import WorkerLostError
+from ...optim import Optimizer
+from ...result import TraceEvent
+from . import actors
+from .options import RayOptions
+from .waves import Waves
+
+log = logging.getLogger(__name__)
+
+
+class ServerLink:
+    """Start, call and stop a session's parameter-server actor."""
+
+    def __init__(
+        self,
+        waves: Waves,
+        options: RayOptions,
+        optimizer: Optimizer,
+        grads: Mapping[str, str],
+        recover: Callable[[int | None], None],
+    ) -> None:
+        self.waves, self.options = waves, options
+        self.optimizer, self.grads = optimizer, dict(grads)
+        self.recover = recover
+        self.handle: Any = None
+        self.pending: Any = None
+        self.progress: dict[str, Any] | None = None
+        #: Set while the session recovers: a lost server then fails the call instead.
+        self.recovering = False
+        #: (step id, ref of the server's answer to its abort): a step whose failure came while
+        #: its commit was being sent; decided before the session's next step (``settle``).
+        self.unsettled: tuple[int, Any] | None = None
+
+    def start(self, ckpt: Checkpoint, routes: Mapping[int, list[str]]) -> None:
+        """Start the server from ``ckpt`` (``routes``: worker -> the params it takes after each
+        step). The first start also claims ``checkpoint_dir`` for this run: a directory
+        holding another run's checkpoint is refused (a restart would otherwise adopt it),
+        else this run's state is written there. A first start that fails leaves no server."""
+        self._launch(ckpt, routes, first=self.handle is None)
+
+    def restart(self, initial: Checkpoint, routes: Mapping[int, list[str]]) -> Checkpoint:
+        """Replace a lost server with one started from this run's latest checkpoint (in
+        ``checkpoint_dir``) or else ``initial``; returns the checkpoint it started from.
+        Another run's checkpoint is never adopted: its steps are not this run's."""
+        ckpt = initial
+        path = self.options.checkpoint_dir
+        if path and is_checkpoint(path):
+            latest = load_checkpoint(path)
+            if latest.run_id == initial.run_id and set(latest.params) == set(initial.params):
+                ckpt = latest
+            else:
+                log.warning(
+                    "%s holds another run's checkpoint; restarting from this run's start", path
+                )
+        with contextlib.suppress(Exception):
+            ray.kill(self.handle)
+        self._launch(ckpt, routes, first=False)
+        return ckpt
+
+    def _launch(self, ckpt: Checkpoint, routes: Mapping[int, list[str]], first: bool) -> None:
+        directory = self.options.checkpoint_dir
+        if first and directory and is_checkpoint(directory):
+            other = checkpoint_run_id(directory)
+            if other != ckpt.run_id:
+                raise foreign_run_error(directory, other)
+        self.handle = actors.ParamServerActor.options(num_cpus=0, max_restarts=0).remote(
+            ckpt.params,
+            self.optimizer,
+            dict(routes),
+            self.grads,
+            directory,
+            self.options.checkpoint_every,
+        )
+        calls = [self.handle.restore.remote(ckpt)]
+        if self.progress is not None:  # newer than the checkpoint's: the fit under way
+            calls.append(self.handle.set_progress.remote(self.progress))
+        if first and directory:
+            calls.append(self.handle.save.remote(directory))
+        try:
+            self.waves.get(calls, "starting the parameter server")
+        except BaseException:
+            if first:
+                self.kill()
+            raise
+
+    def kill(self) -> None:
+        """Stop the actor (if any) without waiting; the link then holds no server."""
+        if self.handle is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.handle)
+        self.handle = None
+
+    def alive(self) -> bool:
+        """Whether the server answers within 30 s."""
+        try:
+            actors.fetch(self.handle.status.remote(), timeout=30)
+            return True
+        except (RayActorError, GetTimeoutError, RayTaskError):
+            return False
+
+    def set_progress(self, progress: Mapping[str, Any]) -> None:
+        """Keep the Trainer's progress and send it without waiting (the server takes it in
+        order with the updates)."""
+        self.progress = dict(progress)
+        if self.handle is not None:
+            self.handle.set_progress.remote(self.progress)
+
+    def drain(self) -> None:
+        """Wait for a deferred update, recovering (and replaying) if the server died."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        try:
+            self.waves.get([pending], "applying the latest update")
+        except WorkerLostError as e:
+            log.warning("the parameter server was lost after the last step (%s); recovering", e)
+            self.recover(None)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Ask the server (after any deferred update); None when no server runs."""
+        if self.handle is None:
+            return None
+        self.drain()
+        what = f"calling the parameter server's {method}"
+        try:
+            return self.waves.get([getattr(self.handle, method).remote(*args)], what)[0]
+        except WorkerLostError as e:
+            if self.recovering:
+                raise
+            # A read after the server died: restart it (checkpoint + replay), then ask again.
+            log.warning("the parameter server was lost (%s); recovering", e)
+            self.recover(None)
+            return self.waves.get([getattr(self.handle, method).remote(*args)], what)[0]
+
+    # Step outcomes ------------------------------------------------------------------------------
+    def reported(self, pending: Any, error: BaseException | None) -> bool:
+        """Whether the earlier commit ``pending`` failed with ``error``, the error this failed
+        step raises: kept, it would fail every later call of the session with the same error
+        (a checkpoint the server could not write made even ``Trainer.close`` raise)."""
+        if pending is None or error is None or not ray.wait([pending], timeout=0)[0]:
+            return pending is None
+        try:
+            self.waves.get([pending], "applying the latest update")
+        except BaseException as e:  # compared with the step's error, not handled
+            return type(e) is type(error) and str(e) == str(error)
+        return False
+
+    def settle(self) -> tuple[int, bool] | None:
+        """Decide the unsettled step: (its id, whether it is applied), or None if none was."""
+        if self.unsettled is None:
+            return None
+        step_id, answer = self.unsettled
+        try:
+            applied = self.waves.get([answer], f"settling step {step_id}")[0]
+        except WorkerLostError:
+            # The server died since: ask the one that replaced it (it restarts from this
+            # run's checkpoint and replays the counted steps; the question is still open).
+            self.unsettled = None
+            try:
+                applied = self.call("abort", step_id)
+            except BaseException:
+                self.unsettled = (step_id, answer)
+                raise
+        self.unsettled = None
+        return step_id, bool(applied)
+
+
+def apply_event(step_id: int, status: Mapping[str, Any]) -> TraceEvent:
+    """The trace event of the server applying step ``step_id``, from its answer to the commit."""
+    return TraceEvent(
+        f"apply step {step_id}",
+        "update",
+        "update",
+        -1,
+        "parameter server",
+        status["start"],
+        status["end"],
+        args={"version": status["version"]},
+    )
