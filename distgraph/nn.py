@@ -209,7 +209,7 @@ def _linear(
     if not bias:
         return g.apply("matmul", x, w, name=result)
     b = g.param(f"{prefix}.b", np.zeros(out_features, dtype=dt))
-    return g.apply("add", x @ w, b, name=result)
+    return g.apply("add", g.apply("matmul", x, w, name=f"{prefix}.xw"), b, name=result)
 
 
 def conv2d(
@@ -328,7 +328,7 @@ def multi_head_attention(
     come straight out of one einsum (``btd,dhe->bhte``) instead of a reshape and a transpose.
     Then per head ``softmax(mask(q k^T / sqrt(head_dim))) v`` (a query sees keys at or before
     its position when ``causal``) and the output projection sums the heads back to the width.
-    Nodes: ``<name>.q .k .v .scores .probs .ctx`` and the result ``<name>``.
+    Nodes: ``<name>.q .k .v .qk .scores .masked .probs .ctx`` and the result ``<name>``.
     """
     g = x.graph
     _claim(g, name, "multi_head_attention")
@@ -353,10 +353,10 @@ def multi_head_attention(
     q = g.apply("einsum", x, wq, subscripts="btd,dhe->bhte", name=f"{name}.q")
     k = g.apply("einsum", x, wk, subscripts="btd,dhe->bhte", name=f"{name}.k")
     v = g.apply("einsum", x, wv, subscripts="btd,dhe->bhte", name=f"{name}.v")
-    raw = g.apply("einsum", q, k, subscripts="bhqe,bhke->bhqk")
+    raw = g.apply("einsum", q, k, subscripts="bhqe,bhke->bhqk", name=f"{name}.qk")
     scores = g.apply("mul", raw, 1.0 / math.sqrt(hd), name=f"{name}.scores")
     if causal:
-        scores = F.causal_mask(scores)
+        scores = g.apply("causal_mask", scores, fill=-1e9, name=f"{name}.masked")
     probs = g.apply("softmax", scores, axis=-1, name=f"{name}.probs")
     ctx = g.apply("einsum", probs, v, subscripts="bhqk,bhke->bhqe", name=f"{name}.ctx")
     return g.apply("einsum", ctx, wo, subscripts="bhte,hed->btd", name=name)

@@ -60,6 +60,16 @@ def test_transformer_block_param_names_say_where_they_live():
     assert g["block0.attn.probs"].shape == (None, 2, 5, 5)
 
 
+def test_every_node_a_block_adds_lives_in_its_namespace():
+    g = dg.Graph()
+    x = g.input("x", shape=(None, 5, 8))
+    nn.transformer_block(x, 2, name="block0", dropout=0.1)
+    computed = [n.name for n in g.nodes if n.op not in ("input", "param", "const")]
+    assert len(computed) == 20  # ln, 9 attention, drop, residual, ln, 5 mlp, drop, sum
+    outside = [n for n in computed if n != "block0" and not n.startswith("block0.")]
+    assert outside == []
+
+
 def test_layer_shapes_and_initial_values():
     g = dg.Graph()
     img = g.input("img", shape=(None, 3, 8, 8), dtype="float32")
