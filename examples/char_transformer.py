@@ -1,7 +1,8 @@
 """A 2-layer causal transformer that models the characters of the seed page (ships with distgraph).
 
     python examples/char_transformer.py                               # in-process
-    python examples/char_transformer.py --backend ray --workers 2 --strategy mincut
+    python examples/char_transformer.py --backend ray --workers 2                # mincut
+    python examples/char_transformer.py --backend ray --workers 2 --strategy pipeline
     python examples/char_transformer.py --generate 300                # then sample 300 characters
     python examples/char_transformer.py --quick                       # a short smoke run
 
@@ -12,6 +13,10 @@ pre-norm blocks of causal multi-head attention and a GELU MLP, a final layer nor
 head, mean softmax cross-entropy). After training the script prints the held-out loss (nats per
 character) beside two baselines measured on the same characters: the unigram model of the
 training text (the target is at least 25 % below it) and, for context, the bigram model.
+
+On Ray, ``--strategy`` picks the partitioner: ``mincut`` (the default) keeps this small model on
+one worker, ``pipeline`` puts block0 and block1 on different workers, and every strategy trains
+to the same parameters as the local run.
 """
 
 from __future__ import annotations

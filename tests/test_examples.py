@@ -138,20 +138,30 @@ def test_char_transformer_quick_run_prints_both_losses_and_a_sample(capsys):
     assert second["sample"] == first["sample"] and second["history"] == first["history"]
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "char_transformer"])
-def test_quick_runs_on_ray_equal_the_local_ones(name):
+@pytest.mark.parametrize(
+    "name, strategy",
+    [
+        ("digits_cnn", "round_robin"),
+        ("char_transformer", "round_robin"),
+        ("char_transformer", "pipeline"),
+    ],
+)
+def test_quick_runs_on_ray_equal_the_local_ones(name, strategy):
     from raysupport import ensure_ray
 
     ensure_ray()  # the examples' executors join the shared runtime
     example = load_example(name)
-    # Precondition: round_robin spreads the training graph over both workers (mincut, the
-    # default, keeps these sequential models on one worker, which would prove little).
+    # Precondition: the strategy spreads the training graph over both workers (mincut, the
+    # default, keeps these sequential models on one worker, which would prove little); the
+    # pipeline puts the transformer's two blocks on different workers.
     graph = example.build_graph() if name == "digits_cnn" else example.build_graph(82, 64)
-    placement = dg.partition(dg.grad(graph, of="loss"), 2, "round_robin")
+    placement = dg.partition(dg.grad(graph, of="loss"), 2, strategy)
     assert set(placement.values()) == {0, 1}
+    if strategy == "pipeline":
+        assert placement["block0.attn"] != placement["block1.attn"]
     local = example.main(["--quick", "--quiet"])
     remote = example.main(
-        ["--quick", "--quiet", "--backend", "ray", "--workers", "2", "--strategy", "round_robin"]
+        ["--quick", "--quiet", "--backend", "ray", "--workers", "2", "--strategy", strategy]
     )
     assert remote["history"] == local["history"]
     key = "accuracy" if name == "digits_cnn" else "held_out_loss"
