@@ -1,7 +1,7 @@
 """A 2-layer causal transformer that models the characters of the seed page (ships with distgraph).
 
     python examples/char_transformer.py                               # in-process
-    python examples/char_transformer.py --backend ray --workers 2                # mincut
+    python examples/char_transformer.py --backend ray --workers 2     # mincut: one worker
     python examples/char_transformer.py --backend ray --workers 2 --strategy pipeline
     python examples/char_transformer.py --generate 300                # then sample 300 characters
     python examples/char_transformer.py --quick                       # a short smoke run

@@ -173,3 +173,11 @@ def test_digits_cnn_full_run_reaches_97_percent_held_out():
     result = load_example("digits_cnn").main(["--quiet"])
     assert len(result["history"]) == 25
     assert result["accuracy"] >= 0.97
+
+
+@pytest.mark.slow
+def test_char_transformer_full_run_beats_the_unigram_baseline_by_25_percent():
+    result = load_example("char_transformer").main(["--quiet"])
+    assert len(result["history"]) == 8
+    assert result["held_out_loss"] <= 0.75 * result["unigram_loss"]
+    assert result["held_out_loss"] < result["bigram_loss"]  # it uses more than one character
