@@ -3,6 +3,8 @@
 The public surface is re-exported here explicitly; everything else is internal.
 """
 
+from . import datasets as datasets
+from . import nn as nn
 from . import testing as testing
 from .autodiff import grad as grad
 from .errors import CheckpointError as CheckpointError

@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from graphs import load_example
 
+import distgraph as dg
+
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["seed_graph", "linear_regression", "mlp_classifier"]
+SCRIPTS = ["seed_graph", "linear_regression", "mlp_classifier", "digits_cnn", "char_transformer"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -91,3 +94,90 @@ def test_local_backend_does_not_import_ray():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- the CNN and transformer examples (issue 17): quick runs here, the full CNN run is slow -----
+
+
+def test_digits_cnn_quick_run_is_deterministic(capsys):
+    example = load_example("digits_cnn")
+    first = example.main(["--quick"])
+    assert len(first["history"]) == 2 and all(np.isfinite(first["history"]))
+    assert 0.0 <= first["accuracy"] <= 1.0
+    out = capsys.readouterr().out
+    assert "epoch   2: loss" in out and "test accuracy" in out and "359 held-out images" in out
+    second = example.main(["--quick", "--quiet"])
+    assert second["history"] == first["history"] and second["accuracy"] == first["accuracy"]
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, test = load_example("digits_cnn").split(seed=0)
+    assert train["x"].shape == (1438, 1, 8, 8) and test["x"].shape == (359, 1, 8, 8)
+    assert train["x"].dtype == np.float32 and train["x"].min() >= 0 and train["x"].max() <= 1
+    assert set(np.unique(test["y"])) == set(range(10))
+    # A partition of the data set: together the two halves hold every image exactly once.
+    images, labels = dg.datasets.load_digits()
+    rows = np.concatenate([train["x"], test["x"]]).reshape(1797, 64) * 16
+    both = np.c_[rows.round().astype(np.int64), np.concatenate([train["y"], test["y"]])]
+    full = np.c_[images.reshape(1797, 64).astype(np.int64), labels]
+    assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, full.tolist()))
+    again, _ = load_example("digits_cnn").split(seed=0)
+    assert np.array_equal(again["x"], train["x"]) and np.array_equal(again["y"], train["y"])
+
+
+def test_char_transformer_quick_run_prints_both_losses_and_a_sample(capsys):
+    example = load_example("char_transformer")
+    first = example.main(["--quick", "--generate", "12"])
+    assert len(first["history"]) == 1 and np.isfinite(first["held_out_loss"])
+    # The baselines are properties of the corpus, not of the (barely trained) model.
+    assert 2.5 < first["bigram_loss"] < first["unigram_loss"] < 3.6
+    assert first["sample"].startswith("The ") and len(first["sample"]) == 4 + 12
+    out = capsys.readouterr().out
+    assert "held-out loss" in out and "unigram baseline" in out and "--- sample" in out
+    second = example.main(["--quick", "--generate", "12", "--quiet"])
+    assert second["sample"] == first["sample"] and second["history"] == first["history"]
+
+
+@pytest.mark.parametrize(
+    "name, strategy",
+    [
+        ("digits_cnn", "round_robin"),
+        ("char_transformer", "round_robin"),
+        ("char_transformer", "pipeline"),
+    ],
+)
+def test_quick_runs_on_ray_equal_the_local_ones(name, strategy):
+    from raysupport import ensure_ray
+
+    ensure_ray()  # the examples' executors join the shared runtime
+    example = load_example(name)
+    # Precondition: the strategy spreads the training graph over both workers (mincut, the
+    # default, keeps these sequential models on one worker, which would prove little); the
+    # pipeline puts the transformer's two blocks on different workers.
+    graph = example.build_graph() if name == "digits_cnn" else example.build_graph(82, 64)
+    placement = dg.partition(dg.grad(graph, of="loss"), 2, strategy)
+    assert set(placement.values()) == {0, 1}
+    if strategy == "pipeline":
+        assert placement["block0.attn"] != placement["block1.attn"]
+    local = example.main(["--quick", "--quiet"])
+    remote = example.main(
+        ["--quick", "--quiet", "--backend", "ray", "--workers", "2", "--strategy", strategy]
+    )
+    assert remote["history"] == local["history"]
+    key = "accuracy" if name == "digits_cnn" else "held_out_loss"
+    assert remote[key] == local[key]
+
+
+@pytest.mark.slow
+def test_digits_cnn_full_run_reaches_97_percent_held_out():
+    result = load_example("digits_cnn").main(["--quiet"])
+    assert len(result["history"]) == 25
+    assert result["accuracy"] >= 0.97
+
+
+@pytest.mark.slow
+def test_char_transformer_full_run_beats_the_unigram_baseline_by_25_percent():
+    result = load_example("char_transformer").main(["--quiet"])
+    assert len(result["history"]) == 8
+    assert result["held_out_loss"] <= 0.75 * result["unigram_loss"]
+    assert result["held_out_loss"] < result["bigram_loss"]  # it uses more than one character

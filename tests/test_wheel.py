@@ -154,3 +154,24 @@ def test_bench_runs_from_the_installed_wheel_outside_the_checkout(venv: Path, ou
         assert isinstance(result["figures"][label], float) and result["figures"][label] > 0, label
     assert set(result["targets"]) == {"step_vs_round_trip"}
     assert isinstance(result["targets"]["step_vs_round_trip"]["met"], bool)
+
+
+def test_the_installed_wheel_ships_and_loads_the_data_sets(wheel: Path, venv: Path, outside):
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+    for data in ("digits.npz", "seed.txt", "README.md"):
+        assert f"distgraph/data/{data}" in names, sorted(n for n in names if "/data/" in n)
+    cwd, env = outside
+    probe = (
+        "import distgraph, json; from distgraph.datasets import load_digits, load_text; "
+        "d = load_digits(); print(json.dumps([distgraph.__file__, d.images.shape, "
+        "int(d.labels.sum()), len(load_text())]))"
+    )
+    module, shape, label_sum, chars = json.loads(
+        _run([str(venv / "python"), "-c", probe], 120, cwd=cwd, env=env).stdout
+    )
+    assert Path(module).resolve().is_relative_to(venv.parent.resolve()), module
+    from distgraph.datasets import load_digits
+
+    assert shape == [1797, 8, 8] and label_sum == int(load_digits().labels.sum())
+    assert chars == 10157
