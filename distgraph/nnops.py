@@ -582,7 +582,10 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def _gelu(x: Any) -> Any:
-    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x**3)))
+    # x * (1 + c x^2), not x + c x**3: numpy's power for a float exponent is ~10x slower than
+    # two multiplies on this machine (78 ms vs 7.5 ms for 524k float64), and gelu dominated
+    # the char transformer's step.
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * x * (1.0 + 0.044715 * (x * x))))
 
 
 def _gelu_vjp(g: Any, out: Any, x: Any) -> Any:
