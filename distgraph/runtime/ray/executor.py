@@ -17,6 +17,7 @@ Only ``distgraph.runtime.ray`` imports ``ray``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import logging
@@ -37,6 +38,7 @@ from ...result import TraceEvent
 from ..base import Evaluation, Executor, TrainingSession
 from .cluster import Cluster
 from .options import RayOptions
+from .replicas import check_replicas, choose_replicas, replicate
 from .session import RaySession
 from .waves import Waves, batch_size
 
@@ -104,6 +106,9 @@ class RayExecutor(Executor):
     oversubscribe = _Option[bool]()
     #: How many run() plans stay installed (least recently used ones are dropped).
     max_plans = _Option[int]()
+    #: Data-parallel replicas of a training program: an int dividing ``num_workers`` or
+    #: ``"auto"`` (read by each training session when its first step places the program).
+    replicas = _Option["int | str"]()
 
     def __init__(
         self,
@@ -127,6 +132,7 @@ class RayExecutor(Executor):
         ray_init_kwargs: Mapping[str, Any] | None = None,
         oversubscribe: bool = False,
         max_bytes: int | None = None,
+        replicas: int | str = "auto",
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -145,6 +151,7 @@ class RayExecutor(Executor):
             raise ConfigError(f"deadline must be a positive number of seconds, got {deadline!r}")
         if data_path not in ("inline", "store"):
             raise ConfigError(f"data_path must be 'inline' or 'store', got {data_path!r}")
+        check_replicas(replicas, num_workers)
         if checkpoint_every and not checkpoint_dir:
             raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
         self.options = RayOptions(
@@ -164,6 +171,7 @@ class RayExecutor(Executor):
             ops_modules=list(ops_modules),
             worker_runtime_env=dict(worker_runtime_env) if worker_runtime_env else None,
             oversubscribe=bool(oversubscribe),
+            replicas=replicas,
         )
         for module in self.options.ops_modules:  # the driver builds graphs with these ops too
             importlib.import_module(module)
@@ -219,8 +227,18 @@ class RayExecutor(Executor):
         training: bool = False,
         wrt: Sequence[str] | None = None,
     ) -> Plan:
-        """The plan this executor would run for a request (not installed)."""
-        return self.waves.make_plan(self.program(graph, outputs, grad, wrt), training)
+        """The plan this executor would run for a request (not installed). A training plan
+        holds every data-parallel replica (``replicas``; for ``"auto"`` chosen at the cost
+        model's batch size) and ``explain()`` starts with the layout chosen and why."""
+        prog = self.program(graph, outputs, grad, wrt)
+        if not training:
+            return self.waves.make_plan(prog, False)
+        o = self.options
+        chosen = choose_replicas(
+            prog, o.num_workers, o.replicas, o.strategy, o.cost, max(1, o.cost.batch_size)
+        )
+        base = self.waves.make_plan(prog, True, num_workers=chosen.width)
+        return dataclasses.replace(replicate(base, chosen.count), layout=chosen.explanation)
 
     # Running ------------------------------------------------------------------------------------
     def _check_open(self) -> None:
