@@ -76,6 +76,18 @@ class RayExecutor(Executor):
     workers (or worker CPUs) than this machine has CPUs, since each worker is a process of its
     own; ``oversubscribe=True`` (or an explicit ``ray_init_kwargs["num_cpus"]``) allows it.
 
+    ``replicas``: data-parallel training. ``R`` replicas of the training program, each placed
+    by ``strategy`` over ``num_workers / R`` workers (R must divide ``num_workers``; a
+    ``ConfigError`` names the choices); each step's batch is split into R row shards (sizes
+    differing by at most one), each replica computes its shard's gradients, and the server
+    combines them (weighted by rows for a mean loss) in replica order and applies them once.
+    ``"auto"`` lets the cost model choose R at the first step's batch size
+    (``dataparallel.choose_layout``; a loss that couples rows keeps R = 1 and says why in the
+    plan's ``explain()`` and the log). A loss that couples rows is refused for R > 1 with a
+    ``GraphError`` naming the node. Results equal one replica's to rounding (the full batch's
+    sums are added in another order), not bit for bit. ``run()`` (inference, one-off
+    gradients) always runs one plan over all workers.
+
     ``data_path``: how values for another worker or the server travel. ``"inline"`` (default)
     returns them from the task; Ray keeps results up to 100 KiB in the caller's process, so
     small values, gradients and params pass through the driver's memory (it never reads them)

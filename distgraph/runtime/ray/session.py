@@ -10,6 +10,15 @@ State:
   ``takers`` (workers that take new params from the server after each step);
 - ``_updates``: per-worker param updates to hand to each worker's first call of the next step;
 - ``_done``: the step ids that count (applied, or to be applied by a replay);
+- ``layout`` (data-parallel replicas x workers each, chosen with the plan; see
+  ``replicas.py``) and ``replica_steps`` (per step id: each replica's rows, workers, nodes).
+
+With ``R > 1`` replicas the plan holds R copies of one replica's plan; a step splits its rows
+over them, feeds each replica its rows, and stages all their gradients in one
+``ps.stage(step, ..., shards=, kind=)`` that combines them in replica order: the step
+protocol below is the same, one stage / commit / abort per step id. No worker keeps a local
+replica of its params then (it sees its shard's gradients only): every param-holding worker
+takes the new params from the server, and steps are not pipelined.
 
 Order of a step (``_step_once``):
 1. submit every task (``waves.submit``) and ``ps.stage(step, *gradient refs)``: the server
@@ -359,7 +368,7 @@ class RaySession(TrainingSession):
         driver or the server, and the step waited for both)."""
         assert self.layout is not None
         width = self.layout.width
-        nodes = self.cluster.nodes
+        info = self.cluster.worker_info
         entries = []
         # One replica: its rows are the whole batch (None: not split).
         for r, span in enumerate(rows or [None]):
@@ -369,7 +378,9 @@ class RaySession(TrainingSession):
                     "replica": r,
                     "rows": None if span is None else list(span),
                     "workers": workers,
-                    "nodes": sorted({nodes[w] for w in workers if w < len(nodes)}),
+                    # Ray node ids (several nodes of one machine share an IP) and their IPs.
+                    "nodes": sorted({info[w]["node_id"] for w in workers if w < len(info)}),
+                    "ips": sorted({info[w]["node_ip"] for w in workers if w < len(info)}),
                 }
             )
         self.replica_steps[step_id] = entries
@@ -502,7 +513,7 @@ class RaySession(TrainingSession):
         ``"replicas"`` the data-parallel layout: ``count``, ``width`` (workers per replica),
         ``kind`` (how shard gradients were weighted), ``last_step`` and, by step id for the
         latest steps (up to ``REPLICA_HISTORY``), which rows each replica took and on which
-        workers and nodes it computed them (``steps``)."""
+        workers, Ray nodes (ids) and IPs it computed them (``steps``)."""
         out = dict(self.server.call("status") or {})
         layout = getattr(self, "layout", None)
         if layout is not None:
