@@ -127,7 +127,7 @@ def _resolve_backend(args: argparse.Namespace) -> None:
             ("--address", args.address),
             ("--connect-timeout", args.connect_timeout),
             ("--oversubscribe", args.oversubscribe or None),
-            ("--replicas", None if args.replicas == "auto" else args.replicas),
+            ("--replicas", None if args.replicas == 1 else args.replicas),
         )
         if value is not None
     ]
@@ -163,9 +163,9 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--replicas",
         type=_replicas,
-        default="auto",
+        default=1,
         help="data-parallel replicas of a training program, each over workers/replicas "
-        "workers: an integer dividing --workers, or auto (default: the cost model chooses)",
+        "workers: an integer dividing --workers, or auto (the cost model chooses; default: 1)",
     )
     p.add_argument(
         "--address",
@@ -681,8 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--replicas",
         type=_replicas,
-        default="auto",
-        help="data-parallel replicas to explain the training plan for (default: auto)",
+        default=1,
+        help="data-parallel replicas to explain the training plan for: an integer dividing "
+        "--workers, or auto (shows the layout chosen, why, and the alternatives; default: 1)",
     )
     e.add_argument("--grad", help="output to differentiate (default: the last output)")
     e.add_argument(

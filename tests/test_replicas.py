@@ -4,6 +4,7 @@ each over N / R workers, the batch split by rows, gradients combined at the serv
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -91,14 +92,14 @@ def test_server_stage_combines_replica_gradients_once_in_replica_order():
     dp = ParameterServer(dict(params), dg.SGD(lr=0.1), {}, grads)
     # Replica 0 sent its gradients in two dicts, replicas 1 and 2 in one each.
     dicts = [{"dw": shard[0]["dw"]}, {"db": shard[0]["db"]}, shard[1], shard[2]]
-    dp.stage(1, *dicts, shards=[(2, 6), (1, 5), (1, 5)], kind="mean")
+    dp.stage(1, *dicts, replicas=[(2, 6), (1, 5), (1, 5)], kind="mean")
     assert dp.store.version == 0  # staged, nothing applied yet
     dp.commit(1)
     for k in params:
         assert np.array_equal(dp.params()[k], direct.params()[k]), k
     assert dp.status()["applied"] == [1]
     with pytest.raises(ConfigError, match="account for 3 gradient dicts, but 4"):
-        dp.stage(2, *dicts, shards=[(1, 6), (1, 5), (1, 5)])
+        dp.stage(2, *dicts, replicas=[(1, 6), (1, 5), (1, 5)])
 
 
 @pytest.mark.parametrize("replicas", [3, 0, "two"])
@@ -138,8 +139,7 @@ def test_replicas_equal_the_full_batch_and_repeat_bit_for_bit(replica_ex, strate
 
 def test_auto_chooses_a_layout_says_why_and_matches_the_full_batch():
     ensure_ray()
-    with dg.RayExecutor(num_workers=2) as ex:  # replicas="auto" is the default
-        assert ex.replicas == "auto"
+    with dg.RayExecutor(num_workers=2, replicas="auto") as ex:
         tr = _fit("mlp", ex)
         layout = tr.session.layout
         assert layout.count in (1, 2)
@@ -221,7 +221,10 @@ def test_trace_has_a_track_per_replica_with_its_rows():
 def test_worker_lost_mid_step_recovers_and_equals_the_uninterrupted_run():
     ensure_ray()
     g, data, opt = _mlp()
-    with dg.RayExecutor(num_workers=4, replicas=2, strategy="round_robin") as ex:
+    # Half a CPU per worker: the module's other executors may still hold six.
+    with dg.RayExecutor(
+        num_workers=4, replicas=2, strategy="round_robin", resources_per_worker={"CPU": 0.5}
+    ) as ex:
         whole = _fit("mlp", ex)
         crashed: list[int] = []
 
@@ -247,3 +250,41 @@ def test_worker_lost_mid_step_recovers_and_equals_the_uninterrupted_run():
     assert tr.applied_steps == whole.applied_steps
     for k in whole.params:
         assert np.array_equal(tr.params[k], whole.params[k]), k
+
+
+# --- defaults and the command line ------------------------------------------------------------
+
+
+def test_one_replica_is_the_default_and_bit_for_bit():
+    ensure_ray()
+    with dg.RayExecutor(num_workers=2) as ex:
+        assert ex.replicas == 1
+        tr = _fit("linear", ex)
+        assert tr.session.status()["replicas"]["count"] == 1
+    want = _local("linear")
+    for k in want:
+        assert np.array_equal(tr.params[k], want[k]), k
+
+
+def test_cli_train_and_explain_take_replicas(capsys):
+    from distgraph.cli import main
+
+    ensure_ray()
+    argv = ["train", "linear", "--backend", "ray", "--workers", "2", "--replicas", "2"]
+    code = main([*argv, "--epochs", "3", "--json", "--check-local"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    got = json.loads(out)
+    assert got["matches_local"] is True and got["max_rel_diff"] <= 1e-9
+    replicas = got["replicas"]
+    assert (replicas["count"], replicas["width"], replicas["kind"]) == (2, 1, "mean")
+    assert replicas["rows"] == [[0, 4], [4, 8]]  # the last batch of 200 rows by 16: 8 rows
+    assert list(replicas["ip_steps"].values()) == [replicas["steps"]] == [3 * 13]
+    assert (
+        main(["explain", "mlp", "--workers", "2", "--replicas", "auto", "--batch-size", "64"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert text.startswith("layout:") and "why:" in text and "R=1 x 2 workers" in text
+    assert "R=2 x 1 worker" in text
+    assert main(["train", "linear", "--replicas", "2"]) == 2
+    assert "--replicas applies to Ray only" in capsys.readouterr().err

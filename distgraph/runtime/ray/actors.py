@@ -60,12 +60,12 @@ class _RayParamServer(ParameterServer):
         step_id: int,
         *grad_dicts: Any,
         routed: bool = False,
-        shards: Sequence[tuple[int, int]] | None = None,
+        replicas: Sequence[tuple[int, int]] | None = None,
         kind: Reduction = "mean",
     ) -> Any:
         by_ref = any(isinstance(g, ray.ObjectRef) for g in grad_dicts)  # data_path="store"
         out = ParameterServer.stage(
-            self, step_id, *resolve(grad_dicts), routed=routed, shards=shards, kind=kind
+            self, step_id, *resolve(grad_dicts), routed=routed, replicas=replicas, kind=kind
         )
         if not (routed and by_ref):
             return out

@@ -81,7 +81,8 @@ class RayExecutor(Executor):
     ``ConfigError`` names the choices); each step's batch is split into R row shards (sizes
     differing by at most one), each replica computes its shard's gradients, and the server
     combines them (weighted by rows for a mean loss) in replica order and applies them once.
-    ``"auto"`` lets the cost model choose R at the first step's batch size
+    The default is 1: results then equal ``LocalExecutor``'s bit for bit. ``"auto"`` lets the
+    cost model choose R at the first step's batch size
     (``dataparallel.choose_layout``; a loss that couples rows keeps R = 1 and says why in the
     plan's ``explain()`` and the log). A loss that couples rows is refused for R > 1 with a
     ``GraphError`` naming the node. Results equal one replica's to rounding (the full batch's
@@ -144,7 +145,7 @@ class RayExecutor(Executor):
         ray_init_kwargs: Mapping[str, Any] | None = None,
         oversubscribe: bool = False,
         max_bytes: int | None = None,
-        replicas: int | str = "auto",
+        replicas: int | str = 1,
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:

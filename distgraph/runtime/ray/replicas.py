@@ -12,7 +12,7 @@ Order of a step with ``R > 1`` (see ``session.py``): the batch's rows are split 
 rows than replicas leaves the last replicas out of that step, :func:`active_view`), each
 replica is fed its rows of every batch input (shared inputs whole, :func:`split_feeds`), and
 the server is asked to combine the replicas' gradient dicts in replica order
-(:func:`stage_shards`, ``ParameterServer.stage(..., shards=, kind=)``) and apply the result
+(:func:`replica_groups`, ``ParameterServer.stage(..., replicas=, kind=)``) and apply the result
 once.
 """
 
@@ -113,7 +113,7 @@ def split_feeds(
     return out
 
 
-def stage_shards(plan: Plan, width: int, rows: Sequence[int]) -> list[tuple[int, int]]:
+def replica_groups(plan: Plan, width: int, rows: Sequence[int]) -> list[tuple[int, int]]:
     """``(gradient dicts, rows)`` per replica, in the order ``plan``'s tasks send them."""
     counts = [0] * len(rows)
     for t in plan.tasks:

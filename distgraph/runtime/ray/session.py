@@ -15,7 +15,7 @@ State:
 
 With ``R > 1`` replicas the plan holds R copies of one replica's plan; a step splits its rows
 over them, feeds each replica its rows, and stages all their gradients in one
-``ps.stage(step, ..., shards=, kind=)`` that combines them in replica order: the step
+``ps.stage(step, ..., replicas=, kind=)`` that combines them in replica order: the step
 protocol below is the same, one stage / commit / abort per step id. No worker keeps a local
 replica of its params then (it sees its shard's gradients only): every param-holding worker
 takes the new params from the server, and steps are not pipelined.
@@ -70,10 +70,10 @@ from .replicas import (
     choose_replicas,
     combine_losses,
     replica_events,
+    replica_groups,
     replicate,
     rows_of,
     split_feeds,
-    stage_shards,
 )
 from .server import ServerLink, apply_event
 from .training import Attached, attach_arrays, replica_layout, server_routes, takers
@@ -298,7 +298,7 @@ class RaySession(TrainingSession):
             plan = active_view(plan, width, len(slices))
             parts = split_feeds(arrays, layout.split.batch_inputs, slices)
             counts = [b - a for a, b in rows]
-            split = {"shards": stage_shards(plan, width, counts), "kind": layout.split.kind}
+            split = {"replicas": replica_groups(plan, width, counts), "kind": layout.split.kind}
         try:
             refs = waves.submit(
                 plan,
