@@ -23,8 +23,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "netns-cluster.sh"
-PREFIX = "dgtest"  # distinct from the script's default so a hand-started cluster is left alone
-SUBNET = "10.231.7.0/24"
+# Distinct from the script's default so a hand-started cluster is left alone; overridable so
+# two checkouts can run this module on one machine at once.
+PREFIX = os.environ.get("DISTGRAPH_TEST_NETNS_PREFIX", "dgtest")
+SUBNET = os.environ.get("DISTGRAPH_TEST_NETNS_SUBNET", "10.231.7.0/24")
 RAY_SERVICES = ("ray-head", "ray-worker-1", "ray-worker-2")
 
 pytestmark = [
