@@ -8,6 +8,7 @@ from typing import Any
 
 import ray
 
+from ...dataparallel import Reduction
 from ..paramserver import ParameterServer
 from ..worker import Worker
 
@@ -54,9 +55,18 @@ class _RayParamServer(ParameterServer):
     workers, and each worker's new params leave the same way, so neither is stored in the
     driver (the caller of ``stage``)."""
 
-    def stage(self, step_id: int, *grad_dicts: Any, routed: bool = False) -> Any:
+    def stage(
+        self,
+        step_id: int,
+        *grad_dicts: Any,
+        routed: bool = False,
+        replicas: Sequence[tuple[int, int]] | None = None,
+        kind: Reduction = "mean",
+    ) -> Any:
         by_ref = any(isinstance(g, ray.ObjectRef) for g in grad_dicts)  # data_path="store"
-        out = ParameterServer.stage(self, step_id, *resolve(grad_dicts), routed=routed)
+        out = ParameterServer.stage(
+            self, step_id, *resolve(grad_dicts), routed=routed, replicas=replicas, kind=kind
+        )
         if not (routed and by_ref):
             return out
         step, *params = out  # answer the way the gradients came

@@ -34,6 +34,8 @@ class RayOptions:
     oversubscribe: bool = False
     #: How many run() plans stay installed (least recently used ones are dropped).
     max_plans: int = 32
+    #: Data-parallel replicas of a training program (an int dividing num_workers, or "auto").
+    replicas: int | str = 1
 
 
 #: Arrays bigger than this are put in the object store once instead of inlined per call.
