@@ -34,6 +34,9 @@ class RayOptions:
     oversubscribe: bool = False
     #: How many run() plans stay installed (least recently used ones are dropped).
     max_plans: int = 32
+    #: How run() steps travel: "calls" (actor calls), "compiled" (a Ray Compiled Graph from a
+    #: plan's second run) or "auto" (compiled where supported, else calls; see compiled.py).
+    transport: str = "calls"
 
 
 #: Arrays bigger than this are put in the object store once instead of inlined per call.
