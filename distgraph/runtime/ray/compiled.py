@@ -334,7 +334,10 @@ class CompiledRuns:
             self._refuse(plan_id, str(cause))
             return _Retry(str(cause))
         if isinstance(cause, DistgraphError):
-            return cause  # a node's own error: the graph stays usable
+            # A node's own error. Ray 2.60 passes it to the driver, but the graph's next
+            # execution then times out on its channels: drop it, the next run compiles anew.
+            self.drop(plan_id)
+            return cause
         if isinstance(error, (GetTimeoutError, TimeoutError)):
             # A worker is still computing: its loop ends when the node does.
             self.graphs.pop(plan_id, None)

@@ -312,9 +312,15 @@ class RayExecutor(Executor):
                 return None
             raise
 
-    def explain_transport(self, graph: Graph, outputs: Any = None, grad: str | None = None) -> str:
+    def explain_transport(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, Any] | None = None,
+        outputs: Sequence[str] | str | None = None,
+        grad: str | None = None,
+    ) -> str:
         """How run() steps of this request travel (compiled graph or actor calls, and why)."""
-        prog = self.program(graph, outputs, grad, None)
+        prog = self.program(graph, outputs, grad, feeds=feeds)
         for plan, plan_id, _ in self.waves.plans.values():
             if plan.program is prog:
                 return self.compiled.describe(plan_id)
