@@ -12,6 +12,7 @@ shows what each costs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -350,7 +351,7 @@ def _time_transports(rec: Record, g: Any, feeds: dict, repeats: int) -> None:
                 ex.run(g, feeds, grad="loss")
             if transport == "compiled" and ex.compiled.last_reason:
                 raise AssertionError(f"the MLP did not run compiled: {ex.compiled.last_reason}")
-            step = measure(lambda ex=ex: ex.run(g, feeds, grad="loss"), repeats, 3)
+            step = measure(functools.partial(ex.run, g, feeds, grad="loss"), repeats, 3)
             rec.figure(f"distgraph_ray_run_{transport}_s", step)
         rec.ratio(f"ray_run_{transport}_vs_numpy", step, rec.figures["numpy_s"])
     rec.note(
