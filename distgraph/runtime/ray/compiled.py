@@ -7,8 +7,9 @@ actor call, an object-store put and a scheduler round trip per task.
 State (:class:`CompiledRuns`, one per executor):
 - ``cluster`` and ``options`` (shared with the executor; ``options.transport`` is read live);
 - ``graphs``: plan id -> :class:`CompiledPlan`, the compiled graphs alive on the workers;
-- ``runs``: plan id -> how many times the plan ran (a plan is compiled on its second run:
-  compiling costs ~0.1-0.5 s, a one-off run would never earn that back);
+- ``runs``: plan id -> how many times in a row the plan ran (a plan is compiled on its second
+  run in a row: compiling costs ~0.1-2 s, a one-off run would never earn that back, and an
+  actor holds one compiled graph at a time, so alternating plans stay on calls);
 - ``refused``: plan id -> why the plan stays on actor calls (said in ``explain`` and the log).
 
 The graph of a plan: the driver's input (``InputNode``: step id, flags and the feeds) goes to
@@ -235,6 +236,7 @@ class CompiledRuns:
         self.refused: dict[int, str] = {}
         #: Why the latest plan ran on calls ("" when it ran compiled).
         self.last_reason = ""
+        self._previous = -1  # the plan of the latest step
 
     def why_not(self, plan: Plan, buffer_bytes: int) -> str:
         """Why ``plan`` cannot be compiled here ("" when it can)."""
@@ -270,7 +272,10 @@ class CompiledRuns:
         if transport == "calls":
             self.last_reason = 'transport="calls"'
             return None
-        self.runs[plan_id] = self.runs.get(plan_id, 0) + 1
+        # Runs in a row: plans that alternate stay on calls rather than tear down and compile
+        # each other's graph on every switch (an actor holds one compiled graph at a time).
+        self.runs[plan_id] = self.runs.get(plan_id, 0) + 1 if plan_id == self._previous else 1
+        self._previous = plan_id
         if plan_id in self.refused:
             self.last_reason = self.refused[plan_id]
             return None
@@ -284,7 +289,7 @@ class CompiledRuns:
             compiled = None
         if compiled is None:
             if self.runs[plan_id] < 2:
-                self.last_reason = "first run of the plan (compiled from its second run)"
+                self.last_reason = "first run of the plan in a row (compiled from its second)"
                 return None
             reason = self.why_not(plan, need)
             if not reason:
@@ -386,7 +391,7 @@ class CompiledRuns:
             return f"transport: compiled graph, channels of {self.graphs[plan_id].buffer_bytes:,} B"
         if plan_id in self.refused:
             return f"transport: actor calls ({transport}: {self.refused[plan_id]})"
-        return f"transport: {transport}, compiled from the plan's second run"
+        return f"transport: {transport}, compiled from the plan's second run in a row"
 
 
 class _Retry(DistgraphError):

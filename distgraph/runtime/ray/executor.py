@@ -84,7 +84,7 @@ class RayExecutor(Executor):
     each on a loaded 2-core machine).
 
     ``transport``: how run() steps travel. ``"calls"`` (default): one actor call per task.
-    ``"compiled"``: from a plan's second run on, its steps run as a Ray Compiled Graph
+    ``"compiled"``: from a plan's second run in a row on, its steps run as a Ray Compiled Graph
     (shared-memory channels sized from the plan, no per-call scheduling); a plan that cannot be
     compiled runs on calls with a warning. ``"auto"``: compiled where supported (one node,
     ``data_path="inline"``, messages up to 256 MB), calls otherwise, logged and shown by
