@@ -10,7 +10,8 @@ State (:class:`CompiledRuns`, one per executor):
 - ``runs``: plan id -> how many times in a row the plan ran (a plan is compiled on its second
   run in a row: compiling costs ~0.1-2 s, a one-off run would never earn that back, and an
   actor holds one compiled graph at a time, so alternating plans stay on calls);
-- ``refused``: plan id -> why the plan stays on actor calls (said in ``explain`` and the log).
+- ``refused``: plan id -> (transport, why the plan stays on actor calls under it), said in
+  ``explain_transport`` and the log.
 
 The graph of a plan: the driver's input (``InputNode``: step id, flags and the feeds) goes to
 every task; each task is one bind of its worker's ``run_compiled`` with one return per
@@ -233,7 +234,7 @@ class CompiledRuns:
         self.cluster, self.options = cluster, options
         self.graphs: dict[int, CompiledPlan] = {}
         self.runs: dict[int, int] = {}
-        self.refused: dict[int, str] = {}
+        self.refused: dict[int, tuple[str, str]] = {}
         #: Why the latest plan ran on calls ("" when it ran compiled).
         self.last_reason = ""
         self._previous = -1  # the plan of the latest step
@@ -276,8 +277,9 @@ class CompiledRuns:
         # each other's graph on every switch (an actor holds one compiled graph at a time).
         self.runs[plan_id] = self.runs.get(plan_id, 0) + 1 if plan_id == self._previous else 1
         self._previous = plan_id
-        if plan_id in self.refused:
-            self.last_reason = self.refused[plan_id]
+        refused = self.refused.get(plan_id)
+        if refused is not None and refused[0] == transport:  # asked again under another one
+            self.last_reason = refused[1]
             return None
         compiled = self.graphs.get(plan_id)
         need = plan_buffer_bytes(plan, feeds)
@@ -322,7 +324,8 @@ class CompiledRuns:
         return compiled
 
     def _refuse(self, plan_id: int, reason: str) -> None:
-        self.refused[plan_id] = self.last_reason = reason
+        self.refused[plan_id] = (self.options.transport, reason)
+        self.last_reason = reason
         level = logging.WARNING if self.options.transport == "compiled" else logging.INFO
         log.log(level, "plan %d runs on actor calls, not compiled: %s", plan_id, reason)
 
@@ -390,7 +393,7 @@ class CompiledRuns:
         if plan_id in self.graphs:
             return f"transport: compiled graph, channels of {self.graphs[plan_id].buffer_bytes:,} B"
         if plan_id in self.refused:
-            return f"transport: actor calls ({transport}: {self.refused[plan_id]})"
+            return f"transport: actor calls ({transport}: {self.refused[plan_id][1]})"
         return f"transport: {transport}, compiled from the plan's second run in a row"
 
 
