@@ -128,6 +128,7 @@ def _resolve_backend(args: argparse.Namespace) -> None:
             ("--connect-timeout", args.connect_timeout),
             ("--oversubscribe", args.oversubscribe or None),
             ("--replicas", None if args.replicas == 1 else args.replicas),
+            ("--transport", getattr(args, "transport", None)),
         )
         if value is not None
     ]
@@ -191,6 +192,12 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
         help="worker placement over nodes",
     )
     p.add_argument(
+        "--transport",
+        choices=["calls", "compiled", "auto"],
+        default=None,
+        help="how Ray steps travel: actor calls (default), a Ray Compiled Graph, or auto",
+    )
+    p.add_argument(
         "--max-memory",
         type=_size,
         default=None,
@@ -209,6 +216,8 @@ def _executor(args: argparse.Namespace) -> Iterator[Executor]:
         options: dict[str, Any] = {}
         if args.connect_timeout is not None:
             options["connect_timeout"] = args.connect_timeout
+        if getattr(args, "transport", None) is not None:
+            options["transport"] = args.transport
         ex = RayExecutor(
             num_workers=args.workers,
             strategy=args.strategy,

@@ -12,6 +12,7 @@ shows what each costs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -336,6 +337,27 @@ def _time_ray(rec: Record, g: Any, feeds: dict, repeats: int) -> None:
     rec.note(
         "distgraph Ray: the batch is attached once (as Trainer.fit does) and the worker that "
         "computes the gradients applies the update to its own copy; _unoptimised turns both off."
+    )
+    _time_transports(rec, g, feeds, repeats)
+
+
+def _time_transports(rec: Record, g: Any, feeds: dict, repeats: int) -> None:
+    """Forward + backward through ``run()`` (no update) on both transports, side by side."""
+    import distgraph as dg
+
+    for transport in ("calls", "compiled"):
+        with dg.RayExecutor(num_workers=2, transport=transport) as ex:
+            for _ in range(2):  # compiled from the plan's second run
+                ex.run(g, feeds, grad="loss")
+            if transport == "compiled" and ex.compiled.last_reason:
+                raise AssertionError(f"the MLP did not run compiled: {ex.compiled.last_reason}")
+            step = measure(functools.partial(ex.run, g, feeds, grad="loss"), repeats, 3)
+            rec.figure(f"distgraph_ray_run_{transport}_s", step)
+        rec.ratio(f"ray_run_{transport}_vs_numpy", step, rec.figures["numpy_s"])
+    rec.note(
+        "distgraph_ray_run_{calls,compiled}: ex.run(g, feeds, grad='loss') (forward and "
+        "backward, the batch sent each step, no update) with each transport; training steps "
+        "always use calls."
     )
 
 

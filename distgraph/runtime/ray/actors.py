@@ -11,6 +11,7 @@ import ray
 from ...dataparallel import Reduction
 from ..paramserver import ParameterServer
 from ..worker import Worker
+from .compiled import run_compiled_task
 
 
 def fetch(refs: Any, timeout: float | None = None) -> Any:
@@ -48,6 +49,10 @@ class _RayWorker(Worker):
 
     def _location(self) -> tuple[str, str]:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def run_compiled(self, plan_id: int, task_id: int, control: Any, *imported: Any) -> Any:
+        """A task as a node of a Compiled Graph (see ``compiled.py``)."""
+        return run_compiled_task(self, plan_id, task_id, control, imported)
 
 
 class _RayParamServer(ParameterServer):

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from ...cost import CostModel
-from ...errors import ConfigError, WorkerLostError
+from ...errors import ConfigError, DistgraphError, WorkerLostError
 from ...graph import Graph
 from ...optim import Optimizer
 from ...paramstore import ParameterStore
@@ -37,6 +37,7 @@ from ...program import Program
 from ...result import TraceEvent
 from ..base import Evaluation, Executor, TrainingSession
 from .cluster import Cluster
+from .compiled import TRANSPORTS, CompiledRuns, is_retry
 from .options import RayOptions
 from .replicas import check_replicas, choose_replicas, replicate
 from .session import RaySession
@@ -96,6 +97,13 @@ class RayExecutor(Executor):
     them in the object store and returns only a reference, so nothing but the requested
     outputs reaches the driver, at the cost of an object-store put per value (about 1-2 ms
     each on a loaded 2-core machine).
+
+    ``transport``: how run() steps travel. ``"calls"`` (default): one actor call per task.
+    ``"compiled"``: from a plan's second run in a row on, its steps run as a Ray Compiled Graph
+    (shared-memory channels sized from the plan, no per-call scheduling); a plan that cannot be
+    compiled runs on calls with a warning. ``"auto"``: compiled where supported (one node,
+    ``data_path="inline"``, messages up to 256 MB), calls otherwise, logged and shown by
+    ``explain``. Training steps always use calls.
     """
 
     num_workers = _Option[int]()
@@ -122,6 +130,8 @@ class RayExecutor(Executor):
     #: Data-parallel replicas of a training program: an int dividing ``num_workers`` or
     #: ``"auto"`` (read by each training session when its first step places the program).
     replicas = _Option["int | str"]()
+    #: How run() steps travel: "calls", "compiled" or "auto" (see the class docstring).
+    transport = _Option[str]()
 
     def __init__(
         self,
@@ -146,6 +156,7 @@ class RayExecutor(Executor):
         oversubscribe: bool = False,
         max_bytes: int | None = None,
         replicas: int | str = 1,
+        transport: str = "calls",
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -165,6 +176,10 @@ class RayExecutor(Executor):
         if data_path not in ("inline", "store"):
             raise ConfigError(f"data_path must be 'inline' or 'store', got {data_path!r}")
         check_replicas(replicas, num_workers)
+        if transport not in TRANSPORTS:
+            raise ConfigError(
+                f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}"
+            )
         if checkpoint_every and not checkpoint_dir:
             raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
         self.options = RayOptions(
@@ -185,12 +200,14 @@ class RayExecutor(Executor):
             worker_runtime_env=dict(worker_runtime_env) if worker_runtime_env else None,
             oversubscribe=bool(oversubscribe),
             replicas=replicas,
+            transport=transport,
         )
         for module in self.options.ops_modules:  # the driver builds graphs with these ops too
             importlib.import_module(module)
         self._run_steps = itertools.count(1)
         self.cluster = Cluster(self.options, connect_timeout, dict(ray_init_kwargs or {}))
         self.waves = Waves(self.cluster, self.options)
+        self.compiled = CompiledRuns(self.cluster, self.options)
 
     # What the cluster and the waves know --------------------------------------------------------
     @property
@@ -220,10 +237,15 @@ class RayExecutor(Executor):
 
     def recover(self) -> list[int]:
         """Replace dead workers and reinstall the run() plans on them; returns their indices."""
+        self.compiled.close()  # graphs hold the old actors: compiled again on the next run
         return self.waves.recover()
 
     def close(self) -> None:
-        """Stop the actors, release the placement group, and shut down an embedded Ray."""
+        """Tear down compiled graphs, stop the actors, release the placement group, and shut
+        down an embedded Ray."""
+        compiled = getattr(self, "compiled", None)
+        if compiled is not None:
+            compiled.close()
         waves, cluster = getattr(self, "waves", None), getattr(self, "cluster", None)
         if waves is not None:
             waves.plans.clear()
@@ -283,15 +305,19 @@ class RayExecutor(Executor):
                     key_extra=graph.version,
                 )
                 t_submit = time.time()
-                refs = self.waves.submit(plan, plan_id, step, feeds, {}, trace, check_finite)
-                got = self.waves.finish(plan, plan_id, step, refs, extra=[])
+                compiled = self._compiled_step(plan, plan_id, step, feeds, trace, check_finite)
+                if compiled is not None:
+                    driver = compiled
+                else:
+                    refs = self.waves.submit(plan, plan_id, step, feeds, {}, trace, check_finite)
+                    driver = self.waves.finish(plan, plan_id, step, refs, extra=[])["driver"]
                 break
             except WorkerLostError:
                 if attempt == self.max_recoveries:
                     raise
                 log.warning("a worker died during a run; replacing it and running again")
                 self.recover()
-        for values in got["driver"]:
+        for values in driver:
             # The request's own feeds, params and constants stay as given (the originals).
             env.update({k: v for k, v in values.items() if k not in env})
         events: list[TraceEvent] = []
@@ -299,6 +325,37 @@ class RayExecutor(Executor):
             events.append(TraceEvent("plan", "call", "plan", -1, "driver", started, t_submit))
             events.extend(self.waves.trace(plan, plan_id, step, t_submit))
         return Evaluation(sorted(events, key=lambda e: e.start), dict(plan.placement))
+
+    def _compiled_step(
+        self,
+        plan: Plan,
+        plan_id: int,
+        step: int,
+        feeds: Mapping[str, Any],
+        trace: bool,
+        check_finite: bool,
+    ) -> list[dict[str, Any]] | None:
+        """The step's driver outputs, run as a compiled graph; None: run it on calls."""
+        try:
+            return self.compiled.step(plan, plan_id, step, feeds, trace, check_finite)
+        except DistgraphError as e:
+            if is_retry(e):  # the graph is gone and the plan goes back to calls
+                return None
+            raise
+
+    def explain_transport(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, Any] | None = None,
+        outputs: Sequence[str] | str | None = None,
+        grad: str | None = None,
+    ) -> str:
+        """How run() steps of this request travel (compiled graph or actor calls, and why)."""
+        prog = self.program(graph, outputs, grad, feeds=feeds)
+        for plan, plan_id, _ in self.waves.plans.values():
+            if plan.program is prog:
+                return self.compiled.describe(plan_id)
+        return self.compiled.describe(-1)
 
     # Training -----------------------------------------------------------------------------------
     def training_session(

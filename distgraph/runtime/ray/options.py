@@ -36,6 +36,9 @@ class RayOptions:
     max_plans: int = 32
     #: Data-parallel replicas of a training program (an int dividing num_workers, or "auto").
     replicas: int | str = 1
+    #: How run() steps travel: "calls" (actor calls), "compiled" (a Ray Compiled Graph from a
+    #: plan's second run) or "auto" (compiled where supported, else calls; see compiled.py).
+    transport: str = "calls"
 
 
 #: Arrays bigger than this are put in the object store once instead of inlined per call.

@@ -1,0 +1,425 @@
+"""The compiled transport: a run() plan that runs again is compiled into a Ray Compiled Graph.
+
+A Compiled Graph (``ray.dag`` + ``experimental_compile``) runs a fixed DAG of actor methods
+over pre-allocated shared-memory channels: one step costs a write per message instead of an
+actor call, an object-store put and a scheduler round trip per task.
+
+State (:class:`CompiledRuns`, one per executor):
+- ``cluster`` and ``options`` (shared with the executor; ``options.transport`` is read live);
+- ``graphs``: plan id -> :class:`CompiledPlan`, the compiled graphs alive on the workers;
+- ``runs``: plan id -> how many times in a row the plan ran (a plan is compiled on its second
+  run in a row: compiling costs ~0.1-2 s, a one-off run would never earn that back, and an
+  actor holds one compiled graph at a time, so alternating plans stay on calls);
+- ``refused``: plan id -> (transport, why the plan stays on actor calls under it), said in
+  ``explain_transport`` and the log.
+
+The graph of a plan: the driver's input (``InputNode``: step id, flags and the feeds) goes to
+every task; each task is one bind of its worker's ``run_compiled`` with one return per
+output (``num_returns``), imported outputs are bound as arguments, and the driver's outputs
+plus every output no task imports form the ``MultiOutputNode``. Bound in plan order, so each
+worker runs its tasks in plan order, as with calls.
+
+Why channels are sized up front (the teardown hang, ray 2.60): a channel's buffer is
+``DAGContext.buffer_size_bytes`` *of the process that creates it* (the writer actor; the
+``_buffer_size_bytes`` compile argument does not reach shared-memory channels). A message
+larger than the buffer makes the writer resize its channel locally, and ``teardown()`` then
+closes the pre-resize channel (the driver's pickled copy) while the reader blocks on the new
+one, forever. So before compiling, the driver and every worker set ``buffer_size_bytes`` to
+the plan's largest message (cost-model bytes at the run's batch, doubled, plus headroom), and
+a worker refuses to write a message that would not fit (:class:`ChannelSizeError`), so no
+channel ever resizes; the plan then goes back to calls, or is compiled again with larger
+buffers for a larger batch.
+
+Arrays read from a channel are views of its shared memory, and keeping one blocks the writer
+(ray-project/ray#46055): a worker copies every imported value and feed it keeps, the driver
+copies the outputs it hands back.
+
+Costs: a compiled graph's loop polls its input channel, so a worker of an idle compiled graph
+uses CPU (measured here: ~0.35 of a core for the worker holding the seed graph's task); the
+graph is torn down by ``close()``, a recovery, another plan's compile, or a failed step (a node's
+error too: Ray 2.60 times out the execution after one that raised, so the next run compiles
+anew). A step past its deadline names the node still running (asked of the workers'
+``progress``) and tears the graph down in the background, without killing the actors.
+
+Not compiled (stay on actor calls): training steps (the parameter server's stage/commit and
+the workers' param updates are ordered with the step's calls, which a graph running on the
+actors' system thread would not be), workers on more than one node, ``data_path="store"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+from ray.dag import InputNode, MultiOutputNode
+from ray.exceptions import (
+    GetTimeoutError,
+    ObjectLostError,
+    RayActorError,
+    RayChannelError,
+    RayTaskError,
+)
+
+from ...cost import node_bytes
+from ...errors import DistgraphError, ExecutionError, WaveTimeoutError, WorkerLostError
+from ...plan import DRIVER, Plan
+from ..protocol import CallHeader
+from .options import RayOptions
+
+if TYPE_CHECKING:  # cluster.py imports actors.py, which imports this module
+    from .cluster import Cluster
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("calls", "compiled", "auto")
+#: Smallest channel buffer (Ray's default); every channel is at least this large.
+MIN_BUFFER = 1_000_000
+#: Room kept in a buffer for pickling a message's dict and array headers.
+HEADROOM = 256 * 1024
+#: Per-array framing allowance when a worker checks that a message fits.
+PER_ARRAY = 1024
+#: Plans whose largest message needs a bigger buffer stay on calls (each channel holds one
+#: buffer of this size in shared memory, per reader node).
+MAX_BUFFER = 256 * 1024 * 1024
+
+
+class ChannelSizeError(ExecutionError):
+    """A compiled task's message would not fit its channel (it would resize and hang)."""
+
+
+# Worker side ------------------------------------------------------------------------------------
+def set_buffer_size(_actor: Any, nbytes: int) -> int:
+    """Run in an actor (``__ray_call__``): size the channels this process creates from now on."""
+    from ray.dag.context import DAGContext
+
+    DAGContext.get_current().buffer_size_bytes = int(nbytes)
+    return int(nbytes)
+
+
+def own(value: Any) -> Any:
+    """``value`` with every array copied out of a channel's shared memory (dicts, tuples too)."""
+    if isinstance(value, np.ndarray):
+        return np.array(value, copy=True)
+    if isinstance(value, dict):
+        return {k: own(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(own(v) for v in value)
+    return value
+
+
+def message_bytes(value: Any) -> int:
+    """Approximate serialized size of a task output (array bytes plus framing)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes) + PER_ARRAY
+    if isinstance(value, dict):
+        return PER_ARRAY + sum(message_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return PER_ARRAY + sum(message_bytes(v) for v in value)
+    return 64
+
+
+def run_compiled_task(
+    worker: Any, plan_id: int, task_id: int, control: tuple, imported: tuple
+) -> Any:
+    """A worker's compiled call: the task's feeds from the driver's input ``control`` (step,
+    trace, check_finite, feeds), imported value dicts from channels; runs it like a call."""
+    from ray.dag.context import DAGContext
+
+    step, trace, check_finite, feeds = control
+    task = worker.tasks[plan_id][task_id]
+    header = CallHeader(
+        plan_id,
+        step,
+        task_id,
+        trace=trace,
+        check_finite=check_finite,
+        inline={n: own(feeds[n]) for n in task.feeds},
+        imports=len(imported),
+    )
+    out = worker.run_task(header, *[own(d) for d in imported])
+    limit = DAGContext.get_current().buffer_size_bytes - HEADROOM
+    outputs = out if isinstance(out, tuple) else (out,)
+    for (dest, names), message in zip(task.outputs, outputs):
+        size = message_bytes(message)
+        if size > limit:
+            worker.drop_step(plan_id, step)
+            raise ChannelSizeError(
+                f"worker {worker.index}: task {task_id}'s message to {dest} ({', '.join(names)}) "
+                f"is {size:,} bytes, more than its compiled channel holds ({limit:,}); the plan "
+                "goes back to actor calls (or is compiled again for the larger batch)"
+            )
+    return out
+
+
+# Driver side ------------------------------------------------------------------------------------
+def plan_buffer_bytes(plan: Plan, feeds: Mapping[str, Any]) -> int:
+    """Channel buffer size for ``plan``: its largest message (cost-model bytes at the plan's
+    batch, or the feeds' actual bytes), doubled, plus headroom; at least Ray's default."""
+    sizes = node_bytes(plan.program, plan.cost)
+    largest = sum(message_bytes(v) for v in feeds.values())
+    for task in plan.tasks:
+        for _dest, names in task.outputs:
+            largest = max(largest, sum(int(sizes.get(n, 0)) + PER_ARRAY for n in names))
+    return max(MIN_BUFFER, 2 * largest + HEADROOM)
+
+
+class CompiledPlan:
+    """One plan compiled into a Compiled Graph on the cluster's workers."""
+
+    def __init__(self, cluster: Cluster, plan: Plan, plan_id: int, buffer_bytes: int) -> None:
+        self.plan, self.plan_id, self.buffer_bytes = plan, plan_id, buffer_bytes
+        workers = cluster.workers
+        self.workers = list(workers)
+        active = sorted({t.worker for t in plan.tasks})
+        # Every process that creates channels sizes them (see the module docstring).
+        set_buffer_size(None, buffer_bytes)
+        ray.get(
+            [workers[w].__ray_call__.remote(set_buffer_size, buffer_bytes) for w in active],
+            timeout=60,
+        )
+        outs: dict[int, list[Any]] = {}
+        consumed = {(src, slot) for t in plan.tasks for src, slot, _ in t.imports}
+        driver: list[Any] = []
+        dangling: list[Any] = []
+        with InputNode() as inp:
+            for task in plan.tasks:
+                k = max(1, len(task.outputs))
+                method = workers[task.worker].run_compiled
+                if k > 1:
+                    method = method.options(num_returns=k)
+                args = [outs[src][slot] for src, slot, _ in task.imports]
+                node = method.bind(plan_id, task.id, inp, *args)
+                outs[task.id] = list(node) if k > 1 else [node]
+            for task in plan.tasks:
+                for slot, node in enumerate(outs[task.id]):
+                    dest = task.outputs[slot][0] if task.outputs else None
+                    if dest == DRIVER:
+                        driver.append(node)
+                    elif (task.id, slot) not in consumed:
+                        dangling.append(node)  # every leaf must be an output of the graph
+            dag = MultiOutputNode(driver + dangling)
+        self.n_driver = len(driver)
+        # One execution in flight (run() waits for each), so each channel holds one buffer.
+        self.dag = dag.experimental_compile(_max_inflight_executions=1)
+        self.torn_down = False
+
+    def run(
+        self, step: int, feeds: Mapping[str, Any], trace: bool, check_finite: bool, timeout: float
+    ) -> list[dict[str, Any]]:
+        """Execute one step; the driver's outputs (copied out of the channels), in plan order."""
+        ref = self.dag.execute((step, trace, check_finite, dict(feeds)))
+        values = ray.get(ref, timeout=timeout)
+        return [own(v) for v in values[: self.n_driver]]
+
+    def teardown(self, wait: bool = True) -> None:
+        """Stop the graph's loops on the workers (the actors stay); ``wait=False`` tears down on
+        a background thread (a worker still computing a timed-out step ends its loop when the
+        node finishes)."""
+        if self.torn_down:
+            return
+        self.torn_down = True
+        if wait:
+            with contextlib.suppress(Exception):
+                self.dag.teardown()
+        else:
+            threading.Thread(target=self._quiet_teardown, daemon=True).start()
+
+    def _quiet_teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.dag.teardown()
+
+
+class CompiledRuns:
+    """The compiled run() plans of one executor (see the module docstring)."""
+
+    def __init__(self, cluster: Cluster, options: RayOptions) -> None:
+        self.cluster, self.options = cluster, options
+        self.graphs: dict[int, CompiledPlan] = {}
+        self.runs: dict[int, int] = {}
+        self.refused: dict[int, tuple[str, str]] = {}
+        #: Why the latest plan ran on calls ("" when it ran compiled).
+        self.last_reason = ""
+        self._previous = -1  # the plan of the latest step
+
+    def why_not(self, plan: Plan, buffer_bytes: int) -> str:
+        """Why ``plan`` cannot be compiled here ("" when it can)."""
+        o = self.options
+        if o.data_path != "inline":
+            return f'data_path={o.data_path!r} (compiled values travel in channels; use "inline")'
+        nodes = {self.cluster.worker_info[t.worker]["node_id"] for t in plan.tasks}
+        if len(nodes) > 1 and o.transport == "auto":
+            return (
+                f"the plan's workers run on {len(nodes)} nodes (auto compiles single-node "
+                'plans only; transport="compiled" tries it across nodes)'
+            )
+        if buffer_bytes > MAX_BUFFER:
+            return (
+                f"its largest message needs a {buffer_bytes:,}-byte channel, more than "
+                f"{MAX_BUFFER:,}"
+            )
+        if not plan.tasks:
+            return "the plan has no tasks"
+        return ""
+
+    def step(
+        self,
+        plan: Plan,
+        plan_id: int,
+        step: int,
+        feeds: Mapping[str, Any],
+        trace: bool,
+        check_finite: bool,
+    ) -> list[dict[str, Any]] | None:
+        """Run a step of ``plan`` compiled when the transport allows it; None: use calls."""
+        transport = self.options.transport
+        if transport == "calls":
+            self.last_reason = 'transport="calls"'
+            return None
+        # Runs in a row: plans that alternate stay on calls rather than tear down and compile
+        # each other's graph on every switch (an actor holds one compiled graph at a time).
+        self.runs[plan_id] = self.runs.get(plan_id, 0) + 1 if plan_id == self._previous else 1
+        self._previous = plan_id
+        refused = self.refused.get(plan_id)
+        if refused is not None and refused[0] == transport:  # asked again under another one
+            self.last_reason = refused[1]
+            return None
+        compiled = self.graphs.get(plan_id)
+        need = plan_buffer_bytes(plan, feeds)
+        if compiled is not None and (
+            need > compiled.buffer_bytes or compiled.workers != self.cluster.workers
+        ):
+            # A larger batch than compiled for, or a replaced worker: compile again.
+            self.drop(plan_id)
+            compiled = None
+        if compiled is None:
+            if self.runs[plan_id] < 2:
+                self.last_reason = "first run of the plan in a row (compiled from its second)"
+                return None
+            reason = self.why_not(plan, need)
+            if not reason:
+                try:
+                    compiled = self._compile(plan, plan_id, need)
+                except Exception as e:  # an unsupported shape: say so, stay on calls
+                    reason = f"Ray could not compile it: {type(e).__name__}: {e}"
+            if compiled is None:
+                self._refuse(plan_id, reason)
+                return None
+        try:
+            got = compiled.run(step, feeds, trace, check_finite, self.options.deadline)
+        except BaseException as e:
+            raise self._failed(plan_id, compiled, step, e) from None
+        self.last_reason = ""
+        return got
+
+    def _compile(self, plan: Plan, plan_id: int, buffer_bytes: int) -> CompiledPlan:
+        # Ray allows one compiled graph per actor at a time: the previous plan's goes.
+        for other in list(self.graphs):
+            self.drop(other)
+        compiled = CompiledPlan(self.cluster, plan, plan_id, buffer_bytes)
+        self.graphs[plan_id] = compiled
+        log.info(
+            "compiled plan %d (%d tasks) into a Ray Compiled Graph, channels of %d bytes",
+            plan_id,
+            len(plan.tasks),
+            buffer_bytes,
+        )
+        return compiled
+
+    def _refuse(self, plan_id: int, reason: str) -> None:
+        self.refused[plan_id] = (self.options.transport, reason)
+        self.last_reason = reason
+        level = logging.WARNING if self.options.transport == "compiled" else logging.INFO
+        log.log(level, "plan %d runs on actor calls, not compiled: %s", plan_id, reason)
+
+    def _failed(
+        self, plan_id: int, compiled: CompiledPlan, step: int, error: BaseException
+    ) -> BaseException:
+        """Tear the graph down after a failed step and say what failed, as calls would."""
+        cause = _root_cause(error)
+        for w in compiled.workers:  # values the failed step left behind
+            with contextlib.suppress(Exception):
+                w.drop_step.remote(plan_id, step)
+        if isinstance(cause, ChannelSizeError):
+            self.drop(plan_id)
+            self._refuse(plan_id, str(cause))
+            return _Retry(str(cause))
+        if isinstance(cause, DistgraphError):
+            # A node's own error. Ray 2.60 passes it to the driver, but the graph's next
+            # execution then times out on its channels: drop it, the next run compiles anew.
+            self.drop(plan_id)
+            return cause
+        if isinstance(error, (GetTimeoutError, TimeoutError)):
+            # A worker is still computing: its loop ends when the node does.
+            self.graphs.pop(plan_id, None)
+            compiled.teardown(wait=False)
+            return self._timeout(compiled, step)
+        self.drop(plan_id)
+        if isinstance(cause, (RayActorError, ObjectLostError, RayChannelError)):
+            return WorkerLostError(f"a worker died during a compiled step: {cause}")
+        return error
+
+    def _timeout(self, compiled: CompiledPlan, step: int) -> WaveTimeoutError:
+        """Name the node still running, asked of every worker of the plan."""
+        plan = compiled.plan
+        running = []
+        for w in sorted({t.worker for t in plan.tasks}):
+            try:
+                info = ray.get(compiled.workers[w].progress.remote(), timeout=5)
+            except Exception:
+                info = None
+            if info and info.get("step") == step and info.get("node"):
+                node = info["node"]
+                running.append(
+                    f"node {node!r} ({plan.program.nodes[node].phase}, level {info['level']}) "
+                    f"running on worker {w}"
+                )
+        msg = f"step {step} passed its deadline of {self.options.deadline:g} s (compiled)"
+        return WaveTimeoutError(msg + ("; " + "; ".join(running) if running else ""))
+
+    def drop(self, plan_id: int) -> None:
+        """Tear down ``plan_id``'s graph (the workers stay)."""
+        compiled = self.graphs.pop(plan_id, None)
+        if compiled is not None:
+            compiled.teardown()
+
+    def close(self) -> None:
+        """Tear down every graph (before the actors are killed or replaced)."""
+        for plan_id in list(self.graphs):
+            self.drop(plan_id)
+
+    def describe(self, plan_id: int) -> str:
+        """One line for ``explain``: how this plan's steps travel."""
+        transport = self.options.transport
+        if transport == "calls":
+            return 'transport: actor calls (transport="calls")'
+        if plan_id in self.graphs:
+            return f"transport: compiled graph, channels of {self.graphs[plan_id].buffer_bytes:,} B"
+        if plan_id in self.refused:
+            return f"transport: actor calls ({transport}: {self.refused[plan_id][1]})"
+        return f"transport: {transport}, compiled from the plan's second run in a row"
+
+
+class _Retry(DistgraphError):
+    """The compiled step did not run to the end for a reason calls do not have: run it on
+    calls (the executor catches this and runs the step again there)."""
+
+
+def is_retry(error: BaseException) -> bool:
+    """Whether a compiled step asks to be run again on calls."""
+    return isinstance(error, _Retry)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    seen = 0
+    while isinstance(e, RayTaskError) and seen < 32:
+        cause = getattr(e, "cause", None)
+        if cause is None:
+            break
+        e = cause
+        seen += 1
+    return e

@@ -1,0 +1,360 @@
+"""The compiled transport (issue 16): run() steps as a Ray Compiled Graph.
+
+The teardown hang is shown with a raw Ray probe (``compiled_probe.py``, run in a subprocess so
+a hang never stalls the suite), then the executor's compiled transport is shown to avoid it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slow_ops  # noqa: F401 - registers the "stall" op in this process too
+from graphs import BUILDERS, SPREAD_COST, mlp, seed_graph, towers
+from raysupport import ensure_ray
+
+import distgraph as dg
+from distgraph.bench.mlp import build_distgraph, make_problem
+from distgraph.runtime.ray.compiled import MIN_BUFFER
+
+TESTS = str(Path(__file__).resolve().parent)
+PROBE = os.path.join(TESTS, "compiled_probe.py")
+
+
+def run_probe(*args: str, timeout: float = 400) -> list[str]:
+    """Run the raw probe in its own session (its Ray included) and return its teardown lines."""
+    proc = subprocess.Popen(
+        [sys.executable, PROBE, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # only the probe's own process group
+        proc.communicate()
+        pytest.fail(f"the probe {args} did not finish within {timeout} s")
+    return [line for line in out.splitlines() if line.startswith("teardown")]
+
+
+@pytest.mark.slow
+def test_raw_probe_hangs_at_teardown_with_default_buffers():
+    # 2.8 MB messages through Ray's default 1 MB channels: the writer resizes its channel and
+    # teardown closes the old one while the reader waits on the new one.
+    assert MIN_BUFFER < 4 * 700_000  # the precondition: a message larger than the buffer
+    assert run_probe("default", "10", "700000") == ["teardown HUNG"]
+
+
+@pytest.mark.slow
+def test_raw_probe_tears_down_with_sized_buffers():
+    # The fix: buffer_size_bytes set in the driver and both actors before compiling.
+    lines = run_probe("sized", "1000", "700000")
+    assert len(lines) == 2 and all("HUNG" not in line for line in lines), lines
+
+
+# The executor ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ex_compiled():
+    ensure_ray()
+    with dg.RayExecutor(num_workers=2, transport="compiled") as ex:
+        yield ex
+
+
+def assert_results_equal(a: dg.Result, b: dg.Result) -> None:
+    assert a.values.keys() == b.values.keys() and a.grads.keys() == b.grads.keys()
+    for k in a.values:
+        assert np.array_equal(a.values[k], b.values[k]), k
+    for k in a.grads:
+        assert np.array_equal(a.grads[k], b.grads[k]), k
+
+
+CONFORMANCE = [
+    "seed",
+    "linear",
+    "mlp",
+    "diamond",
+    "wide",
+    "broadcast",
+    "classifier",
+    "shapes",
+    "towers",
+]
+
+
+@pytest.mark.parametrize("name", CONFORMANCE)
+@pytest.mark.parametrize("strategy", ["round_robin", "mincut"])
+def test_compiled_equals_calls_and_local(ex_compiled, name, strategy):
+    g, feeds, out = BUILDERS[name]() if name != "towers" else towers()
+    local = dg.LocalExecutor().run(g, feeds, grad=out)
+    ex = ex_compiled
+    before = ex.strategy, ex.cost
+    ex.strategy, ex.cost = strategy, SPREAD_COST
+    try:
+        ex.transport = "calls"
+        calls = ex.run(g, feeds, grad=out)
+        ex.transport = "compiled"
+        first = ex.run(g, feeds, grad=out)  # the plan's first compiled-transport run
+        results = [ex.run(g, feeds, grad=out) for _ in range(3)]
+        assert ex.compiled.last_reason == "", ex.compiled.last_reason  # ran compiled
+        assert "compiled graph" in ex.explain_transport(g, feeds, grad=out)
+    finally:
+        ex.strategy, ex.cost = before
+        ex.transport = "compiled"
+    if strategy == "round_robin":  # what makes it distributed: values cross workers
+        assert len(set(results[-1].placement.values())) == 2
+    for res in [calls, first, *results]:
+        assert_results_equal(res, local)
+
+
+def test_trace_and_outputs_under_compiled(ex_compiled):
+    g, feeds, out = mlp()
+    for _ in range(2):
+        ex_compiled.run(g, feeds, outputs=["loss"], grad=out)
+    res = ex_compiled.run(g, feeds, outputs=["loss"], grad=out, trace=True)
+    assert ex_compiled.compiled.last_reason == ""
+    assert any(e.kind == "node" for e in res.trace)
+    assert_results_equal(res, dg.LocalExecutor().run(g, feeds, outputs=["loss"], grad=out))
+
+
+def test_node_error_is_raised_and_the_next_run_compiles_again(ex_compiled):
+    g = dg.Graph()
+    x = g.input("x", shape=(2,))
+    g.output("y", dg.log(x))
+    ok = {"x": np.array([1.0, 2.0])}
+    for _ in range(2):
+        ex_compiled.run(g, ok, check_finite=True)
+    with pytest.raises(dg.DistgraphError, match="log"):
+        ex_compiled.run(g, {"x": np.array([-1.0, 2.0])}, check_finite=True)
+    assert not ex_compiled.compiled.graphs  # the failed graph is gone
+    res = ex_compiled.run(g, ok, check_finite=True)
+    assert ex_compiled.compiled.last_reason == "" and ex_compiled.compiled.graphs
+    assert np.array_equal(res.values["y"], np.log(ok["x"]))
+
+
+def test_larger_batch_compiles_again_with_larger_channels(ex_compiled):
+    g, feeds, out = mlp()
+    small = {k: v[:4] for k, v in feeds.items()}
+    for _ in range(2):
+        ex_compiled.run(g, small, grad=out)
+    (compiled,) = ex_compiled.compiled.graphs.values()
+    big = {k: np.concatenate([v] * 40000) for k, v in small.items()}  # 160,000 rows
+    res = ex_compiled.run(g, big, grad=out)
+    (again,) = ex_compiled.compiled.graphs.values()
+    assert again is not compiled and again.buffer_bytes > compiled.buffer_bytes
+    assert ex_compiled.compiled.last_reason == ""
+    assert_results_equal(res, dg.LocalExecutor().run(g, big, grad=out))
+
+
+def test_transport_is_validated():
+    with pytest.raises(dg.ConfigError, match="transport"):
+        dg.RayExecutor(transport="shm")
+
+
+def test_auto_falls_back_on_multi_node_with_a_reason(caplog):
+    ensure_ray()
+    g, feeds, out = seed_graph()
+    with dg.RayExecutor(num_workers=2, transport="auto", strategy="round_robin") as ex:
+        # Two workers on one machine; their node ids are what the transport reads.
+        ex.cluster.worker_info[1] = {**ex.cluster.worker_info[1], "node_id": "another-node"}
+        with caplog.at_level(logging.INFO, logger="distgraph.runtime.ray.compiled"):
+            for _ in range(3):
+                res = ex.run(g, feeds, grad=out)
+        assert set(res.placement.values()) == {0, 1}  # the plan spans both "nodes"
+        assert "2 nodes" in ex.compiled.last_reason
+        assert "2 nodes" in ex.explain_transport(g, feeds, grad=out)
+        assert any("not compiled" in r.message and "2 nodes" in r.message for r in caplog.records)
+        assert not ex.compiled.graphs
+        assert res.values == {"z": 7.0}
+
+
+# 1,000 steps of several-MB messages, then close, twice ------------------------------------------
+@pytest.mark.slow
+def test_thousand_mlp_steps_then_teardown_twice_on_the_same_actors():
+    ensure_ray()
+    sizes, batch = [784, 512, 512, 10], 512
+    params, x, y = make_problem(sizes, batch)
+    g = build_distgraph(sizes, params, batch)
+    feeds = {"x": x, "y": y}
+    # Forward on worker 0, backward on worker 1: the activations cross (6.3 MB a step) and
+    # the gradients go to the driver (3.3 MB).
+    ex = dg.RayExecutor(
+        num_workers=2,
+        transport="compiled",
+        strategy=lambda prog, n, cost: {
+            name: 0 if prog.nodes[name].phase == "forward" else 1 for name in prog.order
+        },
+    )
+    try:
+        # The same workers on calls give the reference (BLAS sums in a float32 matmul depend on
+        # the thread count, so LocalExecutor in this process may differ in the last bits).
+        ex.transport = "calls"
+        want = ex.run(g, feeds, grad="loss")
+        ex.transport = "compiled"
+        workers = list(ex.workers)
+        for _round in range(2):
+            ex.run(g, feeds, grad="loss")
+            for _ in range(1000):
+                res = ex.run(g, feeds, grad="loss")
+            assert ex.compiled.last_reason == ""
+            (compiled,) = ex.compiled.graphs.values()
+            # The precondition: messages larger than Ray's default buffer (several MB).
+            assert compiled.buffer_bytes > 4 * MIN_BUFFER, compiled.buffer_bytes
+            assert len({t.worker for t in compiled.plan.tasks}) == 2
+            assert_results_equal(res, want)
+            start = time.perf_counter()
+            ex.compiled.close()  # tear the graph down; the actors stay
+            assert time.perf_counter() - start < 5.0
+            assert ex.workers == workers and not ex.replacements
+    finally:
+        start = time.perf_counter()
+        ex.close()
+    assert time.perf_counter() - start < 5.0
+
+
+# Failures ----------------------------------------------------------------------------------------
+def stall_graph(flag: str) -> dg.Graph:
+    g = dg.Graph()
+    x = g.input("x")
+    w = g.param("w", 3.0)
+    h = g.apply("stall", x * w, flag=flag, name="stuck")
+    g.output("z", h + 1.0)
+    return g
+
+
+@pytest.fixture
+def stall_ex():
+    ensure_ray()
+    with dg.RayExecutor(
+        num_workers=2,
+        transport="compiled",
+        strategy={"mul_1": 0, "stuck": 1, "z": 0},
+        ops_modules=["slow_ops"],
+        worker_runtime_env={"env_vars": {"PYTHONPATH": TESTS}},
+    ) as ex:
+        yield ex
+
+
+def test_worker_killed_during_a_compiled_step_is_replaced_and_recompiled(stall_ex, tmp_path):
+    ex = stall_ex
+    flag = str(tmp_path / "stall")
+    g = stall_graph(flag)
+    for _ in range(2):
+        assert ex.run(g, {"x": 2.0}).values == {"z": 7.0}
+    assert ex.compiled.last_reason == ""
+    Path(flag).touch()  # the next step stalls in 'stuck' on worker 1
+
+    def kill() -> None:
+        time.sleep(2.0)
+        ex.workers[1].crash.remote()  # a normal call: runs beside the graph's loop
+        time.sleep(1.0)
+        os.remove(flag)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    res = ex.run(g, {"x": 2.0})
+    killer.join()
+    assert res.values == {"z": 7.0}
+    assert ex.replacements == [1]
+    assert ex.compiled.last_reason == ""  # the step ran again compiled, on the new worker
+    (compiled,) = ex.compiled.graphs.values()
+    assert compiled.workers == ex.workers
+    assert ex.run(g, {"x": 2.0}).values == {"z": 7.0}
+
+
+def test_compiled_step_past_its_deadline_names_the_stuck_node(stall_ex, tmp_path):
+    ex = stall_ex
+    flag = str(tmp_path / "stall")
+    g = stall_graph(flag)
+    for _ in range(2):
+        ex.run(g, {"x": 2.0})
+    assert ex.compiled.last_reason == ""
+    level = ex.plan(g).program.level["stuck"]
+    Path(flag).touch()
+    ex.deadline = 3.0
+    try:
+        with pytest.raises(dg.WaveTimeoutError) as info:
+            ex.run(g, {"x": 2.0})
+    finally:
+        os.remove(flag)
+        ex.deadline = 600.0
+    msg = str(info.value)
+    assert "'stuck'" in msg and f"level {level}" in msg and "worker 1" in msg, msg
+    # The graph was dropped; the next runs compile a new one on the same actors.
+    for _ in range(2):
+        assert ex.run(g, {"x": 2.0}).values == {"z": 7.0}
+    assert not ex.replacements
+
+
+def test_alternating_plans_stay_on_calls_then_compile(ex_compiled):
+    a, feeds_a, out_a = seed_graph()
+    b, feeds_b, out_b = mlp()
+    ex_compiled.compiled.close()
+    for _ in range(3):  # a, b, a, b, ...: no plan runs twice in a row
+        ex_compiled.run(a, feeds_a, grad=out_a)
+        assert ex_compiled.compiled.last_reason.startswith("first run")
+        ex_compiled.run(b, feeds_b, grad=out_b)
+        assert ex_compiled.compiled.last_reason.startswith("first run")
+    assert not ex_compiled.compiled.graphs
+    res = ex_compiled.run(b, feeds_b, grad=out_b)
+    assert ex_compiled.compiled.last_reason == "" and len(ex_compiled.compiled.graphs) == 1
+    assert_results_equal(res, dg.LocalExecutor().run(b, feeds_b, grad=out_b))
+
+
+def test_cli_transport_flag(capsys):
+    from distgraph.cli import main
+
+    assert main(["run", "seed", "--backend", "local", "--transport", "compiled"]) == 2
+    err = capsys.readouterr().err
+    assert "--transport" in err and "backend" in err
+    ensure_ray()
+    assert main(["run", "seed", "--backend", "ray", "--transport", "auto", "--json"]) == 0
+    assert '"z": 7.0' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_multi_node_auto_falls_back_and_compiled_runs_across_nodes(caplog):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        g, feeds, out = towers()
+        local = dg.LocalExecutor().run(g, feeds, grad=out)
+        with dg.RayExecutor(
+            num_workers=2,
+            strategy="round_robin",
+            cost=SPREAD_COST,
+            address=cluster.address,
+            transport="auto",
+        ) as ex:
+            # The precondition: the two workers run on two nodes, and the plan uses both.
+            assert len({i["node_id"] for i in ex.worker_info}) == 2
+            with caplog.at_level(logging.INFO, logger="distgraph.runtime.ray.compiled"):
+                for _ in range(3):
+                    res = ex.run(g, feeds, grad=out)
+            assert set(res.placement.values()) == {0, 1}
+            assert "2 nodes" in ex.compiled.last_reason and not ex.compiled.graphs
+            assert any("2 nodes" in r.message for r in caplog.records)
+            assert_results_equal(res, local)
+            ex.transport = "compiled"  # asked for explicitly: tried across the nodes
+            for _ in range(3):
+                res = ex.run(g, feeds, grad=out)
+            assert ex.compiled.last_reason == "" and ex.compiled.graphs
+            assert_results_equal(res, local)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
