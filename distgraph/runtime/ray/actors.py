@@ -54,13 +54,24 @@ class _RayParamServer(ParameterServer):
     workers, and each worker's new params leave the same way, so neither is stored in the
     driver (the caller of ``stage``)."""
 
-    def stage(self, step_id: int, *grad_dicts: Any, routed: bool = False) -> Any:
+    def stage(
+        self,
+        step_id: int,
+        *grad_dicts: Any,
+        routed: bool = False,
+        grad_norm: float | None = None,
+    ) -> Any:
         by_ref = any(isinstance(g, ray.ObjectRef) for g in grad_dicts)  # data_path="store"
-        out = ParameterServer.stage(self, step_id, *resolve(grad_dicts), routed=routed)
+        out = ParameterServer.stage(
+            self, step_id, *resolve(grad_dicts), routed=routed, grad_norm=grad_norm
+        )
         if not (routed and by_ref):
             return out
         step, *params = out  # answer the way the gradients came
         return (step, *[ray.put(p) if p else p for p in params])
+
+    def sum_of_squares(self, *grad_dicts: Any) -> dict[str, float]:
+        return ParameterServer.sum_of_squares(self, *resolve(grad_dicts))
 
 
 # Step calls must run in submission order (the worker checks it: see worker.py). Ray documents

@@ -81,6 +81,14 @@ class RayExecutor(Executor):
     them in the object store and returns only a reference, so nothing but the requested
     outputs reaches the driver, at the cost of an object-store put per value (about 1-2 ms
     each on a loaded 2-core machine).
+
+    ``ps_shards``: training keeps the params on this many parameter-server actors (default 1),
+    each param whole on one shard, balanced by bytes (``dataparallel.shard_params``). Each
+    worker sends each shard only the gradients of that shard's params and takes its params
+    from the shards that own them. A step is applied by every shard or by none, and the
+    global-norm clipping of ``clip_norm`` is combined across shards, so the result equals one
+    server's. Periodic checkpoints go to ``checkpoint_dir/shard-<s>`` (one per shard, written
+    at the same version); ``session.save(path)`` writes one merged checkpoint.
     """
 
     num_workers = _Option[int]()
@@ -104,6 +112,8 @@ class RayExecutor(Executor):
     oversubscribe = _Option[bool]()
     #: How many run() plans stay installed (least recently used ones are dropped).
     max_plans = _Option[int]()
+    #: Parameter-server shards of the next training session.
+    ps_shards = _Option[int]()
 
     def __init__(
         self,
@@ -127,6 +137,7 @@ class RayExecutor(Executor):
         ray_init_kwargs: Mapping[str, Any] | None = None,
         oversubscribe: bool = False,
         max_bytes: int | None = None,
+        ps_shards: int = 1,
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -145,6 +156,8 @@ class RayExecutor(Executor):
             raise ConfigError(f"deadline must be a positive number of seconds, got {deadline!r}")
         if data_path not in ("inline", "store"):
             raise ConfigError(f"data_path must be 'inline' or 'store', got {data_path!r}")
+        if not isinstance(ps_shards, int) or isinstance(ps_shards, bool) or ps_shards < 1:
+            raise ConfigError(f"ps_shards must be an int >= 1, got {ps_shards!r}")
         if checkpoint_every and not checkpoint_dir:
             raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
         self.options = RayOptions(
@@ -164,6 +177,7 @@ class RayExecutor(Executor):
             ops_modules=list(ops_modules),
             worker_runtime_env=dict(worker_runtime_env) if worker_runtime_env else None,
             oversubscribe=bool(oversubscribe),
+            ps_shards=ps_shards,
         )
         for module in self.options.ops_modules:  # the driver builds graphs with these ops too
             importlib.import_module(module)

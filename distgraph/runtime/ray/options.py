@@ -34,6 +34,8 @@ class RayOptions:
     oversubscribe: bool = False
     #: How many run() plans stay installed (least recently used ones are dropped).
     max_plans: int = 32
+    #: Parameter-server shards: params split over this many server actors, balanced by bytes.
+    ps_shards: int = 1
 
 
 #: Arrays bigger than this are put in the object store once instead of inlined per call.
