@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from raysupport import ensure_ray
 import distgraph as dg
 from distgraph import models
 from distgraph.checkpoint import load_checkpoint
+from distgraph.cli import main
 from distgraph.paramstore import ParameterStore
 from distgraph.plan import PARAM_SERVER, plan_for
 from distgraph.runtime.ray.shards import (
@@ -249,3 +251,14 @@ def test_sharded_checkpoint_restores_into_any_number_of_shards(tmp_path, referen
 def test_ps_shards_is_validated():
     with pytest.raises(dg.ConfigError, match="ps_shards"):
         dg.RayExecutor(2, ps_shards=0)
+
+
+def test_cli_train_with_ps_shards_matches_local(capsys):
+    ensure_ray()
+    code = main(
+        ["train", "linear", "--backend", "ray", "--workers", "2", "--ps-shards", "2"]
+        + ["--epochs", "20", "--json", "--check-local"]
+    )
+    got = json.loads(capsys.readouterr().out)
+    assert code == 0 and got["ps_shards"] == 2
+    assert got["matches_local"] is True and got["max_rel_diff"] == 0
