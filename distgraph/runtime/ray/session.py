@@ -5,7 +5,8 @@ State:
 - ``cluster``, ``waves``, ``options``: shared with the executor (given, not the executor);
 - ``plan`` / ``plan_id``: the training plan, placed and installed at the first step;
 - ``server``: the parameter-server link (actor handle, the commit not yet awaited, a step
-  whose failure came while its commit was being sent);
+  whose failure came while its commit was being sent); with ``ps_shards`` > 1 a
+  ``ShardedServer`` (shards.py) with the same interface, fanning every call out to the shards;
 - ``replicas`` (worker -> {param: gradient}: workers that update a local replica) and
   ``takers`` (workers that take new params from the server after each step);
 - ``_updates``: per-worker param updates to hand to each worker's first call of the next step;
