@@ -15,6 +15,7 @@ from distgraph.checkpoint import load_checkpoint
 from distgraph.cli import main
 from distgraph.paramstore import ParameterStore
 from distgraph.plan import PARAM_SERVER, plan_for
+from distgraph.runtime.paramserver import ParameterServer
 from distgraph.runtime.ray.shards import (
     ShardedServer,
     merge_checkpoints,
@@ -262,3 +263,25 @@ def test_cli_train_with_ps_shards_matches_local(capsys):
     got = json.loads(capsys.readouterr().out)
     assert code == 0 and got["ps_shards"] == 2
     assert got["matches_local"] is True and got["max_rel_diff"] == 0
+
+
+def test_a_shard_rolls_back_only_its_latest_step():
+    g, _, opt = mlp_setup()
+    params = {k: np.asarray(v) for k, v in g.param_values.items()}
+    grads = {p: f"g_{p}" for p in params}
+    server = ParameterServer(params, opt, {}, grads, keep_undo=True)
+    step = {f"g_{p}": np.ones_like(v) for p, v in params.items()}
+    for s in (1, 2):
+        server.stage(s, step)
+        server.commit(s)
+    assert not server.rollback(1)  # not the latest: nothing changes
+    assert server.status()["applied"] == [1, 2]
+    server.stage(3, step)
+    before_3 = server.params()
+    server.commit(3)
+    assert server.rollback(3)
+    assert server.status()["applied"] == [1, 2]
+    assert_identical(server.params(), before_3)
+    server.stage(3, step)  # the step runs again from the same state
+    server.commit(3)
+    assert server.status()["applied"] == [1, 2, 3]

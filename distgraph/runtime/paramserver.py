@@ -71,6 +71,7 @@ class ParameterServer:
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 0,
         opt_state: dict | None = None,
+        keep_undo: bool = False,
     ):
         self.store = ParameterStore(params, optimizer, opt_state)
         self.routes = routes
@@ -81,6 +82,9 @@ class ParameterServer:
         self.progress: dict[str, Any] = {}
         self._saved_version = -1  # the version last written to checkpoint_dir
         self._staged: _Staged | None = None
+        #: Whether to keep the state before the latest step (one shard of several: rollback);
+        #: off for a lone server, which would otherwise hold every param twice.
+        self.keep_undo = keep_undo
         #: (step id, params, optimizer state) before the latest applied step (see rollback).
         self._before: tuple[int, dict[str, Any], dict[str, Any]] | None = None
         #: Step ids whose gradients were scaled down to ``clip_norm``, in the order applied.
@@ -147,7 +151,7 @@ class ParameterServer:
             )
         before = (self.store.params, self.store.opt_state)
         applied = self.store.install(step_id, staged.update)
-        if applied:  # kept so a step that reached only some shards can be undone (rollback)
+        if applied and self.keep_undo:  # so a step that reached only some shards is undone
             self._before = (step_id, *before)
         if applied and staged.update is not None:
             self.last_lr, self.last_grad_norm = staged.update.lr, staged.update.grad_norm

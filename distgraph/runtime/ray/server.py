@@ -122,6 +122,7 @@ class ServerLink:
             self.grads,
             directory,
             self.options.checkpoint_every,
+            keep_undo=self.shard is not None,
         )
         calls = [self.handle.restore.remote(ckpt)]
         if self.progress is not None:  # newer than the checkpoint's: the fit under way
