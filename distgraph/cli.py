@@ -67,6 +67,20 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
+def _replicas(text: str) -> int | str:
+    """``--replicas``: ``auto`` or an integer >= 1 (that it divides --workers is checked by the
+    executor, which names the choices)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1, got {value}")
+    return value
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -113,6 +127,7 @@ def _resolve_backend(args: argparse.Namespace) -> None:
             ("--address", args.address),
             ("--connect-timeout", args.connect_timeout),
             ("--oversubscribe", args.oversubscribe or None),
+            ("--replicas", None if args.replicas == 1 else args.replicas),
         )
         if value is not None
     ]
@@ -144,6 +159,13 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--strategy", default="mincut", help="partition strategy: mincut, level, round_robin"
+    )
+    p.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=1,
+        help="data-parallel replicas of a training program, each over workers/replicas "
+        "workers: an integer dividing --workers, or auto (the cost model chooses; default: 1)",
     )
     p.add_argument(
         "--address",
@@ -196,6 +218,7 @@ def _executor(args: argparse.Namespace) -> Iterator[Executor]:
             placement=args.placement,
             oversubscribe=args.oversubscribe,
             max_bytes=args.max_memory,
+            replicas=args.replicas,
             **options,
         )
     try:
@@ -358,6 +381,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = trainer.fit(data, epochs=epochs, batch_size=batch, seed=args.seed)
         params = trainer.params
         worker_nodes = {str(i): ip for i, ip in enumerate(getattr(ex, "nodes", []))}
+        replicas = _replica_summary(trainer.session.status().get("replicas"))
         trained = g.with_params(params)
         res = ex.run(trained, data, outputs=[g.outputs[0]])
         if args.report:  # one traced forward+backward run on the first batch, for the replay
@@ -375,6 +399,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if worker_nodes:
         out["worker_nodes"] = worker_nodes
+    if replicas:
+        out["replicas"] = replicas
     if args.task == "mlp":
         out["accuracy"] = models.accuracy(res.values["logits"], data["y"])
     status = 0
@@ -405,6 +431,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  training accuracy: {out['accuracy']:.1%}")
         if worker_nodes:
             print(f"  workers on nodes: {worker_nodes}")
+        if replicas:
+            print(
+                f"  replicas: {replicas['count']} x {replicas['width']} workers; last step's rows "
+                f"per replica {replicas['rows']}; steps computed per node {replicas['ip_steps']}"
+            )
         if args.check_local:
             print(
                 f"  matches LocalExecutor: {out['matches_local']} (max relative difference {out['max_rel_diff']:.3g})"
@@ -422,6 +453,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
     return status
+
+
+def _replica_summary(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The data-parallel layout of a Ray training run, for its output: replicas, workers per
+    replica, the last step's rows per replica, and per Ray node (``node_steps``, by node id)
+    and per IP (``ip_steps``) the number of steps in which a replica's worker there computed
+    rows (of ``steps`` recorded)."""
+    if not info:
+        return None
+    node_steps: dict[str, int] = {}
+    ip_steps: dict[str, int] = {}
+    for entries in info["steps"].values():
+        for node in {n for e in entries for n in e["nodes"]}:
+            node_steps[node] = node_steps.get(node, 0) + 1
+        for ip in {n for e in entries for n in e["ips"]}:
+            ip_steps[ip] = ip_steps.get(ip, 0) + 1
+    return {
+        "count": info["count"],
+        "width": info["width"],
+        "kind": info["kind"],
+        "rows": info["rows"],
+        "steps": len(info["steps"]),
+        "node_steps": dict(sorted(node_steps.items())),
+        "ip_steps": dict(sorted(ip_steps.items())),
+    }
 
 
 # --- run / explain / viz / bench ----------------------------------------------------------------
@@ -471,9 +527,40 @@ def cmd_explain(args: argparse.Namespace) -> int:
         grad = args.grad
     elif grad is None:
         grad = g.outputs[-1] if g.outputs else None
-    plan = plan_for(
-        g, grad=grad, num_workers=args.workers, strategy=args.strategy, batch_size=args.batch_size
+    if grad is None or args.replicas == 1:
+        plan = plan_for(
+            g,
+            grad=grad,
+            num_workers=args.workers,
+            strategy=args.strategy,
+            batch_size=args.batch_size,
+        )
+        print(plan.explain())
+        return 0
+    # A training plan: the data-parallel layout first (what was chosen, why, alternatives),
+    # then one replica's plan over its workers.
+    from .cost import CostModel
+    from .dataparallel import analyze_rows, choose_layout, explain_layout
+    from .plan import program_of
+
+    prog = program_of(g, grad=grad, wrt=list(g.params))
+    forced = None if args.replicas == "auto" else args.replicas
+    if forced is not None and forced > 1:
+        analyze_rows(prog)  # a loss that couples rows: the GraphError naming the node
+    cost = CostModel(batch_size=args.batch_size)
+    layout = choose_layout(
+        prog, cost, args.workers, args.batch_size, strategy=args.strategy, replicas=forced
     )
+    print(explain_layout(layout))
+    plan = plan_for(
+        prog,
+        num_workers=layout.width,
+        strategy=args.strategy,
+        training=True,
+        batch_size=max(layout.rows_per_replica),
+    )
+    where = "each replica's" if layout.replicas > 1 else "the"
+    print(f"{where} plan:")
     print(plan.explain())
     return 0
 
@@ -600,6 +687,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("graph", help="GRAPH.json or a built-in: seed, linear, mlp")
     e.add_argument("--workers", type=_int_at_least(1), default=2)
     e.add_argument("--strategy", default="mincut")
+    e.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=1,
+        help="data-parallel replicas to explain the training plan for: an integer dividing "
+        "--workers, or auto (shows the layout chosen, why, and the alternatives; default: 1)",
+    )
     e.add_argument("--grad", help="output to differentiate (default: the last output)")
     e.add_argument(
         "--batch-size", type=_int_at_least(1), default=1, help="size assumed for batch dimensions"

@@ -63,6 +63,9 @@ class Plan:
     resident: dict[int, list[str]]
     cost: CostModel = field(default_factory=CostModel)
     strategy: str = "custom"
+    #: A training plan of data-parallel replicas: what layout was chosen and why (shown first
+    #: by :meth:`explain`); empty for a plan that is not replicated.
+    layout: str = ""
 
     @property
     def levels(self) -> list[list[str]]:
@@ -111,7 +114,8 @@ class Plan:
     def explain(self) -> str:
         """A human-readable summary: load, parallelism, critical path, bytes crossing."""
         prog = self.program
-        lines = [
+        lines = [self.layout] if self.layout else []
+        lines += [
             f"plan: {len(prog.order)} nodes on {self.num_workers} workers, strategy {self.strategy!r}, {len(self.tasks)} actor calls per run"
         ]
         load = self.load()

@@ -39,6 +39,7 @@ REQUIRED_FIGURES = {
         "distgraph_ray_s",
         "distgraph_ray_unoptimised_s",
     ],
+    "dp": ["numpy_s", "ray_ps_s", "replicas1_s", "replicas2_s"],
     "wide": ["numpy_1thread_s", "distgraph_local_s", "distgraph_ray_s"],
     "latency": ["ray_round_trip_s", "ray_round_trip_pipelined_s", "distgraph_step_s"],
     "scale": [

@@ -59,6 +59,7 @@ def test_spread_workers_cross_nodes_and_match_local(three_node_cluster):
         strategy="round_robin",
         address=three_node_cluster.address,
         placement="spread",
+        replicas=1,  # one plan partitioned over the nodes, bit for bit (replicas: below)
     ) as ex:
         nodes = {i["node_id"] for i in ex.worker_info}
         assert len(nodes) >= 2, ex.worker_info
@@ -94,6 +95,37 @@ def test_spread_workers_cross_nodes_and_match_local(three_node_cluster):
         assert tr.history.loss == ref.history.loss
         tr.close()
     assert ray.is_initialized()  # joined, not owned: the executor leaves the connection alone
+
+
+def test_replicas_spread_over_nodes_each_compute_rows_of_every_step(three_node_cluster):
+    """Data parallel across machines (issue 14, item 6): three replicas, one per node, and
+    every node computes its rows of every step."""
+    g, data = models.mlp_classifier((2, 8, 8, 2), seed=1), models.spirals(24)
+    ref = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
+    ref.fit(data, epochs=2, batch_size=16)
+    with dg.RayExecutor(
+        num_workers=3, replicas=3, address=three_node_cluster.address, placement="spread"
+    ) as ex:
+        nodes = {i["node_id"] for i in ex.worker_info}
+        assert len(nodes) == 3, ex.worker_info  # the precondition: one worker per node
+        tr = dg.Trainer(
+            g, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex, progress=False, trace=True
+        )
+        tr.fit(data, epochs=2, batch_size=16)
+        info = tr.session.status()["replicas"]
+        assert (info["count"], info["width"]) == (3, 1)
+        steps = info["steps"]
+        assert sorted(steps) == tr.applied_steps == list(range(1, len(ref.applied_steps) + 1))
+        for step, entries in steps.items():
+            # Every node computed rows of this step, each replica on its own node.
+            assert {n for e in entries for n in e["nodes"]} == nodes, (step, entries)
+            assert all(e["rows"][1] > e["rows"][0] for e in entries), (step, entries)
+        # The workers' own trace events of the last step say the same.
+        assert nodes_that_ran(tr.last_trace, ex.worker_info) == nodes
+        assert {e.args["replica"] for e in tr.last_trace if e.kind == "node"} == {0, 1, 2}
+        for k, v in ref.params.items():
+            np.testing.assert_allclose(tr.params[k], v, rtol=1e-12, atol=1e-15, err_msg=k)
+        tr.close()
 
 
 def _free_port() -> int:

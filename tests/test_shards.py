@@ -285,3 +285,25 @@ def test_a_shard_rolls_back_only_its_latest_step():
     server.stage(3, step)  # the step runs again from the same state
     server.commit(3)
     assert server.status()["applied"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("shards,clip_norm", [(2, None), (3, 0.5)])
+def test_replicas_push_each_gradient_to_its_shard(shards, clip_norm):
+    """Data-parallel replicas x sharded servers: each shard combines the replicas' gradients
+    of its params in replica order; the result equals one server's bit for bit, and the
+    full-batch local run within rtol 1e-12."""
+    ensure_ray()
+    runs = []
+    for s in (1, shards):
+        with dg.RayExecutor(2, strategy="mincut", replicas=2, ps_shards=s) as ex:
+            tr = train(ex, clip_norm=clip_norm)
+            status = tr.session.status()
+            assert status["replicas"]["count"] == 2 and status["applied"] == list(range(1, 25))
+            if clip_norm is not None:
+                assert status["clipped"], "clip_norm must bite for this test to mean anything"
+            runs.append(tr.params)
+            tr.close()
+    assert_identical(runs[1], runs[0])
+    want = local_params(clip_norm=clip_norm)
+    for k in want:
+        np.testing.assert_allclose(runs[1][k], want[k], rtol=1e-12, atol=1e-14, err_msg=k)

@@ -13,7 +13,9 @@ Order of a step (one outcome per step id: applied, and the driver counts it, or 
 
 1. ``stage(step, *grad_dicts)``, submitted with the step's tasks. Ray runs it once every
    gradient ref resolves (never if a producing task failed). It computes the optimizer update
-   from the current state and *holds* it; nothing changes yet.
+   from the current state and *holds* it; nothing changes yet. Data-parallel replicas send
+   their dicts grouped by replica (``replicas``): the server combines them in replica order
+   (``dataparallel.combine``) into the one gradient that step's update is computed from.
    With ``routed`` it also returns the new params, one dict per worker; the driver passes
    each to that worker's first call of the next step, but only once it committed this one.
 2. ``commit(step)``, submitted by the driver only once it has seen the step succeed. It makes
@@ -34,11 +36,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ..errors import WorkerLostError
+from ..dataparallel import Reduction, combine
+from ..errors import ConfigError, WorkerLostError
 from ..optim import Optimizer, Update, sum_of_squares
 from ..paramstore import ParameterStore
 
@@ -57,6 +61,35 @@ class _Staged:
     version: int
     update: Update | None  # None: the step id was applied before (a duplicate)
     start: float
+
+
+def combine_replicas(
+    grad_dicts: Sequence[Mapping[str, Any]],
+    replicas: Sequence[tuple[int, int]] | None,
+    kind: Reduction,
+) -> dict[str, Any]:
+    """The step's gradients from the dicts the workers sent (see :meth:`ParameterServer.stage`):
+    merged as they are for one replica, combined in replica order for several."""
+    if replicas is None:
+        merged: dict[str, Any] = {}
+        for d in grad_dicts:
+            merged.update(d)
+        return merged
+    counts = [int(c) for c, _ in replicas]
+    if sum(counts) != len(grad_dicts):
+        raise ConfigError(
+            f"stage: the replicas {list(replicas)} account for {sum(counts)} gradient dicts, but "
+            f"{len(grad_dicts)} were sent; pass one (count, rows) per replica"
+        )
+    per_replica: list[dict[str, Any]] = []
+    at = 0
+    for count in counts:
+        merged = {}
+        for d in grad_dicts[at : at + count]:
+            merged.update(d)
+        per_replica.append(merged)
+        at += count
+    return combine(per_replica, [int(rows) for _, rows in replicas], kind)
 
 
 class ParameterServer:
@@ -106,9 +139,20 @@ class ParameterServer:
         step_id: int,
         *grad_dicts: dict[str, Any],
         routed: bool = False,
+        replicas: Sequence[tuple[int, int]] | None = None,
+        kind: Reduction = "mean",
         grad_norm: float | None = None,
     ) -> Any:
         """Compute step ``step_id``'s update from its gradients and hold it (apply nothing).
+
+        ``grad_dicts``: gradient node -> array, as the workers sent them. Without ``replicas``
+        they are one replica's, merged. Data-parallel replicas pass ``replicas``: one
+        ``(count, rows)`` per replica in replica order, meaning the next ``count`` dicts are
+        that replica's and it took ``rows`` rows of the batch; each replica's dicts are merged,
+        and the replicas' gradients combined by :func:`distgraph.dataparallel.combine` (weights
+        rows / batch rows for a ``kind="mean"`` loss, 1 for ``"sum"``; added in replica order
+        in float64, so the result does not depend on arrival order) before the optimizer sees
+        them once: the step is still staged, committed and applied exactly once.
 
         Returns the step id; with ``routed``, (step id, the new params for worker 0, 1, ...):
         the driver hands them to the next step only once it commits this one. ``grad_norm``:
@@ -116,7 +160,7 @@ class ParameterServer:
         driver combines every shard's :meth:`sum_of_squares`)."""
         start = time.time()
         self._staged = None  # a newer stage replaces whatever an abandoned step left
-        grads = self._my_grads(grad_dicts)
+        grads = self._my_grads(grad_dicts, replicas, kind)
         update = self.store.prepare(step_id, grads, grad_norm)
         self._staged = _Staged(step_id, self.store, self.store.version, update, start)
         if not routed:
@@ -124,16 +168,25 @@ class ParameterServer:
         params = self.store.params if update is None else update.params
         return (step_id, *self._route(params))
 
-    def _my_grads(self, grad_dicts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-        """Param -> gradient, for this server's params, from the step's gradient dicts."""
-        grads: dict[str, Any] = {}
-        for d in grad_dicts:
-            grads.update(d)
+    def _my_grads(
+        self,
+        grad_dicts: Sequence[Mapping[str, Any]],
+        replicas: Sequence[tuple[int, int]] | None,
+        kind: Reduction,
+    ) -> dict[str, Any]:
+        """Param -> the step's gradient (replicas combined), for this server's params."""
+        grads = combine_replicas(grad_dicts, replicas, kind)
         return {p: grads[g] for p, g in self._grad_names.items()}
 
-    def sum_of_squares(self, *grad_dicts: dict[str, Any]) -> dict[str, float]:
-        """Param -> sum of squares of its gradient: this shard's share of the global norm."""
-        return {p: sum_of_squares(g) for p, g in self._my_grads(grad_dicts).items()}
+    def sum_of_squares(
+        self,
+        *grad_dicts: dict[str, Any],
+        replicas: Sequence[tuple[int, int]] | None = None,
+        kind: Reduction = "mean",
+    ) -> dict[str, float]:
+        """Param -> sum of squares of its (combined) gradient: this shard's share of the
+        global norm (the same arguments as :meth:`stage`)."""
+        return {p: sum_of_squares(g) for p, g in self._my_grads(grad_dicts, replicas, kind).items()}
 
     def commit(self, step_id: int) -> dict[str, Any]:
         """Apply the update held for ``step_id``; returns its status (version, applied, times)."""

@@ -17,6 +17,7 @@ Only ``distgraph.runtime.ray`` imports ``ray``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import logging
@@ -37,6 +38,7 @@ from ...result import TraceEvent
 from ..base import Evaluation, Executor, TrainingSession
 from .cluster import Cluster
 from .options import RayOptions
+from .replicas import check_replicas, choose_replicas, replicate
 from .session import RaySession
 from .waves import Waves, batch_size
 
@@ -73,6 +75,19 @@ class RayExecutor(Executor):
     token check and ``ray.init`` together) with a ``ClusterError``. An embedded Ray refuses more
     workers (or worker CPUs) than this machine has CPUs, since each worker is a process of its
     own; ``oversubscribe=True`` (or an explicit ``ray_init_kwargs["num_cpus"]``) allows it.
+
+    ``replicas``: data-parallel training. ``R`` replicas of the training program, each placed
+    by ``strategy`` over ``num_workers / R`` workers (R must divide ``num_workers``; a
+    ``ConfigError`` names the choices); each step's batch is split into R row shards (sizes
+    differing by at most one), each replica computes its shard's gradients, and the server
+    combines them (weighted by rows for a mean loss) in replica order and applies them once.
+    The default is 1: results then equal ``LocalExecutor``'s bit for bit. ``"auto"`` lets the
+    cost model choose R at the first step's batch size
+    (``dataparallel.choose_layout``; a loss that couples rows keeps R = 1 and says why in the
+    plan's ``explain()`` and the log). A loss that couples rows is refused for R > 1 with a
+    ``GraphError`` naming the node. Results equal one replica's to rounding (the full batch's
+    sums are added in another order), not bit for bit. ``run()`` (inference, one-off
+    gradients) always runs one plan over all workers.
 
     ``data_path``: how values for another worker or the server travel. ``"inline"`` (default)
     returns them from the task; Ray keeps results up to 100 KiB in the caller's process, so
@@ -114,6 +129,9 @@ class RayExecutor(Executor):
     max_plans = _Option[int]()
     #: Parameter-server shards of the next training session.
     ps_shards = _Option[int]()
+    #: Data-parallel replicas of a training program: an int dividing ``num_workers`` or
+    #: ``"auto"`` (read by each training session when its first step places the program).
+    replicas = _Option["int | str"]()
 
     def __init__(
         self,
@@ -138,6 +156,7 @@ class RayExecutor(Executor):
         oversubscribe: bool = False,
         max_bytes: int | None = None,
         ps_shards: int = 1,
+        replicas: int | str = 1,
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -158,6 +177,7 @@ class RayExecutor(Executor):
             raise ConfigError(f"data_path must be 'inline' or 'store', got {data_path!r}")
         if not isinstance(ps_shards, int) or isinstance(ps_shards, bool) or ps_shards < 1:
             raise ConfigError(f"ps_shards must be an int >= 1, got {ps_shards!r}")
+        check_replicas(replicas, num_workers)
         if checkpoint_every and not checkpoint_dir:
             raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
         self.options = RayOptions(
@@ -178,6 +198,7 @@ class RayExecutor(Executor):
             worker_runtime_env=dict(worker_runtime_env) if worker_runtime_env else None,
             oversubscribe=bool(oversubscribe),
             ps_shards=ps_shards,
+            replicas=replicas,
         )
         for module in self.options.ops_modules:  # the driver builds graphs with these ops too
             importlib.import_module(module)
@@ -233,8 +254,18 @@ class RayExecutor(Executor):
         training: bool = False,
         wrt: Sequence[str] | None = None,
     ) -> Plan:
-        """The plan this executor would run for a request (not installed)."""
-        return self.waves.make_plan(self.program(graph, outputs, grad, wrt), training)
+        """The plan this executor would run for a request (not installed). A training plan
+        holds every data-parallel replica (``replicas``; for ``"auto"`` chosen at the cost
+        model's batch size) and ``explain()`` starts with the layout chosen and why."""
+        prog = self.program(graph, outputs, grad, wrt)
+        if not training:
+            return self.waves.make_plan(prog, False)
+        o = self.options
+        chosen = choose_replicas(
+            prog, o.num_workers, o.replicas, o.strategy, o.cost, max(1, o.cost.batch_size)
+        )
+        base = self.waves.make_plan(prog, True, num_workers=chosen.width)
+        return dataclasses.replace(replicate(base, chosen.count), layout=chosen.explanation)
 
     # Running ------------------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -36,6 +36,8 @@ class RayOptions:
     max_plans: int = 32
     #: Parameter-server shards: params split over this many server actors, balanced by bytes.
     ps_shards: int = 1
+    #: Data-parallel replicas of a training program (an int dividing num_workers, or "auto").
+    replicas: int | str = 1
 
 
 #: Arrays bigger than this are put in the object store once instead of inlined per call.

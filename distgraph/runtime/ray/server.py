@@ -187,10 +187,18 @@ class ServerLink:
 
     # A step's calls ----------------------------------------------------------------------------
     def stage(
-        self, step_id: int, plan: Plan, refs: Mapping[int, list[Any]], takers: Sequence[int]
+        self,
+        step_id: int,
+        plan: Plan,
+        refs: Mapping[int, list[Any]],
+        takers: Sequence[int],
+        split: Mapping[str, Any] | None = None,
+        width: int = 1,
     ) -> tuple[list[Any], dict[int, Any]]:
         """Submit ``stage`` with the step's gradient refs; returns (refs to wait for before a
-        commit, worker -> ref of its new params for the takers)."""
+        commit, worker -> ref of its new params for the takers). ``split``: the data-parallel
+        stage's arguments (``replicas``, ``kind``); ``width``: workers per replica."""
+        split = dict(split or {})
         grads = [
             refs[t.id][t.slot(PARAM_SERVER)]
             for t in plan.tasks
@@ -198,9 +206,11 @@ class ServerLink:
         ]
         if takers:  # the new params are computed with the update: no extra trip
             n = self.options.num_workers
-            out = self.handle.stage.options(num_returns=1 + n).remote(step_id, *grads, routed=True)
+            out = self.handle.stage.options(num_returns=1 + n).remote(
+                step_id, *grads, routed=True, **split
+            )
             return [out[0]], {w: out[1 + w] for w in takers}
-        return [self.handle.stage.remote(step_id, *grads)], {}
+        return [self.handle.stage.remote(step_id, *grads, **split)], {}
 
     def commit(self, step_id: int) -> Any:
         """Submit the commit of ``step_id``; returns the ref of its status."""

@@ -11,6 +11,15 @@ State:
   ``takers`` (workers that take new params from the server after each step);
 - ``_updates``: per-worker param updates to hand to each worker's first call of the next step;
 - ``_done``: the step ids that count (applied, or to be applied by a replay);
+- ``layout`` (data-parallel replicas x workers each, chosen with the plan; see
+  ``replicas.py``) and ``replica_steps`` (per step id: each replica's rows, workers, nodes).
+
+With ``R > 1`` replicas the plan holds R copies of one replica's plan; a step splits its rows
+over them, feeds each replica its rows, and stages all their gradients in one
+``ps.stage(step, ..., replicas=, kind=)`` that combines them in replica order: the step
+protocol below is the same, one stage / commit / abort per step id. No worker keeps a local
+replica of its params then (it sees its shard's gradients only): every param-holding worker
+takes the new params from the server, and steps are not pipelined.
 
 Order of a step (``_step_once``):
 1. submit every task (``waves.submit``) and ``ps.stage(step, *gradient refs)``: the server
@@ -35,6 +44,7 @@ before the failed step runs again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,22 +53,38 @@ from typing import Any
 import numpy as np
 
 from ...checkpoint import Checkpoint, save_checkpoint
+from ...dataparallel import shard_rows
 from ...errors import WorkerLostError
 from ...interpret import prepare_feeds
 from ...optim import Optimizer
 from ...paramstore import ParameterStore
-from ...plan import Plan
+from ...plan import DRIVER, Plan
 from ...program import Program
 from ...result import TraceEvent
 from ..base import TrainingSession
 from .cluster import Cluster
 from .options import RayOptions
+from .replicas import (
+    Replicas,
+    active_view,
+    check_replicas,
+    choose_replicas,
+    combine_losses,
+    replica_events,
+    replica_groups,
+    replicate,
+    rows_of,
+    split_feeds,
+)
 from .server import ServerLink, apply_event
 from .shards import ShardedServer
 from .training import Attached, attach_arrays, replica_layout, server_routes, takers
 from .waves import RowsFeed, Waves, batch_size
 
 log = logging.getLogger(__name__)
+
+#: How many steps' replica rows ``status()`` keeps.
+REPLICA_HISTORY = 10_000
 
 
 class RaySession(TrainingSession):
@@ -107,6 +133,10 @@ class RaySession(TrainingSession):
         #: Whether a step may return before the server has applied it (see ``_step_once``).
         self.pipelined = False
         self._unrecovered = False  # a step gave up on a lost worker: recover before the next
+        #: The data-parallel layout, chosen when the first step places the program.
+        self.layout: Replicas | None = None
+        #: step id -> per replica: its rows, workers and nodes (the latest steps).
+        self.replica_steps: dict[int, list[dict[str, Any]]] = {}
 
     @property
     def prog(self) -> Program:
@@ -131,7 +161,13 @@ class RaySession(TrainingSession):
         if self.plan is not None:
             return
         o = self.options
-        self.plan = self.waves.make_plan(self.prog, training=True, batch=batch)
+        check_replicas(o.replicas, o.num_workers)  # the option may have been set since
+        layout = choose_replicas(self.prog, o.num_workers, o.replicas, o.strategy, o.cost, batch)
+        log.info("%s", layout.explanation)
+        shard = -(-batch // layout.count)  # the largest shard's rows
+        base = self.waves.make_plan(self.prog, True, batch=shard, num_workers=layout.width)
+        self.plan = dataclasses.replace(replicate(base, layout.count), layout=layout.explanation)
+        self.layout = layout
         self.plan_id = self.waves.new_plan_id()
         self.cluster.check_fits(self.plan, self._initial.params)
         if isinstance(self.server, ShardedServer):
@@ -139,9 +175,12 @@ class RaySession(TrainingSession):
             self.server.assign(self._initial.params)
             self.plan = self.server.route_plan(self.plan)
         # Clipping needs every gradient's share of the global norm: only the server has them.
-        # Sharded servers hold the optimizer state in parts: workers take their params back.
-        elif o.worker_updates and self.optimizer.clip_norm is None:
+        # Sharded servers hold the optimizer state in parts, and a data-parallel replica's
+        # worker sees its shard's gradients only: workers take their params back.
+        elif o.worker_updates and self.optimizer.clip_norm is None and layout.count == 1:
             self.replicas, self.pipelined = replica_layout(self.plan)
+        else:
+            self.replicas, self.pipelined = {}, False
         self.takers = takers(self.plan, self.replicas, o.num_workers)
         try:
             self.server.start(self._initial, self._routes())
@@ -258,11 +297,33 @@ class RaySession(TrainingSession):
         defer = self.pipelined and not trace
         pending, self.server.pending = self.server.pending, None
         committing = False
+        layout = self.layout
+        assert layout is not None  # chosen with the plan
+        width = layout.width
+        split: dict[str, Any] = {}  # the data-parallel stage's arguments
+        parts: list[dict[str, Any]] = []
+        rows: list[tuple[int, int]] = []  # each active replica's rows (start, stop)
+        if layout.split is not None:
+            # Each replica takes its rows of the batch (the same rows on a retry or replay).
+            slices = shard_rows(rows_of(arrays[layout.split.batch_inputs[0]]), layout.count)
+            rows = [(sl.start, sl.stop) for sl in slices]
+            plan = active_view(plan, width, len(slices))
+            parts = split_feeds(arrays, layout.split.batch_inputs, slices)
+            counts = [b - a for a, b in rows]
+            split = {"replicas": replica_groups(plan, width, counts), "kind": layout.split.kind}
         try:
             refs = waves.submit(
-                plan, self.plan_id, step_id, arrays, updates, trace, self.check_finite
+                plan,
+                self.plan_id,
+                step_id,
+                arrays,
+                updates,
+                trace,
+                self.check_finite,
+                replica_feeds=parts,
+                width=width,
             )
-            staged, routed = self.server.stage(step_id, plan, refs, self.takers)
+            staged, routed = self.server.stage(step_id, plan, refs, self.takers, split, width)
             extra = [pending] if pending is not None else []
             if not defer:
                 extra.extend(staged)
@@ -282,12 +343,50 @@ class RaySession(TrainingSession):
             raise
         self.server.pending = None if trace else status_ref
         self._updates = routed
+        self._record_rows(step_id, plan, rows)
         if trace:
             events = waves.trace(plan, self.plan_id, step_id, t_submit) + [
                 apply_event(step_id, status)
             ]
+            if rows:
+                events = replica_events(events, width, rows, t_submit)
             self.last_trace = sorted(events, key=lambda e: e.start)
-        return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
+        if not rows:
+            return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
+        losses: dict[int, float] = {}
+        answering = [t for t in plan.tasks if any(d == DRIVER for d, _ in t.outputs)]
+        for t, values in zip(answering, got["driver"]):
+            if self.loss in values:
+                losses[t.worker // width] = values[self.loss]
+        assert layout.split is not None
+        return combine_losses(
+            [losses[r] for r in range(len(rows))], [b - a for a, b in rows], layout.split.kind
+        )
+
+    def _record_rows(self, step_id: int, plan: Plan, rows: Sequence[tuple[int, int]]) -> None:
+        """Keep which rows each replica took in step ``step_id`` and on which workers (and
+        nodes) it ran: the step succeeded, so every task of ``plan`` ran (each one feeds the
+        driver or the server, and the step waited for both)."""
+        assert self.layout is not None
+        width = self.layout.width
+        info = self.cluster.worker_info
+        entries = []
+        # One replica: its rows are the whole batch (None: not split).
+        for r, span in enumerate(rows or [None]):
+            workers = sorted({t.worker for t in plan.tasks if t.worker // width == r})
+            entries.append(
+                {
+                    "replica": r,
+                    "rows": None if span is None else list(span),
+                    "workers": workers,
+                    # Ray node ids (several nodes of one machine share an IP) and their IPs.
+                    "nodes": sorted({info[w]["node_id"] for w in workers if w < len(info)}),
+                    "ips": sorted({info[w]["node_ip"] for w in workers if w < len(info)}),
+                }
+            )
+        self.replica_steps[step_id] = entries
+        while len(self.replica_steps) > REPLICA_HISTORY:
+            del self.replica_steps[next(iter(self.replica_steps))]
 
     def _commit(self, step_id: int) -> Any:
         """Submit the server's commit of ``step_id``; returns the ref of its status."""
@@ -411,8 +510,24 @@ class RaySession(TrainingSession):
         return self.server.call("status")["applied"]
 
     def status(self) -> dict[str, Any]:
-        """The parameter server's version, applied step ids and ignored duplicates."""
-        return self.server.call("status")
+        """The parameter server's version, applied step ids and ignored duplicates, and under
+        ``"replicas"`` the data-parallel layout: ``count``, ``width`` (workers per replica),
+        ``kind`` (how shard gradients were weighted), ``last_step`` and, by step id for the
+        latest steps (up to ``REPLICA_HISTORY``), which rows each replica took and on which
+        workers, Ray nodes (ids) and IPs it computed them (``steps``)."""
+        out = dict(self.server.call("status") or {})
+        layout = getattr(self, "layout", None)
+        if layout is not None:
+            last = next(reversed(self.replica_steps), None)
+            out["replicas"] = {
+                "count": layout.count,
+                "width": layout.width,
+                "kind": None if layout.split is None else layout.split.kind,
+                "last_step": last,
+                "rows": None if last is None else [e["rows"] for e in self.replica_steps[last]],
+                "steps": {k: list(v) for k, v in self.replica_steps.items()},
+            }
+        return out
 
     def checkpoint(self) -> Checkpoint:
         if self.ps is None:

@@ -87,6 +87,22 @@ def route_plan(plan: Plan, grad_shard: Mapping[str, int]) -> Plan:
     return dataclasses.replace(plan, tasks=tasks)
 
 
+def shard_split(
+    plan: Plan, dest: str, split: Mapping[str, Any] | None, width: int
+) -> dict[str, Any]:
+    """One shard's data-parallel stage arguments: per replica, how many of the gradient dicts
+    sent to ``dest`` are that replica's, and its rows (``split["replicas"]`` has them for the
+    whole server); ``{}`` without replicas."""
+    if not split:
+        return {}
+    rows = [r for _, r in split["replicas"]]
+    counts = [0] * len(rows)
+    for t in plan.tasks:
+        if any(d == dest for d, _ in t.outputs):
+            counts[t.worker // width] += 1
+    return {"replicas": list(zip(counts, rows)), "kind": split["kind"]}
+
+
 def split_checkpoint(ckpt: Checkpoint, keys: Sequence[str]) -> Checkpoint:
     """The part of ``ckpt`` one shard owns (its params and their optimizer state)."""
     return dataclasses.replace(
@@ -394,10 +410,17 @@ class ShardedServer:
 
     # A step's calls ----------------------------------------------------------------------------
     def stage(
-        self, step_id: int, plan: Plan, refs: Mapping[int, list[Any]], takers: Sequence[int]
+        self,
+        step_id: int,
+        plan: Plan,
+        refs: Mapping[int, list[Any]],
+        takers: Sequence[int],
+        split: Mapping[str, Any] | None = None,
+        width: int = 1,
     ) -> tuple[list[Any], dict[int, Any]]:
-        """Stage the step on every shard with its own gradients (one global norm for
-        clipping); returns (every shard's stage ref, worker -> ref of its new params)."""
+        """Stage the step on every shard with its own gradients (data-parallel replicas'
+        combined per shard, in replica order; one global norm for clipping); returns (every
+        shard's stage ref, worker -> ref of its new params)."""
         grads = [
             [
                 refs[t.id][t.slot(shard_dest(s))]
@@ -406,25 +429,29 @@ class ShardedServer:
             ]
             for s in range(len(self.links))
         ]
+        splits = [shard_split(plan, shard_dest(s), split, width) for s in range(len(self.links))]
         norm = None
         if self.optimizer.clip_norm is not None:
-            sums = [link.handle.sum_of_squares.remote(*g) for link, g in zip(self.links, grads)]
+            sums = [
+                link.handle.sum_of_squares.remote(*g, **sp)
+                for link, g, sp in zip(self.links, grads, splits)
+            ]
             norm = _combine_norm.remote(*sums)
         n = self.options.num_workers
         staged: list[Any] = []
         parts: dict[int, list[Any]] = {w: [] for w in takers}
-        for s, (link, g) in enumerate(zip(self.links, grads)):
+        for s, (link, g, sp) in enumerate(zip(self.links, grads, splits)):
             routes = self._shard_routes(s)
             serves = [w for w in takers if routes.get(w)]
             if serves:
                 out = link.handle.stage.options(num_returns=1 + n).remote(
-                    step_id, *g, routed=True, grad_norm=norm
+                    step_id, *g, routed=True, grad_norm=norm, **sp
                 )
                 staged.append(out[0])
                 for w in serves:
                     parts[w].append(out[1 + w])
             else:
-                staged.append(link.handle.stage.remote(step_id, *g, grad_norm=norm))
+                staged.append(link.handle.stage.remote(step_id, *g, grad_norm=norm, **sp))
         routed = {w: p[0] if len(p) == 1 else _merge_dicts.remote(*p) for w, p in parts.items()}
         return staged, routed
 

@@ -70,12 +70,15 @@ class Waves:
         self.last_calls: list[tuple[int, int, int, tuple[str, ...]]] = []
 
     # Plans --------------------------------------------------------------------------------------
-    def make_plan(self, program: Program, training: bool, batch: int = 1) -> Plan:
-        """Place ``program`` on the workers (the options' strategy) and group it into tasks."""
+    def make_plan(
+        self, program: Program, training: bool, batch: int = 1, num_workers: int | None = None
+    ) -> Plan:
+        """Place ``program`` on the workers (the options' strategy) and group it into tasks;
+        ``num_workers``: on the first that many only (one data-parallel replica's)."""
         o = self.options
         return plan_for(
             program,
-            num_workers=o.num_workers,
+            num_workers=o.num_workers if num_workers is None else num_workers,
             strategy=o.strategy,
             training=training,
             batch_size=batch,
@@ -185,26 +188,36 @@ class Waves:
         param_updates: Mapping[int, Any],
         trace: bool,
         check_finite: bool,
+        replica_feeds: Sequence[Mapping[str, Any]] = (),
+        width: int = 0,
     ) -> dict[int, list[Any]]:
-        """Submit every task of a step; returns each task's output refs."""
+        """Submit every task of a step; returns each task's output refs.
+
+        Data-parallel replicas (see ``replicas.py``) pass ``replica_feeds``, one mapping per
+        replica, and ``width``, the workers per replica: a task on worker ``w`` is fed
+        ``replica_feeds[w // width]`` instead of ``feeds``."""
         workers = self.cluster.workers
-        small: dict[str, Any] = {}
-        big: dict[str, Any] = {}
-        for name, arr in feeds.items():
-            if isinstance(arr, RowsFeed):
-                small[name], big[name] = Rows(arr.index), arr.ref
-            elif arr.nbytes <= INLINE_BYTES:
-                small[name] = arr
+        sources = list(replica_feeds) or [feeds]
+        smalls: list[dict[str, Any]] = [{} for _ in sources]
+        bigs: list[dict[str, Any]] = [{} for _ in sources]
+        for small, big, source in zip(smalls, bigs, sources):
+            for name, arr in source.items():
+                if isinstance(arr, RowsFeed):
+                    small[name], big[name] = Rows(arr.index), arr.ref
+                elif arr.nbytes <= INLINE_BYTES:
+                    small[name] = arr
         refs: dict[int, list[Any]] = {}
         pending_update = dict(param_updates)
         self.last_calls = []
         for task in plan.tasks:
             update = pending_update.pop(task.worker, None)
+            r = task.worker // width if replica_feeds else 0
+            small, big = smalls[r], bigs[r]
             for n in task.feeds:
                 if n not in small and n not in big:
                     # Put a large feed when its first task goes out, so the first worker can
                     # start while the driver is still putting the other workers' feeds.
-                    big[n] = ray.put(feeds[n])
+                    big[n] = ray.put(sources[r][n])
             header = CallHeader(
                 plan_id,
                 step,

@@ -1,0 +1,239 @@
+"""Data-parallel replicas of a training plan on the cluster's workers.
+
+State: none (pure functions over plans and feeds). A session with ``R`` replicas on ``N``
+workers places its training program over ``W = N / R`` workers once (the executor's
+strategy), then :func:`replicate` copies that plan ``R`` times: replica ``r`` runs on workers
+``r*W .. r*W + W - 1``, its tasks numbered after replica ``r - 1``'s, so the copies form one
+plan that installs, submits, waits and recovers like any other (a worker belongs to one
+replica, so its tasks and resident values are its replica's alone).
+
+Order of a step with ``R > 1`` (see ``session.py``): the batch's rows are split by
+:func:`distgraph.dataparallel.shard_rows` (sizes differ by at most one; a batch with fewer
+rows than replicas leaves the last replicas out of that step, :func:`active_view`), each
+replica is fed its rows of every batch input (shared inputs whole, :func:`split_feeds`), and
+the server is asked to combine the replicas' gradient dicts in replica order
+(:func:`replica_groups`, ``ParameterServer.stage(..., replicas=, kind=)``) and apply the result
+once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ...cost import CostModel
+from ...dataparallel import (
+    Reduction,
+    RowSplit,
+    analyze_rows,
+    choose_layout,
+    explain_layout,
+    shard_weights,
+)
+from ...errors import ConfigError, DistgraphError
+from ...plan import PARAM_SERVER, Plan, Task
+from ...program import Program
+from ...result import TraceEvent
+from .waves import RowsFeed
+
+
+def replicate(plan: Plan, replicas: int) -> Plan:
+    """``replicas`` copies of ``plan`` (placed over ``plan.num_workers`` workers) as one plan
+    over ``replicas * plan.num_workers`` workers, replica-major. ``placement`` stays replica
+    0's (a node's worker in replica r is that plus ``r * width``)."""
+    if replicas == 1:
+        return plan
+    width, count = plan.num_workers, len(plan.tasks)
+    tasks: list[Task] = []
+    cross: list[tuple[str, int, int]] = []
+    resident: dict[int, list[str]] = {}
+    for r in range(replicas):
+        wo, to = r * width, r * count
+        for t in plan.tasks:
+            tasks.append(
+                dataclasses.replace(
+                    t,
+                    id=t.id + to,
+                    worker=t.worker + wo,
+                    nodes=list(t.nodes),
+                    phases=list(t.phases),
+                    feeds=list(t.feeds),
+                    imports=[(src + to, slot, list(names)) for src, slot, names in t.imports],
+                    outputs=[
+                        (d + wo if isinstance(d, int) else d, list(names)) for d, names in t.outputs
+                    ],
+                )
+            )
+        cross.extend((v, dst + wo, b) for v, dst, b in plan.cross_edges)
+        resident.update({w + wo: list(names) for w, names in plan.resident.items()})
+    return dataclasses.replace(
+        plan,
+        num_workers=width * replicas,
+        tasks=tasks,
+        cross_edges=cross,
+        resident=resident,
+    )
+
+
+def active_view(plan: Plan, width: int, active: int) -> Plan:
+    """The tasks of the first ``active`` replicas only (same ids: the workers keep the whole
+    plan installed), for a batch with fewer rows than replicas."""
+    keep = active * width
+    if keep >= plan.num_workers:
+        return plan
+    return dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.worker < keep])
+
+
+def rows_of(feed: Any) -> int:
+    """The number of rows of a batch feed (an array or rows of a shipped one)."""
+    if isinstance(feed, RowsFeed):
+        return len(feed.index)
+    return int(np.shape(feed)[0])
+
+
+def split_feeds(
+    feeds: Mapping[str, Any], batch_inputs: Sequence[str], slices: Sequence[slice]
+) -> list[dict[str, Any]]:
+    """Each replica's feeds: its rows of every batch input, every other feed whole."""
+    out = []
+    for s in slices:
+        mine: dict[str, Any] = {}
+        for name, value in feeds.items():
+            if name not in batch_inputs:
+                mine[name] = value
+            elif isinstance(value, RowsFeed):
+                mine[name] = RowsFeed(value.ref, value.index[s])
+            else:
+                mine[name] = value[s]
+        out.append(mine)
+    return out
+
+
+def replica_groups(plan: Plan, width: int, rows: Sequence[int]) -> list[tuple[int, int]]:
+    """``(gradient dicts, rows)`` per replica, in the order ``plan``'s tasks send them."""
+    counts = [0] * len(rows)
+    for t in plan.tasks:
+        if any(d == PARAM_SERVER for d, _ in t.outputs):
+            counts[t.worker // width] += 1
+    return list(zip(counts, (int(r) for r in rows)))
+
+
+def combine_losses(losses: Sequence[float], rows: Sequence[int], kind: Reduction) -> float:
+    """The full batch's loss from the replicas' (same weights as their gradients, in replica
+    order, in float64)."""
+    total = 0.0
+    for loss, w in zip(losses, shard_weights(rows, kind)):
+        total += float(loss) * w
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicas:
+    """A training session's data-parallel layout: ``count`` replicas of ``width`` workers."""
+
+    count: int
+    width: int
+    #: How the batch splits (None with one replica: nothing is split).
+    split: RowSplit | None
+    #: What was chosen and why (``explain_layout``), or why nothing was chosen.
+    explanation: str
+
+
+def choose_replicas(
+    program: Program,
+    num_workers: int,
+    replicas: int | str,
+    strategy: Any,
+    cost: CostModel,
+    batch: int,
+) -> Replicas:
+    """The layout a training session runs: ``replicas`` as given (an int dividing
+    ``num_workers``; more than one needs a loss that splits by rows, else the
+    :class:`~distgraph.errors.GraphError` of :func:`~distgraph.dataparallel.analyze_rows`
+    naming the node is raised) or, for ``"auto"``, the cost model's choice
+    (:func:`~distgraph.dataparallel.choose_layout`), which falls back to one replica when the
+    loss couples rows and says why."""
+    if replicas == 1:
+        return Replicas(1, num_workers, None, "layout: 1 replica (replicas=1)")
+    named = isinstance(strategy, str) or callable(strategy)
+    if replicas == "auto":
+        if not named:
+            return Replicas(
+                1,
+                num_workers,
+                None,
+                "layout: 1 replica (replicas='auto' keeps a {node: worker} placement as given)",
+            )
+        layout = choose_layout(program, cost, num_workers, batch, strategy=strategy)
+        text = explain_layout(layout)
+        if layout.replicas == 1:
+            return Replicas(1, num_workers, None, text)
+        return Replicas(layout.replicas, layout.width, analyze_rows(program), text)
+    assert isinstance(replicas, int)
+    split = analyze_rows(program)  # refuses a loss that couples rows, naming the node
+    text = f"layout: {replicas} replicas x {num_workers // replicas} workers (replicas={replicas})"
+    if named:
+        with contextlib.suppress(DistgraphError):  # the estimate is for reading, not a gate
+            text = explain_layout(
+                choose_layout(
+                    program, cost, num_workers, batch, strategy=strategy, replicas=replicas
+                )
+            )
+    return Replicas(replicas, num_workers // replicas, split, text)
+
+
+def check_replicas(replicas: Any, num_workers: int) -> None:
+    """Refuse a ``replicas`` setting that is not ``"auto"`` or an int dividing ``num_workers``."""
+    if replicas == "auto":
+        return
+    choices = [d for d in range(1, num_workers + 1) if num_workers % d == 0]
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        raise ConfigError(
+            f"replicas must be 'auto' or an int >= 1 dividing num_workers={num_workers} "
+            f"(one of {choices}), got {replicas!r}"
+        )
+    if num_workers % replicas:
+        raise ConfigError(
+            f"replicas={replicas} does not divide num_workers={num_workers}: each replica is "
+            f"partitioned over num_workers / replicas workers; choose replicas from {choices} "
+            "or change num_workers"
+        )
+
+
+def replica_events(
+    events: Sequence[TraceEvent], width: int, rows: Sequence[tuple[int, int]], t_submit: float
+) -> list[TraceEvent]:
+    """A step's trace with replicas shown: each worker event tagged with its replica
+    (``args["replica"]``), and per replica one event on track ``"replica r"`` from the
+    step's submission to the replica's last event, named after the rows it took."""
+    out: list[TraceEvent] = []
+    last: dict[int, float] = {}
+    for e in events:
+        if e.worker is None:
+            out.append(e)
+            continue
+        r = e.worker // width
+        last[r] = max(last.get(r, t_submit), e.end)
+        out.append(dataclasses.replace(e, args={**e.args, "replica": r}))
+    for r, (a, b) in enumerate(rows):
+        out.append(
+            TraceEvent(
+                f"replica {r}: rows {a}:{b}",
+                "call",
+                "replica",
+                -1,
+                f"replica {r}",
+                t_submit,
+                last.get(r, t_submit),
+                args={
+                    "replica": r,
+                    "rows": [a, b],
+                    "workers": [r * width + i for i in range(width)],
+                },
+            )
+        )
+    return out
