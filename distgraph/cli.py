@@ -218,6 +218,8 @@ def _executor(args: argparse.Namespace) -> Iterator[Executor]:
             options["connect_timeout"] = args.connect_timeout
         if getattr(args, "transport", None) is not None:
             options["transport"] = args.transport
+        if getattr(args, "ps_shards", 1) > 1:  # only `train` has the flag
+            options["ps_shards"] = args.ps_shards
         ex = RayExecutor(
             num_workers=args.workers,
             strategy=args.strategy,
@@ -399,6 +401,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "task": args.task,
         "backend": args.backend,
         "workers": args.workers if args.backend == "ray" else 1,
+        "ps_shards": args.ps_shards if args.backend == "ray" else 1,
         "epochs": epochs,
         "loss": history.loss,
         "params": params,
@@ -662,6 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default=None)
     t.add_argument("--seed", type=_int_at_least(0), default=0)
+    t.add_argument(
+        "--ps-shards",
+        type=_int_at_least(1),
+        default=1,
+        help="parameter-server shards (Ray backend; params split over them by bytes; default: 1)",
+    )
     t.add_argument(
         "--check-local",
         action="store_true",

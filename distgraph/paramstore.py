@@ -53,13 +53,18 @@ class ParameterStore:
         """Apply ``grads`` as step ``step_id``; a step id seen before changes nothing."""
         return self.install(step_id, self.prepare(step_id, grads))
 
-    def prepare(self, step_id: int, grads: Mapping[str, Any]) -> Update | None:
+    def prepare(
+        self, step_id: int, grads: Mapping[str, Any], grad_norm: float | None = None
+    ) -> Update | None:
         """The update step ``step_id`` would make from the current state (at that step's
         learning rate), or None for a step id already applied; changes nothing (see
-        :meth:`install`)."""
+        :meth:`install`). ``grad_norm``: the step's global gradient norm when these are only
+        some of its gradients (one server shard's), so clipping scales them all alike."""
         if step_id in self._applied_set:
             return None
-        return self.optimizer.apply(self.params, grads, self.opt_state, step=step_id)
+        return self.optimizer.apply(
+            self.params, grads, self.opt_state, step=step_id, grad_norm=grad_norm
+        )
 
     def install(self, step_id: int, update: Update | None) -> bool:
         """Make a prepared update current, as step ``step_id``; returns whether it applied.
@@ -74,6 +79,16 @@ class ParameterStore:
         self.applied.append(step_id)
         self._applied_set.add(step_id)
         return True
+
+    def uninstall(self, step_id: int, params: dict[str, Any], opt_state: dict[str, Any]) -> None:
+        """Undo the latest applied step ``step_id``, back to ``params`` / ``opt_state`` (the
+        state it was applied to). A sharded server uses it when a step reached only some
+        shards, so that every shard runs it again from the same state or none does."""
+        if not self.applied or self.applied[-1] != step_id:
+            raise AssertionError(f"step {step_id} is not the latest applied step")
+        self.params, self.opt_state = params, opt_state
+        self.applied.pop()
+        self._applied_set.discard(step_id)
 
     def has_applied(self, step_id: int) -> bool:
         """Whether step ``step_id`` has been applied."""

@@ -43,7 +43,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..dataparallel import Reduction, combine
 from ..errors import ConfigError, WorkerLostError
-from ..optim import Optimizer, Update
+from ..optim import Optimizer, Update, sum_of_squares
 from ..paramstore import ParameterStore
 
 
@@ -104,6 +104,7 @@ class ParameterServer:
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 0,
         opt_state: dict | None = None,
+        keep_undo: bool = False,
     ):
         self.store = ParameterStore(params, optimizer, opt_state)
         self.routes = routes
@@ -114,6 +115,11 @@ class ParameterServer:
         self.progress: dict[str, Any] = {}
         self._saved_version = -1  # the version last written to checkpoint_dir
         self._staged: _Staged | None = None
+        #: Whether to keep the state before the latest step (one shard of several: rollback);
+        #: off for a lone server, which would otherwise hold every param twice.
+        self.keep_undo = keep_undo
+        #: (step id, params, optimizer state) before the latest applied step (see rollback).
+        self._before: tuple[int, dict[str, Any], dict[str, Any]] | None = None
         #: Step ids whose gradients were scaled down to ``clip_norm``, in the order applied.
         self.clipped: list[int] = []
         #: Learning rate and gradient norm of the latest applied step (norm: with clip_norm).
@@ -135,6 +141,7 @@ class ParameterServer:
         routed: bool = False,
         replicas: Sequence[tuple[int, int]] | None = None,
         kind: Reduction = "mean",
+        grad_norm: float | None = None,
     ) -> Any:
         """Compute step ``step_id``'s update from its gradients and hold it (apply nothing).
 
@@ -148,16 +155,38 @@ class ParameterServer:
         them once: the step is still staged, committed and applied exactly once.
 
         Returns the step id; with ``routed``, (step id, the new params for worker 0, 1, ...):
-        the driver hands them to the next step only once it commits this one."""
+        the driver hands them to the next step only once it commits this one. ``grad_norm``:
+        the step's global gradient norm, given when this server is one shard of several (the
+        driver combines every shard's :meth:`sum_of_squares`)."""
         start = time.time()
         self._staged = None  # a newer stage replaces whatever an abandoned step left
-        grads = combine_replicas(grad_dicts, replicas, kind)
-        update = self.store.prepare(step_id, {p: grads[g] for p, g in self._grad_names.items()})
+        grads = self._my_grads(grad_dicts, replicas, kind)
+        update = self.store.prepare(step_id, grads, grad_norm)
         self._staged = _Staged(step_id, self.store, self.store.version, update, start)
         if not routed:
             return step_id
         params = self.store.params if update is None else update.params
         return (step_id, *self._route(params))
+
+    def _my_grads(
+        self,
+        grad_dicts: Sequence[Mapping[str, Any]],
+        replicas: Sequence[tuple[int, int]] | None,
+        kind: Reduction,
+    ) -> dict[str, Any]:
+        """Param -> the step's gradient (replicas combined), for this server's params."""
+        grads = combine_replicas(grad_dicts, replicas, kind)
+        return {p: grads[g] for p, g in self._grad_names.items()}
+
+    def sum_of_squares(
+        self,
+        *grad_dicts: dict[str, Any],
+        replicas: Sequence[tuple[int, int]] | None = None,
+        kind: Reduction = "mean",
+    ) -> dict[str, float]:
+        """Param -> sum of squares of its (combined) gradient: this shard's share of the
+        global norm (the same arguments as :meth:`stage`)."""
+        return {p: sum_of_squares(g) for p, g in self._my_grads(grad_dicts, replicas, kind).items()}
 
     def commit(self, step_id: int) -> dict[str, Any]:
         """Apply the update held for ``step_id``; returns its status (version, applied, times)."""
@@ -173,7 +202,10 @@ class ParameterServer:
                 f"the parameter server holds {held}, not step {step_id}'s update (its gradients "
                 "never arrived, or the server restarted); the step must run again"
             )
+        before = (self.store.params, self.store.opt_state)
         applied = self.store.install(step_id, staged.update)
+        if applied and self.keep_undo:  # so a step that reached only some shards is undone
+            self._before = (step_id, *before)
         if applied and staged.update is not None:
             self.last_lr, self.last_grad_norm = staged.update.lr, staged.update.grad_norm
             if staged.update.clipped:
@@ -194,6 +226,20 @@ class ParameterServer:
         if self._staged is not None and self._staged.step == step_id:
             self._staged = None
         return self.store.has_applied(step_id)
+
+    def rollback(self, step_id: int) -> bool:
+        """Undo step ``step_id`` if it is the latest applied one; returns whether it did.
+
+        One shard of several: the driver calls it when a step was applied by some shards
+        and not others (a shard lost or an interrupt between their commits), so the step is
+        then applied by none and can run again (or stay unapplied) everywhere alike."""
+        before, self._before = self._before, None
+        if before is None or before[0] != step_id or not self.store.applied:
+            return False
+        if self.store.applied[-1] != step_id:
+            return False
+        self.store.uninstall(step_id, before[1], before[2])
+        return True
 
     def params_of(self, worker: int) -> dict[str, Any]:
         """Current values of the params ``worker`` keeps."""

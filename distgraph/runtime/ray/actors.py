@@ -67,15 +67,32 @@ class _RayParamServer(ParameterServer):
         routed: bool = False,
         replicas: Sequence[tuple[int, int]] | None = None,
         kind: Reduction = "mean",
+        grad_norm: float | None = None,
     ) -> Any:
         by_ref = any(isinstance(g, ray.ObjectRef) for g in grad_dicts)  # data_path="store"
         out = ParameterServer.stage(
-            self, step_id, *resolve(grad_dicts), routed=routed, replicas=replicas, kind=kind
+            self,
+            step_id,
+            *resolve(grad_dicts),
+            routed=routed,
+            replicas=replicas,
+            kind=kind,
+            grad_norm=grad_norm,
         )
         if not (routed and by_ref):
             return out
         step, *params = out  # answer the way the gradients came
         return (step, *[ray.put(p) if p else p for p in params])
+
+    def sum_of_squares(
+        self,
+        *grad_dicts: Any,
+        replicas: Sequence[tuple[int, int]] | None = None,
+        kind: Reduction = "mean",
+    ) -> dict[str, float]:
+        return ParameterServer.sum_of_squares(
+            self, *resolve(grad_dicts), replicas=replicas, kind=kind
+        )
 
 
 # Step calls must run in submission order (the worker checks it: see worker.py). Ray documents

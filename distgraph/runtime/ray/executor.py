@@ -104,6 +104,13 @@ class RayExecutor(Executor):
     compiled runs on calls with a warning. ``"auto"``: compiled where supported (one node,
     ``data_path="inline"``, messages up to 256 MB), calls otherwise, logged and shown by
     ``explain``. Training steps always use calls.
+    ``ps_shards``: training keeps the params on this many parameter-server actors (default 1),
+    each param whole on one shard, balanced by bytes (``dataparallel.shard_params``). Each
+    worker sends each shard only the gradients of that shard's params and takes its params
+    from the shards that own them. A step is applied by every shard or by none, and the
+    global-norm clipping of ``clip_norm`` is combined across shards, so the result equals one
+    server's. Periodic checkpoints go to ``checkpoint_dir/shard-<s>`` (one per shard, written
+    at the same version); ``session.save(path)`` writes one merged checkpoint.
     """
 
     num_workers = _Option[int]()
@@ -127,6 +134,8 @@ class RayExecutor(Executor):
     oversubscribe = _Option[bool]()
     #: How many run() plans stay installed (least recently used ones are dropped).
     max_plans = _Option[int]()
+    #: Parameter-server shards of the next training session.
+    ps_shards = _Option[int]()
     #: Data-parallel replicas of a training program: an int dividing ``num_workers`` or
     #: ``"auto"`` (read by each training session when its first step places the program).
     replicas = _Option["int | str"]()
@@ -155,6 +164,7 @@ class RayExecutor(Executor):
         ray_init_kwargs: Mapping[str, Any] | None = None,
         oversubscribe: bool = False,
         max_bytes: int | None = None,
+        ps_shards: int = 1,
         replicas: int | str = 1,
         transport: str = "calls",
     ):
@@ -175,6 +185,8 @@ class RayExecutor(Executor):
             raise ConfigError(f"deadline must be a positive number of seconds, got {deadline!r}")
         if data_path not in ("inline", "store"):
             raise ConfigError(f"data_path must be 'inline' or 'store', got {data_path!r}")
+        if not isinstance(ps_shards, int) or isinstance(ps_shards, bool) or ps_shards < 1:
+            raise ConfigError(f"ps_shards must be an int >= 1, got {ps_shards!r}")
         check_replicas(replicas, num_workers)
         if transport not in TRANSPORTS:
             raise ConfigError(
@@ -199,6 +211,7 @@ class RayExecutor(Executor):
             ops_modules=list(ops_modules),
             worker_runtime_env=dict(worker_runtime_env) if worker_runtime_env else None,
             oversubscribe=bool(oversubscribe),
+            ps_shards=ps_shards,
             replicas=replicas,
             transport=transport,
         )

@@ -34,6 +34,8 @@ class RayOptions:
     oversubscribe: bool = False
     #: How many run() plans stay installed (least recently used ones are dropped).
     max_plans: int = 32
+    #: Parameter-server shards: params split over this many server actors, balanced by bytes.
+    ps_shards: int = 1
     #: Data-parallel replicas of a training program (an int dividing num_workers, or "auto").
     replicas: int | str = 1
     #: How run() steps travel: "calls" (actor calls), "compiled" (a Ray Compiled Graph from a

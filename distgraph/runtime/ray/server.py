@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -30,6 +31,7 @@ from ...checkpoint import (
 )
 from ...errors import WorkerLostError
 from ...optim import Optimizer
+from ...plan import PARAM_SERVER, Plan
 from ...result import TraceEvent
 from . import actors
 from .options import RayOptions
@@ -48,8 +50,11 @@ class ServerLink:
         optimizer: Optimizer,
         grads: Mapping[str, str],
         recover: Callable[[int | None], None],
+        shard: int | None = None,
     ) -> None:
         self.waves, self.options = waves, options
+        #: Which shard of several this server is (None: the only one); names its directory.
+        self.shard = shard
         self.optimizer, self.grads = optimizer, dict(grads)
         self.recover = recover
         self.handle: Any = None
@@ -61,6 +66,15 @@ class ServerLink:
         #: its commit was being sent; decided before the session's next step (``settle``).
         self.unsettled: tuple[int, Any] | None = None
 
+    @property
+    def directory(self) -> str | None:
+        """Where this server writes its checkpoints: ``checkpoint_dir``, or its
+        ``shard-<s>`` subdirectory when it is one shard of several."""
+        base = self.options.checkpoint_dir
+        if base and self.shard is not None:
+            return os.path.join(base, f"shard-{self.shard}")
+        return base
+
     def start(self, ckpt: Checkpoint, routes: Mapping[int, list[str]]) -> None:
         """Start the server from ``ckpt`` (``routes``: worker -> the params it takes after each
         step). The first start also claims ``checkpoint_dir`` for this run: a directory
@@ -68,27 +82,35 @@ class ServerLink:
         else this run's state is written there. A first start that fails leaves no server."""
         self._launch(ckpt, routes, first=self.handle is None)
 
-    def restart(self, initial: Checkpoint, routes: Mapping[int, list[str]]) -> Checkpoint:
+    def restart(
+        self,
+        initial: Checkpoint,
+        routes: Mapping[int, list[str]],
+        start_from: Checkpoint | None = None,
+    ) -> Checkpoint:
         """Replace a lost server with one started from this run's latest checkpoint (in
         ``checkpoint_dir``) or else ``initial``; returns the checkpoint it started from.
-        Another run's checkpoint is never adopted: its steps are not this run's."""
-        ckpt = initial
-        path = self.options.checkpoint_dir
-        if path and is_checkpoint(path):
-            latest = load_checkpoint(path)
-            if latest.run_id == initial.run_id and set(latest.params) == set(initial.params):
-                ckpt = latest
-            else:
-                log.warning(
-                    "%s holds another run's checkpoint; restarting from this run's start", path
-                )
+        Another run's checkpoint is never adopted: its steps are not this run's.
+        ``start_from``: start from exactly this checkpoint instead (a sharded server picks one
+        that every shard has)."""
+        ckpt = self.latest_checkpoint(initial) if start_from is None else start_from
         with contextlib.suppress(Exception):
             ray.kill(self.handle)
         self._launch(ckpt, routes, first=False)
         return ckpt
 
+    def latest_checkpoint(self, initial: Checkpoint) -> Checkpoint:
+        """This run's latest checkpoint in this server's directory, else ``initial``."""
+        path = self.directory
+        if path and is_checkpoint(path):
+            latest = load_checkpoint(path)
+            if latest.run_id == initial.run_id and set(latest.params) == set(initial.params):
+                return latest
+            log.warning("%s holds another run's checkpoint; restarting from this run's start", path)
+        return initial
+
     def _launch(self, ckpt: Checkpoint, routes: Mapping[int, list[str]], first: bool) -> None:
-        directory = self.options.checkpoint_dir
+        directory = self.directory
         if first and directory and is_checkpoint(directory):
             other = checkpoint_run_id(directory)
             if other != ckpt.run_id:
@@ -100,6 +122,7 @@ class ServerLink:
             self.grads,
             directory,
             self.options.checkpoint_every,
+            keep_undo=self.shard is not None,
         )
         calls = [self.handle.restore.remote(ckpt)]
         if self.progress is not None:  # newer than the checkpoint's: the fit under way
@@ -161,6 +184,49 @@ class ServerLink:
             log.warning("the parameter server was lost (%s); recovering", e)
             self.recover(None)
             return self.waves.get([getattr(self.handle, method).remote(*args)], what)[0]
+
+    # A step's calls ----------------------------------------------------------------------------
+    def stage(
+        self,
+        step_id: int,
+        plan: Plan,
+        refs: Mapping[int, list[Any]],
+        takers: Sequence[int],
+        split: Mapping[str, Any] | None = None,
+        width: int = 1,
+    ) -> tuple[list[Any], dict[int, Any]]:
+        """Submit ``stage`` with the step's gradient refs; returns (refs to wait for before a
+        commit, worker -> ref of its new params for the takers). ``split``: the data-parallel
+        stage's arguments (``replicas``, ``kind``); ``width``: workers per replica."""
+        split = dict(split or {})
+        grads = [
+            refs[t.id][t.slot(PARAM_SERVER)]
+            for t in plan.tasks
+            if any(d == PARAM_SERVER for d, _ in t.outputs)
+        ]
+        if takers:  # the new params are computed with the update: no extra trip
+            n = self.options.num_workers
+            out = self.handle.stage.options(num_returns=1 + n).remote(
+                step_id, *grads, routed=True, **split
+            )
+            return [out[0]], {w: out[1 + w] for w in takers}
+        return [self.handle.stage.remote(step_id, *grads, **split)], {}
+
+    def commit(self, step_id: int) -> Any:
+        """Submit the commit of ``step_id``; returns the ref of its status."""
+        return self.handle.commit.remote(step_id)
+
+    def abort(self, step_id: int) -> Any:
+        """Submit the abort of ``step_id``; returns the ref of whether it is applied."""
+        return self.handle.abort.remote(step_id)
+
+    def params_of(self, worker: int) -> Any:
+        """Ref of the current values of the params ``worker`` keeps."""
+        return self.handle.params_of.remote(worker)
+
+    def checkpoint_ref(self) -> Any:
+        """Ref of the server's checkpoint, read after every call already submitted."""
+        return self.handle.checkpoint.remote()
 
     # Step outcomes ------------------------------------------------------------------------------
     def reported(self, pending: Any, error: BaseException | None) -> bool:

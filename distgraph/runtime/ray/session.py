@@ -5,7 +5,8 @@ State:
 - ``cluster``, ``waves``, ``options``: shared with the executor (given, not the executor);
 - ``plan`` / ``plan_id``: the training plan, placed and installed at the first step;
 - ``server``: the parameter-server link (actor handle, the commit not yet awaited, a step
-  whose failure came while its commit was being sent);
+  whose failure came while its commit was being sent); with ``ps_shards`` > 1 a
+  ``ShardedServer`` (shards.py) with the same interface, fanning every call out to the shards;
 - ``replicas`` (worker -> {param: gradient}: workers that update a local replica) and
   ``takers`` (workers that take new params from the server after each step);
 - ``_updates``: per-worker param updates to hand to each worker's first call of the next step;
@@ -57,7 +58,7 @@ from ...errors import WorkerLostError
 from ...interpret import prepare_feeds
 from ...optim import Optimizer
 from ...paramstore import ParameterStore
-from ...plan import DRIVER, PARAM_SERVER, Plan
+from ...plan import DRIVER, Plan
 from ...program import Program
 from ...result import TraceEvent
 from ..base import TrainingSession
@@ -76,6 +77,7 @@ from .replicas import (
     split_feeds,
 )
 from .server import ServerLink, apply_event
+from .shards import ShardedServer
 from .training import Attached, attach_arrays, replica_layout, server_routes, takers
 from .waves import RowsFeed, Waves, batch_size
 
@@ -112,7 +114,13 @@ class RaySession(TrainingSession):
         self.plan: Plan | None = None
         self.plan_id = 0
         self._initial = store.to_checkpoint()
-        self.server = ServerLink(waves, options, optimizer, {}, self._recover)
+        self.server: ServerLink | ShardedServer
+        if options.ps_shards > 1:  # the params over several server actors (see shards.py)
+            self.server = ShardedServer(
+                waves, options, optimizer, {}, self._recover, options.ps_shards
+            )
+        else:
+            self.server = ServerLink(waves, options, optimizer, {}, self._recover)
         self._updates: dict[int, Any] = {}
         self._done: list[int] = list(self._initial.applied_steps)
         #: step id -> feeds; set by the Trainer so a restarted parameter server can catch up.
@@ -162,10 +170,14 @@ class RaySession(TrainingSession):
         self.layout = layout
         self.plan_id = self.waves.new_plan_id()
         self.cluster.check_fits(self.plan, self._initial.params)
+        if isinstance(self.server, ShardedServer):
+            # Each worker sends each shard only the gradients of that shard's params.
+            self.server.assign(self._initial.params)
+            self.plan = self.server.route_plan(self.plan)
         # Clipping needs every gradient's share of the global norm: only the server has them.
-        # A data-parallel replica's worker sees its shard's gradients only: the combined update
-        # comes from the server.
-        if o.worker_updates and self.optimizer.clip_norm is None and layout.count == 1:
+        # Sharded servers hold the optimizer state in parts, and a data-parallel replica's
+        # worker sees its shard's gradients only: workers take their params back.
+        elif o.worker_updates and self.optimizer.clip_norm is None and layout.count == 1:
             self.replicas, self.pipelined = replica_layout(self.plan)
         else:
             self.replicas, self.pipelined = {}, False
@@ -206,7 +218,7 @@ class RaySession(TrainingSession):
         that was still running when the driver gave up cannot leave a replica ahead."""
         if not self.replicas or self.ps is None:
             return
-        state = self.ps.checkpoint.remote()
+        state = self.server.checkpoint_ref()
         for w in self.replicas:
             self.cluster.workers[w].set_replica.remote(self.plan_id, state)
 
@@ -312,21 +324,10 @@ class RaySession(TrainingSession):
                 replica_feeds=parts,
                 width=width,
             )
-            grads = [
-                refs[t.id][t.slot(PARAM_SERVER)]
-                for t in plan.tasks
-                if any(d == PARAM_SERVER for d, _ in t.outputs)
-            ]
-            if self.takers:  # the new params are computed with the update: no extra trip
-                out = self.ps.stage.options(num_returns=1 + self.options.num_workers).remote(
-                    step_id, *grads, routed=True, **split
-                )
-                staged, routed = out[0], {w: out[1 + w] for w in self.takers}
-            else:
-                staged, routed = self.ps.stage.remote(step_id, *grads, **split), {}
+            staged, routed = self.server.stage(step_id, plan, refs, self.takers, split, width)
             extra = [pending] if pending is not None else []
             if not defer:
-                extra.append(staged)
+                extra.extend(staged)
             got = waves.finish(plan, self.plan_id, step_id, refs, extra=extra)
             # The step succeeded: from the commit on it counts, and it is applied (now, or by
             # a replay should its gradients never reach the server).
@@ -390,7 +391,7 @@ class RaySession(TrainingSession):
 
     def _commit(self, step_id: int) -> Any:
         """Submit the server's commit of ``step_id``; returns the ref of its status."""
-        return self.ps.commit.remote(step_id)
+        return self.server.commit(step_id)
 
     def _abandon(
         self, step_id: int, committing: bool, pending: Any, error: BaseException | None = None
@@ -414,14 +415,14 @@ class RaySession(TrainingSession):
             self.server.pending = pending  # the previous step's commit may not have been awaited
         # Runs after the step's stage and any commit sent: its answer is final, and an update
         # the server still holds (gradients of a step that timed out) is dropped.
-        aborted = ps.abort.remote(step_id)
+        aborted = self.server.abort(step_id)
         if committing:
             self.server.unsettled = (step_id, aborted)
             with contextlib.suppress(Exception):
                 self._settle()
         # The workers that take params from the server get its current ones, and replicas are
         # reset to its state: both are read after the abort, whatever the outcome was.
-        self._updates = {w: ps.params_of.remote(w) for w in self.takers}
+        self._updates = {w: self.server.params_of(w) for w in self.takers}
         self._reset_replicas()
 
     def _settle(self) -> None:
