@@ -37,6 +37,7 @@ from ...result import TraceEvent
 from ..base import Evaluation, Executor, TrainingSession
 from .cluster import Cluster
 from .options import RayOptions
+from .pipelined import PipelinedSession, check_pipeline_options, pipelined_plan
 from .session import RaySession
 from .waves import Waves, batch_size
 
@@ -81,6 +82,12 @@ class RayExecutor(Executor):
     them in the object store and returns only a reference, so nothing but the requested
     outputs reaches the driver, at the cost of an object-store put per value (about 1-2 ms
     each on a loaded 2-core machine).
+
+    ``microbatches=m`` (training): the placement must be a chain of stages (``strategy=
+    "pipeline"`` makes one); each step's batch is split into ``m`` micro-batches run by the
+    ``schedule`` (``"gpipe"`` or ``"1f1b"``, see ``distgraph.pipeline``), and the gradients
+    summed over them, weighted by rows, reach the parameter server once per step (a loss that
+    couples rows is refused for ``m > 1``). Inference (``run``) is not pipelined.
     """
 
     num_workers = _Option[int]()
@@ -104,6 +111,10 @@ class RayExecutor(Executor):
     oversubscribe = _Option[bool]()
     #: How many run() plans stay installed (least recently used ones are dropped).
     max_plans = _Option[int]()
+    #: Training: micro-batches per step of a pipelined layout (None: no pipelining).
+    microbatches = _Option["int | None"]()
+    #: Training: the pipeline schedule, ``"gpipe"`` or ``"1f1b"``.
+    schedule = _Option[str]()
 
     def __init__(
         self,
@@ -127,6 +138,8 @@ class RayExecutor(Executor):
         ray_init_kwargs: Mapping[str, Any] | None = None,
         oversubscribe: bool = False,
         max_bytes: int | None = None,
+        microbatches: int | None = None,
+        schedule: str = "gpipe",
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -145,6 +158,7 @@ class RayExecutor(Executor):
             raise ConfigError(f"deadline must be a positive number of seconds, got {deadline!r}")
         if data_path not in ("inline", "store"):
             raise ConfigError(f"data_path must be 'inline' or 'store', got {data_path!r}")
+        check_pipeline_options(microbatches, schedule)
         if checkpoint_every and not checkpoint_dir:
             raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
         self.options = RayOptions(
@@ -164,6 +178,8 @@ class RayExecutor(Executor):
             ops_modules=list(ops_modules),
             worker_runtime_env=dict(worker_runtime_env) if worker_runtime_env else None,
             oversubscribe=bool(oversubscribe),
+            microbatches=microbatches,
+            schedule=schedule,
         )
         for module in self.options.ops_modules:  # the driver builds graphs with these ops too
             importlib.import_module(module)
@@ -218,9 +234,15 @@ class RayExecutor(Executor):
         *,
         training: bool = False,
         wrt: Sequence[str] | None = None,
+        batch_size: int | None = None,
     ) -> Plan:
-        """The plan this executor would run for a request (not installed)."""
-        return self.waves.make_plan(self.program(graph, outputs, grad, wrt), training)
+        """The plan this executor would run for a request (not installed). A training plan
+        with ``microbatches`` set is a :class:`~distgraph.stageplan.StagePlan` (its
+        ``explain()`` shows the schedule grid and the predicted step)."""
+        prog = self.program(graph, outputs, grad, wrt)
+        if training and self.microbatches is not None:
+            return pipelined_plan(self.waves, prog, batch_size)
+        return self.waves.make_plan(prog, training, batch_size or 1)
 
     # Running ------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -281,7 +303,8 @@ class RayExecutor(Executor):
         """Workers compute gradients; a parameter-server actor applies them."""
         self.cluster.check_open()
         wrt = list(store.params)
-        return RaySession(
+        session = PipelinedSession if self.microbatches is not None else RaySession
+        return session(
             self.cluster,
             self.waves,
             self.options,

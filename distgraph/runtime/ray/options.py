@@ -34,6 +34,10 @@ class RayOptions:
     oversubscribe: bool = False
     #: How many run() plans stay installed (least recently used ones are dropped).
     max_plans: int = 32
+    #: Training steps split into this many micro-batches and run as a pipeline (None: not).
+    microbatches: int | None = None
+    #: The pipeline schedule (a key of ``distgraph.pipeline.SCHEDULES``).
+    schedule: str = "gpipe"
 
 
 #: Arrays bigger than this are put in the object store once instead of inlined per call.
