@@ -143,7 +143,9 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
         "--workers", type=_int_at_least(1), default=2, help="Ray worker actors (default: 2)"
     )
     p.add_argument(
-        "--strategy", default="mincut", help="partition strategy: mincut, level, round_robin"
+        "--strategy",
+        default="mincut",
+        help="partition strategy: mincut, level, round_robin, pipeline",
     )
     p.add_argument(
         "--address",
@@ -177,6 +179,24 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    from .pipeline import SCHEDULES
+
+    p.add_argument(
+        "--microbatches",
+        type=_int_at_least(1),
+        default=None,
+        help="train as a pipeline: split each batch into this many micro-batches "
+        "(needs a chain of stages: --strategy pipeline)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default="gpipe",
+        help="pipeline schedule with --microbatches (default: gpipe)",
+    )
+
+
 @contextlib.contextmanager
 def _executor(args: argparse.Namespace) -> Iterator[Executor]:
     if args.backend == "local":
@@ -194,6 +214,8 @@ def _executor(args: argparse.Namespace) -> Iterator[Executor]:
             placement=args.placement,
             oversubscribe=args.oversubscribe,
             max_bytes=args.max_memory,
+            microbatches=getattr(args, "microbatches", None),
+            schedule=getattr(args, "schedule", "gpipe"),
             **options,
         )
     try:
@@ -469,8 +491,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     elif grad is None:
         grad = g.outputs[-1] if g.outputs else None
     plan = plan_for(
-        g, grad=grad, num_workers=args.workers, strategy=args.strategy, batch_size=args.batch_size
+        g,
+        grad=grad,
+        num_workers=args.workers,
+        strategy=args.strategy,
+        batch_size=args.batch_size,
+        training=args.microbatches is not None,
     )
+    if args.microbatches is not None:
+        from .stageplan import build_stage_plan
+
+        plan = build_stage_plan(plan, args.microbatches, args.schedule, args.batch_size)
     print(plan.explain())
     return 0
 
@@ -557,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("task", choices=["linear", "mlp"])
     _add_backend(t)
+    _add_pipeline(t)
     t.add_argument(
         "--epochs", type=_int_at_least(1), default=None, help="(default: linear 200, mlp 60)"
     )
@@ -595,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--batch-size", type=_int_at_least(1), default=1, help="size assumed for batch dimensions"
     )
+    _add_pipeline(e)
     e.set_defaults(func=cmd_explain)
 
     v = sub.add_parser("viz", help="draw a graph with its placement as SVG (or DOT with -o x.dot)")

@@ -22,7 +22,7 @@ Nothing here imports the runtime: ``runtime/ray/pipelined.py`` runs a StagePlan.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .cost import CostModel
@@ -41,8 +41,16 @@ from .pipeline import (
 )
 from .plan import DRIVER, PARAM_SERVER, Plan, Task, build_plan
 from .program import Program
+from .result import TraceEvent
 
-__all__ = ["NotAChainError", "StagePlan", "bubble_formula", "build_stage_plan", "split_batch"]
+__all__ = [
+    "NotAChainError",
+    "StagePlan",
+    "bubble_formula",
+    "build_stage_plan",
+    "measured_bubble",
+    "split_batch",
+]
 
 
 class NotAChainError(ConfigError):
@@ -52,6 +60,19 @@ class NotAChainError(ConfigError):
 def bubble_formula(stages: int, microbatches: int) -> float:
     """The idle fraction of GPipe and 1F1B with equal stages: ``(p - 1) / (m + p - 1)``."""
     return (stages - 1) / (microbatches + stages - 1)
+
+
+def measured_bubble(events: Sequence[TraceEvent]) -> float:
+    """The idle fraction of a traced pipelined step: 1 - (time the workers spent in actions)
+    / (workers x the span from the first action's start to the last one's end). Events of
+    pipelined actions carry ``args["action"]`` (``"F3"``); 0.0 when there are none."""
+    acts = [e for e in events if "action" in e.args]
+    if not acts:
+        return 0.0
+    span = max(e.end for e in acts) - min(e.start for e in acts)
+    workers = {e.worker for e in acts}
+    busy = sum(e.end - e.start for e in acts)
+    return 1.0 - busy / (len(workers) * span) if span > 0 else 0.0
 
 
 def split_batch(rows: int, microbatches: int) -> list[slice]:
