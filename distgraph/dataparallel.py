@@ -60,7 +60,7 @@ import numpy as np
 from .cost import CostModel, itemsize
 from .errors import ConfigError, DistgraphError, FeedError, GraphError, ResourceError, ShapeError
 from .graph import Graph
-from .ops import LEAF_OPS
+from .ops import LEAF_OPS, OPS
 from .program import Program
 from .spec import NodeSpec
 
@@ -353,7 +353,9 @@ def _transfer(
     if reduced:
         return _transfer_reduced(node, ins, reduced)
     # Only rows and batch-free inputs from here on.
-    if op in _ELEMENTWISE or op == "add_n":
+    # A custom op registered as elementwise (defop(..., elementwise=True), e.g. simops'
+    # sim_layer) maps each element by itself: rows stay independent, as for the stock ones.
+    if op in _ELEMENTWISE or op == "add_n" or (op in OPS and OPS[op].elementwise):
         if op == "cast" or _aligned(ins, shapes, _rank(node)):
             return _ROWS
         return _coupled(node, _misaligned(ins, shapes))

@@ -237,3 +237,14 @@ def test_bad_pipeline_options_are_refused():
         dg.RayExecutor(num_workers=2, microbatches=0)
     with pytest.raises(ConfigError, match="unknown pipeline schedule 'zigzag'"):
         dg.RayExecutor(num_workers=2, microbatches=2, schedule="zigzag")
+
+
+def test_a_custom_elementwise_op_keeps_rows_independent():
+    """simops' sim_layer is registered elementwise: its chain's batch may be split."""
+    from distgraph.dataparallel import analyze_rows
+    from distgraph.simops import sim_chain
+
+    g = sim_chain(3, 1.0, 2.0)
+    prog = compile_program(g, ["loss"], "loss", list(g.params))
+    split = analyze_rows(prog)
+    assert split.kind == "mean" and split.batch_inputs == ("x",)
