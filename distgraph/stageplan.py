@@ -259,7 +259,7 @@ def build_stage_plan(
                     imports[t.id].setdefault(src, []).append(v)
                     sends[src].setdefault(w, []).append(v)
     for t in tasks:
-        t.outputs = sorted(sends[t.id].items())  # type: ignore[arg-type]
+        t.outputs = sorted(sends[t.id].items())
     for t in tasks:
         t.imports = [
             (src, tasks[src].slot(t.worker), names) for src, names in imports[t.id].items()

@@ -228,6 +228,15 @@ def test_trace_labels_each_action_and_measures_the_bubble(executors):
         assert all(e.track == f"worker {e.worker}" for e in actions)
         bubble = measured_bubble(tr.last_trace)
         assert 0.0 <= bubble < 1.0
+        # The HTML report's timeline labels each block and gives the bubble next to the formula.
+        from distgraph.viz.report import render_report
+
+        g = _mlp()
+        page = render_report(
+            g.spec, placement={}, trace=tr.last_trace, values={}, grads={}, title="pipeline"
+        )
+        assert '<text class="action"' in page and ">B3</text>" in page
+        assert f"formula (p-1)/(m+p-1) = {bubble_formula(p, m):.3f}" in page
     finally:
         tr.close()
 
