@@ -46,9 +46,7 @@ def _session(ex: Any, graph: Any, lr: float = 0.01) -> Any:
     return ex.training_session(graph, "loss", opt, ParameterStore(graph.param_values, opt))
 
 
-def _step_times(
-    session: Any, feeds: dict[str, Any], steps: int, first: int = 1
-) -> list[float]:
+def _step_times(session: Any, feeds: dict[str, Any], steps: int, first: int = 1) -> list[float]:
     times = []
     for i in range(steps):
         start = time.perf_counter()
