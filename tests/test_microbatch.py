@@ -257,3 +257,33 @@ def test_a_custom_elementwise_op_keeps_rows_independent():
     prog = compile_program(g, ["loss"], "loss", list(g.params))
     split = analyze_rows(prog)
     assert split.kind == "mean" and split.batch_inputs == ("x",)
+
+
+def test_a_worker_lost_mid_pipeline_is_replaced_and_training_matches(reference):
+    """Recovery is the session's: the replaced worker gets the plan and the server's params,
+    and the step runs again; the result equals the uninterrupted (local) run."""
+    ensure_ray()
+    ref_params, _ = reference
+    crashed = []
+    with dg.RayExecutor(
+        num_workers=2,
+        strategy="pipeline",
+        microbatches=3,
+        schedule="1f1b",
+        resources_per_worker={"CPU": 0.5},
+    ) as ex:
+
+        def crash(step: int, loss: float) -> None:
+            if step == 40:
+                ex.workers[1].crash.remote()  # os._exit in the actor, before step 41 runs
+                crashed.append(1)
+
+        tr = dg.Trainer(
+            _mlp(), loss="loss", optimizer=dg.Adam(lr=0.01), executor=ex, progress=False
+        )
+        tr.fit(_data(), epochs=STEPS * BATCH // 96, batch_size=BATCH, seed=7, callback=crash)
+        assert crashed == [1] and ex.replacements == [1]
+        assert tr.session.applied_steps == list(range(1, STEPS + 1))
+        for k, v in ref_params.items():
+            np.testing.assert_allclose(tr.params[k], v, rtol=1e-12, atol=0, err_msg=k)
+        tr.close()
