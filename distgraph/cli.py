@@ -300,7 +300,13 @@ def _write_trace(path: str, events: list) -> None:
 
 
 def _write_report(
-    path: str, g: Graph, res: Any, feeds: dict[str, Any], history: dict | None, title: str
+    path: str,
+    g: Graph,
+    res: Any,
+    feeds: dict[str, Any],
+    history: dict | None,
+    title: str,
+    timeline: list | None = None,
 ) -> Path:
     from .viz import write_report
 
@@ -318,7 +324,7 @@ def _write_report(
         path,
         g.spec,
         placement=res.placement,
-        trace=res.trace,
+        trace=res.trace if timeline is None else timeline,
         values=values,
         grads=res.grads,
         history=history,
@@ -367,13 +373,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (200 if args.task == "linear" else 60)
     quiet = args.quiet or args.json
     with _executor(args) as ex:
+        pipelined = args.backend == "ray" and args.microbatches is not None
         trainer = Trainer(
             g,
             loss="loss",
             optimizer=opt,
             executor=ex,
             progress=None if not quiet else False,
-            trace=bool(args.trace),  # keeps the last training step's events, update included
+            # Keeps the last training step's events, update included (a pipelined step's
+            # timeline goes into the report too).
+            trace=bool(args.trace) or (bool(args.report) and pipelined),
         )
         history = trainer.fit(data, epochs=epochs, batch_size=batch, seed=args.seed)
         params = trainer.params
@@ -438,6 +447,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             batch_feeds,
             history.to_dict(),
             f"distgraph train {args.task}",
+            # A pipelined run's timeline is its last training step's: F3/B1 blocks per worker.
+            timeline=trainer.last_trace if pipelined else None,
         )
         print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
     return status

@@ -287,3 +287,14 @@ def test_a_worker_lost_mid_pipeline_is_replaced_and_training_matches(reference):
         for k, v in ref_params.items():
             np.testing.assert_allclose(tr.params[k], v, rtol=1e-12, atol=0, err_msg=k)
         tr.close()
+
+
+def test_report_formats_the_preview_of_a_large_value():
+    """A Ray run's trace carries interpret.preview summaries (dicts) of large values; the
+    report formatted them by recursing forever (RecursionError in `distgraph train --report`)."""
+    from distgraph.interpret import preview
+    from distgraph.viz.report import format_value
+
+    summary = preview(np.ones((40, 40)))
+    assert isinstance(summary, dict)  # precondition: a summary, not the values
+    assert format_value(summary) == "float64[40, 40] [1, 1, 1, 1, …]"

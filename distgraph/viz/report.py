@@ -46,9 +46,14 @@ def format_value(value: Any, max_items: int = 4) -> str:
         return str(int(value))
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.6g}"
+    if isinstance(value, dict) and "shape" in value:  # interpret.preview's summary of a big value
+        head = ", ".join(format_value(v) for v in value.get("first", [])[:max_items])
+        return f"{value.get('dtype', '')}{list(value['shape'])} [{head}, …]"
     arr = np.asarray(value)
     if arr.ndim == 0:
-        return format_value(arr.item())
+        item = arr.item()
+        # Anything but a number (an object array's item) would come back here forever.
+        return str(item) if arr.dtype.kind == "O" else format_value(item)
     flat = arr.reshape(-1)
     head = ", ".join(format_value(v.item()) for v in flat[:max_items])
     more = ", …" if flat.size > max_items else ""
