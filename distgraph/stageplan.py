@@ -131,16 +131,18 @@ class StagePlan(Plan):
         """Per stage: the micro-batches whose activations the schedule has it hold at once."""
         return peak_inflight(self.schedule(microbatches))
 
-    def estimate_pipeline(self) -> StepEstimate:
+    def estimate_pipeline(self, step_overhead: float = 0.0) -> StepEstimate:
         """Predicted step time: the schedule's longest path with per-micro-batch stage times
         from the cost model (at ``step_batch / microbatches`` rows), its call overhead per
-        action and its transfer time per stage boundary."""
+        action and its transfer time per stage boundary, plus ``step_overhead`` seconds per
+        step (the driver's submission and the parameter server's update, as calibrated by a
+        probe; see ``distgraph.bench.scaleout.calibrate``)."""
         m = self.microbatches
         batch = max(1, (self.step_batch or self.cost.batch_size * m) // m)
         cost = dataclasses.replace(self.cost, batch_size=batch)
         stage_of = {n: self.stages.index(w) for n, w in self.placement.items()}
         prof = stage_profile(self.program, stage_of, self.num_stages, cost)
-        return estimate_step(
+        est = estimate_step(
             self.schedule(),
             prof.forward,
             prof.backward,
@@ -148,6 +150,9 @@ class StagePlan(Plan):
             transfer_bytes=prof.boundary_bytes,
             bandwidth=cost.bytes_per_second,
         )
+        if not step_overhead:
+            return est
+        return dataclasses.replace(est, seconds=est.seconds + step_overhead)
 
     def explain(self) -> str:
         """The plan's summary, then the pipeline: stages, the schedule grid, the predicted

@@ -5,8 +5,9 @@ micro-batch, sleeping, so 32 workers fit on 2 cores) on ``N`` workers, 8 micro-b
 Figures per ``N``: the measured median step; the ideal (the schedule's longest path with no
 call overhead and free transfers); efficiency = ideal / measured; and the predictor's
 estimate (``StagePlan.estimate_pipeline``) with the per-action overhead calibrated once by a
-probe (a 2-stage pipeline of zero-time layers: its median step divided by the actions on its
-critical path), and its relative error.
+probe (2-stage pipelines of zero-time layers with 2 and 8 micro-batches: a fixed cost per
+step plus a cost per action on the critical path, fitted to their median steps), and its
+relative error.
 
 Data-parallel layouts are not measured here (replicas come from another part of issue 15).
 """
@@ -30,7 +31,9 @@ TARGETS = {"efficiency_16": (">=", 0.85), "predictor_error_max": ("<=", 0.15)}
 PEERS: tuple[str, ...] = ()
 
 
-def _pipeline(workers: int, layers: int, f_ms: float, b_ms: float, cost: Any) -> Any:
+def _pipeline(
+    workers: int, layers: int, f_ms: float, b_ms: float, cost: Any, microbatches: int = M
+) -> Any:
     import distgraph as dg
     from distgraph.paramstore import ParameterStore
     from distgraph.simops import sim_chain
@@ -42,7 +45,7 @@ def _pipeline(workers: int, layers: int, f_ms: float, b_ms: float, cost: Any) ->
         cost=cost,
         ops_modules=["distgraph.simops"],
         resources_per_worker={"CPU": 0.05},
-        microbatches=M,
+        microbatches=microbatches,
         schedule="gpipe",
     )
     opt = dg.SGD(lr=0.01)
@@ -51,7 +54,7 @@ def _pipeline(workers: int, layers: int, f_ms: float, b_ms: float, cost: Any) ->
 
 
 def _median_step(session: Any, steps: int) -> float:
-    feeds = {"x": np.ones((2 * M, 1))}
+    feeds = {"x": np.ones((16, 1))}
     session.step(1, feeds)  # install and warm up
     times = []
     for i in range(steps):
@@ -61,20 +64,26 @@ def _median_step(session: Any, steps: int) -> float:
     return statistics.median(times)
 
 
-def calibrate(steps: int = 5) -> float:
-    """Seconds per action on the critical path of a pipeline of zero-time layers."""
+def calibrate(steps: int = 5) -> tuple[float, float]:
+    """(seconds per step, seconds per action on the critical path), fitted to two probes:
+    2-stage pipelines of zero-time layers with 2 and 8 micro-batches (a line through the
+    two (critical-path actions, median step) points)."""
     from distgraph.simops import SimCostModel
 
-    ex, session = _pipeline(2, 2, 0.0, 0.0, SimCostModel())
-    try:
-        step = _median_step(session, steps)
-        free = dataclasses.replace(SimCostModel(), call_overhead=0.0, node_overhead=0.0)
-        session.plan.cost = free
-        path = session.plan.estimate_pipeline().critical_path
-        session.close()
-    finally:
-        ex.close()
-    return step / len(path)
+    free = dataclasses.replace(SimCostModel(), call_overhead=0.0, node_overhead=0.0)
+    points = []
+    for m in (2, 8):
+        ex, session = _pipeline(2, 2, 0.0, 0.0, SimCostModel(), m)
+        try:
+            step = _median_step(session, steps)
+            session.plan.cost = free
+            points.append((len(session.plan.estimate_pipeline().critical_path), step))
+            session.close()
+        finally:
+            ex.close()
+    (n1, t1), (n2, t2) = points
+    per_action = max(0.0, (t2 - t1) / (n2 - n1))
+    return max(0.0, t1 - per_action * n1), per_action
 
 
 def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
@@ -83,8 +92,14 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
 
     steps = 2 if quick else 4
     sizes = SIZES[:3] if quick else SIZES
-    overhead = rec.figure("calibrated_action_overhead_s", calibrate())
-    log(progress, NAME, f"calibrated overhead {overhead * 1e3:.2f} ms per action")
+    fixed, per_action = calibrate()
+    overhead = rec.figure("calibrated_action_overhead_s", per_action)
+    rec.figure("calibrated_step_overhead_s", fixed)
+    log(
+        progress,
+        NAME,
+        f"calibrated {fixed * 1e3:.1f} ms per step + {overhead * 1e3:.2f} per action",
+    )
     errors = []
     for n in sizes:
         ex, session = _pipeline(n, n, F_MS, B_MS, SimCostModel())
@@ -95,7 +110,7 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
             plan.cost = dataclasses.replace(base, call_overhead=0.0, node_overhead=0.0)
             ideal = plan.estimate_pipeline().seconds
             plan.cost = dataclasses.replace(base, call_overhead=overhead)
-            predicted = plan.estimate_pipeline().seconds
+            predicted = plan.estimate_pipeline(step_overhead=fixed).seconds
             session.close()
         finally:
             ex.close()
@@ -112,5 +127,5 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
     rec.note(
         f"GPipe, {M} micro-batches, {F_MS:g}/{B_MS:g} ms per layer and micro-batch, one layer "
         "per worker; ideal = the schedule with free calls and transfers; the predictor adds "
-        "the probe-calibrated overhead per action."
+        "the probe-calibrated overheads (per step and per action on the critical path)."
     )
