@@ -251,7 +251,8 @@ def test_bad_pipeline_options_are_refused():
 
 
 def test_a_custom_elementwise_op_keeps_rows_independent():
-    """simops' sim_layer is registered elementwise: its chain's batch may be split."""
+    """simops declares sim_layer row-wise: its chain's batch may be split (a custom op not
+    declared still counts as coupling, see test_dataparallel)."""
     from distgraph.dataparallel import analyze_rows
     from distgraph.simops import sim_chain
 
