@@ -40,6 +40,7 @@ from .cluster import Cluster
 from .compiled import TRANSPORTS, CompiledRuns, is_retry
 from .options import RayOptions
 from .replicas import check_replicas, choose_replicas, replicate
+from .pipelined import PipelinedSession, check_pipeline_options, pipelined_plan
 from .session import RaySession
 from .waves import Waves, batch_size
 
@@ -111,6 +112,11 @@ class RayExecutor(Executor):
     global-norm clipping of ``clip_norm`` is combined across shards, so the result equals one
     server's. Periodic checkpoints go to ``checkpoint_dir/shard-<s>`` (one per shard, written
     at the same version); ``session.save(path)`` writes one merged checkpoint.
+    ``microbatches=m`` (training): the placement must be a chain of stages (``strategy=
+    "pipeline"`` makes one); each step's batch is split into ``m`` micro-batches run by the
+    ``schedule`` (``"gpipe"`` or ``"1f1b"``, see ``distgraph.pipeline``), and the gradients
+    summed over them, weighted by rows, reach the parameter server once per step (a loss that
+    couples rows is refused for ``m > 1``). Inference (``run``) is not pipelined.
     """
 
     num_workers = _Option[int]()
@@ -141,6 +147,10 @@ class RayExecutor(Executor):
     replicas = _Option["int | str"]()
     #: How run() steps travel: "calls", "compiled" or "auto" (see the class docstring).
     transport = _Option[str]()
+    #: Training: micro-batches per step of a pipelined layout (None: no pipelining).
+    microbatches = _Option["int | None"]()
+    #: Training: the pipeline schedule, ``"gpipe"`` or ``"1f1b"``.
+    schedule = _Option[str]()
 
     def __init__(
         self,
@@ -167,6 +177,8 @@ class RayExecutor(Executor):
         ps_shards: int = 1,
         replicas: int | str = 1,
         transport: str = "calls",
+        microbatches: int | None = None,
+        schedule: str = "gpipe",
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -192,6 +204,7 @@ class RayExecutor(Executor):
             raise ConfigError(
                 f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}"
             )
+        check_pipeline_options(microbatches, schedule)
         if checkpoint_every and not checkpoint_dir:
             raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
         self.options = RayOptions(
@@ -214,6 +227,8 @@ class RayExecutor(Executor):
             ps_shards=ps_shards,
             replicas=replicas,
             transport=transport,
+            microbatches=microbatches,
+            schedule=schedule,
         )
         for module in self.options.ops_modules:  # the driver builds graphs with these ops too
             importlib.import_module(module)
@@ -274,18 +289,22 @@ class RayExecutor(Executor):
         *,
         training: bool = False,
         wrt: Sequence[str] | None = None,
+        batch_size: int | None = None,
     ) -> Plan:
         """The plan this executor would run for a request (not installed). A training plan
         holds every data-parallel replica (``replicas``; for ``"auto"`` chosen at the cost
-        model's batch size) and ``explain()`` starts with the layout chosen and why."""
+        model's batch size) and ``explain()`` starts with the layout chosen and why; one with
+        ``microbatches`` set is a :class:`~distgraph.stageplan.StagePlan` (its ``explain()``
+        shows the schedule grid and the predicted step)."""
         prog = self.program(graph, outputs, grad, wrt)
         if not training:
-            return self.waves.make_plan(prog, False)
+            return self.waves.make_plan(prog, False, batch_size or 1)
+        if self.microbatches is not None:
+            return pipelined_plan(self.waves, prog, batch_size)
         o = self.options
-        chosen = choose_replicas(
-            prog, o.num_workers, o.replicas, o.strategy, o.cost, max(1, o.cost.batch_size)
-        )
-        base = self.waves.make_plan(prog, True, num_workers=chosen.width)
+        batch = batch_size or max(1, o.cost.batch_size)
+        chosen = choose_replicas(prog, o.num_workers, o.replicas, o.strategy, o.cost, batch)
+        base = self.waves.make_plan(prog, True, batch, num_workers=chosen.width)
         return dataclasses.replace(replicate(base, chosen.count), layout=chosen.explanation)
 
     # Running ------------------------------------------------------------------------------------
@@ -382,7 +401,16 @@ class RayExecutor(Executor):
         """Workers compute gradients; a parameter-server actor applies them."""
         self.cluster.check_open()
         wrt = list(store.params)
-        return RaySession(
+        if self.microbatches is not None and (self.replicas != 1 or self.ps_shards != 1):
+            # A pipelined step has its own submission order and gradient combination; the
+            # replicated and sharded step paths have not been taught it yet.
+            raise ConfigError(
+                f"microbatches={self.microbatches} does not compose with replicas="
+                f"{self.replicas!r} or ps_shards={self.ps_shards} yet: pipeline one replica on "
+                "one parameter server, or use replicas/shards without micro-batches"
+            )
+        session = PipelinedSession if self.microbatches is not None else RaySession
+        return session(
             self.cluster,
             self.waves,
             self.options,

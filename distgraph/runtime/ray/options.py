@@ -41,6 +41,10 @@ class RayOptions:
     #: How run() steps travel: "calls" (actor calls), "compiled" (a Ray Compiled Graph from a
     #: plan's second run) or "auto" (compiled where supported, else calls; see compiled.py).
     transport: str = "calls"
+    #: Training steps split into this many micro-batches and run as a pipeline (None: not).
+    microbatches: int | None = None
+    #: The pipeline schedule (a key of ``distgraph.pipeline.SCHEDULES``).
+    schedule: str = "gpipe"
 
 
 #: Arrays bigger than this are put in the object store once instead of inlined per call.
