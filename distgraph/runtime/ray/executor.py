@@ -39,8 +39,8 @@ from ..base import Evaluation, Executor, TrainingSession
 from .cluster import Cluster
 from .compiled import TRANSPORTS, CompiledRuns, is_retry
 from .options import RayOptions
-from .replicas import check_replicas, choose_replicas, replicate
 from .pipelined import PipelinedSession, check_pipeline_options, pipelined_plan
+from .replicas import check_replicas, choose_replicas, replicate
 from .session import RaySession
 from .waves import Waves, batch_size
 
