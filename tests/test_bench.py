@@ -117,6 +117,10 @@ def test_quick_run_reports_named_fields(quick_results, name):
             name == "scale"
             and label == "cut_vs_metis"
             and result["figures"]["mincut_parts_used"] < 8
+        ) or (
+            name == "scaleout"
+            and label == "efficiency_16"
+            and "n16_step_s" not in result["figures"]
         ):
             assert not t["met"] and "not judged" in result["notes"]
             continue
