@@ -278,7 +278,17 @@ class Trainer:
                 run_rows = sum(weights)
                 if bar is not None:
                     bar.set_description(f"epoch {e + 1}/{epochs}", refresh=False)
-                for idx in batches[skip:]:
+                todo = batches[skip:]
+                if getattr(session, "consistency", "sync") == "async":
+                    # Bounded staleness: the epoch's steps run at once, applied as they arrive.
+                    ran = self._fit_async(session, attached, todo, callback)
+                    todo = []
+                    for idx, loss in ran:
+                        losses.append(loss)
+                        weights.append(len(idx))
+                    if bar is not None:
+                        bar.update(len(ran))
+                for idx in todo:
                     step_id = self._steps_done + 1
                     try:
                         loss = session.step_rows(step_id, attached, idx, trace=self.trace)
@@ -331,6 +341,36 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return self.history
+
+    def _fit_async(
+        self,
+        session: Any,
+        attached: Any,
+        batches: list[np.ndarray],
+        callback: Callable[[int, float], None] | None,
+    ) -> list[tuple[np.ndarray, float]]:
+        """One epoch's ``batches`` as asynchronous steps (``consistency="async"``); returns
+        (rows, loss) per step in step order. Steps apply out of order: the steps counted
+        (``_steps_done``, ``history.step_loss``) are the applied prefix, also after an error;
+        a step applied beyond it is not applied again by a later fit (the server ignores a
+        repeated step id)."""
+        first = self._steps_done + 1
+        steps = [(first + i, idx) for i, idx in enumerate(batches)]
+        got: dict[int, float] = {}
+        try:
+            session.run_async(steps, attached, on_applied=lambda s, v: got.__setitem__(s, v))
+        finally:
+            # Count the steps applied in order from the first; losses in step order.
+            done: list[tuple[np.ndarray, float]] = []
+            for step_id, idx in steps:
+                if step_id not in got:
+                    break
+                done.append((idx, got[step_id]))
+                self._steps_done = step_id
+                self.history.step_loss.append(got[step_id])
+                if callback is not None:
+                    callback(step_id, got[step_id])
+        return done
 
     def evaluate(
         self, data: Mapping[str, Any], metric: Metric = "loss", batch_size: int = 1024

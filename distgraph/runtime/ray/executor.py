@@ -39,7 +39,7 @@ from ..base import Evaluation, Executor, TrainingSession
 from .cluster import Cluster
 from .compiled import TRANSPORTS, CompiledRuns, is_retry
 from .options import RayOptions
-from .replicas import check_replicas, choose_replicas, replicate
+from .replicas import check_consistency, check_replicas, choose_replicas, replicate
 from .session import RaySession
 from .waves import Waves, batch_size
 
@@ -111,6 +111,16 @@ class RayExecutor(Executor):
     global-norm clipping of ``clip_norm`` is combined across shards, so the result equals one
     server's. Periodic checkpoints go to ``checkpoint_dir/shard-<s>`` (one per shard, written
     at the same version); ``session.save(path)`` writes one merged checkpoint.
+
+    ``consistency``: ``"sync"`` (default; as above, every replica computes a row shard of
+    every step) or ``"async"`` with ``staleness=tau`` (default 0), which needs ``replicas=R``
+    with R >= 2: steps (mini-batches, in step-id order) go to whichever replica is idle, each
+    replica runs a step's whole batch on the params current when it starts, and the server
+    applies each step's gradient as it arrives, exactly once. Replica r may start step t only
+    once every step <= t - tau - 1 has been applied (bounded delay); ``tau = 0`` keeps steps in
+    order. ``session.status()["async"]`` holds the staleness histogram and every (replica,
+    step, version) record. ``_slow_replicas={r: f}`` is a test hook: replica r's steps last f
+    times as long (its results are held back), to simulate a straggler.
     """
 
     num_workers = _Option[int]()
@@ -141,6 +151,10 @@ class RayExecutor(Executor):
     replicas = _Option["int | str"]()
     #: How run() steps travel: "calls", "compiled" or "auto" (see the class docstring).
     transport = _Option[str]()
+    #: Training updates: "sync" or "async" (see the class docstring).
+    consistency = _Option[str]()
+    #: Async staleness bound tau.
+    staleness = _Option[int]()
 
     def __init__(
         self,
@@ -167,6 +181,9 @@ class RayExecutor(Executor):
         ps_shards: int = 1,
         replicas: int | str = 1,
         transport: str = "calls",
+        consistency: str = "sync",
+        staleness: int = 0,
+        _slow_replicas: Mapping[int, float] | None = None,
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -192,6 +209,7 @@ class RayExecutor(Executor):
             raise ConfigError(
                 f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}"
             )
+        slow = check_consistency(consistency, staleness, replicas, _slow_replicas)
         if checkpoint_every and not checkpoint_dir:
             raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
         self.options = RayOptions(
@@ -214,6 +232,9 @@ class RayExecutor(Executor):
             ps_shards=ps_shards,
             replicas=replicas,
             transport=transport,
+            consistency=consistency,
+            staleness=staleness,
+            slow_replicas=slow,
         )
         for module in self.options.ops_modules:  # the driver builds graphs with these ops too
             importlib.import_module(module)

@@ -1,0 +1,148 @@
+"""Asynchronous data-parallel training with bounded staleness (issue 14, items 4 and 5):
+``RayExecutor(consistency="async", staleness=tau, replicas=R)``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from raysupport import ensure_ray
+
+import distgraph as dg
+from distgraph import models
+from distgraph.errors import ConfigError
+
+# 150 rows in batches of 16: 10 steps an epoch (the last of 6 rows).
+ROWS, BATCH = 150, 16
+
+
+def _trainer(ex: dg.Executor | None) -> dg.Trainer:
+    return dg.Trainer(
+        models.linear_regression(),
+        loss="loss",
+        optimizer=dg.SGD(lr=0.05),
+        executor=ex,
+        progress=False,
+    )
+
+
+def _data() -> dict[str, np.ndarray]:
+    return models.linear_data(ROWS, seed=1)
+
+
+def _assert_each_step_once(tr: dg.Trainer, steps: int) -> dict:
+    """Every step id applied exactly once, and computed by exactly one replica, once."""
+    status = tr.session.status()
+    applied = tr.applied_steps
+    assert sorted(applied) == list(range(1, steps + 1)), applied
+    assert len(applied) == len(set(applied))
+    assert not status.get("duplicates"), status.get("duplicates")
+    records = status["async"]["records"]
+    keys = [(r["replica"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys))
+    assert sorted(r["step"] for r in records) == list(range(1, steps + 1))
+    assert tr.step == steps and len(tr.history.step_loss) == steps
+    return status
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"consistency": "async", "staleness": 2}, "replicas=R with R >= 2"),
+        ({"consistency": "async", "replicas": "auto"}, "replicas=R with R >= 2"),
+        ({"consistency": "eventual", "replicas": 2}, "consistency must be one of"),
+        ({"consistency": "async", "replicas": 2, "staleness": -1}, "staleness must be"),
+        ({"consistency": "sync", "replicas": 2, "staleness": 3}, "consistency='async' only"),
+        ({"consistency": "async", "replicas": 2, "_slow_replicas": {1: 0.5}}, "factor >= 1"),
+    ],
+)
+def test_bad_consistency_settings_are_refused_naming_the_option(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        dg.RayExecutor(num_workers=2, **kwargs)
+
+
+def test_async_with_a_straggler_converges_within_the_staleness_bound():
+    ensure_ray()
+    epochs = 20
+    with dg.RayExecutor(
+        num_workers=2,
+        replicas=2,
+        consistency="async",
+        staleness=2,
+        _slow_replicas={1: 3.0},
+        resources_per_worker={"CPU": 0.5},
+    ) as ex:
+        tr = _trainer(ex)
+        tr.fit(_data(), epochs=epochs, batch_size=BATCH, seed=5)
+        status = _assert_each_step_once(tr, epochs * 10)
+        params = tr.params
+        tr.close()
+    info = status["async"]
+    hist = info["staleness_histogram"]
+    # Preconditions: both replicas computed steps, and some gradient was stale.
+    assert {r["replica"] for r in info["records"]} == {0, 1}
+    assert max(hist) > 0, hist
+    # The bound: no gradient computed on params missing more than tau earlier steps.
+    assert info["max_staleness"] <= 2 and max(hist) <= 2, hist
+    assert all(r["staleness"] == r["step"] - 1 - r["version"] for r in info["records"])
+    # The slowed replica took fewer steps than the fast one.
+    by = [sum(1 for r in info["records"] if r["replica"] == k) for k in (0, 1)]
+    assert by[0] > by[1], by
+    assert abs(float(params["w"]) - 3.0) < 1e-3, params
+    assert abs(float(params["b"]) - 7.0) < 1e-3, params
+
+
+def test_async_tau0_equals_the_sequential_run():
+    ensure_ray()
+    epochs = 3
+    with dg.RayExecutor(
+        num_workers=2,
+        replicas=2,
+        consistency="async",
+        staleness=0,
+        resources_per_worker={"CPU": 0.5},
+    ) as ex:
+        tr = _trainer(ex)
+        tr.fit(_data(), epochs=epochs, batch_size=BATCH, seed=5)
+        status = _assert_each_step_once(tr, epochs * 10)
+        got, losses = tr.params, list(tr.history.step_loss)
+        applied = tr.applied_steps
+        tr.close()
+    info = status["async"]
+    assert info["staleness_histogram"] == {0: epochs * 10}
+    assert applied == list(range(1, epochs * 10 + 1))  # in order
+    # Sequential: the same step -> batch assignment, one whole mini-batch per step.
+    ref = _trainer(dg.LocalExecutor())
+    ref.fit(_data(), epochs=epochs, batch_size=BATCH, seed=5)
+    for k in ref.params:
+        assert np.array_equal(np.asarray(got[k]), np.asarray(ref.params[k])), k
+    assert losses == ref.history.step_loss
+
+
+def test_async_status_and_cli(capsys):
+    ensure_ray()
+    import json
+
+    from distgraph.cli import main
+
+    argv = [
+        "train",
+        "linear",
+        "--backend",
+        "ray",
+        "--workers",
+        "2",
+        "--replicas",
+        "2",
+        "--consistency",
+        "async",
+        "--staleness",
+        "1",
+        "--epochs",
+        "2",
+        "--json",
+    ]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["async"]["staleness"] == 1
+    assert out["async"]["max_staleness"] <= 1
+    assert sum(out["async"]["staleness_histogram"].values()) == 2 * 13
