@@ -146,3 +146,40 @@ def test_async_status_and_cli(capsys):
     assert out["async"]["staleness"] == 1
     assert out["async"]["max_staleness"] <= 1
     assert sum(out["async"]["staleness_histogram"].values()) == 2 * 13
+
+
+def test_async_worker_killed_mid_run_applies_every_step_once():
+    ensure_ray()
+    epochs = 4
+    with dg.RayExecutor(
+        num_workers=2,
+        replicas=2,
+        consistency="async",
+        staleness=2,
+        resources_per_worker={"CPU": 0.5},
+    ) as ex:
+        tr = _trainer(ex)
+        session = tr.session
+        run = session.run_async
+        crashed: list[int] = []
+
+        def run_with_crash(steps, data, on_applied=None):
+            def applied(step, loss):
+                if step == 15 and not crashed:
+                    # Replica 1's only worker, killed while the run goes on.
+                    ex.workers[1].crash.remote()
+                    crashed.append(1)
+                if on_applied is not None:
+                    on_applied(step, loss)
+
+            return run(steps, data, applied)
+
+        session.run_async = run_with_crash
+        tr.fit(_data(), epochs=epochs, batch_size=BATCH, seed=5)
+        assert crashed and ex.replacements == [1]
+        assert session.recoveries, "the crash was never noticed"
+        status = _assert_each_step_once(tr, epochs * 10)
+        tr.close()
+    # Both replicas computed steps after the crash (the replaced worker took part again).
+    late = {r["replica"] for r in status["async"]["records"] if r["step"] > 20}
+    assert late == {0, 1}, late
