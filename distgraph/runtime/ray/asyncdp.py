@@ -80,9 +80,9 @@ def run_async(
     o = session.options
     tau = o.staleness
     layout = session.layout
-    assert layout is not None and session.plan is not None  # placed by session._ensure
+    assert layout is not None and session.plan is not None  # placed by the session's first step
     width, count = layout.width, layout.count
-    todo = [(s, f) for s, f in steps if s not in session._done]
+    todo = [(s, f) for s, f in steps if not session.counted(s)]
     losses: dict[int, float] = {}
     if not todo:
         return losses
@@ -91,7 +91,7 @@ def run_async(
     if clock is None:
         clock = session.clock = StalenessClock(shards, todo[0][0])
     for s, _ in steps:  # applied before (an earlier, failed run): they count as applied
-        if s in session._done and s >= clock.first_step and not clock.has_applied(0, s):
+        if session.counted(s) and s >= clock.first_step and not clock.has_applied(0, s):
             for shard in range(shards):
                 clock.mark_applied(shard, s)
     if clock.version < todo[0][0] - 1:
@@ -104,8 +104,7 @@ def run_async(
     running: dict[int, _Running] = {}  # replica -> its step in flight
     attempts: dict[int, int] = {}
     next_i = 0
-    session._settle()
-    session.server.drain()
+    session.settle_and_drain()
     try:
         while next_i < len(order) or running:
             # 1. Hand out steps in order to idle replicas while the staleness bound allows.
@@ -138,8 +137,7 @@ def run_async(
                     continue
                 for s in range(shards):
                     clock.mark_applied(s, run.step)
-                if run.step not in session._done:
-                    session._done.append(run.step)
+                session.count(run.step)
                 losses[run.step] = loss
                 if on_applied is not None:
                     on_applied(run.step, loss)
@@ -148,8 +146,7 @@ def run_async(
         raise
     finally:
         # Every param-holding worker takes the server's current params with its next call.
-        if session.ps is not None:
-            session._updates = {w: session.server.params_of(w) for w in session.takers}
+        session.resend_params()
     return losses
 
 
@@ -257,4 +254,4 @@ def _recover(session: RaySession, running: Mapping[int, _Running], failed: int) 
     in flight whose workers died fail on their own and are retried the same way."""
     with contextlib.suppress(Exception):
         session.server.abort(failed)
-    session._recover(failed)
+    session.recover(failed)

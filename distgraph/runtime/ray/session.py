@@ -303,6 +303,31 @@ class RaySession(TrainingSession):
             )
         return run_async(self, [(s, f) for s, (f, _n) in fed], on_applied)
 
+    # Hooks of the asynchronous driver (asyncdp.py) --------------------------------------------
+    def counted(self, step_id: int) -> bool:
+        """Whether step ``step_id`` counts as applied (see ``_done``)."""
+        return step_id in self._done
+
+    def count(self, step_id: int) -> None:
+        """Count step ``step_id`` as applied (its commit succeeded)."""
+        if step_id not in self._done:
+            self._done.append(step_id)
+
+    def settle_and_drain(self) -> None:
+        """Decide any unsettled step and wait for the latest commit."""
+        self._settle()
+        self.server.drain()
+
+    def resend_params(self) -> None:
+        """Every worker that takes params from the server gets its current ones with its
+        next call (after steps that each pulled their own)."""
+        if self.ps is not None:
+            self._updates = {w: self.server.params_of(w) for w in self.takers}
+
+    def recover(self, failed_step: int | None) -> None:
+        """Replace lost workers (or a lost server) as a failed step's recovery does."""
+        self._recover(failed_step)
+
     def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool, batch: int) -> float:
         self.cluster.check_open()
         if self._unrecovered and self.plan is not None:
