@@ -60,12 +60,14 @@ def test_bad_consistency_settings_are_refused_naming_the_option(kwargs, match):
         dg.RayExecutor(num_workers=2, **kwargs)
 
 
-def test_async_with_a_straggler_converges_within_the_staleness_bound():
+@pytest.mark.parametrize("shards", [1, 2], ids=lambda s: f"ps_shards{s}")
+def test_async_with_a_straggler_converges_within_the_staleness_bound(shards):
     ensure_ray()
     epochs = 20
     with dg.RayExecutor(
         num_workers=2,
         replicas=2,
+        ps_shards=shards,
         consistency="async",
         staleness=2,
         _slow_replicas={1: 3.0},
@@ -77,6 +79,7 @@ def test_async_with_a_straggler_converges_within_the_staleness_bound():
         params = tr.params
         tr.close()
     info = status["async"]
+    assert info["applied_through"] == [epochs * 10] * shards
     hist = info["staleness_histogram"]
     # Preconditions: both replicas computed steps, and some gradient was stale.
     assert {r["replica"] for r in info["records"]} == {0, 1}
