@@ -160,7 +160,9 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
         "--workers", type=_int_at_least(1), default=2, help="Ray worker actors (default: 2)"
     )
     p.add_argument(
-        "--strategy", default="mincut", help="partition strategy: mincut, level, round_robin"
+        "--strategy",
+        default="mincut",
+        help="partition strategy: mincut, level, round_robin, pipeline",
     )
     p.add_argument(
         "--replicas",
@@ -207,6 +209,24 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    from .pipeline import SCHEDULES
+
+    p.add_argument(
+        "--microbatches",
+        type=_int_at_least(1),
+        default=None,
+        help="train as a pipeline: split each batch into this many micro-batches "
+        "(needs a chain of stages: --strategy pipeline)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default="gpipe",
+        help="pipeline schedule with --microbatches (default: gpipe)",
+    )
+
+
 @contextlib.contextmanager
 def _executor(args: argparse.Namespace) -> Iterator[Executor]:
     if args.backend == "local":
@@ -232,6 +252,8 @@ def _executor(args: argparse.Namespace) -> Iterator[Executor]:
             oversubscribe=args.oversubscribe,
             max_bytes=args.max_memory,
             replicas=args.replicas,
+            microbatches=getattr(args, "microbatches", None),
+            schedule=getattr(args, "schedule", "gpipe"),
             **options,
         )
     try:
@@ -316,7 +338,13 @@ def _write_trace(path: str, events: list) -> None:
 
 
 def _write_report(
-    path: str, g: Graph, res: Any, feeds: dict[str, Any], history: dict | None, title: str
+    path: str,
+    g: Graph,
+    res: Any,
+    feeds: dict[str, Any],
+    history: dict | None,
+    title: str,
+    timeline: list | None = None,
 ) -> Path:
     from .viz import write_report
 
@@ -334,7 +362,7 @@ def _write_report(
         path,
         g.spec,
         placement=res.placement,
-        trace=res.trace,
+        trace=res.trace if timeline is None else timeline,
         values=values,
         grads=res.grads,
         history=history,
@@ -383,13 +411,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (200 if args.task == "linear" else 60)
     quiet = args.quiet or args.json
     with _executor(args) as ex:
+        pipelined = args.backend == "ray" and args.microbatches is not None
         trainer = Trainer(
             g,
             loss="loss",
             optimizer=opt,
             executor=ex,
             progress=None if not quiet else False,
-            trace=bool(args.trace),  # keeps the last training step's events, update included
+            # Keeps the last training step's events, update included (a pipelined step's
+            # timeline goes into the report too).
+            trace=bool(args.trace) or (bool(args.report) and pipelined),
         )
         history = trainer.fit(data, epochs=epochs, batch_size=batch, seed=args.seed)
         params = trainer.params
@@ -471,6 +502,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             batch_feeds,
             history.to_dict(),
             f"distgraph train {args.task}",
+            # A pipelined run's timeline is its last training step's: F3/B1 blocks per worker.
+            timeline=trainer.last_trace if pipelined else None,
         )
         print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
     return status
@@ -548,6 +581,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
         grad = args.grad
     elif grad is None:
         grad = g.outputs[-1] if g.outputs else None
+    if args.microbatches is not None and args.replicas != 1:
+        raise ConfigError(
+            "--microbatches and --replicas do not compose yet: pipeline one replica "
+            "(--replicas 1) or split the batch over replicas without micro-batches"
+        )
+    if args.microbatches is not None:
+        from .stageplan import build_stage_plan
+
+        plan = plan_for(
+            g,
+            grad=grad,
+            num_workers=args.workers,
+            strategy=args.strategy,
+            batch_size=args.batch_size,
+            training=True,
+        )
+        print(build_stage_plan(plan, args.microbatches, args.schedule, args.batch_size).explain())
+        return 0
     if grad is None or args.replicas == 1:
         plan = plan_for(
             g,
@@ -668,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("task", choices=["linear", "mlp"])
     _add_backend(t)
+    _add_pipeline(t)
     t.add_argument(
         "--epochs", type=_int_at_least(1), default=None, help="(default: linear 200, mlp 60)"
     )
@@ -734,6 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--batch-size", type=_int_at_least(1), default=1, help="size assumed for batch dimensions"
     )
+    _add_pipeline(e)
     e.set_defaults(func=cmd_explain)
 
     v = sub.add_parser("viz", help="draw a graph with its placement as SVG (or DOT with -o x.dot)")

@@ -129,6 +129,18 @@ _ELEMENTWISE = frozenset(
         "cast",
     ]
 )
+#: Custom ops declared (``declare_rowwise``) to work elementwise with numpy broadcasting.
+_DECLARED_ROWWISE: set[str] = set()
+
+
+def declare_rowwise(op: str) -> None:
+    """Declare that custom op ``op`` computes each element from the same element of its
+    inputs (numpy broadcasting), so :func:`analyze_rows` lets a batch be split through it as
+    through ``mul``. Without it a custom op counts as coupling rows: ``elementwise=True`` in
+    ``defop`` says only the output's shape, not that rows stay independent."""
+    _DECLARED_ROWWISE.add(op)
+
+
 #: Unary ops that are linear in their input: a mean (sum) over rows stays one through them.
 _LINEAR_UNARY = frozenset({"neg", "identity", "stop_gradient"})
 #: Shape ops that are linear: a batch reduction stays one through them.
@@ -353,7 +365,7 @@ def _transfer(
     if reduced:
         return _transfer_reduced(node, ins, reduced)
     # Only rows and batch-free inputs from here on.
-    if op in _ELEMENTWISE or op == "add_n":
+    if op in _ELEMENTWISE or op == "add_n" or op in _DECLARED_ROWWISE:
         if op == "cast" or _aligned(ins, shapes, _rank(node)):
             return _ROWS
         return _coupled(node, _misaligned(ins, shapes))

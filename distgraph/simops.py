@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .cost import CostModel
+from .dataparallel import declare_rowwise
 from .functional import mean
 from .graph import Graph, Node
 from .ops import OPS, VJP_NAME, Attr, defop
@@ -65,6 +66,8 @@ if SIM_LAYER not in OPS:  # importing twice (a worker, a reload) must not regist
         attrs={"f_ms": _MS, "b_ms": _MS},
         elementwise=True,
     )
+# x * w row by row: a batch may be split into shards or micro-batches through it.
+declare_rowwise(SIM_LAYER)
 
 
 def sim_layer(x: Any, w: Any, f_ms: float = 0.0, b_ms: float = 0.0, name: str | None = None):

@@ -65,6 +65,18 @@ REQUIRED_FIGURES = {
     ],
     "conv": ["numpy_s", "distgraph_local_s"],
     "attention": ["numpy_s", "distgraph_local_s"],
+    "pipeline": [
+        "sim_ideal_step_s",
+        "sim_gpipe_step_s",
+        "sim_1f1b_step_s",
+        "sim_gpipe_predicted_s",
+        "sim_gpipe_bubble_measured",
+        "sim_bubble_formula",
+        "real_one_worker_step_s",
+        "real_pipeline_2x4_step_s",
+        "real_two_process_ceiling",
+    ],
+    "scaleout": ["calibrated_action_overhead_s", "n2_step_s", "n2_ideal_s", "n2_predicted_s"],
 }
 
 

@@ -32,7 +32,20 @@ from ._harness import Record, machine_info, ray_runtime
 
 #: Benchmark names in the order they run; each is a module here with ``TARGETS``, ``PEERS``
 #: and ``bench(record, quick, progress)``.
-NAMES = ("fine", "mlp", "dp", "straggler", "wide", "latency", "scale", "soak", "conv", "attention")
+NAMES = (
+    "fine",
+    "mlp",
+    "dp",
+    "straggler",
+    "wide",
+    "latency",
+    "scale",
+    "soak",
+    "conv",
+    "attention",
+    "pipeline",
+    "scaleout",
+)
 #: Benchmarks that never touch Ray (no runtime is started for a run made only of these).
 _NO_RAY = frozenset({"scale", "conv", "attention"})
 

@@ -39,6 +39,7 @@ from ..paramstore import ParameterStore
 from ..plan import DRIVER, Task
 from ..program import Program
 from ..result import TraceEvent
+from .actions import ActionRunner
 from .protocol import CallHeader, unpack
 
 
@@ -46,8 +47,9 @@ class CallOrderError(ExecutionError):
     """A step's call ran before the call that must precede it on the same worker finished."""
 
 
-class Worker:
-    """Holds partitions and runs tasks; one instance per Ray worker actor."""
+class Worker(ActionRunner):
+    """Holds partitions and runs tasks (and pipelined steps' actions: ``actions.py``); one
+    instance per Ray worker actor."""
 
     def __init__(
         self, index: int, blas_threads: int | None = None, ops_modules: Sequence[str] = ()
@@ -159,6 +161,7 @@ class Worker:
         self.resident.pop(plan_id, None)
         self.replicas.pop(plan_id, None)
         self.positions.pop(plan_id, None)
+        self.drop_actions(plan_id)
         for table in (self.envs, self._calls, self._failed):
             for key in [k for k in table if k[0] == plan_id]:
                 del table[key]
@@ -352,6 +355,7 @@ class Worker:
     def drop_step(self, plan_id: int, step: int) -> None:
         """Forget a step that failed or was abandoned."""
         self._end_step((plan_id, step))
+        self.drop_actions(plan_id, step)
         self.traces.pop((plan_id, step), None)
 
     def held_plans(self) -> list[int]:

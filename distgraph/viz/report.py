@@ -46,9 +46,14 @@ def format_value(value: Any, max_items: int = 4) -> str:
         return str(int(value))
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.6g}"
+    if isinstance(value, dict) and "shape" in value:  # interpret.preview's summary of a big value
+        head = ", ".join(format_value(v) for v in value.get("first", [])[:max_items])
+        return f"{value.get('dtype', '')}{list(value['shape'])} [{head}, …]"
     arr = np.asarray(value)
     if arr.ndim == 0:
-        return format_value(arr.item())
+        item = arr.item()
+        # Anything but a number (an object array's item) would come back here forever.
+        return str(item) if arr.dtype.kind == "O" else format_value(item)
     flat = arr.reshape(-1)
     head = ", ".join(format_value(v.item()) for v in flat[:max_items])
     more = ", …" if flat.size > max_items else ""
@@ -316,9 +321,10 @@ def _timeline_svg(trace: list[TraceEvent]) -> str:
         y = top + lane[track] * lane_h + 2
         x = sx(e.start)
         bw = max(sx(e.end) - x, 1.0)
+        action = e.args.get("action")  # a pipelined step's F3 / B1: drawn over its nodes
         colour = (
             PHASE_COLOURS.get(e.phase, "#94a3b8")
-            if e.kind == "node"
+            if e.kind == "node" or action
             else KIND_COLOURS.get(e.kind, "#94a3b8")
         )
         tip = f"{e.name} ({e.kind}, {e.phase}, level {e.level}) {(e.end - e.start) * 1e3:.3f} ms on {track}"
@@ -329,6 +335,12 @@ def _timeline_svg(trace: list[TraceEvent]) -> str:
             f' width="{bw:.2f}" height="{lane_h - 8}" rx="2" fill="{colour}" fill-opacity="0.85">'
             f"<title>{html.escape(tip)}</title></rect>"
         )
+        if action and bw >= 14:
+            out.append(
+                f'<text class="action" x="{x + bw / 2:.2f}" y="{y + lane_h / 2 + 1}"'
+                f' font-size="10" fill="#ffffff" text-anchor="middle">'
+                f"{html.escape(str(action))}</text>"
+            )
     axis_y = top + lane_h * len(tracks) + 14
     for k in range(6):
         t = span * k / 5
@@ -339,6 +351,22 @@ def _timeline_svg(trace: list[TraceEvent]) -> str:
         )
     out.append("</svg>")
     return "".join(out)
+
+
+def _bubble_note(trace: list[TraceEvent]) -> str:
+    """Under a pipelined step's timeline: its measured bubble next to the formula."""
+    acts = [e for e in trace if "action" in e.args]
+    if not acts:
+        return ""
+    from ..stageplan import bubble_formula, measured_bubble
+
+    p = len({e.worker for e in acts})
+    m = 1 + max(int(e.args.get("microbatch", 0)) for e in acts)
+    return (
+        f'<p class="muted" id="pipeline-bubble">Pipeline: {p} stages x {m} micro-batches; '
+        f"measured bubble {measured_bubble(trace):.3f}, formula (p-1)/(m+p-1) = "
+        f"{bubble_formula(p, m):.3f}.</p>"
+    )
 
 
 def _embed_json(data: Any) -> str:
@@ -526,7 +554,7 @@ def render_report(
   <p class="muted">What ran where and when: one lane per worker, the driver and the parameter
   server; <span class="swatch fwd"></span>forward, <span class="swatch bwd"></span>backward,
   <span class="swatch xfer"></span>transfer, <span class="swatch upd"></span>update.</p>
-  <div class="graph-scroll">{_timeline_svg(trace)}</div>
+  <div class="graph-scroll">{_timeline_svg(trace)}</div>{_bubble_note(trace)}
 </section>
 </main>
 <footer>distgraph · a self-contained report: no network, open it anywhere.</footer>

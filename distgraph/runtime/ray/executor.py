@@ -39,6 +39,7 @@ from ..base import Evaluation, Executor, TrainingSession
 from .cluster import Cluster
 from .compiled import TRANSPORTS, CompiledRuns, is_retry
 from .options import RayOptions
+from .pipelined import PipelinedSession, check_pipeline_options, pipelined_plan
 from .replicas import check_consistency, check_replicas, choose_replicas, replicate
 from .session import RaySession
 from .waves import Waves, batch_size
@@ -121,6 +122,12 @@ class RayExecutor(Executor):
     order. ``session.status()["async"]`` holds the staleness histogram and every (replica,
     step, version) record. ``_slow_replicas={r: f}`` is a test hook: replica r's steps last f
     times as long (its results are held back), to simulate a straggler.
+
+    ``microbatches=m`` (training): the placement must be a chain of stages (``strategy=
+    "pipeline"`` makes one); each step's batch is split into ``m`` micro-batches run by the
+    ``schedule`` (``"gpipe"`` or ``"1f1b"``, see ``distgraph.pipeline``), and the gradients
+    summed over them, weighted by rows, reach the parameter server once per step (a loss that
+    couples rows is refused for ``m > 1``). Inference (``run``) is not pipelined.
     """
 
     num_workers = _Option[int]()
@@ -155,6 +162,10 @@ class RayExecutor(Executor):
     consistency = _Option[str]()
     #: Async staleness bound tau.
     staleness = _Option[int]()
+    #: Training: micro-batches per step of a pipelined layout (None: no pipelining).
+    microbatches = _Option["int | None"]()
+    #: Training: the pipeline schedule, ``"gpipe"`` or ``"1f1b"``.
+    schedule = _Option[str]()
 
     def __init__(
         self,
@@ -184,6 +195,8 @@ class RayExecutor(Executor):
         consistency: str = "sync",
         staleness: int = 0,
         _slow_replicas: Mapping[int, float] | None = None,
+        microbatches: int | None = None,
+        schedule: str = "gpipe",
     ):
         super().__init__(max_bytes)  # a request's estimated memory limit (distgraph.memory)
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -210,6 +223,7 @@ class RayExecutor(Executor):
                 f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}"
             )
         slow = check_consistency(consistency, staleness, replicas, _slow_replicas)
+        check_pipeline_options(microbatches, schedule)
         if checkpoint_every and not checkpoint_dir:
             raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
         self.options = RayOptions(
@@ -235,6 +249,8 @@ class RayExecutor(Executor):
             consistency=consistency,
             staleness=staleness,
             slow_replicas=slow,
+            microbatches=microbatches,
+            schedule=schedule,
         )
         for module in self.options.ops_modules:  # the driver builds graphs with these ops too
             importlib.import_module(module)
@@ -295,18 +311,22 @@ class RayExecutor(Executor):
         *,
         training: bool = False,
         wrt: Sequence[str] | None = None,
+        batch_size: int | None = None,
     ) -> Plan:
         """The plan this executor would run for a request (not installed). A training plan
         holds every data-parallel replica (``replicas``; for ``"auto"`` chosen at the cost
-        model's batch size) and ``explain()`` starts with the layout chosen and why."""
+        model's batch size) and ``explain()`` starts with the layout chosen and why; one with
+        ``microbatches`` set is a :class:`~distgraph.stageplan.StagePlan` (its ``explain()``
+        shows the schedule grid and the predicted step)."""
         prog = self.program(graph, outputs, grad, wrt)
         if not training:
-            return self.waves.make_plan(prog, False)
+            return self.waves.make_plan(prog, False, batch_size or 1)
+        if self.microbatches is not None:
+            return pipelined_plan(self.waves, prog, batch_size)
         o = self.options
-        chosen = choose_replicas(
-            prog, o.num_workers, o.replicas, o.strategy, o.cost, max(1, o.cost.batch_size)
-        )
-        base = self.waves.make_plan(prog, True, num_workers=chosen.width)
+        batch = batch_size or max(1, o.cost.batch_size)
+        chosen = choose_replicas(prog, o.num_workers, o.replicas, o.strategy, o.cost, batch)
+        base = self.waves.make_plan(prog, True, batch, num_workers=chosen.width)
         return dataclasses.replace(replicate(base, chosen.count), layout=chosen.explanation)
 
     # Running ------------------------------------------------------------------------------------
@@ -403,7 +423,16 @@ class RayExecutor(Executor):
         """Workers compute gradients; a parameter-server actor applies them."""
         self.cluster.check_open()
         wrt = list(store.params)
-        return RaySession(
+        if self.microbatches is not None and (self.replicas != 1 or self.ps_shards != 1):
+            # A pipelined step has its own submission order and gradient combination; the
+            # replicated and sharded step paths have not been taught it yet.
+            raise ConfigError(
+                f"microbatches={self.microbatches} does not compose with replicas="
+                f"{self.replicas!r} or ps_shards={self.ps_shards} yet: pipeline one replica on "
+                "one parameter server, or use replicas/shards without micro-batches"
+            )
+        session = PipelinedSession if self.microbatches is not None else RaySession
+        return session(
             self.cluster,
             self.waves,
             self.options,

@@ -48,6 +48,10 @@ class RayOptions:
     staleness: int = 0
     #: Test hook: replica -> slow-down factor (its steps take that many times as long).
     slow_replicas: dict[int, float] = field(default_factory=dict)
+    #: Training steps split into this many micro-batches and run as a pipeline (None: not).
+    microbatches: int | None = None
+    #: The pipeline schedule (a key of ``distgraph.pipeline.SCHEDULES``).
+    schedule: str = "gpipe"
 
 
 #: Arrays bigger than this are put in the object store once instead of inlined per call.

@@ -1,0 +1,177 @@
+"""`pipeline`: micro-batched pipeline training on Ray, simulated and real.
+
+Simulated (``distgraph.simops``, kernels that sleep, so no core is needed): a chain of 4
+``sim_layer`` stages, 20 ms forward and 40 ms backward per micro-batch, 8 micro-batches per
+step, ``strategy="pipeline"`` on 4 workers. A step's ideal time is ``(m + p - 1)`` slots of
+``F + B`` (both GPipe and 1F1B): 11 x 60 ms = 660 ms. Measured: the median step (the
+driver's wall time of ``session.step``), for GPipe and 1F1B; the predictor's estimate
+(``StagePlan.estimate_pipeline``: the schedule's longest path with the cost model's call
+overhead and transfers); and the measured bubble of a traced step next to the formula
+``(p - 1) / (m + p - 1)``.
+
+Real (numpy compute): an MLP with 8 hidden layers of 1024 (float32, batch 512), one worker vs
+2 stages x 4 micro-batches (GPipe), reported next to the two-process ceiling measured in the same
+run: how much faster two processes finish two halves of a matmul workload than one process
+(with every core) finishes all of it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from ._harness import Record, log
+
+NAME = "pipeline"
+P, M = 4, 8
+F_MS, B_MS = 20.0, 40.0
+#: label -> (comparison, bound) of every target this benchmark checks.
+TARGETS = {
+    "gpipe_vs_ideal": ("<=", 1.10),
+    "1f1b_vs_ideal": ("<=", 1.10),
+    "1f1b_vs_gpipe": ("<=", 1.05),
+}
+PEERS: tuple[str, ...] = ()
+
+
+def _session(ex: Any, graph: Any, lr: float = 0.01) -> Any:
+    import distgraph as dg
+    from distgraph.paramstore import ParameterStore
+
+    opt = dg.SGD(lr=lr)
+    return ex.training_session(graph, "loss", opt, ParameterStore(graph.param_values, opt))
+
+
+def _step_times(session: Any, feeds: dict[str, Any], steps: int, first: int = 1) -> list[float]:
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        session.step(first + i, feeds)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _simulated(rec: Record, quick: bool, progress: bool) -> None:
+    import distgraph as dg
+    from distgraph.simops import SimCostModel, sim_chain
+    from distgraph.stageplan import bubble_formula, measured_bubble
+
+    steps = 3 if quick else 6
+    graph = sim_chain(P, f_ms=F_MS, b_ms=B_MS)
+    feeds = {"x": np.ones((2 * M, 1))}
+    ideal = (M + P - 1) * (F_MS + B_MS) / 1000.0
+    rec.figure("sim_ideal_step_s", ideal)
+    measured: dict[str, float] = {}
+    for schedule in ("gpipe", "1f1b"):
+        ex = dg.RayExecutor(
+            num_workers=P,
+            strategy="pipeline",
+            cost=SimCostModel(),
+            ops_modules=["distgraph.simops"],
+            resources_per_worker={"CPU": 0.25},
+            microbatches=M,
+            schedule=schedule,
+        )
+        try:
+            session = _session(ex, graph)
+            session.step(1, feeds)  # warm-up: install, first calls
+            times = _step_times(session, feeds, steps, first=2)
+            session.step(steps + 2, feeds, trace=True)
+            bubble = measured_bubble(session.last_trace)
+            plan = session.plan
+            est = plan.estimate_pipeline()
+            session.close()
+        finally:
+            ex.close()
+        med = statistics.median(times)
+        measured[schedule] = med
+        rec.figure(f"sim_{schedule}_step_s", med)
+        rec.figure(f"sim_{schedule}_predicted_s", est.seconds)
+        rec.figure(f"sim_{schedule}_bubble_measured", bubble)
+        rec.ratio(f"sim_{schedule}_predictor_error", abs(est.seconds - med), med)
+        rec.target(f"{schedule}_vs_ideal", rec.ratio(f"{schedule}_vs_ideal", med, ideal))
+        log(progress, NAME, f"{schedule}: step {med * 1e3:.1f} ms (ideal {ideal * 1e3:.0f} ms)")
+    rec.figure("sim_bubble_formula", bubble_formula(P, M))
+    ratio = rec.ratio("1f1b_over_gpipe", measured["1f1b"], measured["gpipe"])
+    rec.target("1f1b_vs_gpipe", max(ratio, 1.0 / ratio) if ratio > 0 else math.nan)
+    rec.note(
+        f"simulated: {P} stages x {M} micro-batches, {F_MS:g} ms F / {B_MS:g} ms B per "
+        f"micro-batch (sleeping kernels); ideal step (m + p - 1) x (F + B); "
+        "1f1b_vs_gpipe is max(r, 1/r) of the two median steps."
+    )
+
+
+def _ceiling(work: int, size: int) -> float:
+    """One process with every core doing ``work`` matmuls vs two one-thread processes doing
+    half each, at once: the speed-up two workers can get on this machine at best."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def matmuls(n: int, threads: int | None) -> float:
+        from threadpoolctl import threadpool_limits
+
+        a = np.ones((size, size), dtype=np.float32)
+        with threadpool_limits(limits=threads):
+            a @ a  # warm the pool
+            start = time.perf_counter()
+            for _ in range(n):
+                a @ a
+            return time.perf_counter() - start
+
+    # Start (and warm) two worker processes first, so neither timing pays for a process start.
+    ray.get([matmuls.remote(1, 1), matmuls.remote(1, 1)])
+    start = time.perf_counter()
+    ray.get(matmuls.remote(work, None))
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    ray.get([matmuls.remote(work // 2, 1), matmuls.remote(work // 2, 1)])
+    two = time.perf_counter() - start
+    return one / two
+
+
+def _real(rec: Record, quick: bool, progress: bool) -> None:
+    import distgraph as dg
+    from distgraph import models
+
+    width, layers, batch = (256, 8, 128) if quick else (1024, 8, 512)
+    steps = 2 if quick else 4
+    graph = models.mlp_classifier((width,) + (width,) * layers + (10,), seed=0, dtype="float32")
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((batch, width)).astype(np.float32),
+        "y": rng.integers(0, 10, size=batch),
+    }
+    results: dict[str, float] = {}
+    for label, workers, m in (("one_worker", 1, None), ("pipeline_2x4", 2, 4)):
+        ex = dg.RayExecutor(
+            num_workers=workers,
+            strategy="pipeline",
+            resources_per_worker={"CPU": 0.5},
+            microbatches=m,
+        )
+        try:
+            session = _session(ex, graph, lr=1e-3)
+            session.step(1, feeds)
+            results[label] = statistics.median(_step_times(session, feeds, steps, first=2))
+            session.close()
+        finally:
+            ex.close()
+        rec.figure(f"real_{label}_step_s", results[label])
+        log(progress, NAME, f"real {label}: {results[label] * 1e3:.1f} ms")
+    speedup = rec.ratio("real_pipeline_speedup", results["one_worker"], results["pipeline_2x4"])
+    ceiling = rec.figure("real_two_process_ceiling", _ceiling(8 if quick else 24, width))
+    rec.ratio("real_speedup_vs_ceiling", speedup, ceiling)
+    rec.note(
+        f"real: MLP {layers} hidden x {width}, batch {batch}, float32; one worker vs 2 stages x "
+        "4 micro-batches (GPipe); the ceiling is measured in the same run."
+    )
+
+
+def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
+    """Run the simulated pipeline (targets) and the real MLP pipeline (reported)."""
+    _simulated(rec, quick, progress)
+    _real(rec, quick, progress)

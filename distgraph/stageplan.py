@@ -1,0 +1,315 @@
+"""A training plan run as a pipeline: stages, micro-batches and a schedule, as plain data.
+
+A :class:`StagePlan` is a :class:`~distgraph.plan.Plan` whose placement is a chain of stages
+(one worker each). Every stage has two tasks: ``F`` (its forward nodes) and ``B`` (its
+backward nodes). A step splits the batch into ``m`` micro-batches and runs, per worker, the
+action list of a schedule from :data:`distgraph.pipeline.SCHEDULES`: action ``F(s, i)`` runs
+stage ``s``'s F task on micro-batch ``i``, ``B(s, i)`` its B task. Values crossing stages are
+the F/B tasks' outputs of the same micro-batch. Each worker records its param gradients (and
+the loss) per micro-batch and combines them in micro-batch order, weighted by rows
+(:func:`distgraph.dataparallel.combine`), in its last action of the step, which sends them to
+the parameter server (and the driver) once per step.
+
+Which placements are chains: order the workers by their first node in the program's
+topological order (stage 0 first). A forward value may flow only to later stages, a gradient
+only to earlier ones; a backward node may read a forward value of any stage (that action runs
+after it in every schedule). Anything else (a forward node reading a gradient, a gradient
+flowing to a later stage, e.g. a param shared by two stages) is refused, naming the value.
+
+Nothing here imports the runtime: ``runtime/ray/pipelined.py`` runs a StagePlan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .cost import CostModel
+from .errors import ConfigError
+from .ops import LEAF_OPS
+from .pipeline import (
+    Action,
+    Schedule,
+    StepEstimate,
+    estimate_step,
+    grid,
+    make_schedule,
+    peak_inflight,
+    simulate,
+    stage_profile,
+)
+from .plan import DRIVER, PARAM_SERVER, Plan, Task, build_plan
+from .program import Program
+from .result import TraceEvent
+
+__all__ = [
+    "NotAChainError",
+    "StagePlan",
+    "bubble_formula",
+    "build_stage_plan",
+    "measured_bubble",
+    "split_batch",
+]
+
+
+class NotAChainError(ConfigError):
+    """A placement cannot run as a pipeline: its workers do not form a chain of stages."""
+
+
+def bubble_formula(stages: int, microbatches: int) -> float:
+    """The idle fraction of GPipe and 1F1B with equal stages: ``(p - 1) / (m + p - 1)``."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+def measured_bubble(events: Sequence[TraceEvent]) -> float:
+    """The idle fraction of a traced pipelined step: 1 - (time the workers spent in actions)
+    / (workers x the span from the first action's start to the last one's end). Events of
+    pipelined actions carry ``args["action"]`` (``"F3"``); 0.0 when there are none."""
+    acts = [e for e in events if "action" in e.args]
+    if not acts:
+        return 0.0
+    span = max(e.end for e in acts) - min(e.start for e in acts)
+    workers = {e.worker for e in acts}
+    busy = sum(e.end - e.start for e in acts)
+    return 1.0 - busy / (len(workers) * span) if span > 0 else 0.0
+
+
+def split_batch(rows: int, microbatches: int) -> list[slice]:
+    """Row slices of a batch of ``rows`` for ``microbatches`` micro-batches (sizes differ by
+    at most one; fewer micro-batches than asked when the batch has fewer rows)."""
+    from .dataparallel import shard_rows  # dataparallel imports graph code: keep it lazy
+
+    return shard_rows(rows, microbatches)
+
+
+@dataclass
+class StagePlan(Plan):
+    """A training plan of a chain of stages with its micro-batch schedule (see module doc).
+
+    ``tasks`` holds two tasks per stage: ``tasks[2s]`` is stage ``s``'s F task, ``tasks[2s+1]``
+    its B task, both on worker ``stages[s]``. Their ``outputs`` list only other workers: the
+    gradients (to the server) and the loss (to the driver) leave with each worker's last
+    action of a step, combined over the micro-batches."""
+
+    #: Worker of each stage, stage 0 first.
+    stages: tuple[int, ...] = ()
+    schedule_name: str = "gpipe"
+    microbatches: int = 1
+    #: Per stage: the gradient nodes it computes (sent to the server once per step).
+    grads_of: tuple[tuple[str, ...], ...] = ()
+    #: Per stage: the driver's outputs it computes (the loss), combined like the gradients.
+    outputs_of: tuple[tuple[str, ...], ...] = ()
+    #: The batch size the plan's cost model assumed for a whole step (None: unknown).
+    step_batch: int | None = None
+    _schedules: dict[int, Schedule] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_stages(self) -> int:
+        """How many stages the chain has."""
+        return len(self.stages)
+
+    def schedule(self, microbatches: int | None = None) -> Schedule:
+        """The validated action lists (stage space: worker ``s`` of an action is stage ``s``;
+        ``stages[s]`` is the real worker) for ``microbatches`` (default: the plan's)."""
+        m = self.microbatches if microbatches is None else microbatches
+        if m not in self._schedules:
+            self._schedules[m] = make_schedule(self.schedule_name, self.num_stages, m)
+        return self._schedules[m]
+
+    def task_of(self, act: Action) -> Task:
+        """The task an action runs."""
+        return self.tasks[2 * act.stage + (0 if act.kind == "F" else 1)]
+
+    def submission_order(self, microbatches: int | None = None) -> list[Action]:
+        """Every action in an order that respects each worker's list and every dependency
+        (each action after the ones it imports from): the simulated start order."""
+        res = simulate(self.schedule(microbatches), 1.0, 1.0)
+        return sorted(res.times, key=lambda a: (res.times[a][0], a.stage))
+
+    def peak_inflight(self, microbatches: int | None = None) -> list[int]:
+        """Per stage: the micro-batches whose activations the schedule has it hold at once."""
+        return peak_inflight(self.schedule(microbatches))
+
+    def estimate_pipeline(self, step_overhead: float = 0.0) -> StepEstimate:
+        """Predicted step time: the schedule's longest path with per-micro-batch stage times
+        from the cost model (at ``step_batch / microbatches`` rows), its call overhead per
+        action and its transfer time per stage boundary, plus ``step_overhead`` seconds per
+        step (the driver's submission and the parameter server's update, as calibrated by a
+        probe; see ``distgraph.bench.scaleout.calibrate``)."""
+        m = self.microbatches
+        batch = max(1, (self.step_batch or self.cost.batch_size * m) // m)
+        cost = dataclasses.replace(self.cost, batch_size=batch)
+        stage_of = {n: self.stages.index(w) for n, w in self.placement.items()}
+        prof = stage_profile(self.program, stage_of, self.num_stages, cost)
+        est = estimate_step(
+            self.schedule(),
+            prof.forward,
+            prof.backward,
+            call_overhead=cost.call_overhead,
+            transfer_bytes=prof.boundary_bytes,
+            bandwidth=cost.bytes_per_second,
+        )
+        if not step_overhead:
+            return est
+        return dataclasses.replace(est, seconds=est.seconds + step_overhead)
+
+    def explain(self) -> str:
+        """The plan's summary, then the pipeline: stages, the schedule grid, the predicted
+        step time and the bubble."""
+        p, m = self.num_stages, self.microbatches
+        est = self.estimate_pipeline()
+        lines = [
+            Plan.explain(self),
+            f"pipeline: {p} stages on workers {list(self.stages)}, {m} micro-batches, "
+            f"schedule {self.schedule_name!r}",
+            "schedule grid (one slot = one forward, backward = 2 slots; F3 = forward of "
+            "micro-batch 3, B1 = backward of 1; '.' = idle):",
+        ]
+        lines += ["  " + row for row in grid(self.schedule(), 1, 2).splitlines()]
+        peaks = self.peak_inflight()
+        lines.append(f"micro-batches held per stage (activations): {peaks}")
+        lines.append(
+            f"predicted step: {est.seconds * 1e3:.3f} ms (busiest worker {est.busiest * 1e3:.3f} "
+            f"ms; call overhead {self.cost.call_overhead * 1e3:.3f} ms per action); predicted "
+            f"bubble {est.bubble:.3f}, formula (p-1)/(m+p-1) = {bubble_formula(p, m):.3f}"
+        )
+        return "\n".join(lines)
+
+
+def build_stage_plan(
+    base: Plan, microbatches: int, schedule: str, step_batch: int | None = None
+) -> StagePlan:
+    """The pipelined form of a placed training plan ``base`` (see :func:`plan.plan_for`):
+    same placement, resident values and cost; tasks regrouped into F and B per stage.
+
+    Raises :class:`NotAChainError` naming the value when the placement is not a chain, and
+    :class:`~distgraph.errors.ConfigError` for a bad ``microbatches`` / ``schedule``.
+    """
+    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+        raise ConfigError(f"microbatches must be an int >= 1, got {microbatches!r}")
+    program, placement = base.program, base.placement
+    nodes = program.nodes
+    order = [n for n in program.order if nodes[n].op not in LEAF_OPS]
+    stages: list[int] = []
+    for n in order:
+        if placement[n] not in stages:
+            stages.append(placement[n])
+    if not stages:
+        raise NotAChainError("the program has no computing node to pipeline")
+    rank = {w: s for s, w in enumerate(stages)}
+
+    def kind(n: str) -> str:
+        return "F" if nodes[n].phase == "forward" else "B"
+
+    def where(n: str) -> str:
+        return f"{n!r} ({nodes[n].op}, {'forward' if kind(n) == 'F' else 'backward'}, stage {rank[placement[n]]} on worker {placement[n]})"
+
+    for n in order:
+        s, k = rank[placement[n]], kind(n)
+        for v in nodes[n].inputs:
+            if nodes[v].op in LEAF_OPS:
+                continue
+            sv, kv = rank[placement[v]], kind(v)
+            ok = (
+                (k == "F" and kv == "F" and sv <= s)
+                or (k == "B" and kv == "F")
+                or (k == "B" and kv == "B" and sv >= s)
+            )
+            if not ok:
+                raise NotAChainError(
+                    f"placement is not a chain of pipeline stages: {where(n)} reads {where(v)}; "
+                    "forward values may only flow to later stages and gradients to earlier "
+                    "ones (a param shared by two stages does this). Use strategy='pipeline', "
+                    "or run without microbatches"
+                )
+    for what, names in (("gradient", program.grads.values()), ("output", program.outputs)):
+        for n in names:
+            if nodes[n].op in LEAF_OPS:
+                raise NotAChainError(
+                    f"the {what} {n!r} is a {nodes[n].op} node, computed by no stage; a "
+                    "pipelined step combines only computed values (run without microbatches)"
+                )
+    p = len(stages)
+    make_schedule(schedule, p, microbatches)  # refuse a bad name or size before building
+    tasks: list[Task] = []
+    for w in stages:
+        for k in ("F", "B"):
+            t = Task(id=len(tasks), worker=w, phases=["forward" if k == "F" else "backward"])
+            t.nodes = [n for n in order if placement[n] == w and kind(n) == k]
+            lv = [program.level[n] for n in t.nodes] or [0]
+            t.first_level, t.last_level = min(lv), max(lv)
+            tasks.append(t)
+    # Feeds: every input a stage reads comes with its F action (F always precedes B).
+    for s in range(p):
+        seen: set[str] = set()
+        for n in tasks[2 * s].nodes + tasks[2 * s + 1].nodes:
+            for v in nodes[n].inputs:
+                if nodes[v].op == "input" and v not in seen:
+                    seen.add(v)
+                    tasks[2 * s].feeds.append(v)
+    # Imports: F takes what its forward nodes read from other stages' F tasks; B takes the
+    # rest of what its nodes read (forward values F did not import, other stages' gradients).
+    sends: dict[int, dict[int, list[str]]] = {t.id: {} for t in tasks}
+    imports: dict[int, dict[int, list[str]]] = {t.id: {} for t in tasks}
+    for s, w in enumerate(stages):
+        have: set[str] = set()
+        for t in (tasks[2 * s], tasks[2 * s + 1]):
+            for n in t.nodes:
+                for v in nodes[n].inputs:
+                    if nodes[v].op in LEAF_OPS or placement[v] == w or v in have:
+                        continue
+                    have.add(v)
+                    src = 2 * rank[placement[v]] + (0 if kind(v) == "F" else 1)
+                    imports[t.id].setdefault(src, []).append(v)
+                    sends[src].setdefault(w, []).append(v)
+    for t in tasks:
+        t.outputs = sorted(sends[t.id].items())
+    for t in tasks:
+        t.imports = [
+            (src, tasks[src].slot(t.worker), names) for src, names in imports[t.id].items()
+        ]
+    grads = set(program.grads.values())
+    outs = [o for o in program.outputs if nodes[o].op not in LEAF_OPS]
+    return StagePlan(
+        program=program,
+        placement=dict(placement),
+        num_workers=base.num_workers,
+        tasks=tasks,
+        cross_edges=list(base.cross_edges),
+        resident=dict(base.resident),
+        cost=base.cost,
+        strategy=base.strategy,
+        stages=tuple(stages),
+        schedule_name=schedule,
+        microbatches=microbatches,
+        grads_of=tuple(tuple(n for n in order if placement[n] == w and n in grads) for w in stages),
+        outputs_of=tuple(tuple(n for n in outs if placement[n] == w) for w in stages),
+        step_batch=step_batch,
+    )
+
+
+def action_outputs(plan: StagePlan, act: Action, last: bool) -> list[tuple[int | str, list[str]]]:
+    """What one action returns, in order: its task's values for other workers, then, on the
+    worker's last action of the step, the combined gradients (server) and outputs (driver)."""
+    out: list[tuple[int | str, list[str]]] = list(plan.task_of(act).outputs)
+    if last:
+        if plan.grads_of[act.stage]:
+            out.append((PARAM_SERVER, list(plan.grads_of[act.stage])))
+        if plan.outputs_of[act.stage]:
+            out.append((DRIVER, list(plan.outputs_of[act.stage])))
+    return out
+
+
+def stage_plan_for(
+    program: Program,
+    placement: Mapping[str, int],
+    num_workers: int,
+    cost: CostModel,
+    microbatches: int,
+    schedule: str,
+    step_batch: int | None = None,
+) -> StagePlan:
+    """Build the training plan of ``placement`` and regroup it as a pipeline."""
+    base = build_plan(program, placement, num_workers, cost, training=True, strategy="custom")
+    return build_stage_plan(base, microbatches, schedule, step_batch)
