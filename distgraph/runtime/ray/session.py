@@ -606,7 +606,11 @@ class RaySession(TrainingSession):
         ``"replicas"`` the data-parallel layout: ``count``, ``width`` (workers per replica),
         ``kind`` (how shard gradients were weighted), ``last_step`` and, by step id for the
         latest steps (up to ``REPLICA_HISTORY``), which rows each replica took and on which
-        workers, Ray nodes (ids) and IPs it computed them (``steps``)."""
+        workers, Ray nodes (ids) and IPs it computed them (``steps``). ``"consistency"`` is
+        ``"sync"`` or ``"async"``; after asynchronous steps ``"async"`` holds the staleness
+        bound, the clock's applied-through per shard and version, the staleness histogram
+        (staleness -> count), ``max_staleness`` and the latest (replica, step, version,
+        staleness) records."""
         out = dict(self.server.call("status") or {})
         layout = getattr(self, "layout", None)
         if layout is not None:
@@ -626,7 +630,8 @@ class RaySession(TrainingSession):
                 "staleness": self.options.staleness,
                 **self.clock.status(),
                 "max_staleness": self.clock.max_staleness(),
-                "records": [dataclasses.asdict(c) for c in self.clock.records],
+                # The latest REPLICA_HISTORY records: (replica, step, version, staleness).
+                "records": [dataclasses.asdict(c) for c in self.clock.records[-REPLICA_HISTORY:]],
             }
         return out
 
