@@ -88,16 +88,14 @@ def run_async(
         return losses
     shards = o.ps_shards
     clock = session.clock
-    if clock is None:
+    if clock is None or clock.version < todo[0][0] - 1:
+        # The first clock, or steps before these were applied outside it (synchronous steps,
+        # a resume, an earlier failed run): every step before the first to run counts.
         clock = session.clock = StalenessClock(shards, todo[0][0])
-    for s, _ in steps:  # applied before (an earlier, failed run): they count as applied
+    for s, _ in steps:  # applied by an earlier, failed run: they count as applied
         if session.counted(s) and s >= clock.first_step and not clock.has_applied(0, s):
             for shard in range(shards):
                 clock.mark_applied(shard, s)
-    if clock.version < todo[0][0] - 1:
-        # Steps before these were applied outside this clock (synchronous steps, a resume):
-        # a new clock on which every step before the first to run counts as applied.
-        clock = session.clock = StalenessClock(shards, todo[0][0])
     feeds = dict(todo)
     order = [s for s, _ in todo]
     slow = dict(o.slow_replicas or {})
@@ -117,7 +115,12 @@ def run_async(
                 running[r] = _start(session, clock, r, t, feeds[t], width)
                 next_i += 1
             if not running:
-                continue
+                # Nothing in flight means every step handed out is applied, so the next one
+                # may start; getting here would be a bookkeeping error, not a wait.
+                raise AssertionError(
+                    f"async driver stalled before step {order[next_i]} at version "
+                    f"{clock.version} (staleness {tau})"
+                )
             # 2. Wait for some replica's outputs (or a straggler's release time).
             finished = _wait(session, running, slow)
             for run in finished:
