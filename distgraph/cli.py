@@ -129,6 +129,7 @@ def _resolve_backend(args: argparse.Namespace) -> None:
             ("--oversubscribe", args.oversubscribe or None),
             ("--replicas", None if args.replicas == 1 else args.replicas),
             ("--transport", getattr(args, "transport", None)),
+            ("--consistency", None if getattr(args, "consistency", "sync") == "sync" else "async"),
         )
         if value is not None
     ]
@@ -240,6 +241,9 @@ def _executor(args: argparse.Namespace) -> Iterator[Executor]:
             options["transport"] = args.transport
         if getattr(args, "ps_shards", 1) > 1:  # only `train` has the flag
             options["ps_shards"] = args.ps_shards
+        if getattr(args, "consistency", "sync") != "sync":  # only `train` has these flags
+            options["consistency"] = args.consistency
+            options["staleness"] = args.staleness
         ex = RayExecutor(
             num_workers=args.workers,
             strategy=args.strategy,
@@ -421,7 +425,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = trainer.fit(data, epochs=epochs, batch_size=batch, seed=args.seed)
         params = trainer.params
         worker_nodes = {str(i): ip for i, ip in enumerate(getattr(ex, "nodes", []))}
-        replicas = _replica_summary(trainer.session.status().get("replicas"))
+        session_status = trainer.session.status()
+        replicas = _replica_summary(session_status.get("replicas"))
+        staleness = session_status.get("async")
         trained = g.with_params(params)
         res = ex.run(trained, data, outputs=[g.outputs[0]])
         if args.report:  # one traced forward+backward run on the first batch, for the replay
@@ -441,6 +447,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         out["worker_nodes"] = worker_nodes
     if replicas:
         out["replicas"] = replicas
+    if staleness:
+        out["async"] = {
+            "staleness": staleness["staleness"],
+            "staleness_histogram": staleness["staleness_histogram"],
+            "max_staleness": staleness["max_staleness"],
+        }
     if args.task == "mlp":
         out["accuracy"] = models.accuracy(res.values["logits"], data["y"])
     status = 0
@@ -722,6 +734,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(1),
         default=1,
         help="parameter-server shards (Ray backend; params split over them by bytes; default: 1)",
+    )
+    t.add_argument(
+        "--consistency",
+        choices=["sync", "async"],
+        default="sync",
+        help="training updates (Ray backend): sync (default) combines every replica's rows of "
+        "each step; async runs whole steps per replica, applied as they arrive (needs "
+        "--replicas >= 2)",
+    )
+    t.add_argument(
+        "--staleness",
+        type=_int_at_least(0),
+        default=0,
+        help="async: a replica may start step t once every step <= t - staleness - 1 is "
+        "applied (default: 0)",
     )
     t.add_argument(
         "--check-local",

@@ -148,6 +148,8 @@ class Trainer:
         #: One entry per fit() call, so any step's batch can be rebuilt when a parameter server
         #: has to replay steps, and a fit stopped mid-epoch can finish that epoch.
         self._segments: list[_Segment] = []
+        #: Async: losses of steps applied beyond the counted prefix by a run that stopped.
+        self._async_losses: dict[int, float] = {}
         self._session: TrainingSession | None = None
         #: The state the session opens from; handed over (and dropped) when it opens.
         self._unopened: ParameterStore | None = ParameterStore(graph.params, optimizer)
@@ -278,7 +280,19 @@ class Trainer:
                 run_rows = sum(weights)
                 if bar is not None:
                     bar.set_description(f"epoch {e + 1}/{epochs}", refresh=False)
-                for idx in batches[skip:]:
+                todo = batches[skip:]
+                if getattr(session, "consistency", "sync") == "async":
+                    # Bounded staleness: the epoch's steps run at once, applied as they arrive.
+                    ran = self._fit_async(session, attached, todo, callback)
+                    todo = []
+                    for idx, loss in ran:
+                        if math.isnan(loss):  # applied by a stopped run, its loss unknown
+                            continue
+                        losses.append(loss)
+                        weights.append(len(idx))
+                    if bar is not None:
+                        bar.update(len(ran))
+                for idx in todo:
                     step_id = self._steps_done + 1
                     try:
                         loss = session.step_rows(step_id, attached, idx, trace=self.trace)
@@ -331,6 +345,40 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return self.history
+
+    def _fit_async(
+        self,
+        session: Any,
+        attached: Any,
+        batches: list[np.ndarray],
+        callback: Callable[[int, float], None] | None,
+    ) -> list[tuple[np.ndarray, float]]:
+        """One epoch's ``batches`` as asynchronous steps (``consistency="async"``); returns
+        (rows, loss) per step in step order. Steps apply out of order: the steps counted
+        (``_steps_done``, ``history.step_loss``) are the applied prefix, also after an error;
+        a step applied beyond it is skipped by a later fit (its loss kept until it counts)."""
+        first = self._steps_done + 1
+        steps = [(first + i, idx) for i, idx in enumerate(batches)]
+        got: dict[int, float] = dict(self._async_losses)
+        try:
+            session.run_async(steps, attached, on_applied=lambda s, v: got.__setitem__(s, v))
+        finally:
+            # Count the steps applied in order from the first; losses in step order.
+            done: list[tuple[np.ndarray, float]] = []
+            for step_id, idx in steps:
+                if step_id not in got:
+                    with contextlib.suppress(Exception):
+                        if session.step_applied(step_id):  # applied, its loss unknown
+                            got[step_id] = float("nan")
+                if step_id not in got:
+                    break
+                done.append((idx, got[step_id]))
+                self._steps_done = step_id
+                self.history.step_loss.append(got[step_id])
+                if callback is not None:
+                    callback(step_id, got[step_id])
+            self._async_losses = {k: v for k, v in got.items() if k > self._steps_done}
+        return done
 
     def evaluate(
         self, data: Mapping[str, Any], metric: Metric = "loss", batch_size: int = 1024

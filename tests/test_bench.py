@@ -40,6 +40,13 @@ REQUIRED_FIGURES = {
         "distgraph_ray_unoptimised_s",
     ],
     "dp": ["numpy_s", "ray_ps_s", "replicas1_s", "replicas2_s"],
+    "straggler": [
+        "sync_unslowed_step_s",
+        "sync_step_s",
+        "async_step_s",
+        "async_max_staleness",
+        "steps",
+    ],
     "wide": ["numpy_1thread_s", "distgraph_local_s", "distgraph_ray_s"],
     "latency": ["ray_round_trip_s", "ray_round_trip_pipelined_s", "distgraph_step_s"],
     "scale": [

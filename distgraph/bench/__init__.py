@@ -36,6 +36,7 @@ NAMES = (
     "fine",
     "mlp",
     "dp",
+    "straggler",
     "wide",
     "latency",
     "scale",

@@ -40,7 +40,7 @@ from .cluster import Cluster
 from .compiled import TRANSPORTS, CompiledRuns, is_retry
 from .options import RayOptions
 from .pipelined import PipelinedSession, check_pipeline_options, pipelined_plan
-from .replicas import check_replicas, choose_replicas, replicate
+from .replicas import check_consistency, check_replicas, choose_replicas, replicate
 from .session import RaySession
 from .waves import Waves, batch_size
 
@@ -112,6 +112,17 @@ class RayExecutor(Executor):
     global-norm clipping of ``clip_norm`` is combined across shards, so the result equals one
     server's. Periodic checkpoints go to ``checkpoint_dir/shard-<s>`` (one per shard, written
     at the same version); ``session.save(path)`` writes one merged checkpoint.
+
+    ``consistency``: ``"sync"`` (default; as above, every replica computes a row shard of
+    every step) or ``"async"`` with ``staleness=tau`` (default 0), which needs ``replicas=R``
+    with R >= 2: steps (mini-batches, in step-id order) go to whichever replica is idle, each
+    replica runs a step's whole batch on the params current when it starts, and the server
+    applies each step's gradient as it arrives, exactly once. Replica r may start step t only
+    once every step <= t - tau - 1 has been applied (bounded delay); ``tau = 0`` keeps steps in
+    order. ``session.status()["async"]`` holds the staleness histogram and every (replica,
+    step, version) record. ``_slow_replicas={r: f}`` is a test hook: replica r's steps last f
+    times as long (its results are held back), to simulate a straggler.
+
     ``microbatches=m`` (training): the placement must be a chain of stages (``strategy=
     "pipeline"`` makes one); each step's batch is split into ``m`` micro-batches run by the
     ``schedule`` (``"gpipe"`` or ``"1f1b"``, see ``distgraph.pipeline``), and the gradients
@@ -147,6 +158,10 @@ class RayExecutor(Executor):
     replicas = _Option["int | str"]()
     #: How run() steps travel: "calls", "compiled" or "auto" (see the class docstring).
     transport = _Option[str]()
+    #: Training updates: "sync" or "async" (see the class docstring).
+    consistency = _Option[str]()
+    #: Async staleness bound tau.
+    staleness = _Option[int]()
     #: Training: micro-batches per step of a pipelined layout (None: no pipelining).
     microbatches = _Option["int | None"]()
     #: Training: the pipeline schedule, ``"gpipe"`` or ``"1f1b"``.
@@ -177,6 +192,9 @@ class RayExecutor(Executor):
         ps_shards: int = 1,
         replicas: int | str = 1,
         transport: str = "calls",
+        consistency: str = "sync",
+        staleness: int = 0,
+        _slow_replicas: Mapping[int, float] | None = None,
         microbatches: int | None = None,
         schedule: str = "gpipe",
     ):
@@ -204,6 +222,7 @@ class RayExecutor(Executor):
             raise ConfigError(
                 f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}"
             )
+        slow = check_consistency(consistency, staleness, replicas, _slow_replicas)
         check_pipeline_options(microbatches, schedule)
         if checkpoint_every and not checkpoint_dir:
             raise ConfigError("checkpoint_every needs checkpoint_dir (a path every node can reach)")
@@ -227,6 +246,9 @@ class RayExecutor(Executor):
             ps_shards=ps_shards,
             replicas=replicas,
             transport=transport,
+            consistency=consistency,
+            staleness=staleness,
+            slow_replicas=slow,
             microbatches=microbatches,
             schedule=schedule,
         )

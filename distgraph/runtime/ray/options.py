@@ -41,6 +41,13 @@ class RayOptions:
     #: How run() steps travel: "calls" (actor calls), "compiled" (a Ray Compiled Graph from a
     #: plan's second run) or "auto" (compiled where supported, else calls; see compiled.py).
     transport: str = "calls"
+    #: Training updates: "sync" (every replica computes a row shard of every step, combined)
+    #: or "async" (each replica runs whole steps, applied as they arrive; see asyncdp.py).
+    consistency: str = "sync"
+    #: Async: a replica may start step t once every step <= t - staleness - 1 is applied.
+    staleness: int = 0
+    #: Test hook: replica -> slow-down factor (its steps take that many times as long).
+    slow_replicas: dict[int, float] = field(default_factory=dict)
     #: Training steps split into this many micro-batches and run as a pipeline (None: not).
     microbatches: int | None = None
     #: The pipeline schedule (a key of ``distgraph.pipeline.SCHEDULES``).

@@ -237,3 +237,39 @@ def replica_events(
             )
         )
     return out
+
+
+#: The training update schemes of ``RayExecutor(consistency=...)``.
+CONSISTENCIES = ("sync", "async")
+
+
+def check_consistency(
+    consistency: Any, staleness: Any, replicas: Any, slow: Mapping[int, float] | None
+) -> dict[int, float]:
+    """Refuse a bad ``consistency`` / ``staleness`` / slow-replica hook; returns the hook."""
+    if consistency not in CONSISTENCIES:
+        raise ConfigError(
+            f"consistency must be one of {', '.join(map(repr, CONSISTENCIES))}, got {consistency!r}"
+        )
+    if not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0:
+        raise ConfigError(f"staleness must be an int >= 0, got {staleness!r}")
+    if consistency == "async" and (
+        not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 2
+    ):
+        raise ConfigError(
+            f"consistency='async' needs replicas=R with R >= 2 (each replica runs whole steps), "
+            f"got replicas={replicas!r}; set replicas=2 or more, or use consistency='sync'"
+        )
+    if staleness and consistency != "async":
+        raise ConfigError(
+            f"staleness={staleness} applies to consistency='async' only; "
+            "set consistency='async' or leave staleness at 0"
+        )
+    out: dict[int, float] = {}
+    for r, f in dict(slow or {}).items():
+        if not isinstance(r, int) or not isinstance(f, (int, float)) or not f >= 1.0:
+            raise ConfigError(
+                f"_slow_replicas maps a replica index to a factor >= 1, got {r!r}: {f!r}"
+            )
+        out[r] = float(f)
+    return out

@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 
 from ...checkpoint import Checkpoint, save_checkpoint
-from ...dataparallel import shard_rows
-from ...errors import WorkerLostError
+from ...dataparallel import StalenessClock, shard_rows
+from ...errors import ConfigError, WorkerLostError
 from ...interpret import prepare_feeds
 from ...optim import Optimizer
 from ...paramstore import ParameterStore
@@ -137,6 +137,8 @@ class RaySession(TrainingSession):
         self.layout: Replicas | None = None
         #: step id -> per replica: its rows, workers and nodes (the latest steps).
         self.replica_steps: dict[int, list[dict[str, Any]]] = {}
+        #: consistency="async": which (replica, step) ran on which version (see asyncdp.py).
+        self.clock: StalenessClock | None = None
 
     @property
     def prog(self) -> Program:
@@ -249,6 +251,83 @@ class RaySession(TrainingSession):
         }
         return self._run_step(step_id, feeds, trace, len(index))
 
+    @property
+    def consistency(self) -> str:
+        """``"sync"`` or ``"async"`` (the executor's setting; the Trainer reads it)."""
+        return self.options.consistency
+
+    def _rows_feeds(self, data: Any, rows: Any) -> tuple[dict[str, Any], int]:
+        """A step's feeds from training ``data`` (``attach``'s result or arrays) and its rows."""
+        index = np.asarray(rows)
+        if isinstance(data, Attached):
+            feeds: dict[str, Any] = {
+                k: RowsFeed(data.shipped[k], index) if k in data.shipped else v[index]
+                for k, v in data.arrays.items()
+            }
+            return feeds, len(index)
+        arrays = prepare_feeds(self.prog, {k: v[index] for k, v in data.items()}, self.check_finite)
+        return arrays, batch_size(self.prog, arrays)
+
+    def run_async(
+        self,
+        steps: Sequence[tuple[int, Any]],
+        data: Any,
+        on_applied: Callable[[int, float], None] | None = None,
+    ) -> dict[int, float]:
+        """Run ``steps`` ((step id, rows of ``data``), in step-id order) asynchronously with
+        bounded staleness (``consistency="async"``, see ``asyncdp.py``): each step is one
+        replica's whole mini-batch, applied as it arrives, exactly once. Returns the applied
+        steps' losses by step id; ``on_applied(step, loss)`` is called as each is applied."""
+        from .asyncdp import run_async
+
+        self.cluster.check_open()
+        if not steps:
+            return {}
+        fed = [(s, self._rows_feeds(data, rows)) for s, rows in steps]
+        for attempt in range(self.options.max_recoveries + 1):
+            try:
+                self._ensure(fed[0][1][1])
+                break
+            except WorkerLostError:
+                if attempt == self.options.max_recoveries:
+                    raise
+                if self.plan is None:
+                    self.waves.recover()
+                else:
+                    self._recover(None)
+        assert self.layout is not None
+        if self.layout.count < 2:
+            raise ConfigError(
+                f"consistency='async' needs replicas >= 2, but this session runs "
+                f"{self.layout.count} replica; set replicas=R (R >= 2 dividing num_workers)"
+            )
+        return run_async(self, [(s, f) for s, (f, _n) in fed], on_applied)
+
+    # Hooks of the asynchronous driver (asyncdp.py) --------------------------------------------
+    def counted(self, step_id: int) -> bool:
+        """Whether step ``step_id`` counts as applied (see ``_done``)."""
+        return step_id in self._done
+
+    def count(self, step_id: int) -> None:
+        """Count step ``step_id`` as applied (its commit succeeded)."""
+        if step_id not in self._done:
+            self._done.append(step_id)
+
+    def settle_and_drain(self) -> None:
+        """Decide any unsettled step and wait for the latest commit."""
+        self._settle()
+        self.server.drain()
+
+    def resend_params(self) -> None:
+        """Every worker that takes params from the server gets its current ones with its
+        next call (after steps that each pulled their own)."""
+        if self.ps is not None:
+            self._updates = {w: self.server.params_of(w) for w in self.takers}
+
+    def recover(self, failed_step: int | None) -> None:
+        """Replace lost workers (or a lost server) as a failed step's recovery does."""
+        self._recover(failed_step)
+
     def _run_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool, batch: int) -> float:
         self.cluster.check_open()
         if self._unrecovered and self.plan is not None:
@@ -329,6 +408,7 @@ class RaySession(TrainingSession):
             if not defer:
                 extra.extend(staged)
             got = waves.finish(plan, self.plan_id, step_id, refs, extra=extra)
+            self._straggle(t_submit, rows)
             # The step succeeded: from the commit on it counts, and it is applied (now, or by
             # a replay should its gradients never reach the server).
             committing = True
@@ -363,6 +443,17 @@ class RaySession(TrainingSession):
         return combine_losses(
             [losses[r] for r in range(len(rows))], [b - a for a, b in rows], layout.split.kind
         )
+
+    def _straggle(self, t_submit: float, rows: Sequence[tuple[int, int]]) -> None:
+        """Test hook ``slow_replicas``: a step with a slowed replica among its active ones
+        lasts that factor times what it took (the step waits for its slowest replica)."""
+        slow = self.options.slow_replicas
+        if not slow:
+            return
+        active = range(len(rows) or 1)
+        factor = max([slow.get(r, 1.0) for r in active], default=1.0)
+        if factor > 1.0:
+            time.sleep((factor - 1.0) * (time.time() - t_submit))
 
     def _record_rows(self, step_id: int, plan: Plan, rows: Sequence[tuple[int, int]]) -> None:
         """Keep which rows each replica took in step ``step_id`` and on which workers (and
@@ -515,7 +606,11 @@ class RaySession(TrainingSession):
         ``"replicas"`` the data-parallel layout: ``count``, ``width`` (workers per replica),
         ``kind`` (how shard gradients were weighted), ``last_step`` and, by step id for the
         latest steps (up to ``REPLICA_HISTORY``), which rows each replica took and on which
-        workers, Ray nodes (ids) and IPs it computed them (``steps``)."""
+        workers, Ray nodes (ids) and IPs it computed them (``steps``). ``"consistency"`` is
+        ``"sync"`` or ``"async"``; after asynchronous steps ``"async"`` holds the staleness
+        bound, the clock's applied-through per shard and version, the staleness histogram
+        (staleness -> count), ``max_staleness`` and the latest (replica, step, version,
+        staleness) records."""
         out = dict(self.server.call("status") or {})
         layout = getattr(self, "layout", None)
         if layout is not None:
@@ -527,6 +622,16 @@ class RaySession(TrainingSession):
                 "last_step": last,
                 "rows": None if last is None else [e["rows"] for e in self.replica_steps[last]],
                 "steps": {k: list(v) for k, v in self.replica_steps.items()},
+            }
+        out["consistency"] = self.options.consistency
+        if self.clock is not None:
+            # Bounded staleness: each (replica, step) once, with the version it computed on.
+            out["async"] = {
+                "staleness": self.options.staleness,
+                **self.clock.status(),
+                "max_staleness": self.clock.max_staleness(),
+                # The latest REPLICA_HISTORY records: (replica, step, version, staleness).
+                "records": [dataclasses.asdict(c) for c in self.clock.records[-REPLICA_HISTORY:]],
             }
         return out
 
