@@ -410,9 +410,81 @@ def _transfer(
         return _ROWS
     if op == "broadcast_to":
         return _coupled(node, "broadcasts per-row values to a fixed shape")
+    if op in _NN_ROWWISE:
+        return _nn_rows(node, ins, shapes)
+    if op == "dropout":
+        return _coupled(
+            node,
+            "draws its mask from each element's position in the whole batch: a shard would "
+            "draw the first rows' masks",
+        )
     return _coupled(
         node, "is not known to keep batch rows independent (unknown ops count as coupling)"
     )
+
+
+#: Neural-network ops whose first input carries the batch on axis 0, the other inputs being
+#: weights: each output row reads only its own input row (checked per op in ``_nn_rows``).
+_NN_ROWWISE = frozenset(
+    {
+        "conv2d",
+        "max_pool2d",
+        "avg_pool2d",
+        "layer_norm",
+        "embedding",
+        "gelu",
+        "causal_mask",
+        "einsum",
+        "split",
+        "stack",
+    }
+)
+
+
+def _nn_rows(
+    node: NodeSpec, ins: list[_State], shapes: list[tuple[int | None, ...] | None]
+) -> _State:
+    op = node.op
+    rank = _known_rank(shapes[0])
+    if op == "einsum":
+        return _einsum_rows(node, ins)
+    if op == "stack":
+        if {s.kind for s in ins} != {"rows"}:
+            return _coupled(node, "stacks per-row values with batch-free ones")
+        if node.attrs.get("axis", 0) == 0:
+            return _coupled(node, "stacks along the front, moving the batch axis away from it")
+        return _ROWS
+    if ins[0].kind != "rows" or any(s.kind != "free" for s in ins[1:]):
+        return _coupled(node, "reads the batch through an input other than its first")
+    if rank is None:
+        return _coupled(node, "has an operand of unknown rank")
+    if op == "layer_norm" and rank < 2:
+        return _coupled(node, "normalises over the batch axis (its only axis)")
+    if op == "causal_mask" and rank < 3:
+        return _coupled(node, "masks over the batch axis")
+    if op == "split" and node.attrs.get("axis", 0) % rank == 0:
+        return _coupled(node, "splits along the batch axis")
+    return _ROWS
+
+
+def _einsum_rows(node: NodeSpec, ins: list[_State]) -> _State:
+    """Rows stay independent when every per-row operand starts with the same letter, the
+    output starts with it too, and no batch-free operand uses it."""
+    text = str(node.attrs.get("subscripts", "")).replace(" ", "")
+    if "->" not in text:
+        return _coupled(node, "has subscripts without an explicit output")
+    left, out = text.split("->")
+    terms = left.split(",")
+    if len(terms) != len(ins):
+        return _coupled(node, "has subscripts that do not match its operands")
+    row_terms = [t for t, s in zip(terms, ins) if s.kind == "rows"]
+    letters = {t[:1] for t in row_terms}
+    if len(letters) != 1 or not out.startswith(next(iter(letters))):
+        return _coupled(node, f"moves or contracts the batch axis ({text!r})")
+    batch = next(iter(letters))
+    if any(batch in t for t, s in zip(terms, ins) if s.kind == "free"):
+        return _coupled(node, f"contracts the batch axis with a batch-free operand ({text!r})")
+    return _ROWS
 
 
 def _transfer_reduced(node: NodeSpec, ins: list[_State], reduced: list[_State]) -> _State:

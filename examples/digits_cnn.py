@@ -50,10 +50,10 @@ def build_graph(channels: tuple[int, int] = (8, 16), seed: int = 0) -> dg.Graph:
     return g
 
 
-def make_executor(backend: str, workers: int, strategy: str) -> Any:
+def make_executor(backend: str, workers: int, strategy: str, replicas: int | str = 1) -> Any:
     """The executor the flags ask for; Ray is imported only for ``--backend ray``."""
     if backend == "ray":
-        return dg.RayExecutor(num_workers=workers, strategy=strategy)
+        return dg.RayExecutor(num_workers=workers, strategy=strategy, replicas=replicas)
     return dg.LocalExecutor()
 
 
@@ -74,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"RayExecutor strategy: {', '.join(sorted(dg.STRATEGIES))} (default mincut)",
     )
     p.add_argument(
+        "--replicas",
+        type=lambda v: v if v == "auto" else int(v),
+        default=1,
+        help="data-parallel replicas on Ray: an int dividing --workers, or auto (default 1)",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="2 epochs on 256 images: a smoke run, no target"
     )
     p.add_argument("--quiet", action="store_true", help="print only the final line")
@@ -89,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train = {k: v[:256] for k, v in train.items()}
         epochs = min(epochs, 2)
     g = build_graph(seed=args.seed)
-    ex = make_executor(args.backend, args.workers, args.strategy)
+    ex = make_executor(args.backend, args.workers, args.strategy, args.replicas)
     started = time.perf_counter()
     try:
         # Adam with the rate cosine-decayed to a twentieth over the run: late epochs settle

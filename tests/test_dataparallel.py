@@ -228,7 +228,7 @@ def _grads(g: dg.Graph, loss: str, feeds: dict[str, np.ndarray]) -> dict[str, np
 
 
 def _sharded(g: dg.Graph, loss: str, data: dict[str, np.ndarray], r: int, kind: str):
-    slices = shard_rows(len(data["x"]), r)
+    slices = shard_rows(len(next(iter(data.values()))), r)
     parts = [_grads(g, loss, {k: v[s] for k, v in data.items()}) for s in slices]
     params = list(g.params)
     return combine(
@@ -615,3 +615,56 @@ def test_hundred_synchronous_steps_match_one_process(which: str) -> None:
         for k in reference:
             np.testing.assert_allclose(got[k], reference[k], rtol=1e-12, atol=1e-14)
             assert np.array_equal(got[k], again[k])
+
+
+def _cnn_and_attention() -> dg.Graph:
+    """A conv/pool/layer-norm/gelu stack beside a causal attention block over embeddings: the
+    neural-network ops a data-parallel replica must split by rows."""
+    from distgraph import nn
+
+    g = dg.Graph()
+    img = g.input("img", shape=(None, 1, 6, 6))
+    ids = g.input("ids", shape=(None, 5), dtype="int64")
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = dg.max_pool2d(dg.gelu(nn.conv2d(img, 3, 3, padding=1, name="conv")), 2)
+    h = dg.avg_pool2d(h, 3).reshape(-1, 3)
+    t = nn.embedding(ids, 7, 4, name="emb")
+    t = nn.transformer_block(t, 2, name="block0")
+    t = nn.layer_norm(t, name="ln").sum(axis=1)
+    g.output("logits", nn.linear(dg.concat([h, t], axis=1), 3, name="fc"))
+    g.output("loss", dg.cross_entropy(g["logits"], y))
+    return g
+
+
+def test_neural_network_ops_split_by_rows_exactly() -> None:
+    g = _cnn_and_attention()
+    assert analyze_rows(g, "loss").kind == "mean"
+    r = np.random.default_rng(3)
+    data = {
+        "img": r.standard_normal((11, 1, 6, 6)),
+        "ids": r.integers(0, 7, (11, 5)),
+        "y": r.integers(0, 3, 11),
+    }
+    full = _grads(g, "loss", data)
+    for reps in (2, 3):
+        got = _sharded(g, "loss", data, reps, "mean")
+        shard0 = _grads(g, "loss", {k: v[shard_rows(11, reps)[0]] for k, v in data.items()})
+        for p in g.params:
+            np.testing.assert_allclose(got[p], full[p], rtol=1e-10, atol=1e-13)
+        # The check means something: one shard's gradient is not the batch's.
+        assert not all(np.allclose(shard0[p], full[p], rtol=1e-6) for p in g.params)
+
+
+def test_dropout_and_batch_axis_einsum_are_refused_naming_the_node() -> None:
+    g = dg.Graph()
+    x, y = g.input("x", shape=(None, 4)), g.input("y", shape=(None, 4))
+    w = g.param("w", np.ones((4, 4)))
+    g.output("loss", dg.mse(dg.dropout(x @ w, 0.5, name="drop"), y))
+    with pytest.raises(GraphError, match=r"'drop' \(op dropout\).*position in the whole batch"):
+        analyze_rows(g, "loss")
+    g = dg.Graph()
+    x, y = g.input("x", shape=(None, 4)), g.input("y", shape=(None, 4))
+    gram = dg.einsum("bi,ci->bc", x, x)  # every row against every other row
+    g.output("loss", dg.mse(dg.einsum("bc,ci->bi", gram, x), y))
+    with pytest.raises(GraphError, match=r"op einsum.*batch axis"):
+        analyze_rows(g, "loss")
