@@ -164,8 +164,14 @@ def test_quick_runs_on_ray_equal_the_local_ones(name, strategy):
         ["--quick", "--quiet", "--backend", "ray", "--workers", "2", "--strategy", strategy]
     )
     assert remote["history"] == local["history"]
-    key = "accuracy" if name == "digits_cnn" else "held_out_loss"
-    assert remote[key] == local[key]
+    if name == "digits_cnn":
+        assert remote["accuracy"] == local["accuracy"]
+    else:
+        # The final held-out loss is one large forward run() placed across both workers; its
+        # matmuls and einsums can sum in another order there than in one process (seen:
+        # 3.7452545470190146 vs ...015), so it is compared to rounding; the training history
+        # above is compared exactly.
+        assert remote["held_out_loss"] == pytest.approx(local["held_out_loss"], rel=1e-12)
 
 
 @pytest.mark.slow
