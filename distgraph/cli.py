@@ -485,8 +485,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  workers on nodes: {worker_nodes}")
         if replicas:
             print(
-                f"  replicas: {replicas['count']} x {replicas['width']} workers; last step's rows "
-                f"per replica {replicas['rows']}; steps computed per node {replicas['ip_steps']}"
+                f"  replicas: {replicas['count']} x {replicas['width']} workers; "
+                + (
+                    f"last step's rows per replica {replicas['rows']}; "
+                    if replicas["count"] > 1
+                    else "the whole batch on one replica; "
+                )
+                + f"steps computed per node {replicas['ip_steps']}"
             )
         if args.check_local:
             print(
