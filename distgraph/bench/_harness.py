@@ -182,3 +182,17 @@ def machine_info() -> dict[str, Any]:
     ]:
         info[pkg] = _version(pkg)
     return info
+
+
+def sgd_session_step(graph: Any, executor: Any, feeds: Any, lr: float) -> Callable[[], Any]:
+    """One training step of ``graph`` on ``executor``'s session (forward, backward, SGD
+    update) as a call to time: each call is the next step id."""
+    import itertools
+
+    import distgraph as dg
+
+    trainer = dg.Trainer(
+        graph, loss="loss", optimizer=dg.SGD(lr=lr), executor=executor, progress=False
+    )
+    session, ids = trainer.session, itertools.count(1)
+    return lambda: session.step(next(ids), feeds)

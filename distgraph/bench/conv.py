@@ -10,12 +10,11 @@ kernels and per-node overhead, not thread pools.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
 
-from ._harness import Record, blas_threads, log, measure
+from ._harness import Record, blas_threads, log, measure, sgd_session_step
 
 NAME = "conv"
 #: label -> (comparison, bound) of every target this benchmark checks.
@@ -143,15 +142,6 @@ def _numpy_sgd(p: dict[str, np.ndarray], heads: Any) -> Any:
     return step
 
 
-def _distgraph_sgd(g: Any, ex: Any, p: dict[str, np.ndarray]) -> Any:
-    """One training step of a LocalExecutor session: forward, backward, SGD update."""
-    import distgraph as dg
-
-    trainer = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=LR), executor=ex, progress=False)
-    session, ids, feeds = trainer.session, itertools.count(1), {"x": p["x"]}
-    return lambda: session.step(next(ids), feeds)
-
-
 def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
     """Time distgraph, numpy and PyTorch on the same forward + backward."""
     import distgraph as dg
@@ -176,7 +166,9 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
         log(progress, NAME, "numpy")
         numpy_s = rec.figure("numpy_s", measure(_numpy_sgd(p, None), repeats, 2))
         log(progress, NAME, "distgraph local")
-        local_s = rec.figure("distgraph_local_s", measure(_distgraph_sgd(g, ex, p), repeats, 2))
+        local_s = rec.figure(
+            "distgraph_local_s", measure(sgd_session_step(g, ex, {"x": p["x"]}, LR), repeats, 2)
+        )
         _torch_peer(rec, p, repeats, progress, numpy_s)
     rec.target("local_vs_numpy", rec.ratio("local_vs_numpy", local_s, numpy_s))
 
