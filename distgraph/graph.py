@@ -8,6 +8,7 @@ a bad graph fails on the line that built the bad node. The graph's content is pl
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -170,6 +171,16 @@ class Node:
         if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
             raise GraphError(f"pow exponent must be an int or float, got {exponent!r}")
         return self.graph.apply("pow", self, exponent=exponent)
+
+    def __rpow__(self, base: Any) -> Node:
+        # c ** x is exp(x * ln c): defined (and differentiable) only for a positive constant c.
+        if isinstance(base, bool) or not isinstance(base, (int, float)):
+            raise GraphError(f"{base!r} ** {self.name}: the base must be an int or float")
+        if base <= 0:
+            raise GraphError(
+                f"{base!r} ** {self.name}: the base must be positive (c ** x is exp(x * ln c))"
+            )
+        return self.graph.apply("exp", self * math.log(base))
 
     def __neg__(self) -> Node:
         return self.graph.apply("neg", self)

@@ -110,6 +110,21 @@ def test_operators_and_reversed_forms():
     assert isinstance(exprs["array_left"], dg.Node)  # ndarray * Node defers to the Node
 
 
+def test_constant_base_power_is_exp_of_scaled_log_and_differentiates():
+    g = dg.Graph()
+    x = g.param("x", np.array([0.5, 1.0, 3.0]))
+    g.output("y", (2.0**x).sum())
+    res = dg.LocalExecutor().run(g, {})
+    np.testing.assert_allclose(
+        res.values["y"], (2.0 ** np.array([0.5, 1.0, 3.0])).sum(), rtol=1e-15
+    )
+    dg.testing.check_grads(g, {}, of="y")
+    for bad, why in ((0.0, "must be positive"), (-2, "must be positive"), ("2", "int or float")):
+        with pytest.raises(dg.GraphError, match=why) as err:
+            bad**x
+        assert "x" in str(err.value)
+
+
 def test_shape_and_dtype_inference():
     g = dg.Graph()
     x = g.input("x", shape=(None, 4))
