@@ -470,7 +470,7 @@ def _status(steps: int, rows_per_step: int = 6) -> dict:
 def test_scaling_section_shows_replicas_shards_and_the_latest_steps_rows():
     g = mlp_graph()
     page = render_report(g.spec, placement={}, trace=[], values={}, grads={}, status=_status(14))
-    assert "2 replicas × 1 workers" in page and "2 parameter-server shards" in page
+    assert "2 replicas × 1 worker<" in page and "2 parameter-server shards" in page
     replicas = re.findall(r'<tr data-replica="(\d+)"><td>replica \d+</td><td>([^<]*)</td>', page)
     assert replicas == [("0", "worker 0"), ("1", "worker 1")]
     shards = shard_rows_of(page)

@@ -474,7 +474,8 @@ def render_report(
     session = status or {}
     layout = session.get("replicas") or {}
     if int(layout.get("count") or 1) > 1:
-        chips.append(f"{layout['count']} replicas × {layout['width']} workers")
+        width = int(layout.get("width") or 1)
+        chips.append(f"{layout['count']} replicas × {width} worker{'s' if width > 1 else ''}")
     if session.get("shards"):
         chips.append(f"{len(session['shards'])} parameter-server shards")
     scaling = scaling_section(session, {k: spec.params[k].to_numpy() for k in spec.params})
