@@ -567,3 +567,19 @@ def test_report_of_a_real_run_shows_its_replicas_shards_and_rows(tmp_path, capsy
     for track in ("worker 0", "worker 1", "replica 0", "replica 1", "parameter server shard 0",
                   "parameter server shard 1"):  # fmt: skip
         assert track in lanes, lanes
+
+
+def test_a_ray_training_plan_explains_its_shards():
+    from raysupport import ensure_ray
+
+    from distgraph import models
+
+    ensure_ray()
+    g = models.mlp_classifier(seed=0)
+    with dg.RayExecutor(num_workers=2, replicas=2, ps_shards=2) as ex:
+        text = ex.plan(g, grad="loss", training=True, batch_size=32).explain()
+    assert text.startswith("layout: 2 replicas")
+    shard_lines = [x.strip() for x in text.splitlines() if x.strip().startswith("shard ")]
+    assert "parameter-server shards: 2" in text and len(shard_lines) == 2, text
+    named = [p for line in shard_lines for p in line.split(")", 1)[1].split(", ")]
+    assert sorted(p.strip() for p in named) == sorted(g.params)
