@@ -510,6 +510,12 @@ def test_scaling_section_lists_async_records_with_their_staleness():
     got = re.findall(r'<tr data-step="(\d+)" data-replica="(\d+)"><td>\d+</td><td>replica \d+'
                      r"</td><td>(\d+)</td><td>(\d+)</td>", page)  # fmt: skip
     assert got == [("1", "0", "0", "0"), ("2", "1", "0", "1"), ("3", "0", "2", "0")]
+    # Whole steps per replica, counted from the records; no row split to show.
+    steps = re.findall(
+        r'<tr data-replica="(\d+)"><td>.*?</td><td>.*?</td><td>.*?</td><td>(\d+)</td>', page
+    )
+    assert steps == [("0", "2"), ("1", "1")]
+    assert 'id="replica-rows"' not in page and "whole batch runs on one replica" in page
 
 
 def test_explain_shows_which_params_each_shard_holds(capsys):

@@ -105,8 +105,11 @@ def _where(entry: Mapping[str, Any]) -> str:
     return f"{ips} ({nodes})" if ips and nodes else ips or nodes or "—"
 
 
-def _replica_rows(info: Mapping[str, Any]) -> list[str]:
-    """One row per replica: its workers and nodes (the latest step it ran), steps computed."""
+def _replica_rows(
+    info: Mapping[str, Any], records: Sequence[Mapping[str, Any]] | None = None
+) -> list[str]:
+    """One row per replica: its workers and nodes (the latest step it ran), and the steps it
+    computed (asynchronous ``records``, when given, count whole steps per replica)."""
     steps: Mapping[Any, Sequence[Mapping[str, Any]]] = info.get("steps") or {}
     latest: dict[int, Mapping[str, Any]] = {}
     computed: dict[int, int] = {}
@@ -114,6 +117,10 @@ def _replica_rows(info: Mapping[str, Any]) -> list[str]:
         for e in entries:
             latest[int(e["replica"])] = e
             computed[int(e["replica"])] = computed.get(int(e["replica"]), 0) + 1
+    if records is not None:
+        computed = {}
+        for c in records:
+            computed[int(c["replica"])] = computed.get(int(c["replica"]), 0) + 1
     out = []
     width = int(info.get("width") or 1)
     for r in range(int(info.get("count") or 1)):
@@ -219,8 +226,17 @@ def scaling_section(status: Mapping[str, Any] | None, params: Mapping[str, Any])
     info = status["replicas"]
     count, width = int(info.get("count") or 1), int(info.get("width") or 1)
     shard_rows, shards, total = _shard_rows(status, params)
-    step_rows, earlier = _step_rows(info, ROW_STEPS)
     consistency = status.get("consistency", "sync")
+    asynchronous = status.get("async") or None
+    # Asynchronous steps run whole on one replica each: the records say which (below).
+    step_rows, earlier = ([], 0) if asynchronous else _step_rows(info, ROW_STEPS)
+    rule = (
+        "Asynchronous: each step's whole batch runs on one replica (the first idle one); "
+        "its gradient is applied on its own, once, as it arrives."
+        if asynchronous
+        else row_rule(count, info.get("kind"))
+    )
+    records = list(asynchronous.get("records") or []) if asynchronous else None
     summary = (
         f"{count} replica{'s' if count != 1 else ''} × {width} worker{'s' if width != 1 else ''}"
         f" each; {shards} parameter-server shard{'s' if shards != 1 else ''} holding "
@@ -244,15 +260,15 @@ def scaling_section(status: Mapping[str, Any] | None, params: Mapping[str, Any])
             )
             + more
         )
-    async_part = _async_part(status["async"]) if status.get("async") else ""
+    async_part = _async_part(asynchronous) if asynchronous else ""
     return f"""
 <section class="card" id="scaling">
   <h2>Scaling out</h2>
   <p class="muted" id="scaling-summary">{_esc(summary)}</p>
-  <p class="muted" id="rows-rule">{_esc(row_rule(count, info.get("kind")))}</p>
+  <p class="muted" id="rows-rule">{_esc(rule)}</p>
   <div class="panels">
     <div class="panel"><h3>Replicas <small>workers, nodes, steps computed</small></h3>
-      {_table("replicas-table", ["replica", "workers", "nodes", "steps"], _replica_rows(info))}
+      {_table("replicas-table", ["replica", "workers", "nodes", "steps"], _replica_rows(info, records))}
     </div>
     <div class="panel"><h3>Parameter-server shards <small>params, bytes, applied steps</small></h3>
       {_table("shards-table", ["shard", "params", "bytes", "applied steps", "version"], shard_rows)}
