@@ -632,7 +632,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
         )
         print(plan.explain())
-        if shards and grad is not None:
+        if shards:
             print(shards)
         return 0
     # A training plan: the data-parallel layout first (what was chosen, why, alternatives),

@@ -126,9 +126,10 @@ def test_async_tau0_equals_the_sequential_run():
     assert losses == ref.history.step_loss
 
 
-def test_async_status_and_cli(capsys):
+def test_async_status_and_cli(capsys, tmp_path):
     ensure_ray()
     import json
+    import re
 
     from distgraph.cli import main
 
@@ -148,12 +149,21 @@ def test_async_status_and_cli(capsys):
         "--epochs",
         "2",
         "--json",
+        "--report",
+        str(tmp_path / "async.html"),
     ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["async"]["staleness"] == 1
     assert out["async"]["max_staleness"] <= 1
     assert sum(out["async"]["staleness_histogram"].values()) == 2 * 13
+    # The report's scaling card: the bound, and the latest steps with the replica that ran
+    # each and its staleness (never above the bound).
+    page = (tmp_path / "async.html").read_text()
+    assert 'id="async-records"' in page and "τ = 1" in page
+    rows = re.findall(r'<tr data-step="(\d+)" data-replica="(\d+)">.*?<td>(\d+)</td></tr>', page)
+    assert sorted(int(s) for s, _, _ in rows) == list(range(2 * 13 - 11, 2 * 13 + 1))
+    assert all(int(st) <= 1 for _, _, st in rows)
 
 
 def test_async_worker_killed_mid_run_applies_every_step_once():
