@@ -345,6 +345,7 @@ def _write_report(
     history: dict | None,
     title: str,
     timeline: list | None = None,
+    status: dict | None = None,
 ) -> Path:
     from .viz import write_report
 
@@ -367,6 +368,7 @@ def _write_report(
         grads=res.grads,
         history=history,
         title=title,
+        status=status,
     )
     return Path(report).resolve()
 
@@ -412,6 +414,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet = args.quiet or args.json
     with _executor(args) as ex:
         pipelined = args.backend == "ray" and args.microbatches is not None
+        # Replicas or shards: the report's timeline is the last training step's, with a track
+        # per replica and per parameter-server shard.
+        scaled = args.backend == "ray" and (args.replicas != 1 or args.ps_shards > 1)
         trainer = Trainer(
             g,
             loss="loss",
@@ -420,7 +425,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=None if not quiet else False,
             # Keeps the last training step's events, update included (a pipelined step's
             # timeline goes into the report too).
-            trace=bool(args.trace) or (bool(args.report) and pipelined),
+            trace=bool(args.trace) or (bool(args.report) and (pipelined or scaled)),
         )
         history = trainer.fit(data, epochs=epochs, batch_size=batch, seed=args.seed)
         params = trainer.params
@@ -507,8 +512,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             batch_feeds,
             history.to_dict(),
             f"distgraph train {args.task}",
-            # A pipelined run's timeline is its last training step's: F3/B1 blocks per worker.
-            timeline=trainer.last_trace if pipelined else None,
+            # A pipelined run's timeline is its last training step's: F3/B1 blocks per worker;
+            # so is a data-parallel or sharded one's (async steps record no trace).
+            timeline=trainer.last_trace if (pipelined or scaled) and trainer.last_trace else None,
+            status=session_status,
         )
         print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
     return status
@@ -586,6 +593,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         grad = args.grad
     elif grad is None:
         grad = g.outputs[-1] if g.outputs else None
+    if args.ps_shards > 1:
+        if grad is None:
+            raise ConfigError(
+                "--ps-shards explains a training plan's parameter servers: give --grad OUTPUT"
+            )
+        from .viz.scaling import explain_shards
+
+        shards = explain_shards(g.params, args.ps_shards)  # before printing: a bad count fails
+    else:
+        shards = ""
     if args.microbatches is not None and args.replicas != 1:
         raise ConfigError(
             "--microbatches and --replicas do not compose yet: pipeline one replica "
@@ -603,6 +620,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             training=True,
         )
         print(build_stage_plan(plan, args.microbatches, args.schedule, args.batch_size).explain())
+        if shards:
+            print(shards)
         return 0
     if grad is None or args.replicas == 1:
         plan = plan_for(
@@ -613,6 +632,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
         )
         print(plan.explain())
+        if shards:
+            print(shards)
         return 0
     # A training plan: the data-parallel layout first (what was chosen, why, alternatives),
     # then one replica's plan over its workers.
@@ -629,6 +650,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         prog, cost, args.workers, args.batch_size, strategy=args.strategy, replicas=forced
     )
     print(explain_layout(layout))
+    if shards:
+        print(shards)
     plan = plan_for(
         prog,
         num_workers=layout.width,
@@ -786,6 +809,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="data-parallel replicas to explain the training plan for: an integer dividing "
         "--workers, or auto (shows the layout chosen, why, and the alternatives; default: 1)",
+    )
+    e.add_argument(
+        "--ps-shards",
+        type=_int_at_least(1),
+        default=1,
+        help="parameter-server shards to explain for the training plan: which params each "
+        "holds and their bytes (default: 1)",
     )
     e.add_argument("--grad", help="output to differentiate (default: the last output)")
     e.add_argument(

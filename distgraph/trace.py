@@ -1,8 +1,9 @@
 """Execution events -> Chrome trace event JSON (opens in Perfetto and chrome://tracing).
 
-One process, one thread per track ("worker 0", "worker 1", ..., "driver", "parameter server"),
-named with ``thread_name`` metadata; every event is a complete event (``ph: "X"``) whose
-``ts``/``dur`` are microseconds from the earliest event of the run.
+One process, one thread per track ("worker 0", "worker 1", ...; "replica 0", ... with
+data-parallel replicas; "driver"; "parameter server", or "parameter server shard 0", ... with
+sharded servers), named with ``thread_name`` metadata; every event is a complete event
+(``ph: "X"``) whose ``ts``/``dur`` are microseconds from the earliest event of the run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .result import TraceEvent
 
 PID = 1
 _WORKER_TRACK = re.compile(r"^worker\s+(\d+)$")
+_NUMBERED_TRACK = re.compile(r"^(replica|parameter server shard)\s+(\d+)$")
 
 
 def event_track(event: TraceEvent) -> str:
@@ -30,12 +32,16 @@ def event_track(event: TraceEvent) -> str:
 
 
 def track_sort_key(track: str) -> tuple[int, int, str]:
-    """Workers in number order, then the driver, then the parameter server, then the rest."""
+    """Workers in number order, then the replicas, the driver, the parameter server, its
+    shards in number order, then the rest."""
     m = _WORKER_TRACK.match(track)
     if m:
         return (0, int(m.group(1)), track)
-    order = {"driver": 1, "parameter server": 2}
-    return (order.get(track, 3), 0, track)
+    m = _NUMBERED_TRACK.match(track)
+    if m:
+        return (1 if m.group(1) == "replica" else 4, int(m.group(2)), track)
+    order = {"driver": 2, "parameter server": 3}
+    return (order.get(track, 5), 0, track)
 
 
 def ordered_tracks(events: Iterable[TraceEvent]) -> list[str]:

@@ -126,9 +126,10 @@ def test_async_tau0_equals_the_sequential_run():
     assert losses == ref.history.step_loss
 
 
-def test_async_status_and_cli(capsys):
+def test_async_status_and_cli(capsys, tmp_path):
     ensure_ray()
     import json
+    import re
 
     from distgraph.cli import main
 
@@ -148,12 +149,21 @@ def test_async_status_and_cli(capsys):
         "--epochs",
         "2",
         "--json",
+        "--report",
+        str(tmp_path / "async.html"),
     ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["async"]["staleness"] == 1
     assert out["async"]["max_staleness"] <= 1
     assert sum(out["async"]["staleness_histogram"].values()) == 2 * 13
+    # The report's scaling card: the bound, and the latest steps with the replica that ran
+    # each and its staleness (never above the bound).
+    page = (tmp_path / "async.html").read_text()
+    assert 'id="async-records"' in page and "τ = 1" in page
+    rows = re.findall(r'<tr data-step="(\d+)" data-replica="(\d+)">.*?<td>(\d+)</td></tr>', page)
+    assert sorted(int(s) for s, _, _ in rows) == list(range(2 * 13 - 11, 2 * 13 + 1))
+    assert all(int(st) <= 1 for _, _, st in rows)
 
 
 def test_async_worker_killed_mid_run_applies_every_step_once():
@@ -231,3 +241,54 @@ def test_async_run_stopped_by_an_error_resumes_without_repeating_a_step():
         _assert_each_step_once(tr, 10, one_record=False)
         assert not set(first) & set(seen[len(first) :]), seen  # no applied step ran again
         tr.close()
+
+
+@pytest.mark.parametrize("checkpoints", [False, True], ids=["from-start", "from-checkpoint"])
+def test_async_shard_killed_mid_run_applies_every_step_once_and_converges(tmp_path, checkpoints):
+    """Issue 14, item 5: a parameter-server shard lost while asynchronous steps are in flight.
+    Every shard restarts from one step (its checkpoint, or the run's start) and the steps
+    counted since are replayed; each (replica, step) is still applied exactly once and the
+    fit reaches the line's coefficients."""
+    ensure_ray()
+    epochs = 20
+    saving = {"checkpoint_dir": str(tmp_path / "ps"), "checkpoint_every": 5} if checkpoints else {}
+    with dg.RayExecutor(
+        num_workers=2,
+        replicas=2,
+        ps_shards=2,
+        consistency="async",
+        staleness=2,
+        resources_per_worker={"CPU": 0.5},
+        **saving,
+    ) as ex:
+        tr = _trainer(ex)
+        session = tr.session
+        run = session.run_async
+        crashed: list[int] = []
+
+        def run_with_crash(steps, data, on_applied=None):
+            def applied(step, loss):
+                if step >= 23 and not crashed:
+                    # Shard 1 dies while both replicas still have steps in flight.
+                    session.server.links[1].handle.crash.remote()
+                    crashed.append(step)
+                if on_applied is not None:
+                    on_applied(step, loss)
+
+            return run(steps, data, applied)
+
+        session.run_async = run_with_crash
+        tr.fit(_data(), epochs=epochs, batch_size=BATCH, seed=5)
+        assert crashed, "the shard was never killed"
+        # Precondition: the loss was noticed and the shards restarted, replaying steps.
+        assert any("restarted" in r for r in session.recoveries), session.recoveries
+        assert any("replaying steps" in r for r in session.recoveries), session.recoveries
+        status = _assert_each_step_once(tr, epochs * 10)
+        params = tr.params
+        tr.close()
+    per_shard = [s["applied"] for s in status["shards"]]
+    assert all(sorted(a) == list(range(1, epochs * 10 + 1)) for a in per_shard), per_shard
+    assert all(len(a) == len(set(a)) for a in per_shard), per_shard
+    assert status["async"]["applied_through"] == [epochs * 10] * 2
+    assert abs(float(params["w"]) - 3.0) < 1e-3, params
+    assert abs(float(params["b"]) - 7.0) < 1e-3, params

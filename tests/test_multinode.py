@@ -128,6 +128,64 @@ def test_replicas_spread_over_nodes_each_compute_rows_of_every_step(three_node_c
         tr.close()
 
 
+def test_node_lost_mid_run_with_replicas_recovers_and_equals_the_uninterrupted_run(
+    three_node_cluster, tmp_path
+):
+    """Issue 14, item 5: a node that runs one replica (and maybe a parameter-server shard) is
+    removed from the cluster during a synchronous data-parallel fit. Its workers are replaced
+    on the surviving nodes, the step runs again with the same rows, and the final params equal
+    (bit for bit) those of the same configuration's uninterrupted run."""
+    g, data = models.mlp_classifier((2, 8, 8, 2), seed=1), models.spirals(24, seed=3)
+    fit = {"epochs": 4, "batch_size": 16, "seed": 11}
+    head = three_node_cluster.head_node
+    others = [n for n in three_node_cluster.list_all_nodes() if n is not head]
+    layout = {
+        "num_workers": 2,
+        "replicas": 2,
+        "ps_shards": 2,
+        "address": three_node_cluster.address,
+        "placement": "spread",
+    }
+    with dg.RayExecutor(**layout) as ex:  # the uninterrupted run
+        whole = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex, progress=False)
+        whole.fit(data, **fit)
+        want, steps = whole.params, whole.applied_steps
+        whole.close()
+    assert len(steps) >= 12, steps  # enough steps after the loss to mean something
+    with dg.RayExecutor(**layout, checkpoint_dir=str(tmp_path / "ps"), checkpoint_every=4) as ex:
+        by_id = {n.node_id: n for n in others}
+        nodes = {i["node_id"] for i in ex.worker_info}
+        assert len(nodes) == 2, ex.worker_info  # the precondition: one replica per node
+        victim = next(by_id[i["node_id"]] for i in ex.worker_info if i["node_id"] in by_id)
+        lost = {i["index"] for i in ex.worker_info if i["node_id"] == victim.node_id}
+        removed: list[int] = []
+
+        def remove(tr, step):
+            if step == 6 and not removed:
+                three_node_cluster.remove_node(victim)
+                removed.append(step)
+
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex, progress=False)
+        tr.fit(data, callback=lambda step, loss: remove(tr, step), **fit)
+        assert removed == [6]
+        assert tr.session.recoveries, "the node loss was never noticed"
+        assert set(ex.replacements) >= lost
+        assert all(i["node_id"] != victim.node_id for i in ex.worker_info)
+        info = tr.session.status()
+        assert info["applied"] == steps
+        by_step = info["replicas"]["steps"]
+        # Before the loss the victim computed one replica's rows of each step; after it, no
+        # step ran there, and both replicas still computed rows of every step.
+        assert all(victim.node_id in {n for e in by_step[s] for n in e["nodes"]} for s in (1, 6))
+        for s in steps:
+            assert [e["replica"] for e in by_step[s]] == [0, 1], by_step[s]
+            if s > 6:
+                assert victim.node_id not in {n for e in by_step[s] for n in e["nodes"]}
+        for k in want:
+            assert np.array_equal(tr.params[k], want[k]), k
+        tr.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -219,3 +219,35 @@ def test_worker_dead_while_idle_is_replaced_at_install():
         assert_params_identical(tr.params, want.params)
         assert tr.applied_steps == list(range(1, 13))
         tr.close()
+
+
+def test_shard_killed_mid_run_with_replicas_equals_the_uninterrupted_run(tmp_path):
+    """Issue 14, item 5, synchronous: replicas=2 x ps_shards=2, one shard killed mid-run.
+    Every shard restarts from the checkpoint they share, the counted steps since are
+    replayed (each replica taking the same rows again), and the final params equal the same
+    configuration's uninterrupted run bit for bit; every step is applied once by each shard."""
+    ensure_ray()
+    layout = {"num_workers": 2, "replicas": 2, "ps_shards": 2, "strategy": "round_robin"}
+    with dg.RayExecutor(**layout) as ex:
+        whole = train_with(ex, lambda tr, step: None)
+        want, steps = whole.params, whole.applied_steps
+        whole.close()
+    crashed: list[int] = []
+
+    def crash(tr, step):
+        if step == 13 and not crashed:  # shard checkpoints at 5 and 10: 11..13 replayed
+            tr.session.server.links[1].handle.crash.remote()
+            crashed.append(step)
+
+    with dg.RayExecutor(**layout, checkpoint_dir=str(tmp_path / "ps"), checkpoint_every=5) as ex:
+        tr = train_with(ex, crash)
+        assert crashed == [13]
+        recoveries = tr.session.recoveries
+        assert any("restarted from version 10" in r for r in recoveries), recoveries
+        assert any("replaying steps [11, 12, 13]" in r for r in recoveries), recoveries
+        status = tr.session.status()
+        assert status["replicas"]["count"] == 2  # the precondition: rows split over two
+        assert all([e["replica"] for e in status["replicas"]["steps"][s]] == [0, 1] for s in steps)
+        assert [s["applied"] for s in status["shards"]] == [steps, steps]
+        assert_params_identical(tr.params, want)
+        tr.close()

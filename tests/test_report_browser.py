@@ -175,3 +175,52 @@ def test_training_report_shows_a_decreasing_loss(page, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "report-train.png"), full_page=True)
     assert page.outside_requests == []
     assert page.errors == []
+
+
+def test_scaling_section_is_visible_and_the_replay_still_runs(page, tmp_path):
+    """A data-parallel run's page (2 replicas x 2 shards, a status as the session gives it):
+    the scaling card shows its three tables, and the replay above it is unaffected."""
+    g = dg.Graph()
+    x = g.input("x", shape=(None,))
+    y = g.input("y", shape=(None,))
+    g.output("loss", dg.mse(x * g.param("w", -2.0) + g.param("b", 15.0), y))
+    xs = np.linspace(-1.0, 1.0, 8)
+    feeds = {"x": xs, "y": 3 * xs + 7}
+    res = dg.LocalExecutor().run(g, feeds, grad="loss", trace=True)
+    entries = [
+        {"replica": r, "rows": [4 * r, 4 * r + 4], "workers": [r], "nodes": ["ab" * 20],
+         "ips": ["10.0.0.1"]}
+        for r in range(2)
+    ]  # fmt: skip
+    steps = list(range(1, 13))
+    status = {
+        "applied": steps,
+        "consistency": "sync",
+        "replicas": {"count": 2, "width": 1, "kind": "mean", "last_step": 12,
+                     "rows": [[0, 4], [4, 8]], "steps": {s: entries for s in steps}},
+        "shards": [{"version": 12, "applied": steps, "params": ["w"]},
+                   {"version": 12, "applied": steps, "params": ["b"]}],
+    }  # fmt: skip
+    report = write_report(
+        tmp_path / "report-scaling.html",
+        g.spec,
+        placement=res.placement,
+        trace=res.trace,
+        values={**feeds, **res.values},
+        grads=res.grads,
+        title="two replicas, two shards",
+        status=status,
+    )
+    page.goto(report.as_uri())
+    for table in ("#replicas-table", "#shards-table", "#replica-rows"):
+        assert page.is_visible(table), table
+    assert page.eval_on_selector_all("#shards-table tbody tr", "rs => rs.length") == 2
+    assert page.eval_on_selector_all("#replica-rows tbody tr", "rs => rs.length") == 10
+    assert "2 earlier steps" in page.inner_text("#rows-earlier")
+    step_to_end(page)
+    c = counters(page)
+    assert c["completed"] == c["total"] == len(g.spec.nodes)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "report-scaling.png"), full_page=True)
+    assert page.outside_requests == []
+    assert page.errors == []

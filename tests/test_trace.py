@@ -182,3 +182,81 @@ def test_training_step_trace_has_every_track_and_the_update(backend):
     if backend == "ray":
         assert {"driver", "worker 0", "worker 1"} <= tracks
         assert any(e.kind == "transfer" for e in events)
+
+
+def test_track_order_puts_replicas_after_workers_and_shards_after_the_server():
+    tracks = [
+        "parameter server shard 10",
+        "replica 1",
+        "driver",
+        "parameter server shard 2",
+        "worker 1",
+        "parameter server",
+        "replica 0",
+        "worker 0",
+    ]
+    assert sorted(tracks, key=track_sort_key) == [
+        "worker 0",
+        "worker 1",
+        "replica 0",
+        "replica 1",
+        "driver",
+        "parameter server",
+        "parameter server shard 2",
+        "parameter server shard 10",
+    ]
+
+
+def test_sharded_training_trace_has_a_track_per_worker_and_per_shard_for_every_step(tmp_path):
+    """Issue 14, item 7: replicas=2 x ps_shards=2. Every step's trace has one track per worker
+    and one per parameter-server shard, each shard with its stage, commit and apply spans of
+    that step (in that order, back to back); the steps' traces together make one Chrome trace."""
+    from raysupport import ensure_ray
+
+    ensure_ray()
+    g = linear_graph()
+    per_step: dict[int, list[TraceEvent]] = {}
+    with dg.RayExecutor(num_workers=2, replicas=2, ps_shards=2) as ex:
+        tr = dg.Trainer(
+            g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, trace=True, progress=False
+        )
+        tr.fit(
+            training_feeds(),
+            epochs=3,
+            batch_size=4,  # two steps an epoch
+            callback=lambda step, loss: per_step.__setitem__(step, list(tr.last_trace)),
+        )
+        steps = tr.applied_steps
+        keys = [s["params"] for s in tr.session.status()["shards"]]
+        tr.close()
+    # Preconditions: several steps, and both shards own a param.
+    assert len(steps) >= 2 and sorted(per_step) == steps
+    assert all(keys) and sorted(p for k in keys for p in k) == sorted(g.params)
+    shard_tracks = ["parameter server shard 0", "parameter server shard 1"]
+    for step, events in per_step.items():
+        tracks = {e.track for e in events}
+        assert {"worker 0", "worker 1", *shard_tracks} <= tracks, (step, tracks)
+        assert "parameter server" not in tracks  # the shards' own tracks replace it
+        for s, track in enumerate(shard_tracks):
+            mine = sorted((e for e in events if e.track == track), key=lambda e: e.start)
+            assert [e.name for e in mine] == [
+                f"{p} step {step}" for p in ("stage", "commit", "apply")
+            ]
+            assert all(e.kind == "update" and e.args["shard"] == s for e in mine)
+            assert all(e.args["params"] == keys[s] for e in mine)
+            assert mine[0].end == mine[1].start and mine[1].end == mine[2].start
+            assert all(e.end >= e.start for e in mine)
+    path = tmp_path / "run.trace.json"
+    write_chrome_trace(path, [e for step in steps for e in per_step[step]])
+    loaded = json.loads(path.read_text())
+    names = thread_names(loaded)
+    tid = {name: t for t, name in names.items()}
+    assert list(names.values()) == sorted(names.values(), key=track_sort_key)
+    assert {"worker 0", "worker 1", "replica 0", "replica 1", *shard_tracks} <= set(tid)
+    for track in shard_tracks:
+        spans = [e for e in loaded["traceEvents"] if e["ph"] == "X" and e["tid"] == tid[track]]
+        for phase in ("stage", "commit", "apply"):
+            assert sorted(e["args"]["step"] for e in spans if e["args"]["phase"] == phase) == steps
+    for w in ("worker 0", "worker 1"):
+        ran = [e for e in loaded["traceEvents"] if e["ph"] == "X" and e["tid"] == tid[w]]
+        assert {e["args"]["replica"] for e in ran if "replica" in e["args"]} == {int(w[-1])}

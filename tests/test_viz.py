@@ -410,3 +410,182 @@ def test_report_timeline_has_a_lane_per_track():
     lanes = re.findall(r'<g class="lane" data-track="([^"]+)"', page)
     assert lanes == ["worker 0", "worker 1", "driver", "parameter server"]
     assert len(re.findall(r'<rect class="event"', page)) == 4
+
+
+# --- scaling out: replicas, shards, rows (issue 14, item 7) -----------------------------------
+
+
+def shard_rows_of(page: str) -> dict[int, dict]:
+    """The report's shard table: shard -> params, bytes, applied steps."""
+    found = re.findall(
+        r'<tr data-shard="(\d+)" data-params="([^"]*)" data-bytes="(\d+)" data-applied="(\d+)">',
+        page,
+    )
+    return {
+        int(s): {"params": p.split(",") if p else [], "bytes": int(b), "applied": int(a)}
+        for s, p, b, a in found
+    }
+
+
+def replica_rows_of(page: str) -> dict[int, dict[int, list[int] | None]]:
+    """The report's rows table: step -> replica -> [start, stop] (None: it sat the step out)."""
+    table = re.search(r'<table class="grid" id="replica-rows">(.*?)</table>', page, re.S)
+    assert table, "no rows table in the report"
+    out: dict[int, dict[int, list[int] | None]] = {}
+    for step, cells in re.findall(r'<tr data-step="(\d+)">(.*?)</tr>', table.group(1), re.S):
+        out[int(step)] = {}
+        for r, rows in re.findall(r'<td data-replica="(\d+)"(?: data-rows="([^"]*)")?', cells):
+            out[int(step)][int(r)] = json.loads(rows) if rows else None
+    return out
+
+
+def _status(steps: int, rows_per_step: int = 6) -> dict:
+    """A status() of 2 replicas x 1 worker and 2 shards after ``steps`` steps."""
+    half = rows_per_step // 2
+    entry = [
+        {"replica": r, "rows": [r * half, (r + 1) * half], "workers": [r], "nodes": [f"n{r}" * 8],
+         "ips": ["10.0.0.1"]}
+        for r in range(2)
+    ]  # fmt: skip
+    applied = list(range(1, steps + 1))
+    return {
+        "version": steps,
+        "applied": applied,
+        "consistency": "sync",
+        "replicas": {
+            "count": 2,
+            "width": 1,
+            "kind": "mean",
+            "last_step": steps,
+            "rows": [e["rows"] for e in entry],
+            "steps": {s: entry for s in applied},
+        },
+        "shards": [
+            {"version": steps, "applied": applied, "params": ["W1", "b1", "b2"]},
+            {"version": steps, "applied": applied, "params": ["W2"]},
+        ],
+    }
+
+
+def test_scaling_section_shows_replicas_shards_and_the_latest_steps_rows():
+    g = mlp_graph()
+    page = render_report(g.spec, placement={}, trace=[], values={}, grads={}, status=_status(14))
+    assert "2 replicas × 1 worker<" in page and "2 parameter-server shards" in page
+    replicas = re.findall(r'<tr data-replica="(\d+)"><td>replica \d+</td><td>([^<]*)</td>', page)
+    assert replicas == [("0", "worker 0"), ("1", "worker 1")]
+    shards = shard_rows_of(page)
+    nbytes = {k: np.asarray(v).nbytes for k, v in g.params.items()}
+    assert shards == {
+        0: {"params": ["W1", "b1", "b2"], "bytes": nbytes["W1"] + nbytes["b1"] + nbytes["b2"],
+            "applied": 14},
+        1: {"params": ["W2"], "bytes": nbytes["W2"], "applied": 14},
+    }  # fmt: skip
+    # The latest 10 steps row by row, the rule for the 4 before them.
+    rows = replica_rows_of(page)
+    assert sorted(rows) == list(range(5, 15))
+    assert all(r == {0: [0, 3], 1: [3, 6]} for r in rows.values())
+    assert "4 earlier steps, split by the same rule" in page
+    assert "contiguous ranges in replica order" in page and "rows / the batch" in page
+    # No layout, no section (a local session's status has none).
+    plain = render_report(g.spec, placement={}, trace=[], values={}, grads={}, status={})
+    assert 'id="scaling"' not in plain
+
+
+def test_scaling_section_lists_async_records_with_their_staleness():
+    status = _status(3)
+    status["consistency"] = "async"
+    status["async"] = {
+        "staleness": 2,
+        "staleness_histogram": {0: 2, 1: 1},
+        "max_staleness": 1,
+        "records": [
+            {"replica": 0, "step": 1, "version": 0, "staleness": 0},
+            {"replica": 1, "step": 2, "version": 0, "staleness": 1},
+            {"replica": 0, "step": 3, "version": 2, "staleness": 0},
+        ],
+    }
+    page = render_report(mlp_graph().spec, placement={}, trace=[], values={}, grads={},
+                         status=status)  # fmt: skip
+    assert "τ = 2" in page and '<b id="staleness-histogram">0: 2, 1: 1</b>' in page
+    got = re.findall(r'<tr data-step="(\d+)" data-replica="(\d+)"><td>\d+</td><td>replica \d+'
+                     r"</td><td>(\d+)</td><td>(\d+)</td>", page)  # fmt: skip
+    assert got == [("1", "0", "0", "0"), ("2", "1", "0", "1"), ("3", "0", "2", "0")]
+    # Whole steps per replica, counted from the records; no row split to show.
+    steps = re.findall(
+        r'<tr data-replica="(\d+)"><td>.*?</td><td>.*?</td><td>.*?</td><td>(\d+)</td>', page
+    )
+    assert steps == [("0", "2"), ("1", "1")]
+    assert 'id="replica-rows"' not in page and "whole batch runs on one replica" in page
+
+
+def test_explain_shows_which_params_each_shard_holds(capsys):
+    from distgraph import models
+    from distgraph.cli import main
+    from distgraph.dataparallel import shard_params
+
+    params = models.mlp_classifier().params
+    want = shard_params({k: np.asarray(v).nbytes for k, v in params.items()}, 2)
+    argv = ["explain", "mlp", "--workers", "2", "--replicas", "2", "--ps-shards", "2"]
+    assert main([*argv, "--batch-size", "32"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("layout:") and "parameter-server shards: 2" in text
+    for s, keys in enumerate(want):
+        line = next(x for x in text.splitlines() if x.strip().startswith(f"shard {s}:"))
+        assert line.rstrip().endswith(", ".join(keys)), line
+    assert main(["explain", "linear", "--ps-shards", "3"]) == 2  # more shards than params
+    assert "ps_shards=3 is more than the 2 params" in capsys.readouterr().err
+
+
+def test_report_of_a_real_run_shows_its_replicas_shards_and_rows(tmp_path, capsys):
+    """`distgraph train --replicas 2 --ps-shards 2 --report`: the page holds the replica rows
+    and the shard table of the run itself, and its timeline a lane per replica and shard."""
+    from raysupport import ensure_ray
+
+    from distgraph import models
+    from distgraph.cli import main
+
+    ensure_ray()
+    path = tmp_path / "dp.html"
+    argv = ["train", "mlp", "--backend", "ray", "--workers", "2", "--replicas", "2"]
+    argv += ["--ps-shards", "2", "--epochs", "2", "--batch-size", "64", "--json"]
+    assert main([*argv, "--report", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    steps = out["replicas"]["steps"]
+    assert out["replicas"]["count"] == 2 and steps >= 2  # the precondition: 2 replicas ran
+    page = path.read_text()
+    params = models.mlp_classifier(seed=0).params
+    shards = shard_rows_of(page)
+    assert sorted(shards) == [0, 1]
+    owned = [p for s in shards.values() for p in s["params"]]
+    assert sorted(owned) == sorted(params) and len(owned) == len(params)
+    assert all(s["params"] and s["applied"] == steps for s in shards.values())
+    for s in shards.values():
+        assert s["bytes"] == sum(np.asarray(params[p]).nbytes for p in s["params"])
+    replicas = re.findall(r'<tr data-replica="(\d+)"><td>replica \d+</td><td>([^<]*)</td>', page)
+    assert replicas == [("0", "worker 0"), ("1", "worker 1")]
+    rows = replica_rows_of(page)
+    assert sorted(rows) == list(range(max(1, steps - 9), steps + 1))
+    last = out["replicas"]["rows"]
+    assert rows[steps] == {0: last[0], 1: last[1]}
+    for by in rows.values():  # together the whole batch, in replica order, contiguous
+        assert by[0][0] == 0 and by[0][1] == by[1][0] and by[1][1] - by[1][0] >= 1
+    lanes = re.findall(r'<g class="lane" data-track="([^"]+)"', page)
+    for track in ("worker 0", "worker 1", "replica 0", "replica 1", "parameter server shard 0",
+                  "parameter server shard 1"):  # fmt: skip
+        assert track in lanes, lanes
+
+
+def test_a_ray_training_plan_explains_its_shards():
+    from raysupport import ensure_ray
+
+    from distgraph import models
+
+    ensure_ray()
+    g = models.mlp_classifier(seed=0)
+    with dg.RayExecutor(num_workers=2, replicas=2, ps_shards=2) as ex:
+        text = ex.plan(g, grad="loss", training=True, batch_size=32).explain()
+    assert text.startswith("layout: 2 replicas")
+    shard_lines = [x.strip() for x in text.splitlines() if x.strip().startswith("shard ")]
+    assert "parameter-server shards: 2" in text and len(shard_lines) == 2, text
+    named = [p for line in shard_lines for p in line.split(")", 1)[1].split(", ")]
+    assert sorted(p.strip() for p in named) == sorted(g.params)

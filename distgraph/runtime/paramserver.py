@@ -61,6 +61,7 @@ class _Staged:
     version: int
     update: Update | None  # None: the step id was applied before (a duplicate)
     start: float
+    ready: float  # when the update was held (the trace's stage span is start..ready)
 
 
 def combine_replicas(
@@ -162,7 +163,7 @@ class ParameterServer:
         self._staged = None  # a newer stage replaces whatever an abandoned step left
         grads = self._my_grads(grad_dicts, replicas, kind)
         update = self.store.prepare(step_id, grads, grad_norm)
-        self._staged = _Staged(step_id, self.store, self.store.version, update, start)
+        self._staged = _Staged(step_id, self.store, self.store.version, update, start, time.time())
         if not routed:
             return step_id
         params = self.store.params if update is None else update.params
@@ -189,7 +190,10 @@ class ParameterServer:
         return {p: sum_of_squares(g) for p, g in self._my_grads(grad_dicts, replicas, kind).items()}
 
     def commit(self, step_id: int) -> dict[str, Any]:
-        """Apply the update held for ``step_id``; returns its status (version, applied, times)."""
+        """Apply the update held for ``step_id``; returns its status: version, applied, and
+        the times (``time.time()``) the stage began (``start``) and held its update
+        (``staged``), the commit arrived (``committed``) and ended (``end``)."""
+        committed = time.time()
         staged, self._staged = self._staged, None
         if (
             staged is None
@@ -217,6 +221,8 @@ class ParameterServer:
             "applied": applied,
             "step": step_id,
             "start": staged.start,
+            "staged": staged.ready,
+            "committed": committed,
             "end": time.time(),
         }
         return status

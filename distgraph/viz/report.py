@@ -24,6 +24,7 @@ from ..spec import GraphSpec, decode_constant
 from ..trace import event_track, jsonable, ordered_tracks
 from ._model import format_shape, node_kind, node_levels, node_style
 from ._paths import output_path
+from .scaling import scaling_section
 from .svg import render_svg
 
 _HERE = Path(__file__).resolve().parent
@@ -385,6 +386,7 @@ def render_report(
     history: Any = None,
     title: str = "distgraph run",
     batch_size: int = 1,
+    status: Mapping[str, Any] | None = None,
 ) -> str:
     """The report page as an HTML string (see :func:`write_report`)."""
     placement = dict(placement or {})
@@ -469,6 +471,14 @@ def render_report(
     ]
     if spec.grad_of:
         chips.append(f"gradient of {spec.grad_of}")
+    session = status or {}
+    layout = session.get("replicas") or {}
+    if int(layout.get("count") or 1) > 1:
+        width = int(layout.get("width") or 1)
+        chips.append(f"{layout['count']} replicas × {width} worker{'s' if width > 1 else ''}")
+    if session.get("shards"):
+        chips.append(f"{len(session['shards'])} parameter-server shards")
+    scaling = scaling_section(session, {k: spec.params[k].to_numpy() for k in spec.params})
     graph_svg = render_svg(spec, placement=placement or None, batch_size=batch_size)
     training = ""
     if history is not None:
@@ -549,10 +559,12 @@ def render_report(
   </div>
 </section>
 {training}
+{scaling}
 <section class="card" id="timeline-card">
   <h2>Timeline</h2>
   <p class="muted">What ran where and when: one lane per worker, the driver and the parameter
-  server; <span class="swatch fwd"></span>forward, <span class="swatch bwd"></span>backward,
+  server (with replicas, one per replica too; with shards, one per shard, its stage, commit and
+  apply of the step); <span class="swatch fwd"></span>forward, <span class="swatch bwd"></span>backward,
   <span class="swatch xfer"></span>transfer, <span class="swatch upd"></span>update.</p>
   <div class="graph-scroll">{_timeline_svg(trace)}</div>{_bubble_note(trace)}
 </section>
@@ -578,9 +590,13 @@ def write_report(
     history: Any = None,
     title: str = "distgraph run",
     batch_size: int = 1,
+    status: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the self-contained HTML report of a run and return its path.
 
+    ``status``: a training session's ``status()`` (``trainer.session.status()``, read before
+    closing it); with it the page shows the data-parallel replicas, the parameter-server
+    shards and which rows each replica took (see :func:`~distgraph.viz.scaling.scaling_section`).
     The folder must exist: a missing one raises ``ConfigError`` naming it (nothing is created).
     """
     target = output_path(path, "report")
@@ -593,6 +609,7 @@ def write_report(
         history=history,
         title=title,
         batch_size=batch_size,
+        status=status,
     )
     target.write_text(page, encoding="utf-8")
     return target

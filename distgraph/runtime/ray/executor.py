@@ -327,7 +327,12 @@ class RayExecutor(Executor):
         batch = batch_size or max(1, o.cost.batch_size)
         chosen = choose_replicas(prog, o.num_workers, o.replicas, o.strategy, o.cost, batch)
         base = self.waves.make_plan(prog, True, batch, num_workers=chosen.width)
-        return dataclasses.replace(replicate(base, chosen.count), layout=chosen.explanation)
+        layout = chosen.explanation
+        if o.ps_shards > 1:  # which params each server shard holds, as the session assigns them
+            from ...viz.scaling import explain_shards
+
+            layout += "\n" + explain_shards(graph.params, o.ps_shards)
+        return dataclasses.replace(replicate(base, chosen.count), layout=layout)
 
     # Running ------------------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -261,6 +261,59 @@ class ServerLink:
         return step_id, bool(applied)
 
 
+def shard_track(shard: int) -> str:
+    """The trace track of parameter-server shard ``shard``."""
+    return f"parameter server shard {shard}"
+
+
+def shard_events(
+    step_id: int, shard: int, status: Mapping[str, Any], params: Sequence[str] = ()
+) -> list[TraceEvent]:
+    """A shard's part of step ``step_id`` on its own track, from its answer to the commit:
+    ``stage`` (combine the gradients, compute and hold the update), ``commit`` (the update
+    held until the driver's commit arrives: every replica and every shard staged) and
+    ``apply`` (install it, checkpoint if due). ``params``: the params the shard owns."""
+    track = shard_track(shard)
+    # A server from before the split times (or a clock step back) must not draw backwards.
+    staged = max(status.get("staged", status["start"]), status["start"])
+    committed = min(max(status.get("committed", staged), staged), status["end"])
+    args = {"shard": shard, "step": step_id, "params": list(params)}
+    spans = [
+        ("stage", status["start"], staged),
+        ("commit", staged, committed),
+        ("apply", committed, status["end"]),
+    ]
+    return [
+        TraceEvent(
+            f"{phase} step {step_id}",
+            "update",
+            phase,
+            -1,
+            track,
+            start,
+            end,
+            args={**args, "version": status["version"]} if phase == "apply" else dict(args),
+        )
+        for phase, start, end in spans
+    ]
+
+
+def server_events(
+    step_id: int, status: Mapping[str, Any], keys: Sequence[Sequence[str]] = ()
+) -> list[TraceEvent]:
+    """The server's trace events of step ``step_id``: one ``apply`` event on the
+    ``"parameter server"`` track, or with several shards (``status["shards"]``, from
+    ``ShardedServer.commit``) each shard's stage / commit / apply on its own track
+    (``keys``: the params each shard owns)."""
+    shards = status.get("shards")
+    if not shards:
+        return [apply_event(step_id, status)]
+    out: list[TraceEvent] = []
+    for s, part in enumerate(shards):
+        out.extend(shard_events(step_id, s, part, keys[s] if s < len(keys) else ()))
+    return out
+
+
 def apply_event(step_id: int, status: Mapping[str, Any]) -> TraceEvent:
     """The trace event of the server applying step ``step_id``, from its answer to the commit."""
     return TraceEvent(

@@ -76,7 +76,7 @@ from .replicas import (
     rows_of,
     split_feeds,
 )
-from .server import ServerLink, apply_event
+from .server import ServerLink, server_events
 from .shards import ShardedServer
 from .training import Attached, attach_arrays, replica_layout, server_routes, takers
 from .waves import RowsFeed, Waves, batch_size
@@ -426,9 +426,10 @@ class RaySession(TrainingSession):
         self._updates = routed
         self._record_rows(step_id, plan, rows)
         if trace:
-            events = waves.trace(plan, self.plan_id, step_id, t_submit) + [
-                apply_event(step_id, status)
-            ]
+            # With shards: each shard's stage / commit / apply on its own track.
+            events = waves.trace(plan, self.plan_id, step_id, t_submit) + server_events(
+                step_id, status, getattr(self.server, "keys", ())
+            )
             if rows:
                 events = replica_events(events, width, rows, t_submit)
             self.last_trace = sorted(events, key=lambda e: e.start)
