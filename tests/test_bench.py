@@ -40,6 +40,7 @@ REQUIRED_FIGURES = {
         "distgraph_ray_unoptimised_s",
     ],
     "dp": ["numpy_s", "ray_ps_s", "replicas1_s", "replicas2_s"],
+    "dp_sim": ["ideal_step_s", "r1_step_s", "r2_step_s", "r4_step_s", "r8_step_s"],
     "straggler": [
         "sync_unslowed_step_s",
         "sync_step_s",

@@ -287,6 +287,43 @@ def test_combine_weights_order_and_dtypes() -> None:
     assert np.array_equal(alone, one["w"]) and alone is not one["w"]
 
 
+def test_combine_of_float32_equals_the_float64_sum_rounded_once() -> None:
+    # Two float32 replicas are added in float32 (the fast path); the result must be the
+    # float64 sum of the weighted terms rounded once, bit for bit, across every magnitude:
+    # subnormal sums, overflowing sums and zeros included (those fall back to float64).
+    rng = np.random.default_rng(7)
+    seen_fast = seen_fallback = 0
+    for exp in [-149, -140, -127, -126, -125, -124, -60, 0, 60, 126, 127, 128]:
+        for rows, kind in [
+            ([2, 2], "mean"),
+            ([5, 5], "sum"),
+            ([1, 3], "mean"),
+            ([1, 1, 2], "mean"),
+        ]:
+            parts = []
+            for _ in rows:
+                g = (rng.standard_normal(500) * 2.0**exp).astype(np.float32)
+                g[::7] = 0.0
+                parts.append({"w": g, "s": np.asarray(g[1])})
+            weights = shard_weights(rows, kind)  # type: ignore[arg-type]
+            with np.errstate(over="ignore"):
+                got = combine(parts, rows, kind)  # type: ignore[arg-type]
+                for name in ("w", "s"):
+                    want = sum(p[name].astype(np.float64) * w for p, w in zip(parts, weights))
+                    want = np.asarray(want).astype(np.float32)
+                    assert isinstance(got[name], np.ndarray) and got[name].dtype == np.float32
+                    assert np.array_equal(got[name], want, equal_nan=True), (exp, rows, kind)
+                    assert not any(np.shares_memory(got[name], p[name]) for p in parts)
+            if len(rows) == 2 and weights[0] == weights[1]:
+                from distgraph.dataparallel import _pair_f32
+
+                with np.errstate(over="ignore"):
+                    fast = _pair_f32([p["w"] for p in parts], weights)
+                seen_fast += fast is not None
+                seen_fallback += fast is None
+    assert seen_fast and seen_fallback  # both routes were exercised
+
+
 def test_combine_refuses_mismatches() -> None:
     g = {"w": np.zeros(2)}
     with pytest.raises(ConfigError, match="one row count per replica"):

@@ -102,6 +102,52 @@ def test_server_stage_combines_replica_gradients_once_in_replica_order():
         dp.stage(2, *dicts, replicas=[(1, 6), (1, 5), (1, 5)])
 
 
+class _Recorder:
+    """A stand-in for the server actor's ``stage`` method that records how it was called."""
+
+    def __init__(self):
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def options(self, **_options):
+        return self
+
+    def remote(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return ["staged", "params for 0", "params for 1"]
+
+
+def test_replica_stage_takes_the_gradients_nested_so_the_server_fetches_them_itself():
+    # Top-level refs would make Ray hold the call at the driver until every worker finished;
+    # nested ones let the server take each gradient as it is ready (one hop, not two).
+    from types import SimpleNamespace
+
+    from distgraph.plan import PARAM_SERVER
+    from distgraph.runtime.ray.server import ServerLink
+
+    options = SimpleNamespace(num_workers=2, deadline=123.0)
+    link = ServerLink(None, options, dg.SGD(lr=0.1), {}, lambda _step: None)  # type: ignore[arg-type]
+    stage = _Recorder()
+    link.handle = SimpleNamespace(stage=stage)
+    plan = SimpleNamespace(
+        tasks=[
+            SimpleNamespace(id=i, outputs=[(PARAM_SERVER, ["dw"])], slot=lambda _dest: 0)
+            for i in (0, 1)
+        ]
+    )
+    refs = {0: ["grads of replica 0"], 1: ["grads of replica 1"]}
+    split = {"replicas": [(1, 8), (1, 8)], "kind": "mean"}
+    staged, routed = link.stage(7, plan, refs, [0, 1], split, 1)  # type: ignore[arg-type]
+    args, kwargs = stage.calls[-1]
+    assert args == (7,)  # no gradient among the top-level arguments
+    assert kwargs["grad_refs"] == ["grads of replica 0", "grads of replica 1"]
+    assert kwargs["wait"] == 123.0 and kwargs["routed"] is True
+    assert staged == ["staged"] and routed == {0: "params for 0", 1: "params for 1"}
+    # One replica (no split): the gradients stay top-level, as every other path sends them.
+    link.stage(8, plan, refs, [], None, 1)  # type: ignore[arg-type]
+    args, kwargs = stage.calls[-1]
+    assert args == (8, "grads of replica 0", "grads of replica 1") and "grad_refs" not in kwargs
+
+
 @pytest.mark.parametrize("replicas", [3, 0, "two"])
 def test_replicas_must_divide_the_workers(replicas):
     with pytest.raises(ConfigError, match="replicas") as e:

@@ -36,6 +36,7 @@ NAMES = (
     "fine",
     "mlp",
     "dp",
+    "dp_sim",
     "straggler",
     "wide",
     "latency",

@@ -120,13 +120,18 @@ def _ray_ps_classes() -> tuple[Any, Any]:
 class RayParameterServer:
     """The hand-written data-parallel peer: one PS actor, ``n`` gradient workers."""
 
-    def __init__(self, params: list, x: np.ndarray, y: np.ndarray, n: int = 2) -> None:
+    def __init__(
+        self, params: list, x: np.ndarray, y: np.ndarray, n: int = 2, worker_cpus: float = 1.0
+    ) -> None:
+        """``worker_cpus``: the Ray CPU resource each gradient worker reserves (less than one
+        lets other actors stay alive beside it, for interleaved timing; the work is the same)."""
         import ray
 
         ps_cls, worker_cls = _ray_ps_classes()
         self.ps = ps_cls.remote(params, LR)
         shards = zip(np.array_split(x, n), np.array_split(y, n), strict=True)
-        self.workers = [worker_cls.remote(xs, ys) for xs, ys in shards]
+        placed = worker_cls.options(num_cpus=worker_cpus)
+        self.workers = [placed.remote(xs, ys) for xs, ys in shards]
         self.weights = self.ps.get_weights.remote()
         ray.wait([self.weights])
 

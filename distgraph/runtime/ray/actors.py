@@ -68,7 +68,14 @@ class _RayParamServer(ParameterServer):
         replicas: Sequence[tuple[int, int]] | None = None,
         kind: Reduction = "mean",
         grad_norm: float | None = None,
+        grad_refs: Sequence[Any] = (),
+        wait: float | None = None,
     ) -> Any:
+        # ``grad_refs``: the workers' gradient outputs, passed nested so that Ray sends this
+        # call at once and the server fetches them itself as they finish (bounded by
+        # ``wait`` seconds), instead of the driver holding the call back until they exist.
+        if grad_refs:
+            grad_dicts = (*grad_dicts, *ray.get(list(grad_refs), timeout=wait))
         by_ref = any(isinstance(g, ray.ObjectRef) for g in grad_dicts)  # data_path="store"
         out = ParameterServer.stage(
             self,

@@ -204,13 +204,16 @@ class ServerLink:
             for t in plan.tasks
             if any(d == PARAM_SERVER for d, _ in t.outputs)
         ]
+        args: tuple[Any, ...] = (step_id, *grads)
+        if split:
+            # Data-parallel replicas: the server takes the gradients as the workers finish
+            # (one hop), rather than after the driver has seen every one finish (two hops).
+            args, split["grad_refs"], split["wait"] = (step_id,), grads, self.options.deadline
         if takers:  # the new params are computed with the update: no extra trip
             n = self.options.num_workers
-            out = self.handle.stage.options(num_returns=1 + n).remote(
-                step_id, *grads, routed=True, **split
-            )
+            out = self.handle.stage.options(num_returns=1 + n).remote(*args, routed=True, **split)
             return [out[0]], {w: out[1 + w] for w in takers}
-        return [self.handle.stage.remote(step_id, *grads, **split)], {}
+        return [self.handle.stage.remote(*args, **split)], {}
 
     def commit(self, step_id: int) -> Any:
         """Submit the commit of ``step_id``; returns the ref of its status."""
