@@ -26,7 +26,7 @@ from typing import Any
 from ..dataparallel import combine
 from ..errors import ExecutionError
 from ..interpret import run_nodes
-from ..plan import DRIVER, PARAM_SERVER
+from ..plan import DRIVER
 from ..result import TraceEvent
 from .protocol import CallHeader, unpack
 
@@ -50,7 +50,8 @@ class ActionCall:
     #: Values recorded after the action for the step's combination (gradients, the loss).
     record: tuple[str, ...] = ()
     #: (destination, names) of each returned dict: a worker index (this micro-batch's values),
-    #: or the server / driver (the recorded values combined over the micro-batches).
+    #: or the server (or a shard of it) / driver (the recorded values combined over the
+    #: micro-batches).
     outputs: tuple[tuple[int | str, tuple[str, ...]], ...] = ()
     #: Rows of each micro-batch of the step and how the loss reduces them ("mean" / "sum").
     rows: tuple[int, ...] = ()
@@ -180,7 +181,7 @@ class ActionRunner:
         st.recorded.setdefault(mb, {}).update({n: env[n] for n in action.record})
         outputs = []
         for dest, names in action.outputs:
-            if dest in (DRIVER, PARAM_SERVER):
+            if not isinstance(dest, int):  # the driver, the server or one of its shards
                 values = self._combined(st, names, action)
             else:
                 values = {n: env[n] for n in names}
