@@ -3,6 +3,8 @@ actions on Ray, gradients are combined over micro-batches by rows and applied on
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from raysupport import ensure_ray
@@ -450,3 +452,132 @@ def test_replicated_pipelines_refuse_a_loss_coupling_rows_naming_the_node(four_w
     finally:
         tr.close()
         ex.replicas = 1
+
+
+# --- one call per worker per step, values handed from worker to worker (no Ray) ---------------
+
+
+def _in_process(p: int, m: int, schedule: str):
+    """A StagePlan installed on ``p`` in-process workers, one step's feeds split into ``m``
+    micro-batches, and each worker's call of that step (as the driver builds them)."""
+    from distgraph.interpret import prepare_feeds
+    from distgraph.plan import DRIVER, PARAM_SERVER
+    from distgraph.runtime.protocol import CallHeader
+    from distgraph.runtime.ray.pipelined import step_calls
+    from distgraph.runtime.ray.replicas import split_rows
+    from distgraph.runtime.worker import Worker
+
+    g = _mlp()
+    plan = build_stage_plan(_training_plan(g, p), m, schedule, BATCH)
+    prog = plan.program
+    workers = [Worker(i) for i in range(p)]
+    for i, w in enumerate(workers):
+        resident = {
+            n: g.param_values[n] if n in g.param_values else prog.constants[n]
+            for n in plan.resident[i]
+        }
+        w.install(1, prog, [t for t in plan.tasks if t.worker == i], resident)
+    feeds = prepare_feeds(prog, {k: v[:BATCH] for k, v in _data().items()})
+    slices, parts = split_rows(feeds, ("x", "y"), m)
+
+    def ends(s: int):
+        out = [(PARAM_SERVER, list(plan.grads_of[s]))] if plan.grads_of[s] else []
+        return out + ([(DRIVER, list(plan.outputs_of[s]))] if plan.outputs_of[s] else [])
+
+    calls = step_calls(
+        plan,
+        plan,
+        CallHeader(1, 1, -1),
+        1,
+        [(parts, [s.stop - s.start for s in slices])],
+        ends,
+        "mean",
+        60.0,
+        workers,
+        {},
+    )
+    return g, plan, workers, feeds, calls
+
+
+def _run_threads(workers, calls, only=None):
+    import threading
+
+    results: dict[int, object] = {}
+
+    def run(w, call, args):
+        try:
+            results[w] = workers[w].run_actions(call, *args)
+        except BaseException as e:  # handed to the test
+            results[w] = e
+
+    threads = [
+        threading.Thread(target=run, args=(w, call, args), daemon=True)
+        for w, call, args in calls.values()
+        if only is None or w in only
+    ]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_each_worker_runs_its_whole_action_list_in_one_call(schedule):
+    """Issue 15 B: a pipelined step is one call per worker holding its schedule's actions;
+    values for another stage go straight to that worker (its mailbox), so no call waits for
+    another on the driver. The combined gradients equal the full batch's."""
+    from distgraph.plan import PARAM_SERVER
+
+    p, m = 3, 4
+    g, plan, workers, feeds, calls = _in_process(p, m, schedule)
+    # Preconditions: one call per worker, each holding all 2m of its actions, and none takes
+    # a value another worker computes (only the driver's feeds).
+    assert sorted(w for w, _, _ in calls.values()) == list(range(p))
+    for w, call, args in calls.values():
+        assert [a.label for a, _ in call.actions] == [
+            a.label for a in make_schedule(schedule, p, m)[w]
+        ]
+        assert all(isinstance(v, np.ndarray) for v in args)
+    threads, results = _run_threads(workers, calls)
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    assert not errors, errors
+    grads: dict[str, np.ndarray] = {}
+    for w, call, _args in calls.values():
+        out = results[w]
+        out = out if isinstance(out, tuple) else (out,)
+        ends = [d for d, _ in call.actions[-1][0].outputs if not isinstance(d, int)]
+        for dest, values in zip(ends, out):
+            if dest == PARAM_SERVER:
+                grads.update(values)
+    ref = dg.LocalExecutor().run(g, {k: v for k, v in feeds.items()}, outputs=["loss"], grad="loss")
+    for param, node in plan.program.grads.items():
+        np.testing.assert_allclose(grads[node], ref.grads[param], rtol=1e-12, err_msg=param)
+    # Every worker held what the schedule says (its mailbox took the other stages' values).
+    assert [workers[w].microbatch_peaks(1)[1] for w in range(p)] == peak_inflight(
+        make_schedule(schedule, p, m)
+    )
+
+
+def test_a_cancelled_attempt_releases_a_worker_waiting_for_values():
+    """A worker whose upstream never sends (lost mid-step) is released when the driver
+    cancels the attempt, and fails naming the step; a new attempt of the same step then
+    runs on fresh mail."""
+    from distgraph.errors import ExecutionError
+
+    p, m = 2, 2
+    _g, _plan, workers, _feeds, calls = _in_process(p, m, "gpipe")
+    threads, results = _run_threads(workers, calls, only={1})  # stage 0 never runs
+    workers[1].cancel_actions(1, 1)
+    threads[0].join(60)
+    assert not threads[0].is_alive()
+    assert isinstance(results[1], ExecutionError)
+    assert "step 1 was abandoned by the driver" in str(results[1])
+    # The retry (attempt 2) of the same step runs whole.
+    retry = {k: (w, dataclasses.replace(c, attempt=2), a) for k, (w, c, a) in calls.items()}
+    threads, results = _run_threads(workers, retry)
+    for t in threads:
+        t.join(60)
+    assert not any(isinstance(r, BaseException) for r in results.values()), results
+    assert sorted(results) == [0, 1]

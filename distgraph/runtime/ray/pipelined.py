@@ -14,24 +14,27 @@ abort with the server(s); here the hooks ``_place``, ``_submit_step``, ``_finish
 1. split each replica's rows into ``m`` micro-batches with the replicas' own helper
    (:func:`~distgraph.runtime.ray.replicas.split_rows`: sizes differ by at most one); inputs
    without a batch axis go whole to every micro-batch;
-2. submit every action of each replica's schedule in the plan's submission order (each after
-   every action it imports from), one actor call each: ``run_action(ActionCall, CallHeader,
-   ...)`` with the refs of the same micro-batch's values from other stages as top-level
-   arguments; each worker's first action takes its new params, its last returns its
-   gradients combined over its micro-batches, weighted by rows (one dict per server shard),
-   and the loss (to the driver);
-3. the server combines the replicas' gradients in replica order, weighted by their rows, and
-   the step is committed (or aborted) once, as a plain step.
+2. submit one call per active worker, ``run_actions(StepActions, *values)``, holding its
+   whole action list for the step (``runtime/actions.py``), stage 0 first: no call waits for
+   another on the driver. Values crossing stages go from worker to worker (the producing
+   action delivers them to the consumer's mailbox at once); the first action takes the
+   worker's new params, the last returns its gradients combined over its micro-batches,
+   weighted by rows (one dict per server shard), and the loss (to the driver);
+3. the server combines the replicas' gradients in replica order, weighted by their rows;
+   the driver waits for every call, failing at the first error (a worker lost mid-step
+   fails the step at once; ``_abandon`` cancels the other workers' waits for its values),
+   and the step is committed (or aborted) once, as a plain step.
 
 Workers keep no replica of their params here (the server sends new params after each step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -43,8 +46,8 @@ from ...plan import DRIVER, PARAM_SERVER, Plan, Task
 from ...program import Program
 from ...result import TraceEvent
 from ...stageplan import StagePlan, build_stage_plan
-from ..actions import ActionCall
-from ..protocol import CallHeader, Rows, pack
+from ..actions import ActionCall, StepActions
+from ..protocol import CallHeader, Rows
 from . import actors
 from .options import INLINE_BYTES
 from .replicas import Replicas, replicate, split_rows
@@ -61,9 +64,11 @@ class PipelinedSession(RaySession):
     split: RowSplit | None = None
     #: One replica's stage plan (workers ``0 .. p - 1``; replica ``r`` adds ``r * p``).
     stage_plan: StagePlan | None = None
-    #: The refs of the latest step's actions by (replica, task id, micro-batch), for naming
-    #: the late ones.
-    _action_refs: dict[tuple[int, int, int], list[Any]] = {}
+    #: Numbers the step attempts (a retried step id gets a new one: workers key mail by it).
+    _attempts = itertools.count(1)
+    _attempt = 0
+    #: The latest step's call refs by worker, for naming the late ones.
+    _calls: dict[int, list[Any]]
 
     def _place(self, layout: Replicas, batch: int) -> Plan:
         o = self.options
@@ -72,6 +77,7 @@ class PipelinedSession(RaySession):
         # (with replicas ``choose_replicas`` has refused it already).
         self.split = (layout.split or analyze_rows(self.prog, self.loss)) if m > 1 else None
         self.stage_plan = stage_plan(self.waves, self.prog, layout, batch)
+        self._calls = {}
         return replicate(self.stage_plan, layout.count)
 
     def _grad_dests(self, stage: int) -> list[tuple[int | str, list[str]]]:
@@ -104,106 +110,92 @@ class PipelinedSession(RaySession):
         updates: Mapping[int, Any],
         trace: bool,
     ) -> tuple[Plan, dict[int, list[Any]]]:
-        """Submit every action of the step, replica by replica interleaved in each replica's
-        submission order; returns one task per (replica, stage) saying what its worker's last
-        action sends the server(s) and the driver, and those refs."""
+        """Submit one call per active worker holding its whole action list (stage 0 first);
+        returns one task per (replica, stage) saying what its call sends the server(s) and
+        the driver, and those refs (see module doc)."""
         plan, sp = self.plan, self.stage_plan
         assert plan is not None and sp is not None
         workers = self.cluster.workers
-        count = len(sp.tasks)  # tasks per replica
-        reduction = self.split.kind if self.split is not None else "mean"
-        pending_update = dict(updates)
-        refs: dict[tuple[int, int, int], list[Any]] = {}
-        self._action_refs = refs
-        # (replica, stage) -> (worker, what its last action sends the server(s) / driver, refs)
-        ends: dict[tuple[int, int], tuple[int, list[tuple[int | str, list[str]]], list[Any]]] = {}
-        orders = []
-        for r, feeds in enumerate(list(parts) or [arrays]):
-            mb_feeds, rows = self._microbatches(feeds)
-            sched = sp.schedule(len(mb_feeds))
-            position = {a: i for acts in sched for i, a in enumerate(acts)}
-            orders.append(
-                [
-                    (r, a, mb_feeds, rows, sched, position)
-                    for a in sp.submission_order(len(mb_feeds))
-                ]
-            )
-        for item in itertools.chain.from_iterable(itertools.zip_longest(*orders)):
-            if item is None:
-                continue
-            r, act, mb_feeds, rows, sched, position = item
-            task = plan.tasks[r * count + sp.task_of(act).id]
-            w = task.worker
-            pos = position[act]
-            last = pos == len(sched[act.stage]) - 1
-            extras: list[tuple[int | str, list[str]]] = []
-            if last:
-                extras = self._grad_dests(act.stage)
-                if sp.outputs_of[act.stage]:
-                    extras.append((DRIVER, list(sp.outputs_of[act.stage])))
-            outputs = list(task.outputs) + extras
-            record = sp.grads_of[act.stage] + sp.outputs_of[act.stage]
-            in_task = set(task.nodes)
-            small, big_names, big = _feeds(mb_feeds[act.microbatch], task.feeds)
-            update = pending_update.pop(w, None)
-            header = CallHeader(
+        self._attempt = next(self._attempts)
+        calls = step_calls(
+            plan,
+            sp,
+            CallHeader(
                 self.plan_id,
                 step_id,
-                task.id,
+                -1,
                 trace=trace,
                 check_finite=self.check_finite,
                 by_ref=self.options.data_path == "store",
-                update=update is not None,
-                inline=small,
-                big=big_names,
-                imports=len(task.imports),
-            )
-            call = ActionCall(
-                label=act.label,
-                microbatch=act.microbatch,
-                stage=act.stage,
-                position=pos,
-                count=len(sched[act.stage]),
-                release=act.kind == "B",
-                record=tuple(n for n in record if n in in_task),
-                outputs=tuple((d, tuple(ns)) for d, ns in outputs),
-                rows=tuple(rows),
-                reduction=reduction,
-            )
-            args = pack(
-                header,
-                update,
-                big,
-                [refs[(r, src, act.microbatch)][slot] for src, slot, _ in task.imports],
-            )
-            n_out = max(1, len(outputs))
-            out = workers[w].run_action.options(num_returns=n_out).remote(call, *args)
-            got = list(out) if n_out > 1 else [out]
-            refs[(r, task.id, act.microbatch)] = got
-            if last:
-                ends[(r, act.stage)] = (w, extras, got[len(task.outputs) :])
-        for w, update in pending_update.items():
-            workers[w].set_resident.remote(self.plan_id, update)
+            ),
+            self._attempt,
+            [self._microbatches(feeds) for feeds in list(parts) or [arrays]],
+            self._ends,
+            self.split.kind if self.split is not None else "mean",
+            self.options.deadline,
+            workers,
+            updates,
+        )
+        # Submitted stage by stage (replicas side by side): stage 0 starts the step.
+        refs: dict[tuple[int, int], list[Any]] = {}
+        for key in sorted(calls, key=lambda k: (k[1], k[0])):
+            w, step_call, args = calls[key]
+            n_out = max(1, len(self._ends(key[1])))
+            out = workers[w].run_actions.options(num_returns=n_out).remote(step_call, *args)
+            refs[key] = list(out) if n_out > 1 else [out]
+        active = {w for w, _, _ in calls.values()}
+        for w, update in updates.items():
+            if w not in active:  # no call this step: the new params still go now
+                workers[w].set_resident.remote(self.plan_id, update)
+        self._calls = {calls[k][0]: rs for k, rs in refs.items()}
         # In replica order, then stage order: the server takes each replica's dicts together.
-        sent: list[Task] = []
-        sent_refs: dict[int, list[Any]] = {}
-        for i, key in enumerate(sorted(ends)):
-            w, extras, got = ends[key]
-            sent.append(Task(id=i, worker=w, outputs=extras))
-            sent_refs[i] = got
-        return dataclasses.replace(plan, tasks=sent), sent_refs
+        order = sorted(calls)
+        sent = [
+            Task(id=i, worker=calls[k][0], outputs=self._ends(k[1])) for i, k in enumerate(order)
+        ]
+        return dataclasses.replace(plan, tasks=sent), {i: refs[k] for i, k in enumerate(order)}
+
+    def _ends(self, stage: int) -> list[tuple[int | str, list[str]]]:
+        """What stage ``stage``'s last action sends: its gradients to the server (or each
+        shard its own), then its outputs to the driver."""
+        assert self.stage_plan is not None
+        out = self._grad_dests(stage)
+        if self.stage_plan.outputs_of[stage]:
+            out.append((DRIVER, list(self.stage_plan.outputs_of[stage])))
+        return out
 
     def _finish_step(
         self, sent: Plan, step_id: int, refs: dict[int, list[Any]], extra: list[Any]
     ) -> list[dict[str, Any]]:
+        """Wait for every worker's call (and ``extra``) within the deadline, failing at the
+        first error: a worker waiting for a lost peer's values would otherwise hold the step
+        until the deadline (``_abandon`` then cancels the waits)."""
         driver = [
             refs[t.id][t.slot(DRIVER)] for t in sent.tasks if any(d == DRIVER for d, _ in t.outputs)
         ]
-        try:
-            got = self.waves.get(driver + extra, "running the step")
-        except WaveTimeoutError:
-            raise self._timeout(step_id) from None
-        return got[: len(driver)]
+        every = [r for rs in self._calls.values() for r in rs] + list(extra)
+        end = time.monotonic() + self.options.deadline
+        left = list(every)
+        while left:
+            ready, left = _wait_some(left, end)
+            if not ready:
+                raise self._timeout(step_id, left)
+            self.waves.get(ready, "running the step")  # raises the first failure
+        return self.waves.get(driver, "running the step")
+
+    def _abandon(
+        self,
+        step_id: int,
+        committing: bool,
+        pending: Any,
+        error: BaseException | None = None,
+    ) -> None:
+        """Release every worker still waiting for this attempt's values, then abandon the
+        step as the session does."""
+        for w in self.cluster.workers:
+            with contextlib.suppress(Exception):
+                w.cancel_actions.remote(self.plan_id, self._attempt)
+        super()._abandon(step_id, committing, pending, error)
 
     def _step_events(self, sent: Plan, step_id: int, t_submit: float) -> list[TraceEvent]:
         events = [
@@ -215,27 +207,20 @@ class PipelinedSession(RaySession):
             )
         return events
 
-    def _timeout(self, step_id: int) -> WaveTimeoutError:
-        """Name the actions still pending when a step passes its deadline."""
-        plan = self.plan
-        assert plan is not None and self.stage_plan is not None
-        count = len(self.stage_plan.tasks)
-        every = [(k, r) for k, rs in self._action_refs.items() for r in rs]
-        _ready, pending = ray.wait(
-            [r for _, r in every], num_returns=len(every), timeout=0, fetch_local=False
-        )
-        waiting = set(pending)
-        late = sorted({k for k, r in every if r in waiting})
+    def _timeout(self, step_id: int, late: Sequence[Any]) -> WaveTimeoutError:
+        """Name the workers (stage and replica) whose calls had not ended at the deadline."""
+        assert self.stage_plan is not None and self.layout is not None
+        waiting = set(late)
+        width = self.layout.width
         names = [
-            f"{'F' if (tid % count) % 2 == 0 else 'B'}{mb} of stage {(tid % count) // 2}"
-            f"{f' of replica {r}' if self.layout and self.layout.count > 1 else ''} on worker "
-            f"{plan.tasks[tid].worker}"
-            for r, tid, mb in late
+            f"stage {self.stage_plan.stages.index(w % width)}"
+            f"{f' of replica {w // width}' if self.layout.count > 1 else ''} on worker {w}"
+            for w, rs in sorted(self._calls.items())
+            if any(r in waiting for r in rs)
         ]
-        shown = ", ".join(names[:12]) + (f", ... {len(names) - 12} more" if len(names) > 12 else "")
         return WaveTimeoutError(
             f"pipelined step {step_id} passed its deadline of {self.options.deadline:g} s; "
-            f"actions still pending: {shown or 'none (waiting for the parameter server)'}"
+            f"still running: {', '.join(names) or 'none (waiting for the parameter server)'}"
         )
 
     def microbatch_peaks(self) -> list[dict[int, int]]:
@@ -251,6 +236,71 @@ class PipelinedSession(RaySession):
                 for w in self.stage_plan.stages
             ]
         )
+
+
+def step_calls(
+    plan: StagePlan,
+    one: StagePlan,
+    base: CallHeader,
+    attempt: int,
+    replicas: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[int]]],
+    ends: Callable[[int], list[tuple[int | str, list[str]]]],
+    reduction: str,
+    deadline: float,
+    workers: Sequence[Any],
+    updates: Mapping[int, Any],
+) -> dict[tuple[int, int], tuple[int, StepActions, list[Any]]]:
+    """Every worker's call of one pipelined step, as data: (replica, stage) -> (worker, its
+    :class:`StepActions`, the call's values after it).
+
+    ``plan``: the replicated plan (``one``: one replica's); ``base``: the step's header
+    fields (plan, step, flags); ``replicas``: per active replica, its micro-batches' feeds and
+    rows; ``ends(stage)``: what the stage's last action sends the server(s) and the driver;
+    ``workers``: the handles values are delivered to; ``updates``: worker -> new params, taken
+    by its first action. Large feeds are put in the object store here (one put each)."""
+    count = len(one.tasks)  # tasks per replica
+    calls: dict[tuple[int, int], tuple[int, StepActions, list[Any]]] = {}
+    for r, (mb_feeds, rows) in enumerate(replicas):
+        for s, acts in enumerate(one.schedule(len(mb_feeds))):
+            w = plan.tasks[r * count + 2 * s].worker
+            update = updates.get(w)
+            pairs: list[tuple[ActionCall, CallHeader]] = []
+            args: list[Any] = []
+            peers: dict[int, Any] = {}
+            record = one.grads_of[s] + one.outputs_of[s]
+            for pos, act in enumerate(acts):
+                task = plan.tasks[r * count + one.task_of(act).id]
+                outputs = list(task.outputs) + (ends(s) if pos == len(acts) - 1 else [])
+                peers.update({d: workers[d] for d, _ in outputs if isinstance(d, int)})
+                small, big_names, big = _feeds(mb_feeds[act.microbatch], task.feeds)
+                first = update is not None and pos == 0
+                header = dataclasses.replace(
+                    base,
+                    task_id=task.id,
+                    update=first,
+                    inline=small,
+                    big=big_names,
+                    imports=len(task.imports),
+                )
+                in_task = set(task.nodes)
+                call = ActionCall(
+                    label=act.label,
+                    microbatch=act.microbatch,
+                    stage=s,
+                    position=pos,
+                    count=len(acts),
+                    release=act.kind == "B",
+                    record=tuple(n for n in record if n in in_task),
+                    outputs=tuple((d, tuple(ns)) for d, ns in outputs),
+                    rows=tuple(rows),
+                    reduction=reduction,
+                    sources=tuple(plan.tasks[src].worker for src, _, _ in task.imports),
+                )
+                pairs.append((call, header))
+                args.extend(([update] if first else []) + big)
+            actions = StepActions(base.plan_id, base.step, attempt, tuple(pairs), peers, deadline)
+            calls[(r, s)] = (w, actions, args)
+    return calls
 
 
 def _feeds(
@@ -302,3 +352,15 @@ def pipelined_plan(
     """The pipelined training plan of ``program``: ``layout.count`` copies of one replica's
     :func:`stage_plan` (not installed)."""
     return replicate(stage_plan(waves, program, layout, batch), layout.count)
+
+
+def _wait_some(refs: list[Any], end: float) -> tuple[list[Any], list[Any]]:
+    """The refs of ``refs`` that are ready (at least one, unless ``end`` passes first), and
+    the rest."""
+    ready, rest = ray.wait(
+        refs, num_returns=1, timeout=max(0.0, end - time.monotonic()), fetch_local=False
+    )
+    if ready and rest:  # take every other one that is ready too, without waiting
+        more, rest = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
+        ready += more
+    return ready, rest
