@@ -34,6 +34,11 @@ Order of a step (``_step_once``):
    reset to the server's state. A commit that finds nothing staged fails as a lost worker:
    the session recovers and replays the step.
 
+The plan and the step's calls come from hooks (``_place``; ``_submit_step``, ``_finish_step``,
+``_step_events``): ``pipelined.py`` places replicas of a chain of stages and runs each
+worker's micro-batch actions in one call, keeping every other part of this protocol (rows
+over replicas, stage / commit / abort, recovery).
+
 Recovery: a step that loses a worker is run again (same step id, same feeds) after the lost
 worker is replaced and the plan reinstalled on it with the server's current params. A lost
 server is restarted from its latest checkpoint (or the initial state) and the steps it had
