@@ -3,6 +3,8 @@ actions on Ray, gradients are combined over micro-batches by rows and applied on
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from raysupport import ensure_ray
@@ -320,3 +322,262 @@ def test_a_batch_with_fewer_rows_than_micro_batches_runs_fewer(executors):
             np.testing.assert_allclose(tr.params[k], v, rtol=1e-12, atol=0, err_msg=k)
     finally:
         tr.close()
+
+
+# --- composed with data-parallel replicas and sharded servers ----------------------------------
+
+# 96 rows in batches of 25: 4 steps an epoch (the last of 21 rows), so replica shards and
+# micro-batches are uneven (e.g. 13 / 12 rows, then 7 / 6 and 6 / 6).
+COMPOSED_BATCH, COMPOSED_EPOCHS = 25, 25  # 100 steps
+
+
+def _composed_fit(ex: dg.RayExecutor | None) -> dg.Trainer:
+    # SGD: the replicas' gradients are combined at the server in another order than the full
+    # batch's sums; Adam would magnify those last-bit differences (see test_replicas).
+    tr = dg.Trainer(_mlp(), loss="loss", optimizer=dg.SGD(lr=0.05), executor=ex, progress=False)
+    tr.fit(_data(), epochs=COMPOSED_EPOCHS, batch_size=COMPOSED_BATCH, seed=7)
+    return tr
+
+
+@pytest.fixture(scope="module")
+def four_workers():
+    ensure_ray()
+    ex = dg.RayExecutor(
+        num_workers=4, strategy="pipeline", microbatches=2, resources_per_worker={"CPU": 0.5}
+    )
+    yield ex
+    ex.close()
+
+
+@pytest.fixture(scope="module")
+def composed_reference():
+    """The full-batch run on LocalExecutor."""
+    tr = _composed_fit(None)
+    assert tr.session.applied_steps == list(range(1, 101))
+    return tr.params, tr.history.loss
+
+
+def _assert_every_replica_stage_ran(tr: dg.Trainer, replicas: int, stages: int) -> None:
+    """The precondition: every step ran on every replica (its own rows, together the whole
+    batch) and every stage of every replica ran micro-batches in every step."""
+    steps = list(range(1, COMPOSED_EPOCHS * 4 + 1))
+    info = tr.session.status()["replicas"]
+    assert (info["count"], info["width"]) == (replicas, stages)
+    assert sorted(info["steps"]) == steps
+    for step, entries in info["steps"].items():
+        assert [e["replica"] for e in entries] == list(range(replicas)), step
+        for e in entries:
+            r = e["replica"]
+            assert e["workers"] == [r * stages + s for s in range(stages)], (step, e)
+        if replicas > 1:
+            spans = [e["rows"] for e in entries]
+            batch = COMPOSED_BATCH if step % 4 else 96 % COMPOSED_BATCH
+            assert spans[0][0] == 0 and spans[-1][1] == batch, (step, spans)
+            sizes = [b - a for a, b in spans]
+            assert max(sizes) - min(sizes) <= 1, (step, sizes)
+    peaks = tr.session.microbatch_peaks()
+    assert len(peaks) == replicas * stages  # one per worker, replica by replica
+    for w, per_step in enumerate(peaks):
+        assert sorted(per_step) == steps, w
+        assert min(per_step.values()) >= 1, w
+
+
+@pytest.mark.parametrize(
+    "replicas, microbatches, shards, schedule",
+    [(2, 2, 1, "gpipe"), (2, 2, 1, "1f1b"), (2, 3, 2, "1f1b"), (1, 3, 2, "gpipe")],
+)
+def test_replicas_of_pipelines_equal_the_full_batch_run(
+    four_workers, composed_reference, replicas, microbatches, shards, schedule
+):
+    """R replicas x p stages x m micro-batches (x S server shards): each replica a pipeline
+    over its own workers, its rows split into micro-batches; the result is the full batch's."""
+    ex = four_workers
+    stages = 4 // replicas
+    ex.replicas, ex.ps_shards = replicas, shards
+    ex.microbatches, ex.schedule = microbatches, schedule
+    ref_params, ref_loss = composed_reference
+    tr = _composed_fit(ex)
+    try:
+        plan = tr.session.plan
+        assert isinstance(plan, StagePlan) and plan.stages == tuple(range(stages))
+        assert plan.num_workers == replicas * stages and plan.microbatches == microbatches
+        assert tr.session.applied_steps == list(range(1, 101))
+        _assert_every_replica_stage_ran(tr, replicas, stages)
+        if shards > 1:
+            status = tr.session.status()
+            assert len(status["shards"]) == shards
+            assert all(s["applied"] == list(range(1, 101)) for s in status["shards"])
+            assert all(s["params"] for s in status["shards"])  # each shard owns params
+        for k, v in ref_params.items():
+            np.testing.assert_allclose(tr.params[k], v, rtol=1e-12, atol=0, err_msg=k)
+        np.testing.assert_allclose(tr.history.loss, ref_loss, rtol=1e-12)
+    finally:
+        tr.close()
+        ex.replicas, ex.ps_shards = 1, 1
+
+
+def test_two_runs_of_replicated_pipelines_are_identical(four_workers):
+    ex = four_workers
+    ex.replicas, ex.ps_shards, ex.microbatches, ex.schedule = 2, 2, 2, "1f1b"
+    runs = []
+    try:
+        for _ in range(2):
+            tr = _composed_fit(ex)
+            assert tr.session.layout.count == 2 and tr.session.stage_plan.num_stages == 2
+            runs.append((tr.params, tr.history.loss))
+            tr.close()
+    finally:
+        ex.replicas, ex.ps_shards = 1, 1
+    (a, la), (b, lb) = runs
+    assert la == lb
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def test_replicated_pipelines_refuse_a_loss_coupling_rows_naming_the_node(four_workers):
+    g = dg.Graph()
+    x = g.input("x", shape=(None, 2))
+    w = g.param("w", np.ones((2, 3)))
+    h = x @ w
+    mu = g.apply("mean", h, axis=0, keepdims=True, name="mu")
+    c = h - mu
+    g.output("loss", (c * c).mean())
+    ex = four_workers
+    ex.replicas, ex.microbatches = 2, 2
+    tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+    try:
+        with pytest.raises(GraphError, match="'mu' \\(op mean, axis 0\\)"):
+            tr.fit({"x": np.arange(16.0).reshape(8, 2)}, epochs=1, batch_size=8)
+        assert tr.session.applied_steps == []
+    finally:
+        tr.close()
+        ex.replicas = 1
+
+
+# --- one call per worker per step, values handed from worker to worker (no Ray) ---------------
+
+
+def _in_process(p: int, m: int, schedule: str):
+    """A StagePlan installed on ``p`` in-process workers, one step's feeds split into ``m``
+    micro-batches, and each worker's call of that step (as the driver builds them)."""
+    from distgraph.interpret import prepare_feeds
+    from distgraph.plan import DRIVER, PARAM_SERVER
+    from distgraph.runtime.protocol import CallHeader
+    from distgraph.runtime.ray.pipelined import step_calls
+    from distgraph.runtime.ray.replicas import split_rows
+    from distgraph.runtime.worker import Worker
+
+    g = _mlp()
+    plan = build_stage_plan(_training_plan(g, p), m, schedule, BATCH)
+    prog = plan.program
+    workers = [Worker(i) for i in range(p)]
+    for i, w in enumerate(workers):
+        resident = {
+            n: g.param_values[n] if n in g.param_values else prog.constants[n]
+            for n in plan.resident[i]
+        }
+        w.install(1, prog, [t for t in plan.tasks if t.worker == i], resident)
+    feeds = prepare_feeds(prog, {k: v[:BATCH] for k, v in _data().items()})
+    slices, parts = split_rows(feeds, ("x", "y"), m)
+
+    def ends(s: int):
+        out = [(PARAM_SERVER, list(plan.grads_of[s]))] if plan.grads_of[s] else []
+        return out + ([(DRIVER, list(plan.outputs_of[s]))] if plan.outputs_of[s] else [])
+
+    calls = step_calls(
+        plan,
+        plan,
+        CallHeader(1, 1, -1),
+        1,
+        [(parts, [s.stop - s.start for s in slices])],
+        ends,
+        "mean",
+        60.0,
+        workers,
+        {},
+    )
+    return g, plan, workers, feeds, calls
+
+
+def _run_threads(workers, calls, only=None):
+    import threading
+
+    results: dict[int, object] = {}
+
+    def run(w, call, args):
+        try:
+            results[w] = workers[w].run_actions(call, *args)
+        except BaseException as e:  # handed to the test
+            results[w] = e
+
+    threads = [
+        threading.Thread(target=run, args=(w, call, args), daemon=True)
+        for w, call, args in calls.values()
+        if only is None or w in only
+    ]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_each_worker_runs_its_whole_action_list_in_one_call(schedule):
+    """Issue 15 B: a pipelined step is one call per worker holding its schedule's actions;
+    values for another stage go straight to that worker (its mailbox), so no call waits for
+    another on the driver. The combined gradients equal the full batch's."""
+    from distgraph.plan import PARAM_SERVER
+
+    p, m = 3, 4
+    g, plan, workers, feeds, calls = _in_process(p, m, schedule)
+    # Preconditions: one call per worker, each holding all 2m of its actions, and none takes
+    # a value another worker computes (only the driver's feeds).
+    assert sorted(w for w, _, _ in calls.values()) == list(range(p))
+    for w, call, args in calls.values():
+        assert [a.label for a, _ in call.actions] == [
+            a.label for a in make_schedule(schedule, p, m)[w]
+        ]
+        assert all(isinstance(v, np.ndarray) for v in args)
+    threads, results = _run_threads(workers, calls)
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    assert not errors, errors
+    grads: dict[str, np.ndarray] = {}
+    for w, call, _args in calls.values():
+        out = results[w]
+        out = out if isinstance(out, tuple) else (out,)
+        ends = [d for d, _ in call.actions[-1][0].outputs if not isinstance(d, int)]
+        for dest, values in zip(ends, out):
+            if dest == PARAM_SERVER:
+                grads.update(values)
+    ref = dg.LocalExecutor().run(g, {k: v for k, v in feeds.items()}, outputs=["loss"], grad="loss")
+    for param, node in plan.program.grads.items():
+        np.testing.assert_allclose(grads[node], ref.grads[param], rtol=1e-12, err_msg=param)
+    # Every worker held what the schedule says (its mailbox took the other stages' values).
+    assert [workers[w].microbatch_peaks(1)[1] for w in range(p)] == peak_inflight(
+        make_schedule(schedule, p, m)
+    )
+
+
+def test_a_cancelled_attempt_releases_a_worker_waiting_for_values():
+    """A worker whose upstream never sends (lost mid-step) is released when the driver
+    cancels the attempt, and fails naming the step; a new attempt of the same step then
+    runs on fresh mail."""
+    from distgraph.errors import ExecutionError
+
+    p, m = 2, 2
+    _g, _plan, workers, _feeds, calls = _in_process(p, m, "gpipe")
+    threads, results = _run_threads(workers, calls, only={1})  # stage 0 never runs
+    workers[1].cancel_actions(1, 1)
+    threads[0].join(60)
+    assert not threads[0].is_alive()
+    assert isinstance(results[1], ExecutionError)
+    assert "step 1 was abandoned by the driver" in str(results[1])
+    # The retry (attempt 2) of the same step runs whole.
+    retry = {k: (w, dataclasses.replace(c, attempt=2), a) for k, (w, c, a) in calls.items()}
+    threads, results = _run_threads(workers, retry)
+    for t in threads:
+        t.join(60)
+    assert not any(isinstance(r, BaseException) for r in results.values()), results
+    assert sorted(results) == [0, 1]

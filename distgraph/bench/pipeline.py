@@ -6,8 +6,10 @@ step, ``strategy="pipeline"`` on 4 workers. A step's ideal time is ``(m + p - 1)
 ``F + B`` (both GPipe and 1F1B): 11 x 60 ms = 660 ms. Measured: the median step (the
 driver's wall time of ``session.step``), for GPipe and 1F1B; the predictor's estimate
 (``StagePlan.estimate_pipeline``: the schedule's longest path with the cost model's call
-overhead and transfers); and the measured bubble of a traced step next to the formula
-``(p - 1) / (m + p - 1)``.
+overhead and transfers); the measured bubble of a traced step next to the formula
+``(p - 1) / (m + p - 1)``; and the median hand-off between stages in that step
+(``sim_<schedule>_hop_s``: an upstream action's end to the start of the action waiting for
+its value; a pipelined step sends these values from worker to worker).
 
 Real (numpy compute): an MLP with 8 hidden layers of 1024 (float32, batch 512), one worker vs
 2 stages x 4 micro-batches (GPipe), reported next to the two-process ceiling measured in the same
@@ -82,6 +84,7 @@ def _simulated(rec: Record, quick: bool, progress: bool) -> None:
             times = _step_times(session, feeds, steps, first=2)
             session.step(steps + 2, feeds, trace=True)
             bubble = measured_bubble(session.last_trace)
+            hop = _hop_seconds(session.last_trace)
             plan = session.plan
             est = plan.estimate_pipeline()
             session.close()
@@ -92,6 +95,8 @@ def _simulated(rec: Record, quick: bool, progress: bool) -> None:
         rec.figure(f"sim_{schedule}_step_s", med)
         rec.figure(f"sim_{schedule}_predicted_s", est.seconds)
         rec.figure(f"sim_{schedule}_bubble_measured", bubble)
+        if hop is not None:
+            rec.figure(f"sim_{schedule}_hop_s", hop)
         rec.ratio(f"sim_{schedule}_predictor_error", abs(est.seconds - med), med)
         rec.target(f"{schedule}_vs_ideal", rec.ratio(f"{schedule}_vs_ideal", med, ideal))
         log(progress, NAME, f"{schedule}: step {med * 1e3:.1f} ms (ideal {ideal * 1e3:.0f} ms)")
@@ -103,6 +108,22 @@ def _simulated(rec: Record, quick: bool, progress: bool) -> None:
         f"micro-batch (sleeping kernels); ideal step (m + p - 1) x (F + B); "
         "1f1b_vs_gpipe is max(r, 1/r) of the two median steps."
     )
+
+
+def _hop_seconds(events: list[Any]) -> float | None:
+    """The median time a traced pipelined step's action waited for a value from another
+    stage: from the end of the upstream action (F of the previous stage, B of the next) to the
+    start of the action that needed it, over the actions whose worker was idle by then."""
+    acts = {(e.args["stage"], e.name): e for e in events if "action" in e.args}
+    last_end: dict[int, float] = {}
+    gaps = []
+    for e in sorted(acts.values(), key=lambda e: e.start):
+        stage, kind, mb = e.args["stage"], e.name[0], e.name[1:]
+        dep = acts.get((stage - 1, f"F{mb}") if kind == "F" else (stage + 1, f"B{mb}"))
+        if dep is not None and dep.end >= last_end.get(stage, 0.0):
+            gaps.append(e.start - dep.end)
+        last_end[stage] = e.end
+    return statistics.median(gaps) if gaps else None
 
 
 def _ceiling(work: int, size: int) -> float:

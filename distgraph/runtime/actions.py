@@ -1,37 +1,48 @@
-"""The worker's side of a pipelined step: one call per schedule action (F or B of a micro-batch).
+"""The worker's side of a pipelined step: the worker's whole action list in one call.
 
-A pipelined call is ``run_action(action, header, *values)``: ``header`` and ``values`` are an
-ordinary task call (:mod:`distgraph.runtime.protocol`: the param update, the micro-batch's
-feeds, the imported values of the same micro-batch); :class:`ActionCall` says which action it
-is. State per running step (plan, step): one env per micro-batch whose forward ran here and
-backward did not yet (its activations: their count is the memory the schedule costs), the
-recorded per-micro-batch gradients and outputs, and the position of the next action.
+A pipelined step is one call per worker: ``run_actions(StepActions, *values)``. The
+:class:`StepActions` lists the worker's schedule actions in order (each an
+:class:`ActionCall` saying which action it is, and a task-call header,
+:mod:`distgraph.runtime.protocol`, with the micro-batch's feeds); ``values`` are, action by
+action, the param update (first action only) and the large feeds. Values crossing stages do
+not pass through the driver: an action that computes values for another worker hands them to
+that worker at once (``_deliver``: a direct call on the peer's ``deliver``, which runs on a
+thread of its own beside the step), and an action that needs them waits in its worker's
+mailbox for them. Mail is keyed by (plan, the step attempt's number, source task,
+micro-batch): a retried step (a new attempt) never reads an abandoned attempt's values.
 
-Order: a worker's actions run in its schedule order (the actor runs calls in submission
-order); each call checks it is the next one, as task calls do, and a step that failed here
-makes its later actions raise that error. A micro-batch's env starts at its F action from the
-resident values and is dropped at its B action; the worker's last action of the step combines
-the recorded values in micro-batch order, weighted by rows, and ends the step here.
+State per running step (plan, step): one env per micro-batch whose forward ran here and
+backward did not yet (its activations: their count is the memory the schedule costs), and the
+recorded per-micro-batch gradients and outputs. A micro-batch's env starts at its F action
+from the resident values and is dropped at its B action; the last action combines the
+recorded values in micro-batch order, weighted by rows, and the call returns them (one dict
+per server shard and the driver's outputs). The mailbox (shared with the delivering thread,
+under a lock): values delivered, per plan the latest attempt started here (older mail is
+dropped), and the attempts the driver cancelled (a wait for their mail ends with an error).
 
 No Ray here: :class:`ActionRunner` is mixed into :class:`~distgraph.runtime.worker.Worker`.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..dataparallel import combine
 from ..errors import ExecutionError
 from ..interpret import run_nodes
-from ..plan import DRIVER, PARAM_SERVER
+from ..plan import DRIVER
 from ..result import TraceEvent
 from .protocol import CallHeader, unpack
 
 #: How many finished steps' memory peaks a worker remembers.
 KEEP_PEAKS = 256
+
+#: Guards the lazy creation of a worker's mailbox (two threads may ask for it first).
+_MAILBOX_INIT = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -50,20 +61,48 @@ class ActionCall:
     #: Values recorded after the action for the step's combination (gradients, the loss).
     record: tuple[str, ...] = ()
     #: (destination, names) of each returned dict: a worker index (this micro-batch's values),
-    #: or the server / driver (the recorded values combined over the micro-batches).
+    #: or the server (or a shard of it) / driver (the recorded values combined over the
+    #: micro-batches).
     outputs: tuple[tuple[int | str, tuple[str, ...]], ...] = ()
     #: Rows of each micro-batch of the step and how the loss reduces them ("mean" / "sum").
     rows: tuple[int, ...] = ()
     reduction: str = "mean"
+    #: The worker each of the task's imports comes from (in import order).
+    sources: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepActions:
+    """One worker's share of a pipelined step: its actions in schedule order."""
+
+    plan_id: int
+    step: int
+    #: This submission of the step (a retried step id gets a new one): keys the mail.
+    attempt: int
+    #: (action, its task call's header) in the order the worker runs them.
+    actions: tuple[tuple[ActionCall, CallHeader], ...]
+    #: Worker index -> handle to deliver values to, for each worker this one sends to.
+    peers: Mapping[int, Any] = field(default_factory=dict)
+    #: Seconds an action waits for a value from another worker before failing the step.
+    deadline: float = 600.0
+
+
+@dataclass
+class _Mailbox:
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    #: (plan, attempt, source task, micro-batch) -> the value dict delivered.
+    mail: dict[tuple[int, int, int, int], Any] = field(default_factory=dict)
+    #: plan -> the latest attempt started here; mail of older attempts is dropped.
+    floor: dict[int, int] = field(default_factory=dict)
+    #: (plan, attempt) the driver cancelled.
+    cancelled: set[tuple[int, int]] = field(default_factory=set)
 
 
 @dataclass
 class _ActionStep:
     envs: dict[int, dict[str, Any]] = field(default_factory=dict)
     recorded: dict[int, dict[str, Any]] = field(default_factory=dict)
-    next: int = 0
     peak: int = 0
-    failed: BaseException | None = None
 
 
 class ActionRunner:
@@ -80,6 +119,11 @@ class ActionRunner:
 
     def _send(self, values: dict[str, Any]) -> Any:  # pragma: no cover - Worker's
         raise NotImplementedError
+
+    def _deliver(self, peer: Any, key: tuple[int, int, int, int], values: Any) -> None:
+        """Hand ``values`` to another worker's mailbox without waiting (the Ray actor calls
+        the peer's ``deliver``); here, for a peer in this process, directly."""
+        peer.deliver(key, values)
 
     def _receive(self, items: list[Any]) -> list[Any]:  # pragma: no cover - Worker's
         raise NotImplementedError
@@ -101,57 +145,113 @@ class ActionRunner:
             peaks = self.__dict__["_peaks_"] = {}
         return peaks
 
-    def run_action(self, action: ActionCall, header: CallHeader, *args: Any) -> Any:
-        """Run one schedule action; returns one dict per entry of ``action.outputs`` (a bare
-        dict for one, None for none)."""
-        plan_id, step = header.plan_id, header.step
-        key = (plan_id, step)
-        task = self.tasks[plan_id][header.task_id]
-        if action.position == 0:
-            # The first action starts the step afresh (a retried step id leaves nothing behind).
-            self._action_steps[key] = _ActionStep()
-        st = self._action_steps.get(key)
-        if st is None or st.failed is not None or st.next != action.position:
-            if st is not None and st.failed is not None:
-                err = st.failed
-                if action.position == action.count - 1:
-                    self._action_steps.pop(key, None)
-                raise err
-            raise ExecutionError(
-                f"worker {self.index}: action {action.label} of stage {action.stage} (step "
-                f"{step}, plan {plan_id}) is its call {action.position} of the step, but "
-                f"{'none' if st is None else st.next} of its earlier calls finished here: one "
-                "failed before it (see that error) or calls arrived out of order"
-            )
+    @property
+    def _mailbox(self) -> _Mailbox:
+        box = self.__dict__.get("_mailbox_")
+        if box is None:
+            with _MAILBOX_INIT:
+                box = self.__dict__.setdefault("_mailbox_", _Mailbox())
+        return box
+
+    def deliver(self, key: tuple[int, int, int, int], values: Any) -> None:
+        """Take a value dict another worker computed for one of this worker's actions (runs
+        beside the step, on the actor's mail thread)."""
+        box = self._mailbox
+        with box.cond:
+            plan_id, attempt = key[0], key[1]
+            if attempt < box.floor.get(plan_id, 0) or (plan_id, attempt) in box.cancelled:
+                return  # an abandoned attempt's value: nobody will read it
+            box.mail[key] = values
+            box.cond.notify_all()
+
+    def cancel_actions(self, plan_id: int, attempt: int) -> None:
+        """The driver gave up on this attempt: an action waiting for its mail fails now."""
+        box = self._mailbox
+        with box.cond:
+            box.cancelled.add((plan_id, attempt))
+            for k in [k for k in box.mail if k[:2] == (plan_id, attempt)]:
+                del box.mail[k]
+            box.cond.notify_all()
+
+    def _open_mail(self, plan_id: int, attempt: int) -> None:
+        """Start an attempt: forget the mail and cancellations of this plan's older ones."""
+        box = self._mailbox
+        with box.cond:
+            box.floor[plan_id] = max(attempt, box.floor.get(plan_id, 0))
+            for k in [k for k in box.mail if k[0] == plan_id and k[1] < attempt]:
+                del box.mail[k]
+            box.cancelled = {c for c in box.cancelled if c[0] != plan_id or c[1] >= attempt}
+
+    def _take_mail(self, call: StepActions, action: ActionCall, src: int, src_worker: int) -> Any:
+        """Wait for the value dict task ``src`` sends this action (same micro-batch)."""
+        box = self._mailbox
+        key = (call.plan_id, call.attempt, src, action.microbatch)
+        end = time.monotonic() + call.deadline
+        with box.cond:
+            while key not in box.mail:
+                if (call.plan_id, call.attempt) in box.cancelled:
+                    raise ExecutionError(
+                        f"worker {self.index}: step {call.step} was abandoned by the driver "
+                        f"while {action.label} of stage {action.stage} waited for worker "
+                        f"{src_worker}'s values (an earlier failure says why)"
+                    )
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise ExecutionError(
+                        f"worker {self.index}: {action.label} of stage {action.stage} (step "
+                        f"{call.step}) waited {call.deadline:g} s for the values of worker "
+                        f"{src_worker} (task {src}) and none came"
+                    )
+                box.cond.wait(left)
+            return box.mail.pop(key)
+
+    def run_actions(self, call: StepActions, *values: Any) -> Any:
+        """Run this worker's actions of a pipelined step, in order (see module doc); returns
+        one dict per output of the last action that goes to the server or the driver (a
+        bare dict for one, None for none)."""
+        key = (call.plan_id, call.step)
+        tasks = self.tasks[call.plan_id]
+        self._open_mail(call.plan_id, call.attempt)
+        st = self._action_steps[key] = _ActionStep()  # a retried step id starts afresh
+        out: list[Any] = []
+        i = 0
         try:
-            out = self._run_action(action, header, args, task, st, key)
-        except BaseException as e:
-            st.failed = e
+            for action, header in call.actions:
+                task = tasks[header.task_id]
+                n = (1 if header.update else 0) + len(header.big)
+                mine = list(values[i : i + n])
+                i += n
+                for (src, _slot, _names), peer in zip(task.imports, action.sources):
+                    mine.append(self._take_mail(call, action, src, peer))
+                out = self._run_action(call, action, header, mine, task, st, key)
+        except BaseException:
             st.envs.clear()
-            if action.position == action.count - 1:
-                self._action_steps.pop(key, None)
             raise
-        st.next += 1
-        if action.position == action.count - 1:
+        finally:
             self._action_steps.pop(key, None)
-            self._peaks[key] = st.peak
-            while len(self._peaks) > KEEP_PEAKS:
-                del self._peaks[next(iter(self._peaks))]
-        return out
+        self._peaks[key] = st.peak
+        while len(self._peaks) > KEEP_PEAKS:
+            del self._peaks[next(iter(self._peaks))]
+        if not out:
+            return None
+        return out[0] if len(out) == 1 else tuple(out)
 
     def _run_action(
         self,
+        call: StepActions,
         action: ActionCall,
         header: CallHeader,
         args: Sequence[Any],
         task: Any,
         st: _ActionStep,
         key: tuple[int, int],
-    ) -> Any:
+    ) -> list[Any]:
+        """Run one action; deliver its values for other workers, and return what it sends
+        the server and the driver."""
         plan_id = header.plan_id
         program = self.programs[plan_id]
-        call = unpack(header, args)
-        received = self._receive(([call.update] if header.update else []) + call.imported)
+        got = unpack(header, args)
+        received = self._receive(([got.update] if header.update else []) + got.imported)
         if header.update:
             self.resident[plan_id].update(received[0])
             received = received[1:]
@@ -160,7 +260,7 @@ class ActionRunner:
         if env is None:
             env = st.envs[mb] = dict(self.resident[plan_id])
             st.peak = max(st.peak, len(st.envs))
-        env.update(call.feeds)
+        env.update(got.feeds)
         for (_src, _slot, names), values in zip(task.imports, received):
             for name in names:
                 env[name] = values[name]
@@ -177,13 +277,18 @@ class ActionRunner:
             current=self._node,
         )
         end = time.time()
+        # The next stage waits for these: sent first.
+        for dest, names in action.outputs:
+            if isinstance(dest, int):
+                mail = (plan_id, call.attempt, task.id, mb)
+                self._deliver(call.peers[dest], mail, {n: env[n] for n in names})
         st.recorded.setdefault(mb, {}).update({n: env[n] for n in action.record})
         outputs = []
         for dest, names in action.outputs:
-            if dest in (DRIVER, PARAM_SERVER):
-                values = self._combined(st, names, action)
-            else:
-                values = {n: env[n] for n in names}
+            if isinstance(dest, int):
+                continue
+            # The driver, the server or one of its shards.
+            values = self._combined(st, names, action)
             outputs.append(self._send(values) if header.by_ref and dest != DRIVER else values)
         if action.release:
             del st.envs[mb]
@@ -207,9 +312,7 @@ class ActionRunner:
                     },
                 )
             )
-        if not outputs:
-            return None
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return outputs
 
     def _combined(
         self, st: _ActionStep, names: Sequence[str], action: ActionCall
@@ -235,6 +338,13 @@ class ActionRunner:
         """Forget a pipelined step (or every step of a plan when ``step`` is None)."""
         for key in [k for k in self._action_steps if k[0] == plan_id and step in (None, k[1])]:
             del self._action_steps[key]
+        if step is None:  # the plan is gone: so is any mail for it
+            box = self._mailbox
+            with box.cond:
+                for k in [k for k in box.mail if k[0] == plan_id]:
+                    del box.mail[k]
+                box.floor.pop(plan_id, None)
+                box.cancelled = {c for c in box.cancelled if c[0] != plan_id}
 
     def microbatch_peaks(self, plan_id: int) -> dict[int, int]:
         """Step -> the most micro-batches whose activations this worker held at once in it."""

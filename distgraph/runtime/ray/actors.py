@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from ...dataparallel import Reduction
+from ..actions import ActionRunner
 from ..paramserver import ParameterServer
 from ..worker import Worker
 from .compiled import run_compiled_task
@@ -43,6 +44,19 @@ class _RayWorker(Worker):
     # nested and fetches itself.
     def _send(self, values: dict[str, Any]) -> Any:
         return ray.put(values)
+
+    # A pipelined step's values for the next stage go straight to that worker, whose step
+    # call waits for them: received on the "mail" thread, beside the step (actions.py).
+    @ray.method(concurrency_group="mail")
+    def deliver(self, key: tuple[int, int, int, int], values: Any) -> None:  # type: ignore[override]
+        ActionRunner.deliver(self, key, values)
+
+    @ray.method(concurrency_group="mail")
+    def cancel_actions(self, plan_id: int, attempt: int) -> None:  # type: ignore[override]
+        ActionRunner.cancel_actions(self, plan_id, attempt)
+
+    def _deliver(self, peer: Any, key: tuple[int, int, int, int], values: Any) -> None:
+        peer.deliver.remote(key, values)  # not awaited: the receiver's step waits for it
 
     def _receive(self, items: list[Any]) -> list[Any]:
         return resolve(items)
@@ -106,9 +120,10 @@ class _RayParamServer(ParameterServer):
 # that order for single-threaded actors; a concurrency group makes the actor threaded, so the
 # order is pinned explicitly: in-order submission and execution (Ray refuses this setting
 # together with max_concurrency > 1), every order-sensitive method in the default group of one
-# thread, all called by this driver; only progress() runs beside them.
+# thread, all called by this driver; only progress() and the pipelined mail (deliver, called
+# by other workers, and cancel_actions) run beside them.
 # (Ray's stub for ray.remote lacks these two actor options; its docstring and runtime take them.)
 WorkerActor = ray.remote(  # type: ignore[call-overload]
-    concurrency_groups={"control": 1}, allow_out_of_order_execution=False
+    concurrency_groups={"control": 1, "mail": 1}, allow_out_of_order_execution=False
 )(_RayWorker)
 ParamServerActor = ray.remote(_RayParamServer)

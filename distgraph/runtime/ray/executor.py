@@ -127,7 +127,10 @@ class RayExecutor(Executor):
     "pipeline"`` makes one); each step's batch is split into ``m`` micro-batches run by the
     ``schedule`` (``"gpipe"`` or ``"1f1b"``, see ``distgraph.pipeline``), and the gradients
     summed over them, weighted by rows, reach the parameter server once per step (a loss that
-    couples rows is refused for ``m > 1``). Inference (``run``) is not pipelined.
+    couples rows is refused for ``m > 1``). Inference (``run``) is not pipelined. It composes
+    with ``replicas=R`` (each replica a pipeline over its own ``num_workers / R`` workers,
+    its row shard split into ``m`` micro-batches, the replicas combined at the server) and
+    ``ps_shards``; not with ``consistency="async"``.
     """
 
     num_workers = _Option[int]()
@@ -321,11 +324,12 @@ class RayExecutor(Executor):
         prog = self.program(graph, outputs, grad, wrt)
         if not training:
             return self.waves.make_plan(prog, False, batch_size or 1)
-        if self.microbatches is not None:
-            return pipelined_plan(self.waves, prog, batch_size)
         o = self.options
         batch = batch_size or max(1, o.cost.batch_size)
         chosen = choose_replicas(prog, o.num_workers, o.replicas, o.strategy, o.cost, batch)
+        if self.microbatches is not None:
+            plan = pipelined_plan(self.waves, prog, chosen, batch_size)
+            return dataclasses.replace(plan, layout=chosen.explanation)
         base = self.waves.make_plan(prog, True, batch, num_workers=chosen.width)
         layout = chosen.explanation
         if o.ps_shards > 1:  # which params each server shard holds, as the session assigns them
@@ -428,13 +432,13 @@ class RayExecutor(Executor):
         """Workers compute gradients; a parameter-server actor applies them."""
         self.cluster.check_open()
         wrt = list(store.params)
-        if self.microbatches is not None and (self.replicas != 1 or self.ps_shards != 1):
-            # A pipelined step has its own submission order and gradient combination; the
-            # replicated and sharded step paths have not been taught it yet.
+        if self.microbatches is not None and self.consistency != "sync":
+            # An asynchronous step is one replica's whole batch, applied on its own; a
+            # pipelined step combines every replica's micro-batches before one update.
             raise ConfigError(
-                f"microbatches={self.microbatches} does not compose with replicas="
-                f"{self.replicas!r} or ps_shards={self.ps_shards} yet: pipeline one replica on "
-                "one parameter server, or use replicas/shards without micro-batches"
+                f"microbatches={self.microbatches} needs consistency='sync' (got "
+                f"{self.consistency!r}): pipelined replicas are combined into one update per "
+                "step; use consistency='sync' or drop microbatches"
             )
         session = PipelinedSession if self.microbatches is not None else RaySession
         return session(

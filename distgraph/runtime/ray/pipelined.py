@@ -1,269 +1,306 @@
 """Pipelined training steps on Ray: a batch split into micro-batches, run by a schedule.
 
-State (beyond :class:`~distgraph.runtime.ray.session.RaySession`'s): the options'
-``microbatches`` and ``schedule``; ``plan`` is a :class:`~distgraph.stageplan.StagePlan`;
-``split``: the row analysis of the loss (``None`` for one micro-batch).
+Composes with data-parallel replicas and sharded parameter servers: ``R`` replicas x ``p``
+stages on ``num_workers = R * p`` workers (replica ``r`` on workers ``r*p .. r*p + p - 1``),
+each replica's row shard split into ``m`` micro-batches, and ``ps_shards=S`` servers.
 
-Order of a step (``_step_once``; the stage/commit protocol with the server is the session's):
-1. split the batch's rows into ``m`` micro-batches (sizes differ by at most one); inputs
+State (beyond :class:`~distgraph.runtime.ray.session.RaySession`'s): the options'
+``microbatches`` and ``schedule``; ``plan`` is the replicated
+:class:`~distgraph.stageplan.StagePlan` (its ``stages`` are replica 0's) and ``stage_plan``
+one replica's; ``split``: the row analysis of the loss (``None`` for one micro-batch).
+
+Order of a step (the session's ``_step_once``: rows split over the replicas, stage / commit /
+abort with the server(s); here the hooks ``_place``, ``_submit_step``, ``_finish_step``):
+1. split each replica's rows into ``m`` micro-batches with the replicas' own helper
+   (:func:`~distgraph.runtime.ray.replicas.split_rows`: sizes differ by at most one); inputs
    without a batch axis go whole to every micro-batch;
-2. submit every action of the schedule in the plan's submission order (each after every
-   action it imports from), one actor call each: ``run_action(ActionCall, CallHeader, ...)``
-   with the refs of the same micro-batch's values from other stages as top-level arguments;
-   each worker's first action takes its new params, its last returns its gradients combined
-   over the micro-batches (to ``ps.stage``) and the loss (to the driver);
-3. wait once (bounded by the deadline), commit, or abort on any failure, as a plain step.
+2. submit one call per active worker, ``run_actions(StepActions, *values)``, holding its
+   whole action list for the step (``runtime/actions.py``), stage 0 first: no call waits for
+   another on the driver. Values crossing stages go from worker to worker (the producing
+   action delivers them to the consumer's mailbox at once); the first action takes the
+   worker's new params, the last returns its gradients combined over its micro-batches,
+   weighted by rows (one dict per server shard), and the loss (to the driver);
+3. the server combines the replicas' gradients in replica order, weighted by their rows;
+   the driver waits for every call, failing at the first error (a worker lost mid-step
+   fails the step at once; ``_abandon`` cancels the other workers' waits for its values),
+   and the step is committed (or aborted) once, as a plain step.
 
 Workers keep no replica of their params here (the server sends new params after each step).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
 
 from ...dataparallel import RowSplit, analyze_rows
-from ...errors import ConfigError, WaveTimeoutError, WorkerLostError
+from ...errors import ConfigError, WaveTimeoutError
 from ...pipeline import SCHEDULES
-from ...plan import DRIVER, PARAM_SERVER
+from ...plan import DRIVER, PARAM_SERVER, Plan, Task
 from ...program import Program
 from ...result import TraceEvent
-from ...stageplan import StagePlan, action_outputs, build_stage_plan, split_batch
-from ..actions import ActionCall
-from ..protocol import CallHeader, Rows, pack
+from ...stageplan import StagePlan, build_stage_plan
+from ..actions import ActionCall, StepActions
+from ..protocol import CallHeader, Rows
 from . import actors
 from .options import INLINE_BYTES
-from .server import apply_event
+from .replicas import Replicas, replicate, split_rows
 from .session import RaySession
-from .training import server_routes, takers
+from .shards import ShardedServer, shard_dest
 from .waves import RowsFeed, Waves
 
 
 class PipelinedSession(RaySession):
     """A training session whose steps run as micro-batch pipelines (see module doc)."""
 
+    local_updates = False
+    #: How micro-batches split the rows (None: one micro-batch per step, nothing split).
     split: RowSplit | None = None
+    #: One replica's stage plan (workers ``0 .. p - 1``; replica ``r`` adds ``r * p``).
+    stage_plan: StagePlan | None = None
+    #: Numbers the step attempts (a retried step id gets a new one: workers key mail by it).
+    _attempts = itertools.count(1)
+    _attempt = 0
+    #: The latest step's call refs by worker, for naming the late ones.
+    _calls: dict[int, list[Any]]
 
-    def _ensure(self, batch: int) -> None:
-        if self.plan is not None:
-            return
+    def _place(self, layout: Replicas, batch: int) -> Plan:
         o = self.options
         m = o.microbatches or 1
-        plan = pipelined_plan(self.waves, self.prog, batch)
-        # A loss coupling rows cannot be split: refused (naming the node) before anything runs.
-        self.split = analyze_rows(self.prog, self.loss) if m > 1 else None
-        self.cluster.check_fits(plan, self._initial.params)
-        self.plan = plan
-        self.plan_id = self.waves.new_plan_id()
-        self.replicas, self.pipelined = {}, False
-        self.takers = takers(plan, {}, o.num_workers)
-        try:
-            self.server.start(self._initial, server_routes(plan, {}, o.num_workers))
-        except BaseException:
-            self.plan = None
-            raise
-        try:
-            self.waves.install(plan, self.plan_id, self._initial.params)
-        except WorkerLostError:
-            raise  # the step's recovery replaces the worker and installs the plan on it
-        except BaseException:
-            self.waves.uninstall(self.plan_id)
-            self.server.kill()
-            self.plan = None
-            raise
+        # A loss coupling rows cannot be split: refused (naming the node) before anything runs
+        # (with replicas ``choose_replicas`` has refused it already).
+        self.split = (layout.split or analyze_rows(self.prog, self.loss)) if m > 1 else None
+        self.stage_plan = stage_plan(self.waves, self.prog, layout, batch)
+        self._calls = {}
+        return replicate(self.stage_plan, layout.count)
 
-    def _microbatch_feeds(
-        self, arrays: Mapping[str, Any]
-    ) -> tuple[list[dict[str, Any]], list[int]]:
-        """Each micro-batch's feeds and rows."""
-        plan = self.plan
-        assert isinstance(plan, StagePlan)
+    def _grad_dests(self, stage: int) -> list[tuple[int | str, list[str]]]:
+        """Where stage ``stage``'s gradients go: the server, or each shard its own."""
+        assert self.stage_plan is not None
+        names = self.stage_plan.grads_of[stage]
+        if not names:
+            return []
+        if not isinstance(self.server, ShardedServer):
+            return [(PARAM_SERVER, list(names))]
+        shard_of = {g: self.server.owner[p] for p, g in self.server.grads.items()}
+        per: dict[int, list[str]] = {}
+        for n in names:
+            per.setdefault(shard_of[n], []).append(n)
+        return [(shard_dest(k), per[k]) for k in sorted(per)]
+
+    def _microbatches(self, feeds: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
+        """One replica's micro-batches: their feeds and rows."""
+        assert self.stage_plan is not None
         if self.split is None:
-            rows = _rows(arrays, self.prog)
-            return [dict(arrays)], [rows]
-        batch_inputs = set(self.split.batch_inputs)
-        rows = _rows(arrays, self.prog, self.split.batch_inputs)
-        slices = split_batch(rows, plan.microbatches)
-        out = []
-        for sl in slices:
-            feeds: dict[str, Any] = {}
-            for k, v in arrays.items():
-                if k not in batch_inputs:
-                    feeds[k] = v
-                elif isinstance(v, RowsFeed):
-                    feeds[k] = RowsFeed(v.ref, v.index[sl])
-                else:
-                    feeds[k] = v[sl]
-            out.append(feeds)
-        return out, [s.stop - s.start for s in slices]
+            return [dict(feeds)], [1]
+        slices, parts = split_rows(feeds, self.split.batch_inputs, self.stage_plan.microbatches)
+        return parts, [s.stop - s.start for s in slices]
 
-    def _step_once(self, step_id: int, arrays: Mapping[str, Any], trace: bool = False) -> float:
-        """Run one pipelined step and commit it on the server (or leave it never applied)."""
-        plan, waves = self.plan, self.waves
-        assert isinstance(plan, StagePlan)
-        self._settle()
-        t_submit = time.time()
-        updates, self._updates = self._updates, {}
-        pending, self.server.pending = self.server.pending, None
-        committing = False
-        try:
-            refs, grads, driver = self._submit(plan, step_id, arrays, updates, trace)
-            if self.takers:
-                out = self.ps.stage.options(num_returns=1 + self.options.num_workers).remote(
-                    step_id, *grads, routed=True
-                )
-                staged, routed = out[0], {w: out[1 + w] for w in self.takers}
-            else:
-                staged, routed = self.ps.stage.remote(step_id, *grads), {}
-            extra = [pending] if pending is not None else []
-            extra.append(staged)
-            try:
-                got = waves.get(driver + extra, "running the step")
-            except WaveTimeoutError:
-                raise self._timeout(plan, step_id, refs) from None
-            committing = True
-            status_ref = self._commit(step_id)
-            if step_id not in self._done:
-                self._done.append(step_id)
-            status: dict[str, Any] = (
-                waves.get([status_ref], "applying the update")[0] if trace else {}
-            )
-        except BaseException as e:
-            self._abandon(step_id, committing, pending, e)
-            raise
-        self.server.pending = None if trace else status_ref
-        self._updates = routed
-        if trace:
-            events = [
-                TraceEvent(f"step {step_id}", "call", "step", -1, "driver", t_submit, time.time())
-            ]
-            for w in sorted(set(plan.stages)):
-                events.extend(
-                    actors.fetch(self.cluster.workers[w].take_trace.remote(self.plan_id, step_id))
-                )
-            events.append(apply_event(step_id, status))
-            self.last_trace = sorted(events, key=lambda e: e.start)
-        values = got[: len(driver)]
-        return float(next(d[self.loss] for d in values if self.loss in d))
-
-    def _submit(
+    def _submit_step(
         self,
-        plan: StagePlan,
         step_id: int,
         arrays: Mapping[str, Any],
+        parts: Sequence[Mapping[str, Any]],
         updates: Mapping[int, Any],
         trace: bool,
-    ) -> tuple[dict[Any, list[Any]], list[Any], list[Any]]:
-        """Submit every action of the step; returns the refs by (task id, micro-batch), the
-        gradient refs for the server and the refs of the driver's outputs."""
+    ) -> tuple[Plan, dict[int, list[Any]]]:
+        """Submit one call per active worker holding its whole action list (stage 0 first);
+        returns one task per (replica, stage) saying what its call sends the server(s) and
+        the driver, and those refs (see module doc)."""
+        plan, sp = self.plan, self.stage_plan
+        assert plan is not None and sp is not None
         workers = self.cluster.workers
-        mb_feeds, rows = self._microbatch_feeds(arrays)
-        m = len(mb_feeds)
-        sched = plan.schedule(m)
-        position = {a: i for acts in sched for i, a in enumerate(acts)}
-        pending_update = dict(updates)
-        refs: dict[tuple[int, int], list[Any]] = {}
-        grads: list[Any] = []
-        driver: list[Any] = []
-        reduction = self.split.kind if self.split is not None else "mean"
-        for act in plan.submission_order(m):
-            task = plan.task_of(act)
-            w = task.worker
-            pos = position[act]
-            last = pos == len(sched[act.stage]) - 1
-            outputs = action_outputs(plan, act, last)
-            record = plan.grads_of[act.stage] + plan.outputs_of[act.stage]
-            in_task = set(task.nodes)
-            small, big_names, big = _feeds(mb_feeds[act.microbatch], task.feeds)
-            update = pending_update.pop(w, None)
-            header = CallHeader(
+        self._attempt = next(self._attempts)
+        calls = step_calls(
+            plan,
+            sp,
+            CallHeader(
                 self.plan_id,
                 step_id,
-                task.id,
+                -1,
                 trace=trace,
                 check_finite=self.check_finite,
                 by_ref=self.options.data_path == "store",
-                update=update is not None,
-                inline=small,
-                big=big_names,
-                imports=len(task.imports),
-            )
-            call = ActionCall(
-                label=act.label,
-                microbatch=act.microbatch,
-                stage=act.stage,
-                position=pos,
-                count=len(sched[act.stage]),
-                release=act.kind == "B",
-                record=tuple(n for n in record if n in in_task),
-                outputs=tuple((d, tuple(ns)) for d, ns in outputs),
-                rows=tuple(rows),
-                reduction=reduction,
-            )
-            args = pack(
-                header,
-                update,
-                big,
-                [refs[(src, act.microbatch)][slot] for src, slot, _ in task.imports],
-            )
-            n_out = max(1, len(outputs))
-            out = workers[w].run_action.options(num_returns=n_out).remote(call, *args)
-            got = list(out) if n_out > 1 else [out]
-            refs[(task.id, act.microbatch)] = got
-            for i, (dest, _names) in enumerate(outputs):
-                if dest == PARAM_SERVER:
-                    grads.append(got[i])
-                elif dest == DRIVER:
-                    driver.append(got[i])
-        for w, update in pending_update.items():
-            workers[w].set_resident.remote(self.plan_id, update)
-        return refs, grads, driver
-
-    def _timeout(
-        self, plan: StagePlan, step_id: int, refs: dict[tuple[int, int], list[Any]]
-    ) -> WaveTimeoutError:
-        """Name the actions still pending when a step passes its deadline."""
-        every = [(k, r) for k, rs in refs.items() for r in rs]
-        _ready, pending = ray.wait(
-            [r for _, r in every], num_returns=len(every), timeout=0, fetch_local=False
+            ),
+            self._attempt,
+            [self._microbatches(feeds) for feeds in list(parts) or [arrays]],
+            self._ends,
+            self.split.kind if self.split is not None else "mean",
+            self.options.deadline,
+            workers,
+            updates,
         )
-        waiting = set(pending)
-        late = sorted({k for k, r in every if r in waiting})
-        names = [
-            f"{'F' if tid % 2 == 0 else 'B'}{mb} of stage {tid // 2} on worker "
-            f"{plan.tasks[tid].worker}"
-            for tid, mb in late
+        # Submitted stage by stage (replicas side by side): stage 0 starts the step.
+        refs: dict[tuple[int, int], list[Any]] = {}
+        for key in sorted(calls, key=lambda k: (k[1], k[0])):
+            w, step_call, args = calls[key]
+            n_out = max(1, len(self._ends(key[1])))
+            out = workers[w].run_actions.options(num_returns=n_out).remote(step_call, *args)
+            refs[key] = list(out) if n_out > 1 else [out]
+        active = {w for w, _, _ in calls.values()}
+        for w, update in updates.items():
+            if w not in active:  # no call this step: the new params still go now
+                workers[w].set_resident.remote(self.plan_id, update)
+        self._calls = {calls[k][0]: rs for k, rs in refs.items()}
+        # In replica order, then stage order: the server takes each replica's dicts together.
+        order = sorted(calls)
+        sent = [
+            Task(id=i, worker=calls[k][0], outputs=self._ends(k[1])) for i, k in enumerate(order)
         ]
-        shown = ", ".join(names[:12]) + (f", ... {len(names) - 12} more" if len(names) > 12 else "")
+        return dataclasses.replace(plan, tasks=sent), {i: refs[k] for i, k in enumerate(order)}
+
+    def _ends(self, stage: int) -> list[tuple[int | str, list[str]]]:
+        """What stage ``stage``'s last action sends: its gradients to the server (or each
+        shard its own), then its outputs to the driver."""
+        assert self.stage_plan is not None
+        out = self._grad_dests(stage)
+        if self.stage_plan.outputs_of[stage]:
+            out.append((DRIVER, list(self.stage_plan.outputs_of[stage])))
+        return out
+
+    def _finish_step(
+        self, sent: Plan, step_id: int, refs: dict[int, list[Any]], extra: list[Any]
+    ) -> list[dict[str, Any]]:
+        """Wait for every worker's call (and ``extra``) within the deadline, failing at the
+        first error: a worker waiting for a lost peer's values would otherwise hold the step
+        until the deadline (``_abandon`` then cancels the waits)."""
+        driver = [
+            refs[t.id][t.slot(DRIVER)] for t in sent.tasks if any(d == DRIVER for d, _ in t.outputs)
+        ]
+        every = [r for rs in self._calls.values() for r in rs] + list(extra)
+        end = time.monotonic() + self.options.deadline
+        left = list(every)
+        while left:
+            ready, left = _wait_some(left, end)
+            if not ready:
+                raise self._timeout(step_id, left)
+            self.waves.get(ready, "running the step")  # raises the first failure
+        return self.waves.get(driver, "running the step")
+
+    def _abandon(
+        self,
+        step_id: int,
+        committing: bool,
+        pending: Any,
+        error: BaseException | None = None,
+    ) -> None:
+        """Release every worker still waiting for this attempt's values, then abandon the
+        step as the session does."""
+        for w in self.cluster.workers:
+            with contextlib.suppress(Exception):
+                w.cancel_actions.remote(self.plan_id, self._attempt)
+        super()._abandon(step_id, committing, pending, error)
+
+    def _step_events(self, sent: Plan, step_id: int, t_submit: float) -> list[TraceEvent]:
+        events = [
+            TraceEvent(f"step {step_id}", "call", "step", -1, "driver", t_submit, time.time())
+        ]
+        for w in sorted({t.worker for t in sent.tasks}):
+            events.extend(
+                actors.fetch(self.cluster.workers[w].take_trace.remote(self.plan_id, step_id))
+            )
+        return events
+
+    def _timeout(self, step_id: int, late: Sequence[Any]) -> WaveTimeoutError:
+        """Name the workers (stage and replica) whose calls had not ended at the deadline."""
+        assert self.stage_plan is not None and self.layout is not None
+        waiting = set(late)
+        width = self.layout.width
+        names = [
+            f"stage {self.stage_plan.stages.index(w % width)}"
+            f"{f' of replica {w // width}' if self.layout.count > 1 else ''} on worker {w}"
+            for w, rs in sorted(self._calls.items())
+            if any(r in waiting for r in rs)
+        ]
         return WaveTimeoutError(
             f"pipelined step {step_id} passed its deadline of {self.options.deadline:g} s; "
-            f"actions still pending: {shown or 'none (waiting for the parameter server)'}"
+            f"still running: {', '.join(names) or 'none (waiting for the parameter server)'}"
         )
 
     def microbatch_peaks(self) -> list[dict[int, int]]:
-        """Per stage (in stage order): step -> the most micro-batches whose activations its
-        worker held at once during that step (as measured on the worker)."""
-        assert isinstance(self.plan, StagePlan)
+        """Per worker, replica by replica and stage by stage within each (stage order): step ->
+        the most micro-batches whose activations it held at once during that step (as measured
+        on the worker)."""
+        assert self.stage_plan is not None and self.layout is not None
+        width = self.layout.width
         return actors.fetch(
             [
-                self.cluster.workers[w].microbatch_peaks.remote(self.plan_id)
-                for w in self.plan.stages
+                self.cluster.workers[w + r * width].microbatch_peaks.remote(self.plan_id)
+                for r in range(self.layout.count)
+                for w in self.stage_plan.stages
             ]
         )
 
 
-def _rows(arrays: Mapping[str, Any], prog: Any, names: Any = None) -> int:
-    """Rows of the batch: the leading size of the first batch input present."""
-    for k in names if names is not None else arrays:
-        v = arrays.get(k)
-        if isinstance(v, RowsFeed):
-            return len(v.index)
-        if v is not None and getattr(v, "ndim", 0) >= 1:
-            return int(v.shape[0])
-    return 1
+def step_calls(
+    plan: StagePlan,
+    one: StagePlan,
+    base: CallHeader,
+    attempt: int,
+    replicas: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[int]]],
+    ends: Callable[[int], list[tuple[int | str, list[str]]]],
+    reduction: str,
+    deadline: float,
+    workers: Sequence[Any],
+    updates: Mapping[int, Any],
+) -> dict[tuple[int, int], tuple[int, StepActions, list[Any]]]:
+    """Every worker's call of one pipelined step, as data: (replica, stage) -> (worker, its
+    :class:`StepActions`, the call's values after it).
+
+    ``plan``: the replicated plan (``one``: one replica's); ``base``: the step's header
+    fields (plan, step, flags); ``replicas``: per active replica, its micro-batches' feeds and
+    rows; ``ends(stage)``: what the stage's last action sends the server(s) and the driver;
+    ``workers``: the handles values are delivered to; ``updates``: worker -> new params, taken
+    by its first action. Large feeds are put in the object store here (one put each)."""
+    count = len(one.tasks)  # tasks per replica
+    calls: dict[tuple[int, int], tuple[int, StepActions, list[Any]]] = {}
+    for r, (mb_feeds, rows) in enumerate(replicas):
+        for s, acts in enumerate(one.schedule(len(mb_feeds))):
+            w = plan.tasks[r * count + 2 * s].worker
+            update = updates.get(w)
+            pairs: list[tuple[ActionCall, CallHeader]] = []
+            args: list[Any] = []
+            peers: dict[int, Any] = {}
+            record = one.grads_of[s] + one.outputs_of[s]
+            for pos, act in enumerate(acts):
+                task = plan.tasks[r * count + one.task_of(act).id]
+                outputs = list(task.outputs) + (ends(s) if pos == len(acts) - 1 else [])
+                peers.update({d: workers[d] for d, _ in outputs if isinstance(d, int)})
+                small, big_names, big = _feeds(mb_feeds[act.microbatch], task.feeds)
+                first = update is not None and pos == 0
+                header = dataclasses.replace(
+                    base,
+                    task_id=task.id,
+                    update=first,
+                    inline=small,
+                    big=big_names,
+                    imports=len(task.imports),
+                )
+                in_task = set(task.nodes)
+                call = ActionCall(
+                    label=act.label,
+                    microbatch=act.microbatch,
+                    stage=s,
+                    position=pos,
+                    count=len(acts),
+                    release=act.kind == "B",
+                    record=tuple(n for n in record if n in in_task),
+                    outputs=tuple((d, tuple(ns)) for d, ns in outputs),
+                    rows=tuple(rows),
+                    reduction=reduction,
+                    sources=tuple(plan.tasks[src].worker for src, _, _ in task.imports),
+                )
+                pairs.append((call, header))
+                args.extend(([update] if first else []) + big)
+            actions = StepActions(base.plan_id, base.step, attempt, tuple(pairs), peers, deadline)
+            calls[(r, s)] = (w, actions, args)
+    return calls
 
 
 def _feeds(
@@ -300,8 +337,30 @@ def check_pipeline_options(microbatches: int | None, schedule: str) -> None:
         )
 
 
-def pipelined_plan(waves: Waves, program: Program, batch: int | None) -> StagePlan:
-    """The pipelined training plan of ``program`` under the options' strategy (not installed)."""
+def stage_plan(waves: Waves, program: Program, layout: Replicas, batch: int | None) -> StagePlan:
+    """One replica's pipelined training plan (over ``layout.width`` workers, for its row
+    shard of a ``batch``-row step) under the options' strategy, microbatches and schedule."""
     o = waves.options
-    base = waves.make_plan(program, training=True, batch=batch or 1)
-    return build_stage_plan(base, o.microbatches or 1, o.schedule, step_batch=batch)
+    shard = -(-batch // layout.count) if batch else None  # the largest shard's rows
+    base = waves.make_plan(program, training=True, batch=shard or 1, num_workers=layout.width)
+    return build_stage_plan(base, o.microbatches or 1, o.schedule, step_batch=shard)
+
+
+def pipelined_plan(
+    waves: Waves, program: Program, layout: Replicas, batch: int | None
+) -> StagePlan:
+    """The pipelined training plan of ``program``: ``layout.count`` copies of one replica's
+    :func:`stage_plan` (not installed)."""
+    return replicate(stage_plan(waves, program, layout, batch), layout.count)
+
+
+def _wait_some(refs: list[Any], end: float) -> tuple[list[Any], list[Any]]:
+    """The refs of ``refs`` that are ready (at least one, unless ``end`` passes first), and
+    the rest."""
+    ready, rest = ray.wait(
+        refs, num_returns=1, timeout=max(0.0, end - time.monotonic()), fetch_local=False
+    )
+    if ready and rest:  # take every other one that is ready too, without waiting
+        more, rest = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
+        ready += more
+    return ready, rest

@@ -8,9 +8,10 @@ plan that installs, submits, waits and recovers like any other (a worker belongs
 replica, so its tasks and resident values are its replica's alone).
 
 Order of a step with ``R > 1`` (see ``session.py``): the batch's rows are split by
-:func:`distgraph.dataparallel.shard_rows` (sizes differ by at most one; a batch with fewer
-rows than replicas leaves the last replicas out of that step, :func:`active_view`), each
-replica is fed its rows of every batch input (shared inputs whole, :func:`split_feeds`), and
+:func:`split_rows` (sizes differ by at most one; a batch with fewer rows than replicas leaves
+the last replicas out of that step, :func:`active_view`), each replica is fed its rows of
+every batch input (shared inputs whole; a pipelined replica splits its rows again into
+micro-batches with the same helper, see ``pipelined.py``), and
 the server is asked to combine the replicas' gradient dicts in replica order
 (:func:`replica_groups`, ``ParameterServer.stage(..., replicas=, kind=)``) and apply the result
 once.
@@ -32,6 +33,7 @@ from ...dataparallel import (
     analyze_rows,
     choose_layout,
     explain_layout,
+    shard_rows,
     shard_weights,
 )
 from ...errors import ConfigError, DistgraphError
@@ -95,10 +97,16 @@ def rows_of(feed: Any) -> int:
     return int(np.shape(feed)[0])
 
 
-def split_feeds(
-    feeds: Mapping[str, Any], batch_inputs: Sequence[str], slices: Sequence[slice]
-) -> list[dict[str, Any]]:
-    """Each replica's feeds: its rows of every batch input, every other feed whole."""
+def split_rows(
+    feeds: Mapping[str, Any], batch_inputs: Sequence[str], parts: int
+) -> tuple[list[slice], list[dict[str, Any]]]:
+    """Split a step's feeds by rows into ``parts`` (data-parallel replicas, or one replica's
+    micro-batches): the row slices (:func:`~distgraph.dataparallel.shard_rows`: in order,
+    sizes differ by at most one, fewer parts than asked when there are fewer rows) and each
+    part's feeds (its rows of every batch input, every other feed whole). The rows are those
+    of the first batch input present."""
+    n_rows = next((rows_of(feeds[n]) for n in batch_inputs if n in feeds), 1)
+    slices = shard_rows(n_rows, parts)
     out = []
     for s in slices:
         mine: dict[str, Any] = {}
@@ -110,7 +118,7 @@ def split_feeds(
             else:
                 mine[name] = value[s]
         out.append(mine)
-    return out
+    return slices, out
 
 
 def replica_groups(plan: Plan, width: int, rows: Sequence[int]) -> list[tuple[int, int]]:

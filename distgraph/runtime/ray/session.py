@@ -34,6 +34,11 @@ Order of a step (``_step_once``):
    reset to the server's state. A commit that finds nothing staged fails as a lost worker:
    the session recovers and replays the step.
 
+The plan and the step's calls come from hooks (``_place``; ``_submit_step``, ``_finish_step``,
+``_step_events``): ``pipelined.py`` places replicas of a chain of stages and runs each
+worker's micro-batch actions in one call, keeping every other part of this protocol (rows
+over replicas, stage / commit / abort, recovery).
+
 Recovery: a step that loses a worker is run again (same step id, same feeds) after the lost
 worker is replaced and the plan reinstalled on it with the server's current params. A lost
 server is restarted from its latest checkpoint (or the initial state) and the steps it had
@@ -53,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from ...checkpoint import Checkpoint, save_checkpoint
-from ...dataparallel import StalenessClock, shard_rows
+from ...dataparallel import StalenessClock
 from ...errors import ConfigError, WorkerLostError
 from ...interpret import prepare_feeds
 from ...optim import Optimizer
@@ -73,8 +78,7 @@ from .replicas import (
     replica_events,
     replica_groups,
     replicate,
-    rows_of,
-    split_feeds,
+    split_rows,
 )
 from .server import ServerLink, server_events
 from .shards import ShardedServer
@@ -95,6 +99,11 @@ class RaySession(TrainingSession):
     staged). If an interrupt lands while the commit is being sent, the server's answer
     decides (``_settle``, ``step_applied``).
     """
+
+    #: Whether a worker that computes every gradient of its params may keep a local replica of
+    #: them (``worker_updates``); a subclass whose steps do not end in one task per worker
+    #: (``pipelined.py``) turns it off.
+    local_updates = True
 
     def __init__(
         self,
@@ -166,9 +175,7 @@ class RaySession(TrainingSession):
         check_replicas(o.replicas, o.num_workers)  # the option may have been set since
         layout = choose_replicas(self.prog, o.num_workers, o.replicas, o.strategy, o.cost, batch)
         log.info("%s", layout.explanation)
-        shard = -(-batch // layout.count)  # the largest shard's rows
-        base = self.waves.make_plan(self.prog, True, batch=shard, num_workers=layout.width)
-        self.plan = dataclasses.replace(replicate(base, layout.count), layout=layout.explanation)
+        self.plan = dataclasses.replace(self._place(layout, batch), layout=layout.explanation)
         self.layout = layout
         self.plan_id = self.waves.new_plan_id()
         self.cluster.check_fits(self.plan, self._initial.params)
@@ -179,7 +186,12 @@ class RaySession(TrainingSession):
         # Clipping needs every gradient's share of the global norm: only the server has them.
         # Sharded servers hold the optimizer state in parts, and a data-parallel replica's
         # worker sees its shard's gradients only: workers take their params back.
-        elif o.worker_updates and self.optimizer.clip_norm is None and layout.count == 1:
+        elif (
+            o.worker_updates
+            and self.local_updates
+            and self.optimizer.clip_norm is None
+            and layout.count == 1
+        ):
             self.replicas, self.pipelined = replica_layout(self.plan)
         else:
             self.replicas, self.pipelined = {}, False
@@ -203,6 +215,13 @@ class RaySession(TrainingSession):
             self.server.kill()
             self.plan = None  # nothing half-installed stays: the next step retries
             raise
+
+    def _place(self, layout: Replicas, batch: int) -> Plan:
+        """The training plan of ``layout``: one replica placed over ``layout.width`` workers
+        (sized for the largest row shard of ``batch``), copied ``layout.count`` times."""
+        shard = -(-batch // layout.count)  # the largest shard's rows
+        base = self.waves.make_plan(self.prog, True, batch=shard, num_workers=layout.width)
+        return replicate(base, layout.count)
 
     def _routes(self) -> dict[int, list[str]]:
         assert self.plan is not None
@@ -379,35 +398,26 @@ class RaySession(TrainingSession):
         layout = self.layout
         assert layout is not None  # chosen with the plan
         width = layout.width
-        split: dict[str, Any] = {}  # the data-parallel stage's arguments
-        parts: list[dict[str, Any]] = []
         rows: list[tuple[int, int]] = []  # each active replica's rows (start, stop)
+        parts: list[dict[str, Any]] = []
         if layout.split is not None:
             # Each replica takes its rows of the batch (the same rows on a retry or replay).
-            slices = shard_rows(rows_of(arrays[layout.split.batch_inputs[0]]), layout.count)
+            slices, parts = split_rows(arrays, layout.split.batch_inputs, layout.count)
             rows = [(sl.start, sl.stop) for sl in slices]
-            plan = active_view(plan, width, len(slices))
-            parts = split_feeds(arrays, layout.split.batch_inputs, slices)
-            counts = [b - a for a, b in rows]
-            split = {"replicas": replica_groups(plan, width, counts), "kind": layout.split.kind}
         try:
-            refs = waves.submit(
-                plan,
-                self.plan_id,
-                step_id,
-                arrays,
-                updates,
-                trace,
-                self.check_finite,
-                training=True,
-                replica_feeds=parts,
-                width=width,
-            )
-            staged, routed = self.server.stage(step_id, plan, refs, self.takers, split, width)
+            # The calls of the step: ``sent`` lists, per call, what it sends the server and
+            # the driver (its ``outputs``), ``refs`` their refs by the call's task id.
+            sent, refs = self._submit_step(step_id, arrays, parts, updates, trace)
+            split: dict[str, Any] = {}  # the data-parallel stage's arguments
+            if rows:
+                assert layout.split is not None
+                counts = [b - a for a, b in rows]
+                split = {"replicas": replica_groups(sent, width, counts), "kind": layout.split.kind}
+            staged, routed = self.server.stage(step_id, sent, refs, self.takers, split, width)
             extra = [pending] if pending is not None else []
             if not defer:
                 extra.extend(staged)
-            got = waves.finish(plan, self.plan_id, step_id, refs, extra=extra)
+            driver = self._finish_step(sent, step_id, refs, extra)
             self._straggle(t_submit, rows)
             # The step succeeded: from the commit on it counts, and it is applied (now, or by
             # a replay should its gradients never reach the server).
@@ -424,26 +434,69 @@ class RaySession(TrainingSession):
             raise
         self.server.pending = None if trace else status_ref
         self._updates = routed
-        self._record_rows(step_id, plan, rows)
+        self._record_rows(step_id, sent, rows)
         if trace:
             # With shards: each shard's stage / commit / apply on its own track.
-            events = waves.trace(plan, self.plan_id, step_id, t_submit) + server_events(
+            events = self._step_events(sent, step_id, t_submit) + server_events(
                 step_id, status, getattr(self.server, "keys", ())
             )
             if rows:
                 events = replica_events(events, width, rows, t_submit)
             self.last_trace = sorted(events, key=lambda e: e.start)
+        answering = [t for t in sent.tasks if any(d == DRIVER for d, _ in t.outputs)]
         if not rows:
-            return float(next(d[self.loss] for d in got["driver"] if self.loss in d))
+            return float(next(d[self.loss] for d in driver if self.loss in d))
         losses: dict[int, float] = {}
-        answering = [t for t in plan.tasks if any(d == DRIVER for d, _ in t.outputs)]
-        for t, values in zip(answering, got["driver"]):
+        for t, values in zip(answering, driver):
             if self.loss in values:
                 losses[t.worker // width] = values[self.loss]
         assert layout.split is not None
         return combine_losses(
             [losses[r] for r in range(len(rows))], [b - a for a, b in rows], layout.split.kind
         )
+
+    # The calls of a step (hooks: ``pipelined.py`` runs a step as schedule actions) -----------
+    def _submit_step(
+        self,
+        step_id: int,
+        arrays: Mapping[str, Any],
+        parts: Sequence[Mapping[str, Any]],
+        updates: Mapping[int, Any],
+        trace: bool,
+    ) -> tuple[Plan, dict[int, list[Any]]]:
+        """Submit every call of the step; returns a plan whose tasks are the step's calls that
+        ran (their ``outputs`` naming what each sends the server and the driver) and each
+        call's output refs by task id. ``parts``: each active replica's feeds (none: one
+        replica takes ``arrays``)."""
+        plan = self.plan
+        assert plan is not None and self.layout is not None
+        width = self.layout.width
+        if parts:  # a batch with fewer rows than replicas leaves the last ones out
+            plan = active_view(plan, width, len(parts))
+        refs = self.waves.submit(
+            plan,
+            self.plan_id,
+            step_id,
+            arrays,
+            updates,
+            trace,
+            self.check_finite,
+            training=True,
+            replica_feeds=parts,
+            width=width,
+        )
+        return plan, refs
+
+    def _finish_step(
+        self, sent: Plan, step_id: int, refs: dict[int, list[Any]], extra: list[Any]
+    ) -> list[dict[str, Any]]:
+        """Wait for the step's end (and ``extra``) within the deadline; returns the driver's
+        outputs, one dict per task of ``sent`` that answers the driver, in task order."""
+        return self.waves.finish(sent, self.plan_id, step_id, refs, extra=extra)["driver"]
+
+    def _step_events(self, sent: Plan, step_id: int, t_submit: float) -> list[TraceEvent]:
+        """The traced step's events from the workers (and the driver's wait)."""
+        return self.waves.trace(sent, self.plan_id, step_id, t_submit)
 
     def _straggle(self, t_submit: float, rows: Sequence[tuple[int, int]]) -> None:
         """Test hook ``slow_replicas``: a step with a slowed replica among its active ones
