@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -124,10 +125,16 @@ def message_bytes(value: Any) -> int:
 
 
 def run_compiled_task(
-    worker: Any, plan_id: int, task_id: int, control: tuple, imported: tuple
+    worker: Any,
+    plan_id: int,
+    task_id: int,
+    control: tuple,
+    imported: tuple,
+    training: bool = False,
 ) -> Any:
     """A worker's compiled call: the task's feeds from the driver's input ``control`` (step,
-    trace, check_finite, feeds), imported value dicts from channels; runs it like a call."""
+    trace, check_finite, feeds), imported value dicts from channels; runs it like a call.
+    ``training``: the step id is a training step's (see :attr:`CallHeader.training`)."""
     from ray.dag.context import DAGContext
 
     step, trace, check_finite, feeds = control
@@ -138,6 +145,7 @@ def run_compiled_task(
         task_id,
         trace=trace,
         check_finite=check_finite,
+        training=training,
         inline={n: own(feeds[n]) for n in task.feeds},
         imports=len(imported),
     )
@@ -157,6 +165,70 @@ def run_compiled_task(
 
 
 # Driver side ------------------------------------------------------------------------------------
+class GraphSlot:
+    """The one compiled graph a cluster's workers hold at a time (Ray runs one compiled graph
+    per actor): run() plans (:class:`CompiledRuns`) and training sessions take turns.
+
+    ``holder``: what owns the live graph (has ``release()``, which tears it down);
+    ``user``: what ran the latest step on these workers, compiled or not (a plan counts as
+    running "in a row" only while nobody else ran between)."""
+
+    def __init__(self) -> None:
+        self.holder: Any = None
+        self.user: Any = None
+
+    def claim(self, holder: Any) -> None:
+        """Make ``holder`` the owner of the workers' graph; the previous owner's goes."""
+        if self.holder is not None and self.holder is not holder:
+            previous, self.holder = self.holder, None
+            previous.release()
+        self.holder = holder
+
+    def touch(self, user: Any) -> bool:
+        """Record that ``user`` runs a step now; whether it ran the previous one too."""
+        same, self.user = self.user is user, user
+        return same
+
+    def release(self, holder: Any) -> None:
+        """``holder`` gave its graph up."""
+        if self.holder is holder:
+            self.holder = None
+
+
+_SLOTS: weakref.WeakKeyDictionary[Any, GraphSlot] = weakref.WeakKeyDictionary()
+
+
+def slot_of(cluster: Any) -> GraphSlot:
+    """The graph slot of ``cluster``'s workers."""
+    slot = _SLOTS.get(cluster)
+    if slot is None:
+        slot = _SLOTS[cluster] = GraphSlot()
+    return slot
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The error a node raised, unwrapped from Ray's task errors."""
+    return _root_cause(e)
+
+
+def name_running(plan: Plan, workers: list[Any], step: int) -> list[str]:
+    """ "node 'x' (phase, level l) running on worker w" for every worker of ``plan`` that is
+    computing a node of step ``step`` now (asked of the workers' ``progress``)."""
+    running = []
+    for w in sorted({t.worker for t in plan.tasks}):
+        try:
+            info = ray.get(workers[w].progress.remote(), timeout=5)
+        except Exception:
+            info = None
+        if info and info.get("step") == step and info.get("node"):
+            node = info["node"]
+            running.append(
+                f"node {node!r} ({plan.program.nodes[node].phase}, level {info['level']}) "
+                f"running on worker {w}"
+            )
+    return running
+
+
 def plan_buffer_bytes(plan: Plan, feeds: Mapping[str, Any]) -> int:
     """Channel buffer size for ``plan``: its largest message (cost-model bytes at the plan's
     batch, or the feeds' actual bytes), doubled, plus headroom; at least Ray's default."""
@@ -245,6 +317,7 @@ class CompiledRuns:
         #: Why the latest plan ran on calls ("" when it ran compiled).
         self.last_reason = ""
         self._previous = -1  # the plan of the latest step
+        self.slot = slot_of(cluster)
 
     def why_not(self, plan: Plan, buffer_bytes: int) -> str:
         """Why ``plan`` cannot be compiled here ("" when it can)."""
@@ -282,7 +355,9 @@ class CompiledRuns:
             return None
         # Runs in a row: plans that alternate stay on calls rather than tear down and compile
         # each other's graph on every switch (an actor holds one compiled graph at a time).
-        self.runs[plan_id] = self.runs.get(plan_id, 0) + 1 if plan_id == self._previous else 1
+        in_a_row = plan_id == self._previous and self.slot.touch(self)
+        self.slot.touch(self)
+        self.runs[plan_id] = self.runs.get(plan_id, 0) + 1 if in_a_row else 1
         self._previous = plan_id
         refused = self.refused.get(plan_id)
         if refused is not None and refused[0] == transport:  # asked again under another one
@@ -291,9 +366,12 @@ class CompiledRuns:
         compiled = self.graphs.get(plan_id)
         need = plan_buffer_bytes(plan, feeds)
         if compiled is not None and (
-            need > compiled.buffer_bytes or compiled.workers != self.cluster.workers
+            need > compiled.buffer_bytes
+            or compiled.workers != self.cluster.workers
+            or compiled.torn_down
         ):
-            # A larger batch than compiled for, or a replaced worker: compile again.
+            # A larger batch than compiled for, a replaced worker, or a training session took
+            # the workers for its graph: compile again.
             self.drop(plan_id)
             compiled = None
         if compiled is None:
@@ -320,6 +398,7 @@ class CompiledRuns:
         # Ray allows one compiled graph per actor at a time: the previous plan's goes.
         for other in list(self.graphs):
             self.drop(other)
+        self.slot.claim(self)
         compiled = CompiledPlan(self.cluster, plan, plan_id, buffer_bytes)
         self.graphs[plan_id] = compiled
         log.info(
@@ -365,19 +444,7 @@ class CompiledRuns:
 
     def _timeout(self, compiled: CompiledPlan, step: int) -> WaveTimeoutError:
         """Name the node still running, asked of every worker of the plan."""
-        plan = compiled.plan
-        running = []
-        for w in sorted({t.worker for t in plan.tasks}):
-            try:
-                info = ray.get(compiled.workers[w].progress.remote(), timeout=5)
-            except Exception:
-                info = None
-            if info and info.get("step") == step and info.get("node"):
-                node = info["node"]
-                running.append(
-                    f"node {node!r} ({plan.program.nodes[node].phase}, level {info['level']}) "
-                    f"running on worker {w}"
-                )
+        running = name_running(compiled.plan, compiled.workers, step)
         msg = f"step {step} passed its deadline of {self.options.deadline:g} s (compiled)"
         return WaveTimeoutError(msg + ("; " + "; ".join(running) if running else ""))
 
@@ -387,10 +454,20 @@ class CompiledRuns:
         if compiled is not None:
             compiled.teardown()
 
-    def close(self) -> None:
-        """Tear down every graph (before the actors are killed or replaced)."""
+    def release(self) -> None:
+        """Tear down this executor's run() graphs (another user of the workers compiles)."""
         for plan_id in list(self.graphs):
             self.drop(plan_id)
+        self.slot.release(self)
+
+    def close(self) -> None:
+        """Tear down every graph on these workers, a training session's too (before the actors
+        are killed or replaced)."""
+        self.release()
+        holder = self.slot.holder
+        if holder is not None:
+            self.slot.release(holder)
+            holder.release()
 
     def describe(self, plan_id: int) -> str:
         """One line for ``explain``: how this plan's steps travel."""
