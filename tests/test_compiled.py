@@ -453,7 +453,7 @@ def test_compiled_training_interrupted_after_its_update_counts_the_step(ex_compi
 
     def run_then_interrupt(self, step, *args, **kwargs):
         out = real_run(self, step, *args, **kwargs)
-        if step == 4 and not interrupted:  # the graph ran: the server applied step 4
+        if step == 6 and not interrupted:  # the graph ran: the server applied step 6
             interrupted.append(step)
             raise KeyboardInterrupt
         return out
@@ -466,10 +466,10 @@ def test_compiled_training_interrupted_after_its_update_counts_the_step(ex_compi
         )
         with pytest.raises(KeyboardInterrupt):
             tr.fit(data, epochs=3, batch_size=batch, seed=7)
-        assert interrupted == [4] and tr.step == 4  # the server decided: applied, counted
-        assert tr.session.status()["applied"] == [1, 2, 3, 4]
-        tr.fit(data, epochs=1, batch_size=batch, seed=7)  # the rest of the third epoch...
-        assert tr.applied_steps == list(range(1, 7))
+        assert interrupted == [6] and tr.step == 6  # the server decided: applied, counted
+        assert tr.session.status()["applied"] == list(range(1, 7))
+        tr.fit(data, epochs=2, batch_size=batch, seed=7)  # the second epoch's rest, the third
+        assert tr.applied_steps == list(range(1, 13))  # four steps an epoch
         assert tr.session.status()["duplicates"] == []
         assert tr.session.compiled.last_reason == ""
         assert_params_identical(tr.params, whole.params)
@@ -490,7 +490,7 @@ def test_compiled_training_interrupted_before_its_update_leaves_it_unapplied(
     interrupted = []
 
     def interrupt_then_run(self, step, *args, **kwargs):
-        if step == 4 and not interrupted:  # nothing of step 4 reached the graph
+        if step == 6 and not interrupted:  # nothing of step 6 reached the graph
             interrupted.append(step)
             raise KeyboardInterrupt
         return real_run(self, step, *args, **kwargs)
@@ -501,10 +501,10 @@ def test_compiled_training_interrupted_before_its_update_leaves_it_unapplied(
     )
     with pytest.raises(KeyboardInterrupt):
         tr.fit(data, epochs=3, batch_size=batch, seed=7)
-    assert interrupted == [4] and tr.step == 3
-    assert tr.session.status()["applied"] == [1, 2, 3]
-    tr.fit(data, epochs=2, batch_size=batch, seed=7)  # step 4 again, same batch, same id
-    assert tr.applied_steps == list(range(1, 7))
+    assert interrupted == [6] and tr.step == 5
+    assert tr.session.status()["applied"] == [1, 2, 3, 4, 5]
+    tr.fit(data, epochs=2, batch_size=batch, seed=7)  # step 6 again, same batch, same id
+    assert tr.applied_steps == list(range(1, 13))  # four steps an epoch
     assert tr.session.compiled.last_reason == ""
     assert_params_identical(tr.params, whole.params)
     tr.close()
@@ -521,7 +521,7 @@ def test_compiled_training_refuses_replicas_and_auto_says_why(caplog):
         tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
         with caplog.at_level(logging.INFO, logger="distgraph.runtime.ray.compiled_training"):
             tr.fit(data, epochs=2, batch_size=batch)
-        assert tr.applied_steps == [1, 2, 3, 4]
+        assert tr.applied_steps == list(range(1, 9))  # four steps an epoch
         assert "replicas" in tr.session.explain_transport()
         assert any("not compiled" in r.message for r in caplog.records)
         assert tr.session.compiled.graph is None
