@@ -526,3 +526,41 @@ def test_compiled_training_refuses_replicas_and_auto_says_why(caplog):
         assert any("not compiled" in r.message for r in caplog.records)
         assert tr.session.compiled.graph is None
         tr.close()
+
+
+def test_microbatches_are_refused_under_compiled_and_said_under_auto():
+    ensure_ray()
+    g, _data, _batch = training_task("mlp")
+    with dg.RayExecutor(num_workers=2, transport="compiled", microbatches=2) as ex:
+        with pytest.raises(dg.ConfigError, match="microbatches=2"):
+            _ = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex).session
+        ex.transport = "auto"
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex)
+        assert "microbatches=2" in tr.session.explain_transport()
+        tr.close()
+
+
+def test_a_fenced_graph_changes_nothing_on_the_server_or_a_worker():
+    # Late work of an abandoned compiled step (its graph fenced by the driver) must not apply
+    # an update or change a worker's params: the actors' compiled calls, run in-process.
+    from distgraph.runtime.ray.actors import _RayParamServer, _RayWorker
+    from distgraph.runtime.serial import StaleGraphError
+
+    server = _RayParamServer({"w": np.ones(2)}, dg.SGD(lr=0.5), {0: ["w"]}, {"w": "g"})
+    grads = {"g": np.full(2, 2.0)}
+    assert server.fence(3) == 3
+    with pytest.raises(StaleGraphError, match="abandoned"):
+        server.compiled_step(3, (7, False, False, {}), (0,), 1, grads)
+    assert server.status()["applied"] == [] and np.array_equal(server.params()["w"], np.ones(2))
+    status, new = server.compiled_step(4, (7, False, False, {}), (0,), 1, grads)  # a newer graph
+    assert status["applied"] and server.status()["applied"] == [7]
+    assert np.array_equal(new["w"], np.zeros(2))
+
+    worker = _RayWorker(0)
+    worker.resident[1] = {"w": np.ones(2)}
+    worker.fence(5)
+    with pytest.raises(StaleGraphError):
+        worker.take_params(1, 5, new)
+    assert np.array_equal(worker.resident[1]["w"], np.ones(2))
+    worker.take_params(1, 6, new)
+    assert np.array_equal(worker.resident[1]["w"], np.zeros(2))
