@@ -564,3 +564,41 @@ def test_a_fenced_graph_changes_nothing_on_the_server_or_a_worker():
     assert np.array_equal(worker.resident[1]["w"], np.ones(2))
     worker.take_params(1, 6, new)
     assert np.array_equal(worker.resident[1]["w"], np.zeros(2))
+
+
+def test_an_idle_graph_is_torn_down_and_compiled_again_on_use():
+    # An idle graph's loop polls (~0.4 of a core per reading worker here): after idle_s
+    # without a step the reaper tears it down; steps then run on calls once and compile anew.
+    ensure_ray()
+    g, feeds, out = seed_graph()
+    mg, data, batch = training_task("mlp")
+    ref = dg.Trainer(mg, loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
+    ref.fit(data, epochs=2, batch_size=batch, seed=7)
+    with dg.RayExecutor(num_workers=2, transport="compiled") as ex:
+        slot = ex.compiled.slot
+        slot.idle_s = 1.0
+        for _ in range(3):
+            ex.run(g, feeds, grad=out)
+        (graph,) = ex.compiled.graphs.values()
+        assert ex.compiled.last_reason == "" and not graph.torn_down  # the precondition
+        deadline = time.time() + 60
+        while not graph.torn_down and time.time() < deadline:
+            time.sleep(0.2)
+        assert graph.torn_down and slot.reaped == 1
+        assert "compiled graph" not in ex.explain_transport(g, feeds, grad=out)
+        for _ in range(2):
+            res = ex.run(g, feeds, grad=out)
+        assert ex.compiled.last_reason == "" and res.values == {"z": 7.0}
+
+        tr = dg.Trainer(mg, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex, progress=False)
+        tr.fit(data, epochs=1, batch_size=batch, seed=7)
+        first = tr.session.compiled.graph
+        assert first is not None and tr.session.compiled.last_reason == ""
+        while not first.torn_down and time.time() < deadline + 60:
+            time.sleep(0.2)
+        assert first.torn_down and slot.reaped >= 2  # the run() graph's again, then this one
+        tr.fit(data, epochs=1, batch_size=batch, seed=7)
+        assert tr.session.compiled.graph is not first and tr.session.compiled.last_reason == ""
+        assert_params_identical(tr.params, ref.params)
+        assert tr.history.loss == ref.history.loss
+        tr.close()

@@ -51,8 +51,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -84,6 +85,8 @@ MIN_BUFFER = 1_000_000
 HEADROOM = 256 * 1024
 #: Per-array framing allowance when a worker checks that a message fits.
 PER_ARRAY = 1024
+#: A compiled graph unused this long (seconds) is torn down (see :class:`GraphSlot`).
+IDLE_TEARDOWN_S = 5.0
 #: Plans whose largest message needs a bigger buffer stay on calls (each channel holds one
 #: buffer of this size in shared memory, per reader node).
 MAX_BUFFER = 256 * 1024 * 1024
@@ -170,29 +173,78 @@ class GraphSlot:
     per actor): run() plans (:class:`CompiledRuns`) and training sessions take turns.
 
     ``holder``: what owns the live graph (has ``release()``, which tears it down);
-    ``user``: what ran the latest step on these workers, compiled or not (a plan counts as
-    running "in a row" only while nobody else ran between)."""
+    ``user``: what ran the latest step on these workers, compiled or not, and ``last_use``
+    when (a plan counts as running "in a row" only while nobody else ran between and its
+    runs come less than ``idle_s`` apart).
 
-    def __init__(self) -> None:
+    Idle graphs are torn down: a graph's loop polls its input channel (Ray 2.60's reader
+    spins on ``sched_yield``, ~0.4 of a core per reading actor here), so a graph unused for
+    ``idle_s`` seconds is released by a reaper thread (``reaped`` counts them). Steps and
+    compiles hold ``lock``, so the reaper never tears a graph down under a running step."""
+
+    def __init__(self, idle_s: float | None = None) -> None:
         self.holder: Any = None
         self.user: Any = None
+        self.idle_s = IDLE_TEARDOWN_S if idle_s is None else idle_s
+        self.lock = threading.RLock()
+        self.last_use = 0.0
+        self.reaped = 0
+        self._reaper: threading.Thread | None = None
 
     def claim(self, holder: Any) -> None:
         """Make ``holder`` the owner of the workers' graph; the previous owner's goes."""
-        if self.holder is not None and self.holder is not holder:
-            previous, self.holder = self.holder, None
-            previous.release()
-        self.holder = holder
+        with self.lock:
+            if self.holder is not None and self.holder is not holder:
+                previous, self.holder = self.holder, None
+                previous.release()
+            self.holder = holder
+            self.last_use = time.monotonic()
+            if self._reaper is None or not self._reaper.is_alive():
+                self._reaper = threading.Thread(
+                    target=self._reap, name="distgraph-graph-reaper", daemon=True
+                )
+                self._reaper.start()
 
     def touch(self, user: Any) -> bool:
-        """Record that ``user`` runs a step now; whether it ran the previous one too."""
-        same, self.user = self.user is user, user
-        return same
+        """Record that ``user`` runs a step now; whether it also ran the previous one, less
+        than ``idle_s`` ago."""
+        with self.lock:
+            now = time.monotonic()
+            same = self.user is user and now - self.last_use < self.idle_s
+            self.user, self.last_use = user, now
+            return same
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Hold the slot for a compiled step (the reaper waits)."""
+        with self.lock:
+            try:
+                yield
+            finally:
+                self.last_use = time.monotonic()
 
     def release(self, holder: Any) -> None:
         """``holder`` gave its graph up."""
-        if self.holder is holder:
-            self.holder = None
+        with self.lock:
+            if self.holder is holder:
+                self.holder = None
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(max(0.05, min(1.0, self.idle_s / 4)))
+            with self.lock:
+                if self.holder is None:
+                    return
+                idle = time.monotonic() - self.last_use
+                if idle < self.idle_s:
+                    continue
+                holder, self.holder = self.holder, None
+                self.user = None  # the next run of any plan counts as a first one
+                self.reaped += 1
+                log.info("tearing down a compiled graph unused for %.1f s (its loop polls)", idle)
+                with contextlib.suppress(Exception):
+                    holder.release()
+                return
 
 
 _SLOTS: weakref.WeakKeyDictionary[Any, GraphSlot] = weakref.WeakKeyDictionary()
@@ -355,8 +407,7 @@ class CompiledRuns:
             return None
         # Runs in a row: plans that alternate stay on calls rather than tear down and compile
         # each other's graph on every switch (an actor holds one compiled graph at a time).
-        in_a_row = plan_id == self._previous and self.slot.touch(self)
-        self.slot.touch(self)
+        in_a_row = self.slot.touch(self) and plan_id == self._previous
         self.runs[plan_id] = self.runs.get(plan_id, 0) + 1 if in_a_row else 1
         self._previous = plan_id
         refused = self.refused.get(plan_id)
@@ -388,7 +439,11 @@ class CompiledRuns:
                 self._refuse(plan_id, reason)
                 return None
         try:
-            got = compiled.run(step, feeds, trace, check_finite, self.options.deadline)
+            with self.slot.running():
+                if compiled.torn_down:  # reaped while idle: compile it again
+                    self.graphs.pop(plan_id, None)
+                    compiled = self._compile(plan, plan_id, need)
+                got = compiled.run(step, feeds, trace, check_finite, self.options.deadline)
         except BaseException as e:
             raise self._failed(plan_id, compiled, step, e) from None
         self.last_reason = ""
@@ -474,7 +529,7 @@ class CompiledRuns:
         transport = self.options.transport
         if transport == "calls":
             return 'transport: actor calls (transport="calls")'
-        if plan_id in self.graphs:
+        if plan_id in self.graphs and not self.graphs[plan_id].torn_down:
             return f"transport: compiled graph, channels of {self.graphs[plan_id].buffer_bytes:,} B"
         if plan_id in self.refused:
             return f"transport: actor calls ({transport}: {self.refused[plan_id][1]})"

@@ -223,7 +223,8 @@ class CompiledTraining:
         if refused is not None and refused[0] == transport and refused[1] == plan_id:
             self.last_reason = refused[2]
             return False
-        if self.graph is None and self._runs < 2:
+        live = self.graph is not None and not self.graph.torn_down
+        if not live and self._runs < 2:  # reaped while idle counts as none
             self.last_reason = "first step in a row on these workers (compiled from its second)"
             return False
         return True

@@ -494,26 +494,29 @@ class RaySession(TrainingSession):
         self._settle()
         self._quiesce()
         feeds = self.compiled.feeds(arrays)
-        graph = self.compiled.graph_for(
-            plan, self.plan_id, self.ps, self.takers, feeds, self._initial.params
-        )
-        if graph is None:
-            return None
-        t_submit = time.time()
-        try:
-            driver, status = graph.run(
-                step_id, feeds, trace, self.check_finite, self.options.deadline
+        # The slot is held from the graph's lookup to the step's end: an idle graph's reaper
+        # (compiled.py's GraphSlot) never tears it down in between.
+        with self.compiled.slot.running():
+            graph = self.compiled.graph_for(
+                plan, self.plan_id, self.ps, self.takers, feeds, self._initial.params
             )
-        except BaseException as e:
-            error = self.compiled.failed(graph, step_id, e)
-            # The server decides whether the step is applied (its update runs inside the
-            # graph): after the fence, its answer to the abort is final.
-            self._abandon(step_id, True, None, error)
-            if isinstance(error, ChannelSizeError):
-                return None  # the step runs again on calls
-            if error is e:
-                raise
-            raise error from None
+            if graph is None:
+                return None
+            t_submit = time.time()
+            try:
+                driver, status = graph.run(
+                    step_id, feeds, trace, self.check_finite, self.options.deadline
+                )
+            except BaseException as e:
+                error = self.compiled.failed(graph, step_id, e)
+                # The server decides whether the step is applied (its update runs inside the
+                # graph): after the fence, its answer to the abort is final.
+                self._abandon(step_id, True, None, error)
+                if isinstance(error, ChannelSizeError):
+                    return None  # the step runs again on calls
+                if error is e:
+                    raise
+                raise error from None
         self.compiled.last_reason = ""
         if step_id not in self._done:
             self._done.append(step_id)
