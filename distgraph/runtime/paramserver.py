@@ -29,6 +29,11 @@ Order of a step (one outcome per step id: applied, and the driver counts it, or 
    the driver run in submission order, so its answer is final: a step aborted before any
    commit was sent is never applied.
 
+Compiled training steps (``runtime/ray/compiled_training.py``) call ``stage_and_commit`` from a
+node that runs only once every task of the step succeeded, on the graph's own thread: every
+method holds the server's step lock, and a fenced graph's late update raises instead of
+applying (``runtime/serial.py``).
+
 This module does not import Ray: ``runtime/ray/actors.py`` wraps ``ParameterServer`` as an actor.
 """
 

@@ -16,6 +16,10 @@ missing raises :class:`CallOrderError` (or the error its predecessor failed with
 computing from an incomplete env; it never waits, since the predecessor either failed (its
 input failed, so it will never run) or could only run on the thread the waiting call holds.
 
+Threads: a compiled graph's calls (``runtime/ray/compiled.py``) run on a thread of their own
+beside ordinary calls, so every method touching step state holds the worker's step lock, and
+a fenced graph's late calls change nothing (``runtime/serial.py``).
+
 This module does not import Ray: ``runtime/ray/actors.py`` wraps ``Worker`` as an actor, and
 the call's arguments are read with :mod:`distgraph.runtime.protocol`.
 """

@@ -34,16 +34,19 @@ Arrays read from a channel are views of its shared memory, and keeping one block
 (ray-project/ray#46055): a worker copies every imported value and feed it keeps, the driver
 copies the outputs it hands back.
 
-Costs: a compiled graph's loop polls its input channel, so a worker of an idle compiled graph
-uses CPU (measured here: ~0.35 of a core for the worker holding the seed graph's task); the
-graph is torn down by ``close()``, a recovery, another plan's compile, or a failed step (a node's
-error too: Ray 2.60 times out the execution after one that raised, so the next run compiles
-anew). A step past its deadline names the node still running (asked of the workers'
-``progress``) and tears the graph down in the background, without killing the actors.
+Costs: a compiled graph's loop polls its input channel (Ray 2.60's reader spins on
+``sched_yield``; measured here: ~0.4 of a core for the worker holding the seed graph's task,
+~0.15 under heavy load), so a graph unused for ``IDLE_TEARDOWN_S`` seconds is torn down by
+its slot's reaper (:class:`GraphSlot`) and compiled again when its plan runs twice in a row
+once more. A graph is also torn down by ``close()``, a recovery, another plan's (or a training
+session's) compile, or a failed step (a node's error too: Ray 2.60 times out the execution
+after one that raised, so the next run compiles anew). A step past its deadline names the
+node still running (asked of the workers' ``progress``) and tears the graph down in the
+background, without killing the actors.
 
-Not compiled (stay on actor calls): training steps (the parameter server's stage/commit and
-the workers' param updates are ordered with the step's calls, which a graph running on the
-actors' system thread would not be), workers on more than one node, ``data_path="store"``.
+Training steps are compiled too (``compiled_training.py``: the server's update is a node of
+the graph). Not compiled (stay on actor calls): workers on more than one node under "auto",
+``data_path="store"``.
 """
 
 from __future__ import annotations
