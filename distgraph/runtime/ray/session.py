@@ -34,6 +34,14 @@ Order of a step (``_step_once``):
    reset to the server's state. A commit that finds nothing staged fails as a lost worker:
    the session recovers and replays the step.
 
+Compiled transport (``transport`` "compiled" or "auto", from the second step in a row): the
+same protocol inside one Ray Compiled Graph (``compiled_training.py``): the server's stage and
+commit are one node that runs only once every task succeeded, takers get their new params
+from a last node of the same step, and a failed execution is fenced, aborted (the server's
+answer decides), recovered as below and compiled again. Calls sent without waiting (drops,
+replica resets, progress, new params after a recovery) are awaited before the next compiled
+step (``_quiesce``), since the graph's calls do not queue behind them.
+
 Recovery: a step that loses a worker is run again (same step id, same feeds) after the lost
 worker is replaced and the plan reinstalled on it with the server's current params. A lost
 server is restarted from its latest checkpoint (or the initial state) and the steps it had
