@@ -358,3 +358,247 @@ def test_multi_node_auto_falls_back_and_compiled_runs_across_nodes(caplog):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+# Training steps (item 1/3: the parameter server's update inside the graph) ----------------------
+def training_task(task: str) -> tuple[dg.Graph, dict[str, np.ndarray], int]:
+    """(graph, training data, batch size): the problems of test_ray_runtime's equality test."""
+    from distgraph import models
+
+    if task == "linear":
+        return models.linear_regression(), models.linear_data(96, seed=1), 16
+    if task == "mlp":
+        return models.mlp_classifier((2, 16, 16, 2), seed=3), models.spirals(48, seed=2), 24
+    g, _, _ = towers(n=2)
+    rng = np.random.default_rng(9)
+    return g, {"x": rng.standard_normal((48, 8)), "y": rng.integers(0, 3, size=48)}, 24
+
+
+def assert_params_identical(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("opt", [dg.SGD(lr=0.05), dg.Adam(lr=0.05)], ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "task, strategy",
+    # round_robin: params come back from the server (the graph's take_params nodes); mincut
+    # on the towers: each worker updates its own replica.
+    [("linear", "round_robin"), ("mlp", "round_robin"), ("towers", "mincut")],
+)
+def test_compiled_training_equals_calls_and_local(ex_compiled, opt, task, strategy):
+    g, data, batch = training_task(task)
+    ref = dg.Trainer(g, loss="loss", optimizer=opt, progress=False)
+    ref.fit(data, epochs=3, batch_size=batch, seed=7)
+    before = ex_compiled.strategy, ex_compiled.cost
+    ex_compiled.strategy, ex_compiled.cost = strategy, SPREAD_COST  # mincut splits the towers
+    try:
+        runs = {}
+        for transport in ("calls", "compiled"):
+            ex_compiled.transport = transport
+            tr = dg.Trainer(g, loss="loss", optimizer=opt, executor=ex_compiled, progress=False)
+            tr.fit(data, epochs=3, batch_size=batch, seed=7)
+            s = tr.session
+            assert set(s.plan.placement.values()) == {0, 1}  # both workers take part
+            if transport == "compiled":  # the precondition: the steps ran compiled
+                assert s.compiled.last_reason == "" and s.compiled.graph is not None
+                assert "compiled graph" in s.explain_transport()
+                assert bool(s.takers) is (strategy == "round_robin")
+            runs[transport] = (tr.params, tr.history.loss, tr.applied_steps)
+            tr.close()
+    finally:
+        (ex_compiled.strategy, ex_compiled.cost), ex_compiled.transport = before, "compiled"
+    for params, loss, applied in runs.values():
+        assert_params_identical(params, ref.params)
+        assert loss == ref.history.loss
+        assert applied == list(range(1, len(applied) + 1))
+
+
+def test_compiled_training_with_reads_checkpoints_and_runs_between_steps(ex_compiled, tmp_path):
+    # Out-of-band calls between compiled steps (reads, a save, a run() of another plan on the
+    # same workers, which takes them for its own graph) leave the training bit-identical.
+    g, data, batch = training_task("mlp")
+    ref = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
+    ref.fit(data, epochs=4, batch_size=batch, seed=7)
+    ex_compiled.strategy = "round_robin"
+    try:
+        tr = dg.Trainer(
+            g, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex_compiled, progress=False
+        )
+        sg, sfeeds, sout = seed_graph()
+        for epoch in range(4):
+            tr.fit(data, epochs=1, batch_size=batch, seed=7)
+            assert tr.session.compiled.last_reason == ""
+            assert tr.session.status()["version"] == tr.step > 3 * epoch
+            tr.session.save(str(tmp_path / f"e{epoch}"))
+            for _ in range(3):  # compiled from its second run: the training graph goes
+                assert ex_compiled.run(sg, sfeeds, grad=sout).values == {"z": 7.0}
+            assert ex_compiled.compiled.last_reason == ""
+        assert_params_identical(tr.params, ref.params)
+        assert tr.history.loss == ref.history.loss
+        tr.close()
+    finally:
+        ex_compiled.strategy = "mincut"
+
+
+def test_compiled_training_interrupted_after_its_update_counts_the_step(ex_compiled, monkeypatch):
+    from distgraph.runtime.ray.compiled_training import TrainingGraph
+
+    g, data, batch = training_task("mlp")
+    whole = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
+    whole.fit(data, epochs=3, batch_size=batch, seed=7)
+    real_run = TrainingGraph.run
+    interrupted = []
+
+    def run_then_interrupt(self, step, *args, **kwargs):
+        out = real_run(self, step, *args, **kwargs)
+        if step == 6 and not interrupted:  # the graph ran: the server applied step 6
+            interrupted.append(step)
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(TrainingGraph, "run", run_then_interrupt)
+    ex_compiled.strategy = "round_robin"
+    try:
+        tr = dg.Trainer(
+            g, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex_compiled, progress=False
+        )
+        with pytest.raises(KeyboardInterrupt):
+            tr.fit(data, epochs=3, batch_size=batch, seed=7)
+        assert interrupted == [6] and tr.step == 6  # the server decided: applied, counted
+        assert tr.session.status()["applied"] == list(range(1, 7))
+        tr.fit(data, epochs=2, batch_size=batch, seed=7)  # the second epoch's rest, the third
+        assert tr.applied_steps == list(range(1, 13))  # four steps an epoch
+        assert tr.session.status()["duplicates"] == []
+        assert tr.session.compiled.last_reason == ""
+        assert_params_identical(tr.params, whole.params)
+        tr.close()
+    finally:
+        ex_compiled.strategy = "mincut"
+
+
+def test_compiled_training_interrupted_before_its_update_leaves_it_unapplied(
+    ex_compiled, monkeypatch
+):
+    from distgraph.runtime.ray.compiled_training import TrainingGraph
+
+    g, data, batch = training_task("mlp")
+    whole = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
+    whole.fit(data, epochs=3, batch_size=batch, seed=7)
+    real_run = TrainingGraph.run
+    interrupted = []
+
+    def interrupt_then_run(self, step, *args, **kwargs):
+        if step == 6 and not interrupted:  # nothing of step 6 reached the graph
+            interrupted.append(step)
+            raise KeyboardInterrupt
+        return real_run(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingGraph, "run", interrupt_then_run)
+    tr = dg.Trainer(
+        g, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex_compiled, progress=False
+    )
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(data, epochs=3, batch_size=batch, seed=7)
+    assert interrupted == [6] and tr.step == 5
+    assert tr.session.status()["applied"] == [1, 2, 3, 4, 5]
+    tr.fit(data, epochs=2, batch_size=batch, seed=7)  # step 6 again, same batch, same id
+    assert tr.applied_steps == list(range(1, 13))  # four steps an epoch
+    assert tr.session.compiled.last_reason == ""
+    assert_params_identical(tr.params, whole.params)
+    tr.close()
+
+
+def test_compiled_training_refuses_replicas_and_auto_says_why(caplog):
+    ensure_ray()
+    g, data, batch = training_task("mlp")
+    with dg.RayExecutor(num_workers=2, transport="compiled", replicas=2) as ex:
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+        with pytest.raises(dg.ConfigError, match="2 data-parallel replicas"):
+            tr.fit(data, epochs=1, batch_size=batch)
+        ex.transport = "auto"
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+        with caplog.at_level(logging.INFO, logger="distgraph.runtime.ray.compiled_training"):
+            tr.fit(data, epochs=2, batch_size=batch)
+        assert tr.applied_steps == list(range(1, 9))  # four steps an epoch
+        assert "replicas" in tr.session.explain_transport()
+        assert any("not compiled" in r.message for r in caplog.records)
+        assert tr.session.compiled.graph is None
+        tr.close()
+
+
+def test_microbatches_are_refused_under_compiled_and_said_under_auto():
+    ensure_ray()
+    g, _data, _batch = training_task("mlp")
+    with dg.RayExecutor(num_workers=2, transport="compiled", microbatches=2) as ex:
+        with pytest.raises(dg.ConfigError, match="microbatches=2"):
+            _ = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex).session
+        ex.transport = "auto"
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex)
+        assert "microbatches=2" in tr.session.explain_transport()
+        tr.close()
+
+
+def test_a_fenced_graph_changes_nothing_on_the_server_or_a_worker():
+    # Late work of an abandoned compiled step (its graph fenced by the driver) must not apply
+    # an update or change a worker's params: the actors' compiled calls, run in-process.
+    from distgraph.runtime.ray.actors import _RayParamServer, _RayWorker
+    from distgraph.runtime.serial import StaleGraphError
+
+    server = _RayParamServer({"w": np.ones(2)}, dg.SGD(lr=0.5), {0: ["w"]}, {"w": "g"})
+    grads = {"g": np.full(2, 2.0)}
+    assert server.fence(3) == 3
+    with pytest.raises(StaleGraphError, match="abandoned"):
+        server.compiled_step(3, (7, False, False, {}), (0,), 1, grads)
+    assert server.status()["applied"] == [] and np.array_equal(server.params()["w"], np.ones(2))
+    status, new = server.compiled_step(4, (7, False, False, {}), (0,), 1, grads)  # a newer graph
+    assert status["applied"] and server.status()["applied"] == [7]
+    assert np.array_equal(new["w"], np.zeros(2))
+
+    worker = _RayWorker(0)
+    worker.resident[1] = {"w": np.ones(2)}
+    worker.fence(5)
+    with pytest.raises(StaleGraphError):
+        worker.take_params(1, 5, new)
+    assert np.array_equal(worker.resident[1]["w"], np.ones(2))
+    worker.take_params(1, 6, new)
+    assert np.array_equal(worker.resident[1]["w"], np.zeros(2))
+
+
+def test_an_idle_graph_is_torn_down_and_compiled_again_on_use():
+    # An idle graph's loop polls (~0.4 of a core per reading worker here): after idle_s
+    # without a step the reaper tears it down; steps then run on calls once and compile anew.
+    ensure_ray()
+    g, feeds, out = seed_graph()
+    mg, data, batch = training_task("mlp")
+    ref = dg.Trainer(mg, loss="loss", optimizer=dg.Adam(lr=0.05), progress=False)
+    ref.fit(data, epochs=2, batch_size=batch, seed=7)
+    with dg.RayExecutor(num_workers=2, transport="compiled") as ex:
+        slot = ex.compiled.slot
+        slot.idle_s = 1.0
+        for _ in range(3):
+            ex.run(g, feeds, grad=out)
+        (graph,) = ex.compiled.graphs.values()
+        assert ex.compiled.last_reason == "" and not graph.torn_down  # the precondition
+        deadline = time.time() + 60
+        while not graph.torn_down and time.time() < deadline:
+            time.sleep(0.2)
+        assert graph.torn_down and slot.reaped == 1
+        assert "compiled graph" not in ex.explain_transport(g, feeds, grad=out)
+        for _ in range(2):
+            res = ex.run(g, feeds, grad=out)
+        assert ex.compiled.last_reason == "" and res.values == {"z": 7.0}
+
+        tr = dg.Trainer(mg, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex, progress=False)
+        tr.fit(data, epochs=1, batch_size=batch, seed=7)
+        first = tr.session.compiled.graph
+        assert first is not None and tr.session.compiled.last_reason == ""
+        while not first.torn_down and time.time() < deadline + 60:
+            time.sleep(0.2)
+        assert first.torn_down and slot.reaped >= 2  # the run() graph's again, then this one
+        tr.fit(data, epochs=1, batch_size=batch, seed=7)
+        assert tr.session.compiled.graph is not first and tr.session.compiled.last_reason == ""
+        assert_params_identical(tr.params, ref.params)
+        assert tr.history.loss == ref.history.loss
+        tr.close()

@@ -43,16 +43,35 @@ def reference():
 # round_robin spreads the MLP over both workers (params travel from the server after each
 # step); mincut keeps it on one worker, which updates its own params and lets the server's
 # update overlap the next step (pipelined), so a crash can land between a step and its update.
-@pytest.fixture(params=["round_robin", "mincut"])
+# transport="compiled" runs the same steps as a Ray Compiled Graph from the second step on: a
+# crash fails a compiled step, which tears the graph down, recovers as with calls and
+# recompiles (issue 16).
+@pytest.fixture(
+    params=[
+        ("round_robin", "calls"),
+        ("mincut", "calls"),
+        ("round_robin", "compiled"),
+        ("mincut", "compiled"),
+    ],
+    ids=lambda p: "-".join(p),
+)
 def ex(tmp_path, request):
     ensure_ray()
+    strategy, transport = request.param
     with dg.RayExecutor(
         num_workers=2,
-        strategy=request.param,
+        strategy=strategy,
         checkpoint_dir=str(tmp_path / "ps"),
         checkpoint_every=5,
+        transport=transport,
     ) as executor:
         yield executor
+
+
+def assert_ran_compiled(ex, tr):
+    """The precondition of a compiled-transport run: its steps did run compiled."""
+    if ex.transport == "compiled":
+        assert tr.session.compiled.last_reason == "", tr.session.compiled.last_reason
 
 
 def train_with(ex, on_step):
@@ -72,6 +91,7 @@ def test_worker_crash_mid_training(ex, reference):
             crashed.append(busy)
 
     tr = train_with(ex, crash)
+    assert_ran_compiled(ex, tr)
     assert ex.replacements == crashed and len(crashed) == 1
     assert tr.session.pipelined is (ex.strategy == "mincut")
     assert_params_equal(tr.params, reference)
@@ -86,6 +106,7 @@ def test_parameter_server_crash_between_checkpoints(ex, reference):
             tr.session.ps.crash.remote()
 
     tr = train_with(ex, crash)
+    assert_ran_compiled(ex, tr)
     # Pipelined, step 14 may return before its update fails on the dead server (its loss
     # arrived first); then the loss is noticed at step 15 and step 14 is replayed too.
     lost = [[11, 12, 13], [11, 12, 13, 14]] if tr.session.pipelined else [[11, 12, 13]]
@@ -104,6 +125,7 @@ def test_both_crash_in_the_same_step(ex, reference):
             ex.workers[tr.session.plan.tasks[0].worker].crash.remote()
 
     tr = train_with(ex, crash)
+    assert_ran_compiled(ex, tr)
     assert_params_equal(tr.params, reference)
     assert tr.session.status()["applied"] == list(range(1, 25))
     tr.close()

@@ -47,10 +47,11 @@ def data(n: int = 32) -> dict[str, np.ndarray]:
     return {"x": x, "y": x @ np.array([1.0, 2.0, -3.0]) + 0.25}
 
 
-def executor(strategy: str) -> dg.RayExecutor:
+def executor(strategy: str, transport: str = "calls") -> dg.RayExecutor:
     return dg.RayExecutor(
         num_workers=2,
         strategy=strategy,
+        transport=transport,
         deadline=120.0,  # shortened only for the step meant to stall
         ops_modules=["slow_ops"],
         worker_runtime_env={"env_vars": {"PYTHONPATH": TESTS}},
@@ -94,11 +95,12 @@ STRATEGIES = [("mincut", True), ("round_robin", False)]
 FIT = {"batch_size": 16, "seed": 3}
 
 
+@pytest.mark.parametrize("transport", ["calls", "compiled"])
 @pytest.mark.parametrize("strategy,pipelined", STRATEGIES)
-def test_a_step_past_its_deadline_is_never_applied(tmp_path, strategy, pipelined):
+def test_a_step_past_its_deadline_is_never_applied(tmp_path, strategy, pipelined, transport):
     flag = tmp_path / "stall"
     want = reference(flag, epochs=3, **FIT)
-    with executor(strategy) as ex:
+    with executor(strategy, transport) as ex:
         tr = trainer(flag, ex)
 
         def stall_next(step, loss):
@@ -106,10 +108,12 @@ def test_a_step_past_its_deadline_is_never_applied(tmp_path, strategy, pipelined
                 flag.touch()  # step 3 stalls in its forward wave, past the deadline
                 ex.deadline = 5.0
 
-        with pytest.raises(dg.WaveTimeoutError, match="stuck"):
+        with pytest.raises(dg.WaveTimeoutError, match="stuck") as info:
             tr.fit(data(), epochs=3, callback=stall_next, **FIT)
         assert tr.session.pipelined is pipelined
         assert tr.step == 2
+        if transport == "compiled":  # the stalled step ran compiled, and says so
+            assert "compiled" in str(info.value) and "running on worker" in str(info.value)
         ex.deadline = 120.0
         flag.unlink()  # the stalled step finishes now: its gradients reach the server
         status = server_after_everything_sent(tr)
@@ -243,14 +247,15 @@ def test_a_fit_that_gave_up_on_a_lost_worker_is_recovered_by_the_next(tmp_path):
         tr.close()
 
 
+@pytest.mark.parametrize("transport", ["calls", "compiled"])
 @pytest.mark.parametrize("strategy,pipelined", STRATEGIES)
-def test_a_server_checkpoint_that_failed_is_reported_once(tmp_path, strategy, pipelined):
+def test_a_server_checkpoint_that_failed_is_reported_once(tmp_path, strategy, pipelined, transport):
     # Review: a commit whose checkpoint could not be written (its folder now held a user's
     # file) re-raised that error on every later call of the session, even Trainer.close(),
     # after the folder was fixed.
     flag, ckpt = tmp_path / "never", tmp_path / "ckpt"
     want = reference(flag, epochs=3, **FIT)
-    with executor(strategy) as ex:
+    with executor(strategy, transport) as ex:
         # The first checkpoint comes at step 3, inside epoch 2: its failure surfaces in step 4.
         ex.checkpoint_dir, ex.checkpoint_every = str(ckpt), 3
         tr = trainer(flag, ex)

@@ -1,4 +1,5 @@
-"""`soak`: thousands of training steps on RayExecutor(2), watching for leaks.
+"""`soak`: thousands of training steps on RayExecutor(2), watching for leaks, on actor calls
+and then on the compiled transport (``transport="compiled"``).
 
 Three gauges are sampled through the run: the driver's resident memory (psutil), the object
 store's bytes in use across the cluster (the raylet's store stats, the figure behind
@@ -17,7 +18,13 @@ from ._harness import Record, log
 NAME = "soak"
 #: label -> (comparison, bound) of every target this benchmark checks. "Flat" object store:
 #: the last 10% of samples may exceed the first 10% by at most 1 MiB.
-TARGETS = {"rss_growth_mb": ("<=", 30.0), "store_growth_mib": ("<=", 1.0)}
+#: The ``compiled_`` ones: the same run on the compiled transport.
+TARGETS = {
+    "rss_growth_mb": ("<=", 30.0),
+    "store_growth_mib": ("<=", 1.0),
+    "compiled_rss_growth_mb": ("<=", 30.0),
+    "compiled_store_growth_mib": ("<=", 1.0),
+}
 #: Packages of the ``bench`` extra this benchmark needs (psutil, which reads the driver's memory).
 PEERS: tuple[str, ...] = ("psutil",)
 
@@ -56,54 +63,83 @@ def _edges(samples: list[float]) -> tuple[float, float]:
     return statistics.mean(samples[:tenth]), statistics.mean(samples[-tenth:])
 
 
+def _phase(
+    dg: Any, g: Any, feeds: dict, transport: str, steps: int, progress: bool
+) -> dict[str, list[float]]:
+    """``steps`` training steps on a fresh ``RayExecutor(2, transport=...)``, gauges sampled
+    about 100 times; returns the samples and the steps' wall time."""
+    import itertools
+    import time
+
+    import numpy as np
+
+    every = max(1, steps // 100)
+    out: dict[str, list[float]] = {"rss": [], "store": [], "refs": [], "loss": [], "time": []}
+    with dg.RayExecutor(num_workers=2, transport=transport) as ex:
+        gauge = StoreGauge()
+        trainer = dg.Trainer(
+            g, loss="loss", optimizer=dg.SGD(lr=mlp.LR), executor=ex, progress=False
+        )
+        session = trainer.session
+        data = session.attach(feeds)  # as Trainer.fit hands its data over: once
+        rows = np.arange(len(next(iter(feeds.values()))))
+        ids = itertools.count(1)
+
+        def step() -> float:
+            return session.step_rows(next(ids), data, rows)
+
+        for _ in range(5):  # warm-up: actor start, first plans, the graph's compile
+            step()
+        if transport == "compiled" and session.compiled.last_reason:
+            raise RuntimeError(f"the compiled phase ran on calls: {session.compiled.last_reason}")
+        log(progress, NAME, f"{steps} steps, transport={transport}")
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = step()
+            if i % every == 0 or i == steps - 1:
+                out["rss"].append(_rss())
+                out["store"].append(gauge.store_bytes())
+                out["refs"].append(gauge.driver_refs())
+                out["loss"].append(float(loss))
+        out["time"].append(time.perf_counter() - start)
+        trainer.close()
+    return out
+
+
 def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
-    """Train a small MLP for many steps and report the growth of each gauge."""
+    """Train a small MLP for many steps, on actor calls and then compiled, and report the
+    growth of each gauge in each."""
     import distgraph as dg
 
     steps = 50 if quick else 2_000
-    every = max(1, steps // 100)
     sizes, batch = [16, 32, 32, 4], 32
     params, x, y = mlp.make_problem(sizes, batch, seed=1)
     g = mlp.build_distgraph(sizes, params, batch)
     feeds = {"x": x, "y": y}
-    rss: list[float] = []
-    store: list[float] = []
-    refs: list[float] = []
-    losses: list[float] = []
-
-    with dg.RayExecutor(num_workers=2) as ex:
-        gauge = StoreGauge()
-        step = mlp.training_step(dg, g, ex, feeds)
-        for _ in range(5):  # warm-up: actor start, first plans, allocator pools
-            step()
-        log(progress, NAME, f"{steps} steps")
-        for i in range(steps):
-            loss = step()
-            if i % every == 0 or i == steps - 1:
-                rss.append(_rss())
-                store.append(gauge.store_bytes())
-                refs.append(gauge.driver_refs())
-                if loss is not None:
-                    losses.append(float(loss))
-
-    rss_first, rss_last = _edges(rss)
-    store_first, store_last = _edges(store)
-    refs_first, refs_last = _edges(refs)
+    step_s: dict[str, float] = {}
+    for transport, prefix in (("calls", ""), ("compiled", "compiled_")):
+        got = _phase(dg, g, feeds, transport, steps, progress)
+        rss_first, rss_last = _edges(got["rss"])
+        store_first, store_last = _edges(got["store"])
+        refs_first, refs_last = _edges(got["refs"])
+        step_s[transport] = got["time"][0] / steps
+        rec.figure(f"{prefix}step_s", step_s[transport])
+        rec.figure(f"{prefix}rss_first_mb", rss_first / 2**20)
+        rec.figure(f"{prefix}rss_last_mb", rss_last / 2**20)
+        rec.figure(f"{prefix}store_first_bytes", store_first)
+        rec.figure(f"{prefix}store_last_bytes", store_last)
+        rec.figure(f"{prefix}driver_refs_first", refs_first)
+        rec.figure(f"{prefix}driver_refs_last", refs_last)
+        rec.figure(f"{prefix}loss_first", got["loss"][0])
+        rec.figure(f"{prefix}loss_last", got["loss"][-1])
+        rec.target(f"{prefix}rss_growth_mb", (rss_last - rss_first) / 2**20)
+        rec.target(f"{prefix}store_growth_mib", (store_last - store_first) / 2**20)
     rec.figure("steps", steps)
-    rec.figure("rss_first_mb", rss_first / 2**20)
-    rec.figure("rss_last_mb", rss_last / 2**20)
-    rec.figure("store_first_bytes", store_first)
-    rec.figure("store_last_bytes", store_last)
-    rec.figure("driver_refs_first", refs_first)
-    rec.figure("driver_refs_last", refs_last)
-    if losses:
-        rec.figure("loss_first", losses[0])
-        rec.figure("loss_last", losses[-1])
-    rec.target("rss_growth_mb", (rss_last - rss_first) / 2**20)
-    rec.target("store_growth_mib", (store_last - store_first) / 2**20)
+    rec.ratio("compiled_vs_calls_step", step_s["compiled"], step_s["calls"])
     rec.note(
-        f"MLP {'-'.join(map(str, sizes))}, batch {batch}; gauges sampled every {every} steps "
-        "after 5 warm-up steps; growth = mean of the last 10% of samples minus the first 10%. "
-        "Store bytes come from the raylet's store stats (ray._private.internal_api, as used by "
-        "`ray memory --stats-only`)."
+        f"MLP {'-'.join(map(str, sizes))}, batch {batch}; each transport on its own "
+        f"RayExecutor(2) (calls, then compiled: the plan and the server's update as one Ray "
+        "Compiled Graph); gauges sampled about 100 times after 5 warm-up steps; growth = mean "
+        "of the last 10% of samples minus the first 10%. Store bytes come from the raylet's "
+        "store stats (ray._private.internal_api, as used by `ray memory --stats-only`)."
     )

@@ -29,6 +29,11 @@ Order of a step (one outcome per step id: applied, and the driver counts it, or 
    the driver run in submission order, so its answer is final: a step aborted before any
    commit was sent is never applied.
 
+Compiled training steps (``runtime/ray/compiled_training.py``) call ``stage_and_commit`` from a
+node that runs only once every task of the step succeeded, on the graph's own thread: every
+method holds the server's step lock, and a fenced graph's late update raises instead of
+applying (``runtime/serial.py``).
+
 This module does not import Ray: ``runtime/ray/actors.py`` wraps ``ParameterServer`` as an actor.
 """
 
@@ -45,6 +50,7 @@ from ..dataparallel import Reduction, combine
 from ..errors import ConfigError, WorkerLostError
 from ..optim import Optimizer, Update, sum_of_squares
 from ..paramstore import ParameterStore
+from .serial import Fenced, serial
 
 
 class StepNotStagedError(WorkerLostError):
@@ -93,7 +99,7 @@ def combine_replicas(
     return combine(per_replica, [int(rows) for _, rows in replicas], kind)
 
 
-class ParameterServer:
+class ParameterServer(Fenced):
     """Thin shell over a ParameterStore, with per-worker routing and periodic checkpoints."""
 
     def __init__(
@@ -107,6 +113,7 @@ class ParameterServer:
         opt_state: dict | None = None,
         keep_undo: bool = False,
     ):
+        self._init_fence()  # a compiled graph's step runs on a thread of its own (serial.py)
         self.store = ParameterStore(params, optimizer, opt_state)
         self.routes = routes
         self._grad_names = dict(grad_names)
@@ -135,6 +142,7 @@ class ParameterServer:
         server.store = store
         return server
 
+    @serial
     def stage(
         self,
         step_id: int,
@@ -179,6 +187,7 @@ class ParameterServer:
         grads = combine_replicas(grad_dicts, replicas, kind)
         return {p: grads[g] for p, g in self._grad_names.items()}
 
+    @serial
     def sum_of_squares(
         self,
         *grad_dicts: dict[str, Any],
@@ -189,6 +198,7 @@ class ParameterServer:
         global norm (the same arguments as :meth:`stage`)."""
         return {p: sum_of_squares(g) for p, g in self._my_grads(grad_dicts, replicas, kind).items()}
 
+    @serial
     def commit(self, step_id: int) -> dict[str, Any]:
         """Apply the update held for ``step_id``; returns its status: version, applied, and
         the times (``time.time()``) the stage began (``start``) and held its update
@@ -227,12 +237,14 @@ class ParameterServer:
         }
         return status
 
+    @serial
     def abort(self, step_id: int) -> bool:
         """Drop any update held for ``step_id``; returns whether that step is applied."""
         if self._staged is not None and self._staged.step == step_id:
             self._staged = None
         return self.store.has_applied(step_id)
 
+    @serial
     def rollback(self, step_id: int) -> bool:
         """Undo step ``step_id`` if it is the latest applied one; returns whether it did.
 
@@ -247,6 +259,7 @@ class ParameterServer:
         self.store.uninstall(step_id, before[1], before[2])
         return True
 
+    @serial
     def params_of(self, worker: int) -> dict[str, Any]:
         """Current values of the params ``worker`` keeps."""
         return {p: self.store.params[p] for p in self.routes.get(worker, [])}
@@ -258,18 +271,22 @@ class ParameterServer:
             for w in range(max(self.routes, default=-1) + 1)
         ]
 
+    @serial
     def worker_params(self) -> list[dict[str, Any]]:
         """Current params split by the workers that keep them."""
         return self._route(self.store.params)
 
+    @serial
     def params(self) -> dict[str, Any]:
         """All current params."""
         return dict(self.store.params)
 
+    @serial
     def checkpoint(self) -> Checkpoint:
         """A snapshot of the store, with the latest progress the driver sent."""
         return self.store.to_checkpoint(dict(self.progress))
 
+    @serial
     def set_progress(self, progress: dict[str, Any]) -> None:
         """Keep the Trainer's progress for the next checkpoints (the driver sends it when a fit
         starts and after each epoch; calls run in order with the updates)."""
@@ -279,6 +296,7 @@ class ParameterServer:
             # the epoch's history arrived: write it again with it.
             self.save(self.checkpoint_dir)
 
+    @serial
     def save(self, path: str | None) -> str | None:
         """Write a checkpoint to ``path`` (a directory every node can reach); a directory
         holding another run's checkpoint is refused (CheckpointError), never replaced."""
@@ -289,6 +307,7 @@ class ParameterServer:
             self._saved_version = self.store.version
         return path
 
+    @serial
     def restore(self, ckpt: Checkpoint | str) -> int:
         """Load a checkpoint (an object or a path), validated against the current params;
         returns the version."""
@@ -298,6 +317,7 @@ class ParameterServer:
         self.progress = dict(ckpt.extra)
         return self.store.version
 
+    @serial
     def status(self) -> dict[str, Any]:
         """Version, applied step ids, ignored duplicates, the step ids whose gradients were
         clipped (since this server started), and the latest step's learning rate and gradient
@@ -310,6 +330,19 @@ class ParameterServer:
             "lr": self.last_lr,
             "grad_norm": self.last_grad_norm,
         }
+
+    @serial
+    def stage_and_commit(
+        self, step_id: int, grad_dicts: Sequence[dict[str, Any]], takers: Sequence[int]
+    ) -> Any:
+        """A compiled step's update: stage it and commit it at once (the graph runs this only
+        once every task of the step succeeded: it takes their outputs as inputs). Returns the
+        commit's status, and with ``takers`` (status, the new params of each taker)."""
+        staged = self.stage(step_id, *grad_dicts, routed=bool(takers))
+        status = self.commit(step_id)
+        if not takers:
+            return status
+        return (status, *[staged[1 + w] for w in takers])
 
     def crash(self) -> None:
         """End the process at once (for failure tests)."""

@@ -16,6 +16,10 @@ missing raises :class:`CallOrderError` (or the error its predecessor failed with
 computing from an incomplete env; it never waits, since the predecessor either failed (its
 input failed, so it will never run) or could only run on the thread the waiting call holds.
 
+Threads: a compiled graph's calls (``runtime/ray/compiled.py``) run on a thread of their own
+beside ordinary calls, so every method touching step state holds the worker's step lock, and
+a fenced graph's late calls change nothing (``runtime/serial.py``).
+
 This module does not import Ray: ``runtime/ray/actors.py`` wraps ``Worker`` as an actor, and
 the call's arguments are read with :mod:`distgraph.runtime.protocol`.
 """
@@ -41,13 +45,14 @@ from ..program import Program
 from ..result import TraceEvent
 from .actions import ActionRunner
 from .protocol import CallHeader, unpack
+from .serial import Fenced, serial
 
 
 class CallOrderError(ExecutionError):
     """A step's call ran before the call that must precede it on the same worker finished."""
 
 
-class Worker(ActionRunner):
+class Worker(ActionRunner, Fenced):
     """Holds partitions and runs tasks (and pipelined steps' actions: ``actions.py``); one
     instance per Ray worker actor."""
 
@@ -72,6 +77,7 @@ class Worker(ActionRunner):
         self._current: tuple[int, int] | None = None  # (plan, step) of the running task
         self._node = [""]  # the node running now; run_nodes writes it, progress() reads it
         self._lock = threading.Lock()
+        self._init_fence()  # a compiled graph's calls run on a thread of their own (serial.py)
         self._blas_threads: int | None = None
         self._plan_threads: dict[int, int | None] = {}
         self._controller: Any = None
@@ -113,6 +119,7 @@ class Worker(ActionRunner):
         has no cluster node)."""
         return "", "127.0.0.1"
 
+    @serial
     def install(
         self,
         plan_id: int,
@@ -135,6 +142,7 @@ class Worker(ActionRunner):
             self.set_replica(plan_id, replica[0], replica[1])
         return True
 
+    @serial
     def set_replica(
         self, plan_id: int, state: Checkpoint, grad_of: dict[str, str] | None = None
     ) -> int:
@@ -154,6 +162,7 @@ class Worker(ActionRunner):
         self.resident[plan_id].update(store.params)
         return store.version
 
+    @serial
     def uninstall(self, plan_id: int) -> None:
         """Forget a plan and any of its unfinished steps."""
         self.programs.pop(plan_id, None)
@@ -166,6 +175,7 @@ class Worker(ActionRunner):
             for key in [k for k in table if k[0] == plan_id]:
                 del table[key]
 
+    @serial
     def set_resident(self, plan_id: int, values: Any) -> None:
         """Replace resident values (a new parameter version, possibly sent by reference)."""
         self.resident[plan_id].update(self._receive([values])[0])
@@ -180,6 +190,7 @@ class Worker(ActionRunner):
         """Value dicts from ``items`` as sent by ``_send`` (here, already the values)."""
         return items
 
+    @serial
     def run_task(self, header: CallHeader, *args: Any) -> Any:
         """Run one task: ``header`` says which and how, ``args`` are its param update, large
         feeds and imported value dicts (see :mod:`distgraph.runtime.protocol`).
@@ -341,6 +352,7 @@ class Worker(ActionRunner):
         level = self.programs[cur[0]].level.get(node, -1) if cur[0] in self.programs else -1
         return {"plan": cur[0], "step": cur[1], "node": node, "level": level, "worker": self.index}
 
+    @serial
     def take_trace(self, plan_id: int, step: int) -> list[TraceEvent]:
         """Hand over (and forget) a step's trace events, each marked with where it ran:
         ``args["host"]`` (the node's IP) and ``args["node_id"]`` (Ray's id of the node)."""
@@ -352,16 +364,19 @@ class Worker(ActionRunner):
             self._where = {"host": info["node_ip"], "node_id": info["node_id"]}
         return [dataclasses.replace(e, args={**e.args, **self._where}) for e in events]
 
+    @serial
     def drop_step(self, plan_id: int, step: int) -> None:
         """Forget a step that failed or was abandoned."""
         self._end_step((plan_id, step))
         self.drop_actions(plan_id, step)
         self.traces.pop((plan_id, step), None)
 
+    @serial
     def held_plans(self) -> list[int]:
         """Ids of the installed plans (for leak checks)."""
         return list(self.programs)
 
+    @serial
     def replica(self, plan_id: int) -> dict[str, Any] | None:
         """This worker's replica of a training plan: version, applied steps and params."""
         if plan_id not in self.replicas:
@@ -369,6 +384,7 @@ class Worker(ActionRunner):
         store = self.replicas[plan_id][0]
         return {"version": store.version, "applied": list(store.applied), "params": store.params}
 
+    @serial
     def held_steps(self) -> list[tuple[int, int]]:
         """Steps whose values are still held (for leak checks)."""
         return list(self.envs)

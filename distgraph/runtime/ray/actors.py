@@ -12,7 +12,7 @@ from ...dataparallel import Reduction
 from ..actions import ActionRunner
 from ..paramserver import ParameterServer
 from ..worker import Worker
-from .compiled import run_compiled_task
+from .compiled import own, run_compiled_task
 
 
 def fetch(refs: Any, timeout: float | None = None) -> Any:
@@ -68,6 +68,21 @@ class _RayWorker(Worker):
         """A task as a node of a Compiled Graph (see ``compiled.py``)."""
         return run_compiled_task(self, plan_id, task_id, control, imported)
 
+    def train_compiled(
+        self, plan_id: int, task_id: int, generation: int, control: Any, *imported: Any
+    ) -> Any:
+        """A training step's task as a node of compiled graph ``generation`` (refused once the
+        driver fenced that graph; see ``runtime/serial.py``)."""
+        with self.step_lock:
+            self.check_generation(generation, f"worker {self.index}, task {task_id}")
+            return run_compiled_task(self, plan_id, task_id, control, imported, training=True)
+
+    def take_params(self, plan_id: int, generation: int, params: dict[str, Any]) -> None:
+        """A compiled step's last node here: the new params the server committed."""
+        with self.step_lock:
+            self.check_generation(generation, f"worker {self.index}, new params")
+            self.resident[plan_id].update(own(params))
+
 
 class _RayParamServer(ParameterServer):
     """The server as an actor. With data_path="store" gradients arrive by reference from the
@@ -104,6 +119,18 @@ class _RayParamServer(ParameterServer):
             return out
         step, *params = out  # answer the way the gradients came
         return (step, *[ray.put(p) if p else p for p in params])
+
+    def compiled_step(
+        self, generation: int, control: Any, takers: tuple[int, ...], n_grads: int, *inputs: Any
+    ) -> Any:
+        """A compiled training step's update (``stage_and_commit``): ``inputs`` are the step's
+        gradient dicts (the first ``n_grads``) and every other output of its tasks, taken only
+        so that this node runs once all of them succeeded (Ray skips a node whose input
+        failed)."""
+        with self.step_lock:
+            self.check_generation(generation, "the parameter server's update")
+            grads = [own(d) for d in inputs[:n_grads]]
+            return self.stage_and_commit(int(control[0]), grads, takers)
 
     def sum_of_squares(
         self,

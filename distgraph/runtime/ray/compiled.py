@@ -34,16 +34,19 @@ Arrays read from a channel are views of its shared memory, and keeping one block
 (ray-project/ray#46055): a worker copies every imported value and feed it keeps, the driver
 copies the outputs it hands back.
 
-Costs: a compiled graph's loop polls its input channel, so a worker of an idle compiled graph
-uses CPU (measured here: ~0.35 of a core for the worker holding the seed graph's task); the
-graph is torn down by ``close()``, a recovery, another plan's compile, or a failed step (a node's
-error too: Ray 2.60 times out the execution after one that raised, so the next run compiles
-anew). A step past its deadline names the node still running (asked of the workers'
-``progress``) and tears the graph down in the background, without killing the actors.
+Costs: a compiled graph's loop polls its input channel (Ray 2.60's reader spins on
+``sched_yield``; measured here: ~0.4 of a core for the worker holding the seed graph's task,
+~0.15 under heavy load), so a graph unused for ``IDLE_TEARDOWN_S`` seconds is torn down by
+its slot's reaper (:class:`GraphSlot`) and compiled again when its plan runs twice in a row
+once more. A graph is also torn down by ``close()``, a recovery, another plan's (or a training
+session's) compile, or a failed step (a node's error too: Ray 2.60 times out the execution
+after one that raised, so the next run compiles anew). A step past its deadline names the
+node still running (asked of the workers' ``progress``) and tears the graph down in the
+background, without killing the actors.
 
-Not compiled (stay on actor calls): training steps (the parameter server's stage/commit and
-the workers' param updates are ordered with the step's calls, which a graph running on the
-actors' system thread would not be), workers on more than one node, ``data_path="store"``.
+Training steps are compiled too (``compiled_training.py``: the server's update is a node of
+the graph). Not compiled (stay on actor calls): workers on more than one node under "auto",
+``data_path="store"``.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+import time
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,6 +88,8 @@ MIN_BUFFER = 1_000_000
 HEADROOM = 256 * 1024
 #: Per-array framing allowance when a worker checks that a message fits.
 PER_ARRAY = 1024
+#: A compiled graph unused this long (seconds) is torn down (see :class:`GraphSlot`).
+IDLE_TEARDOWN_S = 5.0
 #: Plans whose largest message needs a bigger buffer stay on calls (each channel holds one
 #: buffer of this size in shared memory, per reader node).
 MAX_BUFFER = 256 * 1024 * 1024
@@ -124,10 +131,16 @@ def message_bytes(value: Any) -> int:
 
 
 def run_compiled_task(
-    worker: Any, plan_id: int, task_id: int, control: tuple, imported: tuple
+    worker: Any,
+    plan_id: int,
+    task_id: int,
+    control: tuple,
+    imported: tuple,
+    training: bool = False,
 ) -> Any:
     """A worker's compiled call: the task's feeds from the driver's input ``control`` (step,
-    trace, check_finite, feeds), imported value dicts from channels; runs it like a call."""
+    trace, check_finite, feeds), imported value dicts from channels; runs it like a call.
+    ``training``: the step id is a training step's (see :attr:`CallHeader.training`)."""
     from ray.dag.context import DAGContext
 
     step, trace, check_finite, feeds = control
@@ -138,6 +151,7 @@ def run_compiled_task(
         task_id,
         trace=trace,
         check_finite=check_finite,
+        training=training,
         inline={n: own(feeds[n]) for n in task.feeds},
         imports=len(imported),
     )
@@ -157,6 +171,119 @@ def run_compiled_task(
 
 
 # Driver side ------------------------------------------------------------------------------------
+class GraphSlot:
+    """The one compiled graph a cluster's workers hold at a time (Ray runs one compiled graph
+    per actor): run() plans (:class:`CompiledRuns`) and training sessions take turns.
+
+    ``holder``: what owns the live graph (has ``release()``, which tears it down);
+    ``user``: what ran the latest step on these workers, compiled or not, and ``last_use``
+    when (a plan counts as running "in a row" only while nobody else ran between and its
+    runs come less than ``idle_s`` apart).
+
+    Idle graphs are torn down: a graph's loop polls its input channel (Ray 2.60's reader
+    spins on ``sched_yield``, ~0.4 of a core per reading actor here), so a graph unused for
+    ``idle_s`` seconds is released by a reaper thread (``reaped`` counts them). Steps and
+    compiles hold ``lock``, so the reaper never tears a graph down under a running step."""
+
+    def __init__(self, idle_s: float | None = None) -> None:
+        self.holder: Any = None
+        self.user: Any = None
+        self.idle_s = IDLE_TEARDOWN_S if idle_s is None else idle_s
+        self.lock = threading.RLock()
+        self.last_use = 0.0
+        self.reaped = 0
+        self._reaper: threading.Thread | None = None
+
+    def claim(self, holder: Any) -> None:
+        """Make ``holder`` the owner of the workers' graph; the previous owner's goes."""
+        with self.lock:
+            if self.holder is not None and self.holder is not holder:
+                previous, self.holder = self.holder, None
+                previous.release()
+            self.holder = holder
+            self.last_use = time.monotonic()
+            if self._reaper is None or not self._reaper.is_alive():
+                self._reaper = threading.Thread(
+                    target=self._reap, name="distgraph-graph-reaper", daemon=True
+                )
+                self._reaper.start()
+
+    def touch(self, user: Any) -> bool:
+        """Record that ``user`` runs a step now; whether it also ran the previous one, less
+        than ``idle_s`` ago."""
+        with self.lock:
+            now = time.monotonic()
+            same = self.user is user and now - self.last_use < self.idle_s
+            self.user, self.last_use = user, now
+            return same
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Hold the slot for a compiled step (the reaper waits)."""
+        with self.lock:
+            try:
+                yield
+            finally:
+                self.last_use = time.monotonic()
+
+    def release(self, holder: Any) -> None:
+        """``holder`` gave its graph up."""
+        with self.lock:
+            if self.holder is holder:
+                self.holder = None
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(max(0.05, min(1.0, self.idle_s / 4)))
+            with self.lock:
+                if self.holder is None:
+                    return
+                idle = time.monotonic() - self.last_use
+                if idle < self.idle_s:
+                    continue
+                holder, self.holder = self.holder, None
+                self.user = None  # the next run of any plan counts as a first one
+                self.reaped += 1
+                log.info("tearing down a compiled graph unused for %.1f s (its loop polls)", idle)
+                with contextlib.suppress(Exception):
+                    holder.release()
+                return
+
+
+_SLOTS: weakref.WeakKeyDictionary[Any, GraphSlot] = weakref.WeakKeyDictionary()
+
+
+def slot_of(cluster: Any) -> GraphSlot:
+    """The graph slot of ``cluster``'s workers."""
+    slot = _SLOTS.get(cluster)
+    if slot is None:
+        slot = _SLOTS[cluster] = GraphSlot()
+    return slot
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The error a node raised, unwrapped from Ray's task errors."""
+    return _root_cause(e)
+
+
+def name_running(plan: Plan, workers: list[Any], step: int) -> list[str]:
+    """ "node 'x' (phase, level l) running on worker w" for every worker of ``plan`` that is
+    computing a node of step ``step`` now (asked of the workers' ``progress``)."""
+    running = []
+    for w in sorted({t.worker for t in plan.tasks}):
+        try:
+            info = ray.get(workers[w].progress.remote(), timeout=5)
+        except Exception:
+            info = None
+        if info and info.get("step") == step and info.get("node"):
+            node = info["node"]
+            running.append(
+                f"node {node!r} ({plan.program.nodes[node].phase}, level {info['level']}) "
+                f"running on worker {w}"
+            )
+    return running
+
+
 def plan_buffer_bytes(plan: Plan, feeds: Mapping[str, Any]) -> int:
     """Channel buffer size for ``plan``: its largest message (cost-model bytes at the plan's
     batch, or the feeds' actual bytes), doubled, plus headroom; at least Ray's default."""
@@ -245,6 +372,7 @@ class CompiledRuns:
         #: Why the latest plan ran on calls ("" when it ran compiled).
         self.last_reason = ""
         self._previous = -1  # the plan of the latest step
+        self.slot = slot_of(cluster)
 
     def why_not(self, plan: Plan, buffer_bytes: int) -> str:
         """Why ``plan`` cannot be compiled here ("" when it can)."""
@@ -282,7 +410,8 @@ class CompiledRuns:
             return None
         # Runs in a row: plans that alternate stay on calls rather than tear down and compile
         # each other's graph on every switch (an actor holds one compiled graph at a time).
-        self.runs[plan_id] = self.runs.get(plan_id, 0) + 1 if plan_id == self._previous else 1
+        in_a_row = self.slot.touch(self) and plan_id == self._previous
+        self.runs[plan_id] = self.runs.get(plan_id, 0) + 1 if in_a_row else 1
         self._previous = plan_id
         refused = self.refused.get(plan_id)
         if refused is not None and refused[0] == transport:  # asked again under another one
@@ -291,9 +420,12 @@ class CompiledRuns:
         compiled = self.graphs.get(plan_id)
         need = plan_buffer_bytes(plan, feeds)
         if compiled is not None and (
-            need > compiled.buffer_bytes or compiled.workers != self.cluster.workers
+            need > compiled.buffer_bytes
+            or compiled.workers != self.cluster.workers
+            or compiled.torn_down
         ):
-            # A larger batch than compiled for, or a replaced worker: compile again.
+            # A larger batch than compiled for, a replaced worker, or a training session took
+            # the workers for its graph: compile again.
             self.drop(plan_id)
             compiled = None
         if compiled is None:
@@ -310,7 +442,11 @@ class CompiledRuns:
                 self._refuse(plan_id, reason)
                 return None
         try:
-            got = compiled.run(step, feeds, trace, check_finite, self.options.deadline)
+            with self.slot.running():
+                if compiled.torn_down:  # reaped while idle: compile it again
+                    self.graphs.pop(plan_id, None)
+                    compiled = self._compile(plan, plan_id, need)
+                got = compiled.run(step, feeds, trace, check_finite, self.options.deadline)
         except BaseException as e:
             raise self._failed(plan_id, compiled, step, e) from None
         self.last_reason = ""
@@ -320,6 +456,7 @@ class CompiledRuns:
         # Ray allows one compiled graph per actor at a time: the previous plan's goes.
         for other in list(self.graphs):
             self.drop(other)
+        self.slot.claim(self)
         compiled = CompiledPlan(self.cluster, plan, plan_id, buffer_bytes)
         self.graphs[plan_id] = compiled
         log.info(
@@ -365,19 +502,7 @@ class CompiledRuns:
 
     def _timeout(self, compiled: CompiledPlan, step: int) -> WaveTimeoutError:
         """Name the node still running, asked of every worker of the plan."""
-        plan = compiled.plan
-        running = []
-        for w in sorted({t.worker for t in plan.tasks}):
-            try:
-                info = ray.get(compiled.workers[w].progress.remote(), timeout=5)
-            except Exception:
-                info = None
-            if info and info.get("step") == step and info.get("node"):
-                node = info["node"]
-                running.append(
-                    f"node {node!r} ({plan.program.nodes[node].phase}, level {info['level']}) "
-                    f"running on worker {w}"
-                )
+        running = name_running(compiled.plan, compiled.workers, step)
         msg = f"step {step} passed its deadline of {self.options.deadline:g} s (compiled)"
         return WaveTimeoutError(msg + ("; " + "; ".join(running) if running else ""))
 
@@ -387,17 +512,27 @@ class CompiledRuns:
         if compiled is not None:
             compiled.teardown()
 
-    def close(self) -> None:
-        """Tear down every graph (before the actors are killed or replaced)."""
+    def release(self) -> None:
+        """Tear down this executor's run() graphs (another user of the workers compiles)."""
         for plan_id in list(self.graphs):
             self.drop(plan_id)
+        self.slot.release(self)
+
+    def close(self) -> None:
+        """Tear down every graph on these workers, a training session's too (before the actors
+        are killed or replaced)."""
+        self.release()
+        holder = self.slot.holder
+        if holder is not None:
+            self.slot.release(holder)
+            holder.release()
 
     def describe(self, plan_id: int) -> str:
         """One line for ``explain``: how this plan's steps travel."""
         transport = self.options.transport
         if transport == "calls":
             return 'transport: actor calls (transport="calls")'
-        if plan_id in self.graphs:
+        if plan_id in self.graphs and not self.graphs[plan_id].torn_down:
             return f"transport: compiled graph, channels of {self.graphs[plan_id].buffer_bytes:,} B"
         if plan_id in self.refused:
             return f"transport: actor calls ({transport}: {self.refused[plan_id][1]})"

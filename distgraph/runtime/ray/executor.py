@@ -104,7 +104,11 @@ class RayExecutor(Executor):
     (shared-memory channels sized from the plan, no per-call scheduling); a plan that cannot be
     compiled runs on calls with a warning. ``"auto"``: compiled where supported (one node,
     ``data_path="inline"``, messages up to 256 MB), calls otherwise, logged and shown by
-    ``explain``. Training steps always use calls.
+    ``explain``. Training steps follow the same transport: from a session's second step on,
+    its plan and the parameter server's update run as one compiled graph (exactly once per
+    step, never half-applied; a failed step recovers and recompiles); sessions with
+    ``replicas`` > 1, ``ps_shards`` > 1 or ``microbatches`` are refused under ``"compiled"``
+    (ConfigError) and run on calls under ``"auto"`` (``session.explain_transport()``).
     ``ps_shards``: training keeps the params on this many parameter-server actors (default 1),
     each param whole on one shard, balanced by bytes (``dataparallel.shard_params``). Each
     worker sends each shard only the gradients of that shard's params and takes its params
@@ -440,8 +444,16 @@ class RayExecutor(Executor):
                 f"{self.consistency!r}): pipelined replicas are combined into one update per "
                 "step; use consistency='sync' or drop microbatches"
             )
-        session = PipelinedSession if self.microbatches is not None else RaySession
-        return session(
+        if self.microbatches is not None and self.transport != "calls":
+            why = f"microbatches={self.microbatches} (a pipelined step has its own call order)"
+            if self.transport == "compiled":
+                raise ConfigError(
+                    f'transport="compiled" does not compile training steps with {why} yet; '
+                    'use transport="auto" (it runs them on actor calls) or "calls"'
+                )
+            log.info("training steps run on actor calls, not compiled: %s", why)
+        kind = PipelinedSession if self.microbatches is not None else RaySession
+        session = kind(
             self.cluster,
             self.waves,
             self.options,
@@ -450,3 +462,6 @@ class RayExecutor(Executor):
             store,
             check_finite,
         )
+        if self.microbatches is not None and self.transport != "calls":
+            session.compiled.last_reason = why  # said by session.explain_transport()
+        return session

@@ -65,6 +65,9 @@ class ServerLink:
         #: (step id, ref of the server's answer to its abort): a step whose failure came while
         #: its commit was being sent; decided before the session's next step (``settle``).
         self.unsettled: tuple[int, Any] | None = None
+        #: Refs of calls sent without waiting since the latest step (the Trainer's progress): a
+        #: compiled step waits for them first (see compiled_training.py).
+        self.sent: list[Any] = []
 
     @property
     def directory(self) -> str | None:
@@ -156,7 +159,7 @@ class ServerLink:
         order with the updates)."""
         self.progress = dict(progress)
         if self.handle is not None:
-            self.handle.set_progress.remote(self.progress)
+            self.sent.append(self.handle.set_progress.remote(self.progress))
 
     def drain(self) -> None:
         """Wait for a deferred update, recovering (and replaying) if the server died."""

@@ -38,6 +38,13 @@ The plan and the step's calls come from hooks (``_place``; ``_submit_step``, ``_
 ``_step_events``): ``pipelined.py`` places replicas of a chain of stages and runs each
 worker's micro-batch actions in one call, keeping every other part of this protocol (rows
 over replicas, stage / commit / abort, recovery).
+Compiled transport (``transport`` "compiled" or "auto", from the second step in a row): the
+same protocol inside one Ray Compiled Graph (``compiled_training.py``): the server's stage and
+commit are one node that runs only once every task succeeded, takers get their new params
+from a last node of the same step, and a failed execution is fenced, aborted (the server's
+answer decides), recovered as below and compiled again. Calls sent without waiting (drops,
+replica resets, progress, new params after a recovery) are awaited before the next compiled
+step (``_quiesce``), since the graph's calls do not queue behind them.
 
 Recovery: a step that loses a worker is run again (same step id, same feeds) after the lost
 worker is replaced and the plan reinstalled on it with the server's current params. A lost
@@ -56,10 +63,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import ray
 
 from ...checkpoint import Checkpoint, save_checkpoint
 from ...dataparallel import StalenessClock
-from ...errors import ConfigError, WorkerLostError
+from ...errors import ConfigError, WaveTimeoutError, WorkerLostError
 from ...interpret import prepare_feeds
 from ...optim import Optimizer
 from ...paramstore import ParameterStore
@@ -68,6 +76,8 @@ from ...program import Program
 from ...result import TraceEvent
 from ..base import TrainingSession
 from .cluster import Cluster
+from .compiled import ChannelSizeError
+from .compiled_training import CompiledTraining
 from .options import RayOptions
 from .replicas import (
     Replicas,
@@ -148,6 +158,11 @@ class RaySession(TrainingSession):
         self.replica_steps: dict[int, list[dict[str, Any]]] = {}
         #: consistency="async": which (replica, step) ran on which version (see asyncdp.py).
         self.clock: StalenessClock | None = None
+        #: The compiled transport of this session's steps (see compiled_training.py).
+        self.compiled = CompiledTraining(cluster, options)
+        #: Refs of calls sent without waiting since the latest step (drops, replica resets):
+        #: a compiled step waits for them first, since its calls do not queue behind them.
+        self._sent: list[Any] = []
 
     @property
     def prog(self) -> Program:
@@ -178,6 +193,7 @@ class RaySession(TrainingSession):
         self.plan = dataclasses.replace(self._place(layout, batch), layout=layout.explanation)
         self.layout = layout
         self.plan_id = self.waves.new_plan_id()
+        self._check_transport(layout)
         self.cluster.check_fits(self.plan, self._initial.params)
         if isinstance(self.server, ShardedServer):
             # Each worker sends each shard only the gradients of that shard's params.
@@ -223,6 +239,32 @@ class RaySession(TrainingSession):
         base = self.waves.make_plan(self.prog, True, batch=shard, num_workers=layout.width)
         return replicate(base, layout.count)
 
+    def _check_transport(self, layout: Replicas) -> None:
+        """Refuse what compiled training does not cover yet (ConfigError under "compiled";
+        under "auto" the steps run on actor calls, said in the log and ``explain_transport``)."""
+        o = self.options
+        reason = ""
+        if layout.count > 1:
+            reason = f"{layout.count} data-parallel replicas"
+        elif o.ps_shards > 1:
+            reason = f"ps_shards={o.ps_shards}"
+        if not reason or o.transport == "calls":
+            return
+        if o.transport == "compiled":
+            self.plan = None
+            raise ConfigError(
+                f'transport="compiled" does not compile training steps with {reason} yet '
+                "(the graph holds one replica's tasks and one server's update); use "
+                'transport="auto" (it runs such steps on actor calls) or "calls"'
+            )
+        self.compiled.refuse(
+            self.plan_id, f"{reason} (compiled training covers one replica and one server)"
+        )
+
+    def explain_transport(self) -> str:
+        """How this session's steps travel: compiled graph or actor calls, and why."""
+        return self.compiled.describe()
+
     def _routes(self) -> dict[int, list[str]]:
         assert self.plan is not None
         return server_routes(self.plan, self.replicas, self.options.num_workers)
@@ -241,7 +283,7 @@ class RaySession(TrainingSession):
             return
         state = self.server.checkpoint_ref()
         for w in self.replicas:
-            self.cluster.workers[w].set_replica.remote(self.plan_id, state)
+            self._sent.append(self.cluster.workers[w].set_replica.remote(self.plan_id, state))
 
     def set_progress(self, progress: Mapping[str, Any]) -> None:
         """The Trainer's progress (epoch, fit segments, history) for the server's checkpoints;
@@ -383,6 +425,13 @@ class RaySession(TrainingSession):
         """Run one step and commit it on the server, or leave it never applied (see below)."""
         plan, waves = self.plan, self.waves
         assert plan is not None
+        if self.compiled.wants(self.plan_id):
+            loss = self._step_compiled(step_id, arrays, trace)
+            if loss is not None:
+                return loss
+        self._sent.clear()  # calls run in submission order: after those sent before
+        if isinstance(self.server, ServerLink):
+            self.server.sent.clear()
         self._settle()  # a step an earlier failure left undecided is decided first
         t_submit = time.time()
         updates, self._updates = self._updates, {}
@@ -498,6 +547,68 @@ class RaySession(TrainingSession):
         """The traced step's events from the workers (and the driver's wait)."""
         return self.waves.trace(sent, self.plan_id, step_id, t_submit)
 
+    def _step_compiled(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float | None:
+        """Run one step as the plan's compiled graph (``compiled_training.py``); None: the
+        plan runs on calls (refused now, or its messages outgrew the channels)."""
+        plan = self.plan
+        assert plan is not None
+        self._settle()
+        self._quiesce()
+        feeds = self.compiled.feeds(arrays)
+        # The slot is held from the graph's lookup to the step's end: an idle graph's reaper
+        # (compiled.py's GraphSlot) never tears it down in between.
+        with self.compiled.slot.running():
+            graph = self.compiled.graph_for(
+                plan, self.plan_id, self.ps, self.takers, feeds, self._initial.params
+            )
+            if graph is None:
+                return None
+            t_submit = time.time()
+            try:
+                driver, status = graph.run(
+                    step_id, feeds, trace, self.check_finite, self.options.deadline
+                )
+            except BaseException as e:
+                error = self.compiled.failed(graph, step_id, e)
+                # The server decides whether the step is applied (its update runs inside the
+                # graph): after the fence, its answer to the abort is final.
+                self._abandon(step_id, True, None, error)
+                if isinstance(error, ChannelSizeError):
+                    return None  # the step runs again on calls
+                if error is e:
+                    raise
+                raise error from None
+        self.compiled.last_reason = ""
+        if step_id not in self._done:
+            self._done.append(step_id)
+        self._updates = {}  # the takers made their new params resident inside the graph
+        self._record_rows(step_id, plan, [])
+        if trace:
+            events = self.waves.trace(plan, self.plan_id, step_id, t_submit)
+            events += server_events(step_id, status, getattr(self.server, "keys", ()))
+            self.last_trace = sorted(events, key=lambda e: e.start)
+        return float(next(d[self.loss] for d in driver if self.loss in d))
+
+    def _quiesce(self) -> None:
+        """Before a compiled step: every call sent without waiting has run (the graph's calls
+        do not queue behind them), the latest commit is applied, and the takers hold the
+        server's current params."""
+        self.server.drain()
+        workers = self.cluster.workers
+        assert isinstance(self.server, ServerLink)  # sharded servers are not compiled
+        sent = self._sent + self.server.sent
+        sent += [workers[w].set_resident.remote(self.plan_id, u) for w, u in self._updates.items()]
+        self._sent, self.server.sent, self._updates = [], [], {}
+        if not sent:
+            return
+        _done, waiting = ray.wait(sent, num_returns=len(sent), timeout=self.options.deadline)
+        if waiting:
+            raise WaveTimeoutError(
+                f"{len(waiting)} call(s) to the workers or the server sent after the latest step "
+                f"did not finish within the deadline of {self.options.deadline:g} s (a worker is "
+                "still computing an abandoned step); nothing of the next step was started"
+            )
+
     def _straggle(self, t_submit: float, rows: Sequence[tuple[int, int]]) -> None:
         """Test hook ``slow_replicas``: a step with a slowed replica among its active ones
         lasts that factor times what it took (the step waits for its slowest replica)."""
@@ -549,11 +660,9 @@ class RaySession(TrainingSession):
         before the session's next call."""
         ps = self.ps
         assert self.plan is not None
-        for (
-            w
-        ) in self.cluster.workers:  # values a failed step left behind (harmless if already gone)
+        for w in self.cluster.workers:  # values a failed step left behind (harmless if gone)
             with contextlib.suppress(Exception):
-                w.drop_step.remote(self.plan_id, step_id)
+                self._sent.append(w.drop_step.remote(self.plan_id, step_id))
         if ps is None:
             return
         if self.server.pending is None and not self.server.reported(pending, error):
@@ -591,6 +700,7 @@ class RaySession(TrainingSession):
 
     def _recover_once(self, failed_step: int | None) -> None:
         assert self.plan is not None
+        self.compiled.drop()  # its actors may be gone: the next compiled step compiles anew
         replaced = self.waves.recover()
         if replaced:
             self.recoveries.append(f"step {failed_step}: replaced workers {replaced}")
@@ -713,6 +823,7 @@ class RaySession(TrainingSession):
         self._reset_replicas()
 
     def close(self) -> None:
+        self.compiled.close()
         if self.ps is not None:
             with contextlib.suppress(Exception):
                 self.server.drain()  # surface nothing here: the state is read before closing
