@@ -1,0 +1,129 @@
+"""The calibration probe: what calls, the driver and transfers cost on an executor's workers.
+
+A few empty actor calls and one transfer of a known size, run on the executor's own worker
+actors through Ray's ``__ray_call__`` (a function run inside the actor, in its default
+concurrency group, queued behind its other calls like any task), each probe repeated and its
+median kept. The constants (a :class:`~distgraph.cost.Calibration`) feed the step-time
+predictor (:mod:`distgraph.predict`):
+
+* ``submit_s``: the driver's time per ``.remote()`` while submitting a burst;
+* ``driver_s``: a burst of ``calls`` empty calls per worker on every worker at once, from the
+  first submission to the last result, per call: the driver (Ray's owner of every result)
+  and the machine handle the calls one after another at this rate at best;
+* ``call_overhead_s``: ``calls`` empty calls queued on one worker, per call;
+* ``hop_s``: a chain of ``calls`` empty calls alternating between two workers, each taking
+  the previous one's result as its argument (relayed by the driver), per call;
+* ``seconds_per_byte``: a value of ``nbytes`` made on one worker and taken by a call on
+  another, minus the same chain with an empty value, per byte.
+
+Results are cached per cluster (its GCS address) and worker count: the probe takes about a
+second, and the constants describe the machine, not one executor.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+
+from ...cost import Calibration
+from ...errors import ConfigError
+
+#: Empty calls per probe, repeats per probe, bytes of the transfer probe.
+CALLS = 16
+REPEATS = 3
+NBYTES = 4 << 20
+
+_CACHE: dict[tuple[str, int], Calibration] = {}
+
+
+def _noop(actor: Any, *args: Any) -> None:
+    """An empty call (``__ray_call__`` passes the actor instance first)."""
+    return None
+
+
+def _make(actor: Any, nbytes: int) -> np.ndarray:
+    return np.zeros(nbytes, dtype=np.uint8)
+
+
+def _size(actor: Any, value: np.ndarray) -> int:
+    return int(value.nbytes)
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    ray.get(fn())
+    return time.perf_counter() - start
+
+
+def _median(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def probe(
+    workers: Sequence[Any], calls: int = CALLS, repeats: int = REPEATS, nbytes: int = NBYTES
+) -> Calibration:
+    """Measure a :class:`Calibration` on ``workers`` (worker actor handles; see module doc)."""
+    if not workers:
+        raise ConfigError("calibration needs at least one worker actor; the executor has none")
+    if calls < 2 or repeats < 1 or nbytes < 1:
+        raise ConfigError(
+            f"calibration needs calls >= 2, repeats >= 1 and nbytes >= 1, got {calls}, "
+            f"{repeats}, {nbytes}"
+        )
+    n = len(workers)
+    a, b = workers[0], workers[1 % n]
+    ray.get([w.__ray_call__.remote(_noop) for w in workers])  # every worker awake
+
+    submit: list[float] = []
+
+    def burst() -> float:
+        start = time.perf_counter()
+        refs = [workers[i % n].__ray_call__.remote(_noop) for i in range(calls * n)]
+        submit.append((time.perf_counter() - start) / len(refs))
+        ray.get(refs)
+        return (time.perf_counter() - start) / len(refs)
+
+    def queued() -> float:
+        return _timed(lambda: [a.__ray_call__.remote(_noop) for _ in range(calls)]) / calls
+
+    def chain() -> float:
+        def run() -> Any:
+            ref = a.__ray_call__.remote(_noop)
+            for i in range(calls - 1):
+                ref = (b if i % 2 == 0 else a).__ray_call__.remote(_noop, ref)
+            return ref
+
+        return _timed(run) / calls
+
+    def transfer(size: int) -> float:
+        return _timed(lambda: b.__ray_call__.remote(_size, a.__ray_call__.remote(_make, size)))
+
+    driver_s = _median(burst, repeats)
+    call_s = _median(queued, repeats)
+    hop_s = _median(chain, repeats)
+    moved = _median(lambda: transfer(nbytes) - transfer(0), repeats)
+    return Calibration(
+        call_overhead_s=call_s,
+        seconds_per_byte=max(0.0, moved) / nbytes,
+        hop_s=hop_s,
+        driver_s=driver_s,
+        submit_s=statistics.median(submit),
+        workers=n,
+        measured=True,
+        load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    )
+
+
+def calibrate(workers: Sequence[Any], refresh: bool = False) -> Calibration:
+    """The cached calibration of this cluster at ``len(workers)`` workers, measured by
+    :func:`probe` on ``workers`` the first time (or again with ``refresh``)."""
+    key = (ray.get_runtime_context().gcs_address, len(workers))
+    if refresh or key not in _CACHE:
+        _CACHE[key] = probe(workers)
+    return _CACHE[key]
