@@ -41,7 +41,7 @@ from .pipeline import (
     stage_profile,
 )
 from .plan import DRIVER, PARAM_SERVER, Plan, Task, build_plan
-from .predict import Call, Prediction, pipeline_calls, server_seconds, simulate_calls
+from .predict import SERVER, Call, Prediction, pipeline_calls, server_seconds, simulate_calls
 from .program import Program
 from .result import TraceEvent
 
@@ -238,7 +238,6 @@ class StagePlan(Plan):
         """The plan's summary, then the pipeline: stages, the schedule grid, the predicted
         step time and the bubble."""
         p, m = self.num_stages, self.microbatches
-        est = self.estimate_pipeline()
         lines = [
             Plan.explain(self, calibration),
             f"pipeline: {p} stages on workers {list(self.stages)}, {m} micro-batches, "
@@ -249,10 +248,14 @@ class StagePlan(Plan):
         lines += ["  " + row for row in grid(self.schedule(), 1, 2).splitlines()]
         peaks = self.peak_inflight()
         lines.append(f"micro-batches held per stage (activations): {peaks}")
-        ideal = self.estimate(calibration=_FREE)
+        ideal = self.predict(calibration=_FREE)
+        span = ideal.seconds
+        stage_calls = [t for c, t in zip(self.calls(), ideal.times) if c.worker != SERVER]
+        busy = sum(end - start for start, end in stage_calls)
+        bubble = 1.0 - busy / (p * span) if span > 0 else 0.0
         lines.append(
-            f"schedule alone (free calls and transfers): {ideal * 1e3:.3f} ms (busiest worker "
-            f"{est.busiest * 1e3:.3f} ms); bubble {est.bubble:.3f}, formula (p-1)/(m+p-1) = "
+            f"schedule alone (free calls and transfers): {span * 1e3:.3f} ms (busiest worker "
+            f"{ideal.busiest * 1e3:.3f} ms); bubble {bubble:.3f}, formula (p-1)/(m+p-1) = "
             f"{bubble_formula(p, m):.3f}"
         )
         return "\n".join(lines)

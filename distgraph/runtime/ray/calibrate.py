@@ -1,6 +1,6 @@
 """The calibration probe: what calls, the driver and transfers cost on an executor's workers.
 
-A few empty actor calls and one transfer of a known size, run on the executor's own worker
+A few actor calls and one transfer of a known size, run on the executor's own worker
 actors through Ray's ``__ray_call__`` (a function run inside the actor, in its default
 concurrency group, queued behind its other calls like any task), each probe repeated and its
 median kept. The constants (a :class:`~distgraph.cost.Calibration`) feed the step-time
@@ -10,9 +10,13 @@ predictor (:mod:`distgraph.predict`):
 * ``driver_s``: a burst of ``calls`` empty calls per worker on every worker at once, from the
   first submission to the last result, per call: the driver (Ray's owner of every result)
   and the machine handle the calls one after another at this rate at best;
-* ``call_overhead_s``: ``calls`` empty calls queued on one worker, per call;
-* ``hop_s``: a chain of ``calls`` empty calls alternating between two workers, each taking
-  the previous one's result as its argument (relayed by the driver), per call;
+* ``call_overhead_s``: ``calls`` calls queued on one worker, per call, less the
+  :data:`BLOCK_S` each blocks for. They are shaped like a pipeline's actions (the runtime's
+  call objects and small arrays in, a dict of arrays out) and block like a kernel: on a busy
+  machine a process that gave up its core waits to get it back, and an empty call would not
+  show what a real one pays;
+* ``hop_s``: a chain of ``calls`` such calls alternating between two workers, each taking
+  the previous one's result as an argument (relayed by the driver), per call, less the block;
 * ``seconds_per_byte``: a value of ``nbytes`` made on one worker and taken by a call on
   another, minus the same chain with an empty value, per byte.
 
@@ -34,9 +38,11 @@ import ray
 from ...cost import Calibration
 from ...errors import ConfigError
 
-#: Empty calls per probe, repeats per probe, bytes of the transfer probe.
+#: Calls per probe, repeats per probe, bytes of the transfer probe.
 CALLS = 16
-REPEATS = 3
+#: How long each probe call of :func:`_work` blocks (subtracted from the measured times).
+BLOCK_S = 0.002
+REPEATS = 5
 NBYTES = 4 << 20
 
 _CACHE: dict[tuple[str, int], Calibration] = {}
@@ -45,6 +51,23 @@ _CACHE: dict[tuple[str, int], Calibration] = {}
 def _noop(actor: Any, *args: Any) -> None:
     """An empty call (``__ray_call__`` passes the actor instance first)."""
     return None
+
+
+def _work(actor: Any, call: Any, *values: Any) -> dict[str, np.ndarray]:
+    """A call shaped like a pipeline action: the runtime's call objects and small arrays in,
+    a dict of small arrays out, and a kernel that blocks for :data:`BLOCK_S` (a real kernel
+    or a simulated one gives up the core, and on a busy machine waits to get it back)."""
+    time.sleep(BLOCK_S)
+    return {"a": np.ones((16, 1)), "b": np.ones((16, 1))}
+
+
+def _call_args() -> tuple[Any, ...]:
+    from ..actions import ActionCall
+    from ..protocol import CallHeader
+
+    header = CallHeader(0, 0, 0, inline={"x": np.ones((16, 1))}, imports=1)
+    action = ActionCall("F0", 0, 0, 0, 2, False, outputs=((1, ("h",)),), rows=(8, 8))
+    return (action, header)
 
 
 def _make(actor: Any, nbytes: int) -> np.ndarray:
@@ -89,17 +112,20 @@ def probe(
         ray.get(refs)
         return (time.perf_counter() - start) / len(refs)
 
+    args = _call_args()
+
     def queued() -> float:
-        return _timed(lambda: [a.__ray_call__.remote(_noop) for _ in range(calls)]) / calls
+        per = _timed(lambda: [a.__ray_call__.remote(_work, *args) for _ in range(calls)]) / calls
+        return max(0.0, per - BLOCK_S)
 
     def chain() -> float:
         def run() -> Any:
-            ref = a.__ray_call__.remote(_noop)
+            ref = a.__ray_call__.remote(_work, *args)
             for i in range(calls - 1):
-                ref = (b if i % 2 == 0 else a).__ray_call__.remote(_noop, ref)
+                ref = (b if i % 2 == 0 else a).__ray_call__.remote(_work, *args, ref)
             return ref
 
-        return _timed(run) / calls
+        return max(0.0, _timed(run) / calls - BLOCK_S)
 
     def transfer(size: int) -> float:
         return _timed(lambda: b.__ray_call__.remote(_size, a.__ray_call__.remote(_make, size)))
