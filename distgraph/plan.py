@@ -171,7 +171,7 @@ def _predicted_lines(seconds: float, cost: CostModel, calibration: Calibration |
     """The explain lines of a predicted step: the time and where its constants come from."""
     cal = calibration or Calibration.from_cost(cost)
     return [
-        f"predicted step time: {seconds * 1e3:.3f} ms",
+        f"predicted step: {seconds * 1e3:.3f} ms",
         f"  runtime constants: {cal.describe()}",
     ]
 

@@ -125,11 +125,11 @@ def test_default_constants_come_from_the_cost_model():
 def test_explain_prints_the_prediction_and_its_constants():
     plan = sim_pipeline(4, 8, 20, 40)
     text = plan.explain()
-    assert f"predicted step time: {plan.estimate() * 1e3:.3f} ms" in text
+    assert f"predicted step: {plan.estimate() * 1e3:.3f} ms" in text
     assert "default constants" in text
     cal = Calibration(0.003, 1e-9, hop_s=0.004, workers=4, measured=True, load=1.5)
     text = plan.explain(cal)
-    assert f"predicted step time: {plan.estimate(calibration=cal) * 1e3:.3f} ms" in text
+    assert f"predicted step: {plan.estimate(calibration=cal) * 1e3:.3f} ms" in text
     assert "calibrated on 4 workers at load 1.5" in text
     assert "schedule alone (free calls and transfers): 660.000 ms" in text
 
@@ -139,7 +139,7 @@ def test_cli_explain_prints_the_predicted_step_time(capsys):
 
     assert main(["explain", "mlp", "--workers", "2", "--strategy", "pipeline"]) == 0
     out = capsys.readouterr().out
-    assert "predicted step time:" in out and "default constants" in out
+    assert "predicted step:" in out and "default constants" in out
 
 
 def test_projection_sizes_build_quickly_enough_to_predict():
@@ -189,4 +189,4 @@ def test_cli_explain_calibrate_prints_measured_constants(capsys):
     ensure_ray()
     assert main(["explain", "seed", "--workers", "2", "--calibrate"]) == 0
     out = capsys.readouterr().out
-    assert "predicted step time:" in out and "calibrated on 2 workers" in out
+    assert "predicted step:" in out and "calibrated on 2 workers" in out

@@ -12,7 +12,7 @@ the ``pipeline`` benchmark. At each size ``N``:
   (weak scaling: every replica sleeps its whole chain whatever its rows). Ideal: one
   replica's compute, ``DP_LAYERS * (F + B)``.
 
-Before measuring a size, the executor calibrates itself on its own workers
+Before measuring a size, its executor calibrates itself on its own workers
 (``RayExecutor.calibrate(refresh=True)``: empty calls and one transfer, not the benchmark's
 steps), and the predictor (``plan.estimate(calibration=...)``) predicts the step from the plan
 and those constants alone. Figures per size: the median step over ``steps`` steps after a
@@ -87,30 +87,35 @@ def _free() -> Any:
     return Calibration(call_overhead_s=0.0, seconds_per_byte=0.0)
 
 
-def measure(layout: str, workers: int, steps: int) -> dict[str, Any]:
-    """One point: calibrate on the executor's workers, then run ``steps`` steps; returns
-    measured, ideal and predicted seconds and the calibration."""
+def measure(workers: int, steps: int) -> dict[str, dict[str, Any]]:
+    """One size: one executor (its actors start once), calibrated on its workers, then the
+    pipeline and the data-parallel layout in turn (the layout options are read by each new
+    session); per layout the measured, ideal and predicted seconds and the calibration."""
     from distgraph.simops import sim_chain
 
-    if layout == "pipeline":
-        ex = _executor(workers, strategy="pipeline", microbatches=M, schedule="gpipe")
-        graph = sim_chain(workers, f_ms=F_MS, b_ms=B_MS)
-        rows = 2 * M
-    else:
-        ex = _executor(workers, replicas=workers)
-        graph = sim_chain(DP_LAYERS, f_ms=F_MS, b_ms=B_MS)
-        rows = 2 * workers
+    out: dict[str, dict[str, Any]] = {}
+    ex = _executor(workers, strategy="pipeline", microbatches=M, schedule="gpipe")
     try:
         cal = ex.calibrate(refresh=True)
-        session = _session(ex, graph)
-        measured = _median_step(session, rows, steps)
-        plan = session.plan
-        predicted = plan.estimate(calibration=cal)
-        ideal = plan.estimate(calibration=_free())
-        session.close()
+        for layout in ("pipeline", "dp"):
+            if layout == "pipeline":
+                graph, rows = sim_chain(workers, f_ms=F_MS, b_ms=B_MS), 2 * M
+            else:
+                ex.microbatches, ex.strategy, ex.replicas = None, "mincut", workers
+                graph, rows = sim_chain(DP_LAYERS, f_ms=F_MS, b_ms=B_MS), 2 * workers
+            session = _session(ex, graph)
+            measured = _median_step(session, rows, steps)
+            plan = session.plan
+            out[layout] = {
+                "measured": measured,
+                "ideal": plan.estimate(calibration=_free()),
+                "predicted": plan.estimate(calibration=cal),
+                "calibration": cal,
+            }
+            session.close()
     finally:
         ex.close()
-    return {"measured": measured, "ideal": ideal, "predicted": predicted, "calibration": cal}
+    return out
 
 
 def project(layout: str, workers: int, cal: Any) -> tuple[float, float]:
@@ -156,8 +161,9 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
     last_cal = None
     rec.figure("load_avg_1m_start", os.getloadavg()[0])
     for n in sizes:
+        point = measure(n, steps)
         for layout in ("pipeline", "dp"):
-            got = measure(layout, n, steps)
+            got = point[layout]
             cal = last_cal = got["calibration"]
             p = _prefix(layout, n)
             rec.figure(f"{p}_step_s", got["measured"])
