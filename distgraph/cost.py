@@ -263,6 +263,9 @@ class Calibration:
     driver_s: float = 0.0
     #: The driver's (Python) time to submit one call; a step submits its calls one by one.
     submit_s: float = 0.0
+    #: A call's extra time per object it takes or returns beyond one each (the parameter
+    #: server's staging call takes every gradient dict and returns params for every worker).
+    object_s: float = 0.0
     #: Workers the probe ran on (0: not measured).
     workers: int = 0
     #: Whether the constants were measured (else: a cost model's defaults).
@@ -291,5 +294,5 @@ class Calibration:
         return (
             f"{what}: call {self.call_overhead_s * 1e3:.3f} ms, hop {self.hop_s * 1e3:.3f} ms, "
             f"driver {self.driver_s * 1e3:.3f} ms/call, submit {self.submit_s * 1e3:.3f} ms/call, "
-            f"{self.seconds_per_byte * 1e9:.3f} s/GB"
+            f"{self.object_s * 1e3:.3f} ms/object, {self.seconds_per_byte * 1e9:.3f} s/GB"
         )

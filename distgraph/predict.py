@@ -59,6 +59,8 @@ class Call:
     #: Whether the driver waits for this call's result (outputs, the staged update).
     awaited: bool = False
     label: str = ""
+    #: Objects the call takes and returns beyond one each (see ``Calibration.object_s``).
+    objects: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ def simulate_calls(calls: Sequence[Call], cal: Calibration) -> Prediction:
             "hop_s": cal.hop_s,
             "driver_s": cal.driver_s,
             "submit_s": cal.submit_s,
+            "object_s": cal.object_s,
         }
     )
     n = len(calls)
@@ -135,7 +138,7 @@ def simulate_calls(calls: Sequence[Call], cal: Calibration) -> Prediction:
         while head[w] < len(order) and arrive[order[head[w]]] is not None:
             k = order[head[w]]
             start = max(arrive[k] or 0.0, free[w])
-            end = start + cal.call_overhead_s + calls[k].seconds
+            end = start + cal.call_overhead_s + calls[k].objects * cal.object_s + calls[k].seconds
             times[k] = (start, end)
             free[w] = end
             head[w] += 1
@@ -156,7 +159,9 @@ def simulate_calls(calls: Sequence[Call], cal: Calibration) -> Prediction:
     seconds = end + latency + cal.submit_s if n else 0.0
     busy: dict[int | str, float] = {}
     for c in calls:
-        busy[c.worker] = busy.get(c.worker, 0.0) + cal.call_overhead_s + c.seconds
+        busy[c.worker] = (
+            busy.get(c.worker, 0.0) + cal.call_overhead_s + c.objects * cal.object_s + c.seconds
+        )
     return Prediction(seconds, tuple(times), n * cal.driver_s, max(busy.values(), default=0.0))
 
 
@@ -177,11 +182,12 @@ def pipeline_calls(
     seconds_of: Callable[[Hashable], float],
     deps_of: Callable[[Hashable], Iterable[tuple[Hashable, int]]],
     awaited: Callable[[Hashable], bool],
-    server: tuple[float, Callable[[Hashable], int]] | None = None,
+    server: tuple[float, Callable[[Hashable], int], int] | None = None,
 ) -> list[Call]:
     """Calls of a schedule's actions in submission ``order``: each action's worker, compute
     and the (action, bytes) it takes from other workers; ``server`` = (its compute, bytes an
-    action sends it) adds the parameter server's staging call after every action."""
+    action sends it, workers it returns new params to) adds the parameter server's staging
+    call after every action."""
     acts = list(order)
     index = {a: i for i, a in enumerate(acts)}
     calls = [
@@ -195,9 +201,18 @@ def pipeline_calls(
         for a in acts
     ]
     if server is not None:
-        secs, sent = server
+        secs, sent, takers = server
         deps = tuple((i, sent(a)) for i, a in enumerate(acts) if sent(a) > 0)
-        calls.append(Call(SERVER, secs, deps, awaited=True, label="ps.stage"))
+        calls.append(
+            Call(
+                SERVER,
+                secs,
+                deps,
+                awaited=True,
+                label="ps.stage",
+                objects=_server_objects(len(deps), takers),
+            )
+        )
     return calls
 
 
@@ -236,6 +251,7 @@ def plan_calls(plan: object, cost: CostModel) -> list[Call]:
         )
     if grads:
         total = sum(b for _, b in grads)
+        takers = sum(1 for names in plan.resident.values() if names)
         calls.append(
             Call(
                 SERVER,
@@ -243,9 +259,16 @@ def plan_calls(plan: object, cost: CostModel) -> list[Call]:
                 tuple(grads),
                 awaited=True,
                 label="ps.stage",
+                objects=_server_objects(len(grads), takers),
             )
         )
     return calls
+
+
+def _server_objects(gradient_dicts: int, takers: int) -> int:
+    """Objects of the server's staging call beyond one in and one out: a gradient dict from
+    each sender, new params for each worker that takes them, the staged update."""
+    return max(0, gradient_dicts - 1) + takers
 
 
 def _check(values: Mapping[str, float]) -> None:

@@ -214,7 +214,11 @@ class StagePlan(Plan):
             seconds_of=lambda a: (prof.forward if a.kind == "F" else prof.backward)[a.stage],
             deps_of=deps,
             awaited=lambda a: a in last and bool(self.outputs_of[a.stage]),
-            server=(server_seconds(sum(grad_bytes), self.num_stages, cost), sent),
+            server=(
+                server_seconds(sum(grad_bytes), self.num_stages, cost),
+                sent,
+                sum(1 for w in self.stages if self.resident.get(w)),
+            ),
         )
 
     def predict(

@@ -11,7 +11,7 @@ import pytest
 from distgraph.cost import Calibration, CostModel
 from distgraph.errors import ConfigError
 from distgraph.plan import plan_for
-from distgraph.predict import SERVER, Call, simulate_calls
+from distgraph.predict import SERVER, Call, plan_calls, simulate_calls
 from distgraph.simops import SimCostModel, sim_chain
 from distgraph.stageplan import build_stage_plan
 
@@ -96,6 +96,20 @@ def test_data_parallel_step_is_the_slowest_replica_plus_the_update():
     # Each replica's one call, then the server's: two calls in a row.
     got = plan.estimate(calibration=Calibration(c, 0.0, hop_s=c))
     assert got == pytest.approx(0.060 + 2 * c, abs=1e-6)
+
+
+def test_server_call_pays_per_gradient_dict_and_per_param_taker():
+    """The staging call takes one gradient dict per replica and returns params to each of
+    the 4 workers: 3 objects in beyond the first, 4 out beyond the staged update."""
+    from distgraph.runtime.ray.replicas import replicate
+
+    g = sim_chain(2, f_ms=10, b_ms=20)
+    plan = replicate(plan_for(g, grad="loss", num_workers=1, training=True, cost=EXACT), 4)
+    assert all(plan.resident[w] for w in range(4))  # precondition: every worker takes params
+    server = plan_calls(plan, EXACT)[-1]
+    assert server.worker == SERVER and server.objects == 3 + 4
+    got = plan.estimate(calibration=Calibration(0.0, 0.0, object_s=0.001))
+    assert got == pytest.approx(0.060 + 7 * 0.001, abs=1e-6)
 
 
 def test_transfers_cost_their_bytes():

@@ -17,6 +17,9 @@ predictor (:mod:`distgraph.predict`):
   show what a real one pays;
 * ``hop_s``: a chain of ``calls`` such calls alternating between two workers, each taking
   the previous one's result as an argument (relayed by the driver), per call, less the block;
+* ``object_s``: one call taking ``calls`` small dicts and returning ``calls + 1``, against
+  one taking one and returning two, per extra object (the parameter server's staging call
+  takes a gradient dict per sender and returns params per worker);
 * ``seconds_per_byte``: a value of ``nbytes`` made on one worker and taken by a call on
   another, minus the same chain with an empty value, per byte.
 
@@ -59,6 +62,11 @@ def _work(actor: Any, call: Any, *values: Any) -> dict[str, np.ndarray]:
     or a simulated one gives up the core, and on a busy machine waits to get it back)."""
     time.sleep(BLOCK_S)
     return {"a": np.ones((16, 1)), "b": np.ones((16, 1))}
+
+
+def _fan(actor: Any, *values: Any) -> tuple[dict[str, np.ndarray], ...]:
+    """Take many small dicts, return as many plus one (a server's staging call's shape)."""
+    return tuple({"p": np.ones((16, 1))} for _ in range(len(values) + 1))
 
 
 def _call_args() -> tuple[Any, ...]:
@@ -127,12 +135,22 @@ def probe(
 
         return max(0.0, _timed(run) / calls - BLOCK_S)
 
+    def fan() -> float:
+        # Many small dicts into one call and as many plus one out, against one in and one
+        # out; the inputs exist before the timing starts.
+        inputs = [b.__ray_call__.remote(_work, *args) for _ in range(calls)]
+        ray.wait(inputs, num_returns=len(inputs))
+        one = _timed(lambda: a.__ray_call__.options(num_returns=2).remote(_fan, inputs[0]))
+        many = _timed(lambda: a.__ray_call__.options(num_returns=calls + 1).remote(_fan, *inputs))
+        return max(0.0, many - one) / (2 * (calls - 1))
+
     def transfer(size: int) -> float:
         return _timed(lambda: b.__ray_call__.remote(_size, a.__ray_call__.remote(_make, size)))
 
     driver_s = _median(burst, repeats)
     call_s = _median(queued, repeats)
     hop_s = _median(chain, repeats)
+    object_s = _median(fan, repeats)
     moved = _median(lambda: transfer(nbytes) - transfer(0), repeats)
     return Calibration(
         call_overhead_s=call_s,
@@ -140,6 +158,7 @@ def probe(
         hop_s=hop_s,
         driver_s=driver_s,
         submit_s=statistics.median(submit),
+        object_s=object_s,
         workers=n,
         measured=True,
         load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
