@@ -266,6 +266,9 @@ class Calibration:
     #: A call's extra time per object it takes or returns beyond one each (the parameter
     #: server's staging call takes every gradient dict and returns params for every worker).
     object_s: float = 0.0
+    #: The runtime's extra time per node of a call whose kernel blocks (sleeps, waits): on a
+    #: busy machine a kernel that gives up its core waits to get it back.
+    node_s: float = 0.0
     #: Workers the probe ran on (0: not measured).
     workers: int = 0
     #: Whether the constants were measured (else: a cost model's defaults).
@@ -294,5 +297,6 @@ class Calibration:
         return (
             f"{what}: call {self.call_overhead_s * 1e3:.3f} ms, hop {self.hop_s * 1e3:.3f} ms, "
             f"driver {self.driver_s * 1e3:.3f} ms/call, submit {self.submit_s * 1e3:.3f} ms/call, "
-            f"{self.object_s * 1e3:.3f} ms/object, {self.seconds_per_byte * 1e9:.3f} s/GB"
+            f"{self.object_s * 1e3:.3f} ms/object, {self.node_s * 1e3:.3f} ms/node, "
+            f"{self.seconds_per_byte * 1e9:.3f} s/GB"
         )

@@ -61,6 +61,8 @@ class Call:
     label: str = ""
     #: Objects the call takes and returns beyond one each (see ``Calibration.object_s``).
     objects: int = 0
+    #: Nodes the call runs (each pays ``Calibration.node_s``).
+    nodes: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def simulate_calls(calls: Sequence[Call], cal: Calibration) -> Prediction:
             "driver_s": cal.driver_s,
             "submit_s": cal.submit_s,
             "object_s": cal.object_s,
+            "node_s": cal.node_s,
         }
     )
     n = len(calls)
@@ -138,7 +141,7 @@ def simulate_calls(calls: Sequence[Call], cal: Calibration) -> Prediction:
         while head[w] < len(order) and arrive[order[head[w]]] is not None:
             k = order[head[w]]
             start = max(arrive[k] or 0.0, free[w])
-            end = start + cal.call_overhead_s + calls[k].objects * cal.object_s + calls[k].seconds
+            end = start + _duration(calls[k], cal)
             times[k] = (start, end)
             free[w] = end
             head[w] += 1
@@ -159,10 +162,15 @@ def simulate_calls(calls: Sequence[Call], cal: Calibration) -> Prediction:
     seconds = end + latency + cal.submit_s if n else 0.0
     busy: dict[int | str, float] = {}
     for c in calls:
-        busy[c.worker] = (
-            busy.get(c.worker, 0.0) + cal.call_overhead_s + c.objects * cal.object_s + c.seconds
-        )
+        busy[c.worker] = busy.get(c.worker, 0.0) + _duration(c, cal)
     return Prediction(seconds, tuple(times), n * cal.driver_s, max(busy.values(), default=0.0))
+
+
+def _duration(call: Call, cal: Calibration) -> float:
+    """A call's time on its worker once it started."""
+    return (
+        cal.call_overhead_s + call.objects * cal.object_s + call.nodes * cal.node_s + call.seconds
+    )
 
 
 def server_seconds(grad_bytes: int, gradient_dicts: int, cost: CostModel) -> float:
@@ -183,6 +191,7 @@ def pipeline_calls(
     deps_of: Callable[[Hashable], Iterable[tuple[Hashable, int]]],
     awaited: Callable[[Hashable], bool],
     server: tuple[float, Callable[[Hashable], int], int] | None = None,
+    nodes_of: Callable[[Hashable], int] = lambda a: 0,
 ) -> list[Call]:
     """Calls of a schedule's actions in submission ``order``: each action's worker, compute
     and the (action, bytes) it takes from other workers; ``server`` = (its compute, bytes an
@@ -197,6 +206,7 @@ def pipeline_calls(
             tuple((index[d], b) for d, b in deps_of(a)),
             awaited=awaited(a),
             label=str(a),
+            nodes=nodes_of(a),
         )
         for a in acts
     ]
@@ -247,6 +257,7 @@ def plan_calls(plan: object, cost: CostModel) -> list[Call]:
                 feed_bytes=sum(nbytes[v] for v in t.feeds),
                 awaited=DRIVER in outputs,
                 label=f"task {t.id}",
+                nodes=sum(1 for n in t.nodes if program.nodes[n].op not in LEAF_OPS),
             )
         )
     if grads:

@@ -214,6 +214,7 @@ class StagePlan(Plan):
             seconds_of=lambda a: (prof.forward if a.kind == "F" else prof.backward)[a.stage],
             deps_of=deps,
             awaited=lambda a: a in last and bool(self.outputs_of[a.stage]),
+            nodes_of=lambda a: len(self.task_of(a).nodes),
             server=(
                 server_seconds(sum(grad_bytes), self.num_stages, cost),
                 sent,

@@ -112,6 +112,12 @@ def test_server_call_pays_per_gradient_dict_and_per_param_taker():
     assert got == pytest.approx(0.060 + 7 * 0.001, abs=1e-6)
 
 
+def test_each_node_of_a_call_pays_the_blocking_kernel_cost():
+    calls = [Call(0, 0.01, nodes=3, awaited=True)]
+    cal = Calibration(0.001, 0.0, node_s=0.002)
+    assert simulate_calls(calls, cal).seconds == pytest.approx(0.01 + 0.001 + 3 * 0.002)
+
+
 def test_transfers_cost_their_bytes():
     calls = [Call(0, 0.01), Call(1, 0.01, deps=((0, 1_000_000),), awaited=True)]
     cal = Calibration(0.0, seconds_per_byte=1e-8)

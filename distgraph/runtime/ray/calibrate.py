@@ -20,6 +20,10 @@ predictor (:mod:`distgraph.predict`):
 * ``object_s``: one call taking ``calls`` small dicts and returning ``calls + 1``, against
   one taking one and returning two, per extra object (the parameter server's staging call
   takes a gradient dict per sender and returns params per worker);
+* ``node_s``: one call running :data:`NODES` kernels that each block for :data:`BLOCK_S`,
+  against a call running one, per extra kernel less its block: what a node that gives up its
+  core pays to get it back (the simulated kernels sleep; on a busy machine so does a real
+  kernel waiting for its turn);
 * ``seconds_per_byte``: a value of ``nbytes`` made on one worker and taken by a call on
   another, minus the same chain with an empty value, per byte.
 
@@ -45,6 +49,8 @@ from ...errors import ConfigError
 CALLS = 16
 #: How long each probe call of :func:`_work` blocks (subtracted from the measured times).
 BLOCK_S = 0.002
+#: Kernels in the node probe's call.
+NODES = 8
 REPEATS = 5
 NBYTES = 4 << 20
 
@@ -62,6 +68,12 @@ def _work(actor: Any, call: Any, *values: Any) -> dict[str, np.ndarray]:
     or a simulated one gives up the core, and on a busy machine waits to get it back)."""
     time.sleep(BLOCK_S)
     return {"a": np.ones((16, 1)), "b": np.ones((16, 1))}
+
+
+def _blocks(actor: Any, count: int) -> None:
+    """``count`` kernels that each block for :data:`BLOCK_S`."""
+    for _ in range(count):
+        time.sleep(BLOCK_S)
 
 
 def _fan(actor: Any, *values: Any) -> tuple[dict[str, np.ndarray], ...]:
@@ -144,6 +156,12 @@ def probe(
         many = _timed(lambda: a.__ray_call__.options(num_returns=calls + 1).remote(_fan, *inputs))
         return max(0.0, many - one) / (2 * (calls - 1))
 
+    def blocks() -> float:
+        # One call of NODES blocking kernels against one of a single kernel.
+        many = _timed(lambda: a.__ray_call__.remote(_blocks, NODES))
+        one = _timed(lambda: a.__ray_call__.remote(_blocks, 1))
+        return max(0.0, many - one - (NODES - 1) * BLOCK_S) / (NODES - 1)
+
     def transfer(size: int) -> float:
         return _timed(lambda: b.__ray_call__.remote(_size, a.__ray_call__.remote(_make, size)))
 
@@ -151,6 +169,7 @@ def probe(
     call_s = _median(queued, repeats)
     hop_s = _median(chain, repeats)
     object_s = _median(fan, repeats)
+    node_s = _median(blocks, repeats)
     moved = _median(lambda: transfer(nbytes) - transfer(0), repeats)
     return Calibration(
         call_overhead_s=call_s,
@@ -159,6 +178,7 @@ def probe(
         driver_s=driver_s,
         submit_s=statistics.median(submit),
         object_s=object_s,
+        node_s=node_s,
         workers=n,
         measured=True,
         load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
