@@ -33,7 +33,6 @@ from .pipeline import (
     Action,
     Schedule,
     StepEstimate,
-    _deps,
     estimate_step,
     grid,
     make_schedule,
@@ -266,6 +265,16 @@ class StagePlan(Plan):
         return "\n".join(lines)
 
 
+def _needs(act: Action, stages: int) -> list[tuple[str, int, int]]:
+    """(kind, stage, micro-batch) of the actions ``act`` waits for: the previous stage's
+    forward of its micro-batch; for a backward, its own forward and the next stage's
+    backward (the dependencies ``distgraph.pipeline.validate`` checks)."""
+    s, i = act.stage, act.microbatch
+    if act.kind == "F":
+        return [("F", s - 1, i)] if s > 0 else []
+    return [("F", s, i)] + ([("B", s + 1, i)] if s < stages - 1 else [])
+
+
 def _unit_starts(schedule: Schedule) -> dict[Action, float]:
     """Each action's earliest start when every action takes one unit: the same times as
     ``simulate(schedule, 1.0, 1.0)``, in one pass over the actions in dependency order
@@ -280,7 +289,7 @@ def _unit_starts(schedule: Schedule) -> dict[Action, float]:
             after[x].append(y)
             waiting[y] += 1
     for act in after:
-        for k in _deps(act, p):
+        for k in _needs(act, p):
             dep = by_key[k]
             if dep.worker != act.worker:  # same-worker order is the list's, counted above
                 after[dep].append(act)
