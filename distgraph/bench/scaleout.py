@@ -94,7 +94,7 @@ def measure(workers: int, steps: int) -> dict[str, dict[str, Any]]:
     from distgraph.simops import sim_chain
 
     out: dict[str, dict[str, Any]] = {}
-    ex = _executor(workers, strategy="pipeline", microbatches=M, schedule="gpipe")
+    ex = _start(workers)
     try:
         cal = ex.calibrate(refresh=True)
         for layout in ("pipeline", "dp"):
@@ -116,6 +116,26 @@ def measure(workers: int, steps: int) -> dict[str, dict[str, Any]]:
     finally:
         ex.close()
     return out
+
+
+def _start(workers: int, attempts: int = 3) -> Any:
+    """The size's executor; starting ``workers`` actors on a machine other jobs keep busy
+    can pass the cluster's start-up timeout, so it is tried again (the figures are the steps,
+    not the start-up)."""
+    from distgraph.errors import ClusterError
+
+    for attempt in range(attempts):
+        try:
+            return _executor(workers, strategy="pipeline", microbatches=M, schedule="gpipe")
+        except (ClusterError, TimeoutError) as e:
+            if attempt == attempts - 1:
+                raise
+            log(True, NAME, f"{workers} workers did not start ({e}); trying again")
+        except Exception as e:  # Ray's GetTimeoutError while the actors start
+            if type(e).__name__ != "GetTimeoutError" or attempt == attempts - 1:
+                raise
+            log(True, NAME, f"{workers} workers did not answer in time; trying again")
+    raise AssertionError("unreachable")
 
 
 def project(layout: str, workers: int, cal: Any) -> tuple[float, float]:
