@@ -12,10 +12,11 @@ the ``pipeline`` benchmark. At each size ``N``:
   (weak scaling: every replica sleeps its whole chain whatever its rows). Ideal: one
   replica's compute, ``DP_LAYERS * (F + B)``.
 
-Before measuring a size, its executor calibrates itself on its own workers
-(``RayExecutor.calibrate(refresh=True)``: empty calls and one transfer, not the benchmark's
-steps), and the predictor (``plan.estimate(calibration=...)``) predicts the step from the plan
-and those constants alone. Figures per size: the median step over ``steps`` steps after a
+Around each layout's steps, its executor calibrates itself on its own workers
+(``RayExecutor.calibrate(refresh=True)`` before and after the steps: probe calls and one
+transfer, never the benchmark's steps; the mean of the two, since the load of this shared
+machine moves within a minute), and the predictor (``plan.estimate(calibration=...)``)
+predicts the step from the plan and those constants alone. Figures per size: the median step over ``steps`` steps after a
 warm-up, the ideal, efficiency = ideal / measured, the prediction and its relative error,
 and the calibration constants. Then the **projection**: the same layouts at 256 and 1,024
 workers, predicted with the largest measured size's calibration (never measured).
@@ -96,8 +97,8 @@ def measure(workers: int, steps: int) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     ex = _start(workers)
     try:
-        cal = ex.calibrate(refresh=True)
         for layout in ("pipeline", "dp"):
+            before = ex.calibrate(refresh=True)
             if layout == "pipeline":
                 graph, rows = sim_chain(workers, f_ms=F_MS, b_ms=B_MS), 2 * M
             else:
@@ -105,6 +106,9 @@ def measure(workers: int, steps: int) -> dict[str, dict[str, Any]]:
                 graph, rows = sim_chain(DP_LAYERS, f_ms=F_MS, b_ms=B_MS), 2 * workers
             session = _session(ex, graph)
             measured = _median_step(session, rows, steps)
+            # The probe again after the steps: on a shared machine the load moves within a
+            # minute, and the steps ran between the two probes.
+            cal = _mean(before, ex.calibrate(refresh=True))
             plan = session.plan
             out[layout] = {
                 "measured": measured,
@@ -116,6 +120,16 @@ def measure(workers: int, steps: int) -> dict[str, dict[str, Any]]:
     finally:
         ex.close()
     return out
+
+
+def _mean(a: Any, b: Any) -> Any:
+    """The field-wise mean of two calibrations (probes before and after the steps)."""
+    fields = {}
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, float) and isinstance(y, float):
+            fields[f.name] = (x + y) / 2
+    return dataclasses.replace(a, **fields)
 
 
 def _start(workers: int, attempts: int = 3) -> Any:
@@ -230,7 +244,7 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
         f"pipeline: N layers on N workers, GPipe, {M} micro-batches; data-parallel: "
         f"replicas=N of a {DP_LAYERS}-layer chain (weak scaling); {F_MS:g}/{B_MS:g} ms per "
         "layer and call (sleeping). Ideal = the plan with free calls and transfers; predicted "
-        "= plan.estimate(calibration=ex.calibrate()) measured on the same workers before the "
-        f"steps. projected_* ({', '.join(map(str, PROJECTED))} workers) is a PROJECTION from "
+        "= plan.estimate(calibration=...) with the mean of ex.calibrate() probes on the same "
+        f"workers before and after the steps. projected_* ({', '.join(map(str, PROJECTED))} workers) is a PROJECTION from "
         f"the {sizes[-1]}-worker calibration ({last_cal.describe()}), never measured."
     )
