@@ -20,10 +20,11 @@ predictor (:mod:`distgraph.predict`):
 * ``object_s``: one call taking ``calls`` small dicts and returning ``calls + 1``, against
   one taking one and returning two, per extra object (the parameter server's staging call
   takes a gradient dict per sender and returns params per worker);
-* ``node_s``: one call running :data:`NODES` kernels that each block for :data:`BLOCK_S`,
-  against a call running one, per extra kernel less its block: what a node that gives up its
-  core pays to get it back (the simulated kernels sleep; on a busy machine so does a real
-  kernel waiting for its turn);
+* ``node_s``: on every worker at once, one call running :data:`NODES` kernels that each
+  block for :data:`BLOCK_S`, against one call running one, until the last worker is done,
+  per extra kernel less its block: what a node that gives up its core pays to get it back
+  when the step's workers wake together and share the cores (the simulated kernels sleep;
+  on a busy machine a real kernel waits for its turn too);
 * ``seconds_per_byte``: a value of ``nbytes`` made on one worker and taken by a call on
   another, minus the same chain with an empty value, per byte.
 
@@ -157,9 +158,11 @@ def probe(
         return max(0.0, many - one) / (2 * (calls - 1))
 
     def blocks() -> float:
-        # One call of NODES blocking kernels against one of a single kernel.
-        many = _timed(lambda: a.__ray_call__.remote(_blocks, NODES))
-        one = _timed(lambda: a.__ray_call__.remote(_blocks, 1))
+        # On every worker at once (as a step's workers wake together and share the cores):
+        # one call of NODES blocking kernels each, against one call of a single kernel each,
+        # until the last worker is done.
+        many = _timed(lambda: [w.__ray_call__.remote(_blocks, NODES) for w in workers])
+        one = _timed(lambda: [w.__ray_call__.remote(_blocks, 1) for w in workers])
         return max(0.0, many - one - (NODES - 1) * BLOCK_S) / (NODES - 1)
 
     def transfer(size: int) -> float:
