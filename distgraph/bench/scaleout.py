@@ -216,6 +216,8 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
             rec.figure(f"{p}_cal_hop_s", cal.hop_s)
             rec.figure(f"{p}_cal_driver_s", cal.driver_s)
             rec.figure(f"{p}_cal_submit_s", cal.submit_s)
+            rec.figure(f"{p}_cal_object_s", cal.object_s)
+            rec.figure(f"{p}_cal_node_s", cal.node_s)
             rec.figure(f"{p}_cal_seconds_per_byte", cal.seconds_per_byte)
             rec.figure(f"{p}_cal_load", cal.load if cal.load is not None else float("nan"))
             eff = rec.ratio(f"{p}_efficiency", got["ideal"], got["measured"])
