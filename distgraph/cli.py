@@ -585,10 +585,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration(args: argparse.Namespace) -> Any:
+    """``explain --calibrate``: the runtime constants measured on ``--workers`` Ray workers
+    (the embedded runtime, or the cluster at ``--address``); None without the flag."""
+    if not args.calibrate:
+        return None
+    from .runtime.ray import RayExecutor
+
+    with RayExecutor(num_workers=args.workers, address=args.address, oversubscribe=True) as ex:
+        return ex.calibrate()
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .plan import plan_for
 
     g, _, grad = _load_graph(args.graph)
+    cal = _calibration(args)
     if args.grad is not None:
         grad = args.grad
     elif grad is None:
@@ -619,7 +631,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             training=True,
         )
-        print(build_stage_plan(plan, args.microbatches, args.schedule, args.batch_size).explain())
+        staged = build_stage_plan(plan, args.microbatches, args.schedule, args.batch_size)
+        print(staged.explain(cal))
         if shards:
             print(shards)
         return 0
@@ -631,7 +644,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             batch_size=args.batch_size,
         )
-        print(plan.explain())
+        print(plan.explain(cal))
         if shards:
             print(shards)
         return 0
@@ -661,7 +674,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     where = "each replica's" if layout.replicas > 1 else "the"
     print(f"{where} plan:")
-    print(plan.explain())
+    print(plan.explain(cal))
     return 0
 
 
@@ -822,6 +835,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_int_at_least(1), default=1, help="size assumed for batch dimensions"
     )
     _add_pipeline(e)
+    e.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure the runtime's call, driver and transfer costs on --workers Ray workers "
+        "(about a second; embedded Ray, or --address) and predict the step time with them "
+        "instead of the default constants",
+    )
+    e.add_argument("--address", default=None, help="with --calibrate: a Ray cluster to join")
     e.set_defaults(func=cmd_explain)
 
     v = sub.add_parser("viz", help="draw a graph with its placement as SVG (or DOT with -o x.dot)")

@@ -237,3 +237,66 @@ def estimate_makespan(
             per[placement[n]] = per.get(placement[n], 0.0) + secs[n]
         total += max(per.values(), default=0.0)
     return total + calls * cost.call_overhead + cost.transfer_seconds(cross_bytes)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the runtime costs on one cluster, as the step-time predictor uses it (seconds).
+
+    Measured by a short probe on an executor's own workers
+    (``RayExecutor.calibrate()``, ``distgraph/runtime/ray/calibrate.py``) or, when nothing was
+    measured, derived from a cost model's constants (:meth:`from_cost`; ``measured`` False).
+    The predictor (:mod:`distgraph.predict`) models one driver that submits every call and
+    relays every result a call on another worker waits for, and workers that run their calls
+    one at a time in submission order.
+    """
+
+    #: A worker's time per call when calls are queued back to back (unpack, run, reply).
+    call_overhead_s: float
+    #: Transfer time per byte of a value one worker sends another.
+    seconds_per_byte: float
+    #: One dependent hop: a call that takes another worker's result as its argument, from the
+    #: producer's end to the consumer's end (an empty call's whole relay through the driver).
+    hop_s: float = 0.0
+    #: The driver's serial cost per call (relaying results, dispatching calls): a step of
+    #: ``n`` calls spends at least ``n * driver_s`` of driver time, whatever the workers do.
+    driver_s: float = 0.0
+    #: The driver's (Python) time to submit one call; a step submits its calls one by one.
+    submit_s: float = 0.0
+    #: A call's extra time per object it takes or returns beyond one each (the parameter
+    #: server's staging call takes every gradient dict and returns params for every worker).
+    object_s: float = 0.0
+    #: The runtime's extra time per node of a call whose kernel blocks (sleeps, waits): on a
+    #: busy machine a kernel that gives up its core waits to get it back.
+    node_s: float = 0.0
+    #: Workers the probe ran on (0: not measured).
+    workers: int = 0
+    #: Whether the constants were measured (else: a cost model's defaults).
+    measured: bool = False
+    #: The machine's 1-minute load average when measured (None: unknown).
+    load: float | None = None
+
+    @classmethod
+    def from_cost(cls, cost: CostModel) -> Calibration:
+        """Uncalibrated constants from a cost model: ``call_overhead`` per call and per
+        hop, ``1 / bytes_per_second`` per byte, a free driver."""
+        return cls(
+            call_overhead_s=cost.call_overhead,
+            seconds_per_byte=1.0 / cost.bytes_per_second,
+            hop_s=cost.call_overhead,
+        )
+
+    def describe(self) -> str:
+        """One line: where the constants come from and their values."""
+        what = (
+            f"calibrated on {self.workers} workers"
+            + (f" at load {self.load:.1f}" if self.load is not None else "")
+            if self.measured
+            else "default constants (not calibrated: RayExecutor.calibrate() measures them)"
+        )
+        return (
+            f"{what}: call {self.call_overhead_s * 1e3:.3f} ms, hop {self.hop_s * 1e3:.3f} ms, "
+            f"driver {self.driver_s * 1e3:.3f} ms/call, submit {self.submit_s * 1e3:.3f} ms/call, "
+            f"{self.object_s * 1e3:.3f} ms/object, {self.node_s * 1e3:.3f} ms/node, "
+            f"{self.seconds_per_byte * 1e9:.3f} s/GB"
+        )

@@ -1026,7 +1026,7 @@ def _evaluate(
     else:
         placement = partition(program, width, strategy, shard_cost)
     plan = build_plan(program, placement, width, shard_cost, training=True, strategy=name)
-    compute = plan.estimate()
+    compute = plan.estimate_levels()
     transfer = cost.transfer_seconds(2 * r * grad_bytes // ps_shards)
     add_flops = r * grad_bytes / 8 / ps_shards
     overhead = (

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._util import gc_paused
-from .cost import CostModel, estimate_makespan, node_bytes, node_seconds
+from .cost import Calibration, CostModel, estimate_makespan, node_bytes, node_seconds
 from .errors import ConfigError
 from .graph import Graph
 from .ops import LEAF_OPS
@@ -105,14 +105,32 @@ class Plan:
             cur = best[cur][1]
         return best[end][0], path[::-1]
 
-    def estimate(self) -> float:
-        """Estimated seconds of one run: per-level makespan, calls and transfers."""
+    def estimate(
+        self, cost: CostModel | None = None, calibration: Calibration | None = None
+    ) -> float:
+        """Predicted seconds of one step of this plan as the runtime runs it: every task an
+        actor call submitted in order by the driver, taking its imports from other workers'
+        calls, and (training) the parameter server's staging call combining the gradients,
+        under ``calibration``'s call overhead, driver and transfer costs (default: the cost
+        model's constants). Node times come from ``cost`` (default: the plan's). A replicated
+        plan is its replicas' calls together: the slowest replica plus the combine and
+        update. See :mod:`distgraph.predict`."""
+        from .predict import plan_calls, simulate_calls
+
+        cost = cost or self.cost
+        cal = calibration or Calibration.from_cost(cost)
+        return simulate_calls(plan_calls(self, cost), cal).seconds
+
+    def estimate_levels(self) -> float:
+        """The cost model's level-synchronous estimate (per-level makespan, every call's
+        overhead, every transfer): a coarse score for comparing placements."""
         return estimate_makespan(
             self.program, self.placement, self.cost, len(self.tasks), self.cross_bytes
         )
 
-    def explain(self) -> str:
-        """A human-readable summary: load, parallelism, critical path, bytes crossing."""
+    def explain(self, calibration: Calibration | None = None) -> str:
+        """A human-readable summary: load, parallelism, critical path, bytes crossing, and
+        the predicted step time (under ``calibration``; default constants when None)."""
         prog = self.program
         lines = [self.layout] if self.layout else []
         lines += [
@@ -145,8 +163,17 @@ class Plan:
             lines.append(f"  {v} (worker {self.placement[v]}) -> worker {dst}: {b:,} B")
         if len(self.cross_edges) > 10:
             lines.append(f"  ... {len(self.cross_edges) - 10} more")
-        lines.append(f"estimated run time: {self.estimate() * 1e3:.3f} ms")
+        lines += _predicted_lines(self.estimate(calibration=calibration), self.cost, calibration)
         return "\n".join(lines)
+
+
+def _predicted_lines(seconds: float, cost: CostModel, calibration: Calibration | None) -> list[str]:
+    """The explain lines of a predicted step: the time and where its constants come from."""
+    cal = calibration or Calibration.from_cost(cost)
+    return [
+        f"predicted step: {seconds * 1e3:.3f} ms",
+        f"  runtime constants: {cal.describe()}",
+    ]
 
 
 @gc_paused

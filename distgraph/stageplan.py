@@ -22,10 +22,11 @@ Nothing here imports the runtime: ``runtime/ray/pipelined.py`` runs a StagePlan.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .cost import CostModel
+from .cost import Calibration, CostModel, node_bytes
 from .errors import ConfigError
 from .ops import LEAF_OPS
 from .pipeline import (
@@ -36,10 +37,10 @@ from .pipeline import (
     grid,
     make_schedule,
     peak_inflight,
-    simulate,
     stage_profile,
 )
 from .plan import DRIVER, PARAM_SERVER, Plan, Task, build_plan
+from .predict import SERVER, Call, Prediction, pipeline_calls, server_seconds, simulate_calls
 from .program import Program
 from .result import TraceEvent
 
@@ -51,6 +52,10 @@ __all__ = [
     "measured_bubble",
     "split_batch",
 ]
+
+
+#: No runtime costs at all: the schedule's own time.
+_FREE = Calibration(call_overhead_s=0.0, seconds_per_byte=0.0)
 
 
 class NotAChainError(ConfigError):
@@ -103,6 +108,7 @@ class StagePlan(Plan):
     #: The batch size the plan's cost model assumed for a whole step (None: unknown).
     step_batch: int | None = None
     _schedules: dict[int, Schedule] = field(default_factory=dict, repr=False, compare=False)
+    _orders: dict[int, list[Action]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_stages(self) -> int:
@@ -123,9 +129,15 @@ class StagePlan(Plan):
 
     def submission_order(self, microbatches: int | None = None) -> list[Action]:
         """Every action in an order that respects each worker's list and every dependency
-        (each action after the ones it imports from): the simulated start order."""
-        res = simulate(self.schedule(microbatches), 1.0, 1.0)
-        return sorted(res.times, key=lambda a: (res.times[a][0], a.stage))
+        (each action after the ones it imports from): the simulated start order. Computed
+        once per micro-batch count (the driver asks every step; at 32 stages simulating
+        the schedule costs milliseconds of the driver's serial time)."""
+        m = self.microbatches if microbatches is None else microbatches
+        order = self._orders.get(m)
+        if order is None:
+            starts = _unit_starts(self.schedule(m))
+            order = self._orders[m] = sorted(starts, key=lambda a: (starts[a], a.stage))
+        return list(order)
 
     def peak_inflight(self, microbatches: int | None = None) -> list[int]:
         """Per stage: the micro-batches whose activations the schedule has it hold at once."""
@@ -154,13 +166,84 @@ class StagePlan(Plan):
             return est
         return dataclasses.replace(est, seconds=est.seconds + step_overhead)
 
-    def explain(self) -> str:
+    def microbatch_cost(self, cost: CostModel | None = None) -> CostModel:
+        """``cost`` (default: the plan's) at one micro-batch's rows (``step_batch / m``)."""
+        cost = cost or self.cost
+        m = self.microbatches
+        batch = max(1, (self.step_batch or cost.batch_size * m) // m)
+        return dataclasses.replace(cost, batch_size=batch)
+
+    def calls(self, cost: CostModel | None = None) -> list[Call]:
+        """The step's actor calls in the driver's submission order: one per action (its
+        stage's forward or backward time per micro-batch, the same micro-batch's values it
+        imports from other stages), then the parameter server's staging call taking each
+        stage's gradients from its last action (see :mod:`distgraph.predict`)."""
+        cost = self.microbatch_cost(cost)
+        program = self.program
+        nbytes = node_bytes(program, cost)
+        stage_of = {n: self.stages.index(w) for n, w in self.placement.items()}
+        prof = stage_profile(program, stage_of, self.num_stages, cost)
+        sched = self.schedule()
+        last = {acts[-1] for acts in sched if acts}
+        by_key = {(a.kind, a.stage, a.microbatch): a for acts in sched for a in acts}
+        imports: dict[int, list[tuple[str, int, int]]] = {}
+        for t in self.tasks:
+            imports[t.id] = [
+                (
+                    "F" if src % 2 == 0 else "B",
+                    src // 2,
+                    sum(nbytes[v] for v in names),
+                )
+                for src, _slot, names in t.imports
+            ]
+        grad_bytes = [sum(nbytes[g] for g in grads) for grads in self.grads_of]
+
+        def deps(act: Action) -> list[tuple[Action, int]]:
+            return [
+                (by_key[(kind, stage, act.microbatch)], b)
+                for kind, stage, b in imports[self.task_of(act).id]
+            ]
+
+        def sent(act: Action) -> int:
+            return grad_bytes[act.stage] if act in last and self.grads_of[act.stage] else 0
+
+        return pipeline_calls(
+            self.submission_order(),
+            worker_of=lambda a: self.stages[a.stage],
+            seconds_of=lambda a: (prof.forward if a.kind == "F" else prof.backward)[a.stage],
+            deps_of=deps,
+            awaited=lambda a: a in last and bool(self.outputs_of[a.stage]),
+            nodes_of=lambda a: len(self.task_of(a).nodes),
+            server=(
+                server_seconds(sum(grad_bytes), self.num_stages, cost),
+                sent,
+                sum(1 for w in self.stages if self.resident.get(w)),
+            ),
+        )
+
+    def predict(
+        self, cost: CostModel | None = None, calibration: Calibration | None = None
+    ) -> Prediction:
+        """The predicted step with its per-call times (see :meth:`estimate`)."""
+        cal = calibration or Calibration.from_cost(cost or self.cost)
+        return simulate_calls(self.calls(cost), cal)
+
+    def estimate(
+        self, cost: CostModel | None = None, calibration: Calibration | None = None
+    ) -> float:
+        """Predicted seconds of one pipelined step as the runtime runs it: the schedule's
+        actions as actor calls in the driver's submission order (stage times per micro-batch
+        from ``cost``, default the plan's), waiting on the same micro-batch's values from
+        other stages, then the server's staging call; under ``calibration``'s call overhead,
+        driver and transfer costs (default: the cost model's constants)."""
+        return self.predict(cost, calibration).seconds
+
+    def explain(self, calibration: Calibration | None = None) -> str:
         """The plan's summary, then the pipeline: stages, the schedule grid, the predicted
         step time and the bubble."""
         p, m = self.num_stages, self.microbatches
-        est = self.estimate_pipeline()
         lines = [
-            Plan.explain(self),
+            Plan.explain(self, calibration),
             f"pipeline: {p} stages on workers {list(self.stages)}, {m} micro-batches, "
             f"schedule {self.schedule_name!r}",
             "schedule grid (one slot = one forward, backward = 2 slots; F3 = forward of "
@@ -169,12 +252,58 @@ class StagePlan(Plan):
         lines += ["  " + row for row in grid(self.schedule(), 1, 2).splitlines()]
         peaks = self.peak_inflight()
         lines.append(f"micro-batches held per stage (activations): {peaks}")
+        ideal = self.predict(calibration=_FREE)
+        span = ideal.seconds
+        stage_calls = [t for c, t in zip(self.calls(), ideal.times) if c.worker != SERVER]
+        busy = sum(end - start for start, end in stage_calls)
+        bubble = 1.0 - busy / (p * span) if span > 0 else 0.0
         lines.append(
-            f"predicted step: {est.seconds * 1e3:.3f} ms (busiest worker {est.busiest * 1e3:.3f} "
-            f"ms; call overhead {self.cost.call_overhead * 1e3:.3f} ms per action); predicted "
-            f"bubble {est.bubble:.3f}, formula (p-1)/(m+p-1) = {bubble_formula(p, m):.3f}"
+            f"schedule alone (free calls and transfers): {span * 1e3:.3f} ms (busiest worker "
+            f"{ideal.busiest * 1e3:.3f} ms); bubble {bubble:.3f}, formula (p-1)/(m+p-1) = "
+            f"{bubble_formula(p, m):.3f}"
         )
         return "\n".join(lines)
+
+
+def _needs(act: Action, stages: int) -> list[tuple[str, int, int]]:
+    """(kind, stage, micro-batch) of the actions ``act`` waits for: the previous stage's
+    forward of its micro-batch; for a backward, its own forward and the next stage's
+    backward (the dependencies ``distgraph.pipeline.validate`` checks)."""
+    s, i = act.stage, act.microbatch
+    if act.kind == "F":
+        return [("F", s - 1, i)] if s > 0 else []
+    return [("F", s, i)] + ([("B", s + 1, i)] if s < stages - 1 else [])
+
+
+def _unit_starts(schedule: Schedule) -> dict[Action, float]:
+    """Each action's earliest start when every action takes one unit: the same times as
+    ``simulate(schedule, 1.0, 1.0)``, in one pass over the actions in dependency order
+    (linear in the actions; the simulation revisits blocked workers, which at 1,024 stages
+    takes minutes). ``schedule`` is validated already."""
+    by_key = {(a.kind, a.stage, a.microbatch): a for acts in schedule for a in acts}
+    p = 1 + max(k[1] for k in by_key)
+    after: dict[Action, list[Action]] = {a: [] for a in by_key.values()}
+    waiting = dict.fromkeys(after, 0)
+    for acts in schedule:
+        for x, y in itertools.pairwise(acts):
+            after[x].append(y)
+            waiting[y] += 1
+    for act in after:
+        for k in _needs(act, p):
+            dep = by_key[k]
+            if dep.worker != act.worker:  # same-worker order is the list's, counted above
+                after[dep].append(act)
+                waiting[act] += 1
+    start = dict.fromkeys(after, 0.0)
+    ready = [a for a, n in waiting.items() if n == 0]
+    while ready:
+        act = ready.pop()
+        for nxt in after[act]:
+            start[nxt] = max(start[nxt], start[act] + 1.0)
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                ready.append(nxt)
+    return start
 
 
 def build_stage_plan(
@@ -231,7 +360,7 @@ def build_stage_plan(
                     "pipelined step combines only computed values (run without microbatches)"
                 )
     p = len(stages)
-    make_schedule(schedule, p, microbatches)  # refuse a bad name or size before building
+    made = make_schedule(schedule, p, microbatches)  # refuse a bad name or size first
     tasks: list[Task] = []
     for w in stages:
         for k in ("F", "B"):
@@ -286,6 +415,7 @@ def build_stage_plan(
         grads_of=tuple(tuple(n for n in order if placement[n] == w and n in grads) for w in stages),
         outputs_of=tuple(tuple(n for n in outs if placement[n] == w) for w in stages),
         step_batch=step_batch,
+        _schedules={microbatches: made},
     )
 
 

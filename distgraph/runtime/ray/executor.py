@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-from ...cost import CostModel
+from ...cost import Calibration, CostModel
 from ...errors import ConfigError, DistgraphError, WorkerLostError
 from ...graph import Graph
 from ...optim import Optimizer
@@ -308,6 +308,17 @@ class RayExecutor(Executor):
             waves.plans.clear()
         if cluster is not None:
             cluster.close()
+
+    def calibrate(self, refresh: bool = False) -> Calibration:
+        """What calls, the driver and transfers cost on this executor's workers, for the
+        step-time predictor (``plan.estimate(calibration=...)``, ``plan.explain(...)``):
+        measured once per cluster and worker count by a short probe of empty calls and one
+        4 MiB transfer on the workers (about a second), cached; ``refresh`` measures again
+        (the machine's load changes them). See ``runtime/ray/calibrate.py``."""
+        from .calibrate import calibrate
+
+        self.cluster.check_open()
+        return calibrate(self.cluster.workers, refresh=refresh)
 
     # Planning -----------------------------------------------------------------------------------
     def plan(
