@@ -778,6 +778,9 @@ class LayoutOption:
     rows_per_replica: tuple[int, ...] = ()
     #: Why the layout is not possible (empty when it is).
     refused: str = ""
+    #: With R > 1: the estimated step of one replica on ``width`` workers taking the whole
+    #: batch (the other workers idle), which splitting the rows must beat.
+    solo_seconds: float = math.inf
 
     @property
     def feasible(self) -> bool:
@@ -840,9 +843,12 @@ def choose_layout(
 
     More replicas must pay clearly: going through the possible layouts by R, one with more
     replicas replaces the current choice only when its estimate is at least
-    :data:`AUTO_MARGIN` below the current choice's, since R > 1 gives up bit-identity with
-    the full batch (shard gradients summed in another order equal it only to rounding). So
-    tiny graphs, where calls dominate, keep one replica. ``replicas`` forces R (refused with
+    :data:`AUTO_MARGIN` below the current choice's *and* below that of one replica on the
+    same width taking the whole batch (``solo_seconds``: splitting the rows must be what
+    pays, not merely a narrower partition dodging a spreading strategy's calls), since R > 1
+    gives up bit-identity with the full batch (shard gradients summed in another order equal
+    it only to rounding). So tiny graphs, where calls dominate, keep one replica under every
+    strategy. ``replicas`` forces R (refused with
     the reason when it is not possible). No possible layout raises
     :class:`~distgraph.errors.ResourceError`.
     """
@@ -888,6 +894,7 @@ def choose_layout(
             )
             continue
         best: LayoutOption | None = None
+        best_attempt: Any = strategy
         for attempt in tries if width > 1 else [strategy]:
             option = _evaluate(
                 program, cost, r, width, rows, attempt, grad_bytes, ps_shards, STRATEGIES
@@ -905,10 +912,24 @@ def choose_layout(
                 best.feasible,
                 -best.worker_bytes,
             ):
-                best = option
+                best, best_attempt = option, attempt
             if option.feasible:
                 break
         assert best is not None
+        if r > 1 and best.feasible:
+            # What splitting rows is measured against: one replica on this width, whole batch.
+            solo = _evaluate(
+                program,
+                cost,
+                1,
+                width,
+                (batch_size,),
+                best_attempt,
+                grad_bytes,
+                ps_shards,
+                STRATEGIES,
+            )
+            best = dataclasses.replace(best, solo_seconds=solo.step_seconds)
         options.append(best)
     feasible = [o for o in options if o.feasible]
     if replicas is not None:
@@ -953,15 +974,42 @@ CALL_ROUND_TRIP = 1e-3
 COMBINE_FLOPS_PER_ELEMENT = 12.0
 
 
+def _pays(o: LayoutOption, than: float) -> bool:
+    return o.step_seconds <= (1.0 - AUTO_MARGIN) * than
+
+
 def _auto_choice(feasible: Sequence[LayoutOption]) -> tuple[LayoutOption, str]:
     """The ``auto`` choice among possible layouts (in increasing R) and why."""
     chosen = feasible[0]
     for o in feasible[1:]:
-        if o.step_seconds <= (1.0 - AUTO_MARGIN) * chosen.step_seconds:
+        if _pays(o, chosen.step_seconds) and _pays(o, o.solo_seconds):
             chosen = o
     others = [o for o in feasible if o is not chosen]
     if not others:
         return chosen, "the only possible layout"
+    # Faster only because each replica is narrower (a strategy that spreads a small graph
+    # with many calls), not because splitting the rows pays: keep the layout asked for.
+    narrower = [
+        o
+        for o in others
+        if o.replicas > chosen.replicas
+        and _pays(o, chosen.step_seconds)
+        and not _pays(o, o.solo_seconds)
+    ]
+    if narrower:
+        o = min(narrower, key=lambda o: (o.step_seconds, o.replicas))
+        return chosen, (
+            f"{_shape_words(o.replicas, o.width)} is estimated at {_ms(o.step_seconds)}, "
+            f"but one replica on {o.width} worker{'s' if o.width != 1 else ''} at "
+            f"{_ms(o.solo_seconds)}: splitting the rows would not pay "
+            f"(less than {AUTO_MARGIN:.0%} faster), narrower replicas would only avoid "
+            f"the {chosen.strategy!r} partition's calls; "
+            + (
+                "one replica keeps results bit-identical to one process on the full batch"
+                if chosen.replicas == 1
+                else "a near tie keeps fewer replicas"
+            )
+        )
     faster = [o for o in others if o.step_seconds < chosen.step_seconds]
     if faster:
         best = min(faster, key=lambda o: (o.step_seconds, o.replicas))
@@ -1143,10 +1191,15 @@ def explain_layout(layout: Layout) -> str:
         if not o.feasible:
             lines.append(f"{head}: not possible: {o.refused}")
             continue
+        solo = (
+            f"; one replica on {o.width} worker{'s' if o.width != 1 else ''}: {_ms(o.solo_seconds)}"
+            if o.replicas > 1
+            else ""
+        )
         lines.append(
             f"{head}: {_ms(o.step_seconds)} (compute {_ms(o.compute_seconds)}, transfer "
             f"{_ms(o.transfer_seconds)}, overhead {_ms(o.overhead_seconds)}; busiest worker "
-            f"holds {_fmt_bytes(o.worker_bytes)}; strategy {o.strategy!r})"
+            f"holds {_fmt_bytes(o.worker_bytes)}; strategy {o.strategy!r}{solo})"
         )
     return "\n".join(lines)
 

@@ -345,12 +345,27 @@ def test_a_model_too_big_for_one_worker_is_partitioned(big_mlp) -> None:
 def test_auto_keeps_one_replica_for_small_graphs(name: str) -> None:
     # Calls dominate these graphs' steps: another replica's round trips and the server's
     # combine cost more than halving their compute saves, so results stay bit-identical.
+    # Under round_robin too, where narrower replicas would merely dodge the partition's calls.
     g, _, loss = models.builtin_graph(name) if name in ("seed", "linear") else BUILDERS[name]()
     prog = _training_program(g, loss)
-    for workers in (2, 3, 4):
-        for batch in (16, 256):
-            layout = choose_layout(prog, CostModel(), workers, batch)
-            assert layout.replicas == 1, (workers, batch, explain_layout(layout))
+    for strategy in ("mincut", "level", "round_robin"):
+        for workers in (2, 3, 4):
+            for batch in (16, 256):
+                layout = choose_layout(prog, CostModel(), workers, batch, strategy=strategy)
+                assert layout.replicas == 1, (strategy, workers, batch, explain_layout(layout))
+
+
+def test_auto_does_not_split_rows_only_to_narrow_a_spreading_partition() -> None:
+    g = models.mlp_classifier((2, 8, 8, 2), seed=1)
+    layout = choose_layout(_training_program(g), CostModel(), 2, 16, strategy="round_robin")
+    two = next(o for o in layout.options if o.replicas == 2)
+    one = next(o for o in layout.options if o.replicas == 1)
+    # Precondition: two whole-graph replicas beat round_robin's calls across both workers...
+    assert two.step_seconds < (1 - AUTO_MARGIN) * one.step_seconds
+    # ...but not one replica on one worker: splitting the rows is not what would pay.
+    assert two.step_seconds > (1 - AUTO_MARGIN) * two.solo_seconds
+    assert layout.replicas == 1 and "splitting the rows would not pay" in layout.reason
+    assert "one replica on 1 worker: " in explain_layout(layout)
 
 
 def test_a_small_mlp_keeps_one_replica_when_more_do_not_pay() -> None:
