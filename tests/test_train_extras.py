@@ -395,9 +395,7 @@ def test_evaluate_on_ray_equals_local(ray_ready):
     g, data = classifier()
     ref = dg.Trainer(g, "loss", dg.Adam(lr=0.05), progress=False)
     ref.fit(data, epochs=2, batch_size=32, validation_split=0.2, metric="accuracy")
-    # replicas=1: one replica spread over both workers (under "auto", round_robin's calls
-    # would make two data-parallel replicas cheaper, equal to the oracle to rounding only).
-    with dg.RayExecutor(num_workers=2, strategy="round_robin", replicas=1) as ex:
+    with dg.RayExecutor(num_workers=2, strategy="round_robin") as ex:
         tr = dg.Trainer(g, "loss", dg.Adam(lr=0.05), executor=ex, progress=False)
         tr.fit(data, epochs=2, batch_size=32, validation_split=0.2, metric="accuracy")
         assert tr.history.val_loss == ref.history.val_loss

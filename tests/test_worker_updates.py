@@ -65,9 +65,7 @@ def fit(executor, steps_data, opt):
 def test_replicas_equal_the_server_bit_for_bit(ray_ready, strategy):
     data = models.spirals(32, seed=2)
     want = fit(dg.LocalExecutor(), data, dg.Adam(lr=0.05)).params
-    # replicas=1: the point is one replica partitioned by `strategy` (under "auto",
-    # round_robin's calls across two workers would make two data-parallel replicas cheaper).
-    with dg.RayExecutor(num_workers=2, strategy=strategy, replicas=1) as ex:
+    with dg.RayExecutor(num_workers=2, strategy=strategy) as ex:
         trainer = fit(ex, data, dg.Adam(lr=0.05))
         session = trainer.session
         got = trainer.params
