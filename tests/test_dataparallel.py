@@ -341,7 +341,7 @@ def test_a_model_too_big_for_one_worker_is_partitioned(big_mlp) -> None:
         choose_layout(big_mlp, CostModel(), 4, 256, memory_per_worker=2**20)
 
 
-@pytest.mark.parametrize("name", ["seed", "linear", *sorted(BUILDERS)])
+@pytest.mark.parametrize("name", sorted({"seed", "linear", *BUILDERS}))
 def test_auto_keeps_one_replica_for_small_graphs(name: str) -> None:
     # Calls dominate these graphs' steps: another replica's round trips and the server's
     # combine cost more than halving their compute saves, so results stay bit-identical.
