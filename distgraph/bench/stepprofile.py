@@ -2,9 +2,10 @@
 
 ``python -m distgraph.bench.stepprofile [--steps N] [--replicas R] [--quick]`` runs the MLP
 784-512-512-10 (batch 256, float32) of the ``mlp`` benchmark on ``RayExecutor(2)``:
-training steps (calls; ``--replicas``, default 1) and ``run()`` forward + backward under both
-transports, each with ``trace=True``, and prints, per kind of step, the median over the last
-``N`` steps of each phase of the step's timeline:
+training steps (``--replicas``, default 1) and ``run()`` forward + backward, each under both
+transports (a training column for ``compiled`` only where the code compiles training steps),
+with ``trace=True``, and prints, per kind of step, the median over the last ``N`` steps of
+each phase of the step's timeline:
 
 - ``driver submit``: from the driver's submission (after planning, which a repeated step
   finds cached) until the first worker call starts (Ray's scheduling, the call's arguments
@@ -94,17 +95,25 @@ def profile(steps: int = 10, replicas: int = 1, quick: bool = False) -> dict[str
     g = build_distgraph(sizes, params, batch)
     feeds = {"x": x, "y": y}
     out: dict[str, Any] = {}
-    with dg.RayExecutor(num_workers=2, replicas=replicas) as ex:
-        trainer = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=LR), executor=ex, progress=False)
-        session = trainer.session
-        data = session.attach(feeds)
-        rows = np.arange(batch)
-        got = []
-        for i in range(1, steps + 3):  # two warm-up steps
-            session.step_rows(i, data, rows, trace=True)
-            if i > 2:
-                got.append(phases(session.last_trace))
-        out[f"training step (calls, replicas={replicas})"] = _median(got)
+    for transport in ("calls", "compiled"):
+        with dg.RayExecutor(num_workers=2, replicas=replicas, transport=transport) as ex:
+            trainer = dg.Trainer(
+                g, loss="loss", optimizer=dg.SGD(lr=LR), executor=ex, progress=False
+            )
+            session = trainer.session
+            data = session.attach(feeds)
+            rows = np.arange(batch)
+            got = []
+            for i in range(1, steps + 3):  # two warm-up steps (a compiled graph from the 2nd)
+                session.step_rows(i, data, rows, trace=True)
+                if i > 2:
+                    got.append(phases(session.last_trace))
+            compiled = getattr(session, "compiled", None)  # code that compiles training steps
+            if transport == "compiled" and (compiled is None or compiled.last_reason):
+                why = compiled.last_reason if compiled is not None else "not compiled here"
+                print(f"training steps stayed on calls under transport='compiled': {why}")
+                continue
+            out[f"training step ({transport}, replicas={replicas})"] = _median(got)
     for transport in ("calls", "compiled"):
         with dg.RayExecutor(num_workers=2, transport=transport) as ex:
             got = []
