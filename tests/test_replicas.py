@@ -183,7 +183,9 @@ def test_auto_is_the_default_and_trains_a_big_mlp_data_parallel():
     assert lines[0].startswith("layout: 2 replicas x 1 worker each (data parallel)")
     assert lines[1].startswith("  why: lowest estimated step time") and "25% faster" in lines[1]
     assert any(line.startswith("  * R=2 x 1 worker: ") for line in lines)
-    assert any(line.startswith("    R=1 x 2 workers: ") and " ms (compute" in line for line in lines)
+    assert any(
+        line.startswith("    R=1 x 2 workers: ") and " ms (compute" in line for line in lines
+    )
     local = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.01), progress=False)
     local.fit(data, epochs=1, batch_size=256, shuffle=False)
     for k, v in local.params.items():
