@@ -828,6 +828,9 @@ class LayoutOption:
     rows_per_replica: tuple[int, ...] = ()
     #: Why the layout is not possible (empty when it is).
     refused: str = ""
+    #: With R > 1: the estimated step of one replica on ``width`` workers taking the whole
+    #: batch (the other workers idle), which splitting the rows must beat.
+    solo_seconds: float = math.inf
 
     @property
     def feasible(self) -> bool:
@@ -878,14 +881,24 @@ def choose_layout(
     * transfer: each replica pushes every param's gradient and pulls every param back, the
       ``ps_shards`` servers receiving and sending in parallel: ``2 * R * G / S`` bytes at the
       cost model's bandwidth (G = bytes of all params);
-    * overhead: the driver's calls for the other R-1 replicas, one call per server, and
-      adding R gradients on the servers.
+    * overhead: the calls of the other R-1 replicas' tasks and one call per server, each
+      costed as an actor round trip (at least :data:`CALL_ROUND_TRIP`, whatever the cost
+      model's pipelined ``call_overhead``), and combining R gradients on the servers
+      (:data:`COMBINE_FLOPS_PER_ELEMENT` per gradient element and replica).
 
     R > 1 needs a loss that splits by rows (:func:`analyze_rows`) and at least R rows. With
     ``memory_per_worker`` (bytes), a layout whose busiest worker holds more (its params, the
     values of the nodes placed on it for its shard, and values it receives) is refused; when
-    ``strategy`` keeps too much on one worker the other built-in strategies are tried. The
-    fastest possible layout wins (ties: fewer replicas). ``replicas`` forces R (refused with
+    ``strategy`` keeps too much on one worker the other built-in strategies are tried.
+
+    More replicas must pay clearly: going through the possible layouts by R, one with more
+    replicas replaces the current choice only when its estimate is at least
+    :data:`AUTO_MARGIN` below the current choice's *and* below that of one replica on the
+    same width taking the whole batch (``solo_seconds``: splitting the rows must be what
+    pays, not merely a narrower partition dodging a spreading strategy's calls), since R > 1
+    gives up bit-identity with the full batch (shard gradients summed in another order equal
+    it only to rounding). So tiny graphs, where calls dominate, keep one replica under every
+    strategy. ``replicas`` forces R (refused with
     the reason when it is not possible). No possible layout raises
     :class:`~distgraph.errors.ResourceError`.
     """
@@ -931,6 +944,7 @@ def choose_layout(
             )
             continue
         best: LayoutOption | None = None
+        best_attempt: Any = strategy
         for attempt in tries if width > 1 else [strategy]:
             option = _evaluate(
                 program, cost, r, width, rows, attempt, grad_bytes, ps_shards, STRATEGIES
@@ -948,10 +962,24 @@ def choose_layout(
                 best.feasible,
                 -best.worker_bytes,
             ):
-                best = option
+                best, best_attempt = option, attempt
             if option.feasible:
                 break
         assert best is not None
+        if r > 1 and best.feasible:
+            # What splitting rows is measured against: one replica on this width, whole batch.
+            solo = _evaluate(
+                program,
+                cost,
+                1,
+                width,
+                (batch_size,),
+                best_attempt,
+                grad_bytes,
+                ps_shards,
+                STRATEGIES,
+            )
+            best = dataclasses.replace(best, solo_seconds=solo.step_seconds)
         options.append(best)
     feasible = [o for o in options if o.feasible]
     if replicas is not None:
@@ -963,16 +991,7 @@ def choose_layout(
         if not feasible:
             why = "; ".join(f"R={o.replicas}: {o.refused}" for o in options)
             raise ResourceError(f"no layout of {num_workers} workers is possible: {why}")
-        chosen = min(feasible, key=lambda o: (o.step_seconds, o.replicas))
-        others = [o for o in feasible if o is not chosen]
-        if others:
-            runner = min(others, key=lambda o: (o.step_seconds, o.replicas))
-            reason = (
-                f"lowest estimated step time: {_ms(chosen.step_seconds)} against "
-                f"{_ms(runner.step_seconds)} for {_shape_words(runner.replicas, runner.width)}"
-            )
-        else:
-            reason = "the only possible layout"
+        chosen, reason = _auto_choice(feasible)
         if chosen.replicas == 1 and split is None and num_workers > 1:
             reason += " (the loss does not split by rows)"
     return Layout(
@@ -989,17 +1008,93 @@ def choose_layout(
     )
 
 
+#: ``replicas="auto"`` takes more replicas only for an estimated step this much shorter
+#: (a fraction of the current choice's): R > 1 equals the full batch to rounding only, and the
+#: estimate is rough, so a near tie keeps fewer replicas.
+AUTO_MARGIN = 0.25
+
+#: Seconds of one more actor call (a round trip): measured 0.9-1.3 ms on a 2-core machine
+#: (issue #16). The planner's ``call_overhead`` is a pipelined call's share, too low for the
+#: extra replicas' calls, which the driver submits and waits for on top of one replica's.
+CALL_ROUND_TRIP = 1e-3
+
+#: Work per gradient element and replica of :func:`combine` (cast to float64, scale, add:
+#: memory-bound passes numpy ran at 1.2-2.6 ns per element on this machine), in flops at the
+#: cost model's rate.
+COMBINE_FLOPS_PER_ELEMENT = 12.0
+
+
+def _pays(o: LayoutOption, than: float) -> bool:
+    return o.step_seconds <= (1.0 - AUTO_MARGIN) * than
+
+
+def _auto_choice(feasible: Sequence[LayoutOption]) -> tuple[LayoutOption, str]:
+    """The ``auto`` choice among possible layouts (in increasing R) and why."""
+    chosen = feasible[0]
+    for o in feasible[1:]:
+        if _pays(o, chosen.step_seconds) and _pays(o, o.solo_seconds):
+            chosen = o
+    others = [o for o in feasible if o is not chosen]
+    if not others:
+        return chosen, "the only possible layout"
+    # Faster only because each replica is narrower (a strategy that spreads a small graph
+    # with many calls), not because splitting the rows pays: keep the layout asked for.
+    narrower = [
+        o
+        for o in others
+        if o.replicas > chosen.replicas
+        and _pays(o, chosen.step_seconds)
+        and not _pays(o, o.solo_seconds)
+    ]
+    if narrower:
+        o = min(narrower, key=lambda o: (o.step_seconds, o.replicas))
+        return chosen, (
+            f"{_shape_words(o.replicas, o.width)} is estimated at {_ms(o.step_seconds)}, "
+            f"but one replica on {o.width} worker{'s' if o.width != 1 else ''} at "
+            f"{_ms(o.solo_seconds)}: splitting the rows would not pay "
+            f"(less than {AUTO_MARGIN:.0%} faster), narrower replicas would only avoid "
+            f"the {chosen.strategy!r} partition's calls; "
+            + (
+                "one replica keeps results bit-identical to one process on the full batch"
+                if chosen.replicas == 1
+                else "a near tie keeps fewer replicas"
+            )
+        )
+    faster = [o for o in others if o.step_seconds < chosen.step_seconds]
+    if faster:
+        best = min(faster, key=lambda o: (o.step_seconds, o.replicas))
+        keep = (
+            "one replica keeps results bit-identical to one process on the full batch"
+            if chosen.replicas == 1
+            else "a near tie keeps fewer replicas"
+        )
+        return chosen, (
+            f"{_shape_words(best.replicas, best.width)} is estimated at "
+            f"{_ms(best.step_seconds)} against {_ms(chosen.step_seconds)}, less than "
+            f"{AUTO_MARGIN:.0%} faster: {keep}"
+        )
+    runner = min(others, key=lambda o: (o.step_seconds, o.replicas))
+    why = (
+        f"lowest estimated step time: {_ms(chosen.step_seconds)} against "
+        f"{_ms(runner.step_seconds)} for {_shape_words(runner.replicas, runner.width)}"
+    )
+    if chosen is not feasible[0]:
+        why += f" (more replicas are taken only when {AUTO_MARGIN:.0%} faster)"
+    return chosen, why
+
+
 def _refused(r: int, width: int, strategy: str, why: str) -> LayoutOption:
     return LayoutOption(r, width, strategy, math.inf, refused=why)
 
 
-def _param_bytes(program: Program) -> int:
-    """Bytes of every trained param (its gradient is as large)."""
+def _param_bytes(program: Program, elements: bool = False) -> int:
+    """Bytes (or elements) of every trained param (its gradient is as large)."""
     total = 0
     for p in program.grads:
         node = program.nodes[p]
         if node.shape is not None and None not in node.shape:
-            total += math.prod(node.shape) * itemsize(node.dtype)  # type: ignore[arg-type]
+            n = math.prod(node.shape)  # type: ignore[arg-type]
+            total += n if elements else n * itemsize(node.dtype)
     return total
 
 
@@ -1028,11 +1123,12 @@ def _evaluate(
     plan = build_plan(program, placement, width, shard_cost, training=True, strategy=name)
     compute = plan.estimate_levels()
     transfer = cost.transfer_seconds(2 * r * grad_bytes // ps_shards)
-    add_flops = r * grad_bytes / 8 / ps_shards
+    call = max(cost.call_overhead, CALL_ROUND_TRIP)
+    combine_flops = r * _param_bytes(program, elements=True) * COMBINE_FLOPS_PER_ELEMENT
     overhead = (
-        (r - 1) * len(plan.tasks) * cost.call_overhead
+        (r - 1) * len(plan.tasks) * call
         + ps_shards * cost.call_overhead
-        + (add_flops / cost.flops_per_second if r > 1 else 0.0)
+        + (combine_flops / ps_shards / cost.flops_per_second if r > 1 else 0.0)
     )
     nbytes = bytes_array(program, shard_cost)
     held = [0] * width
@@ -1145,10 +1241,15 @@ def explain_layout(layout: Layout) -> str:
         if not o.feasible:
             lines.append(f"{head}: not possible: {o.refused}")
             continue
+        solo = (
+            f"; one replica on {o.width} worker{'s' if o.width != 1 else ''}: {_ms(o.solo_seconds)}"
+            if o.replicas > 1
+            else ""
+        )
         lines.append(
             f"{head}: {_ms(o.step_seconds)} (compute {_ms(o.compute_seconds)}, transfer "
             f"{_ms(o.transfer_seconds)}, overhead {_ms(o.overhead_seconds)}; busiest worker "
-            f"holds {_fmt_bytes(o.worker_bytes)}; strategy {o.strategy!r})"
+            f"holds {_fmt_bytes(o.worker_bytes)}; strategy {o.strategy!r}{solo})"
         )
     return "\n".join(lines)
 

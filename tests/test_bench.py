@@ -30,6 +30,8 @@ REQUIRED_FIGURES = {
         "distgraph_local_s",
         "distgraph_mincut_s",
         "distgraph_level_s",
+        "distgraph_mincut_compiled_s",
+        "distgraph_level_compiled_s",
     ],
     "mlp": [
         "numpy_s",
@@ -48,8 +50,13 @@ REQUIRED_FIGURES = {
         "async_max_staleness",
         "steps",
     ],
-    "wide": ["numpy_1thread_s", "distgraph_local_s", "distgraph_ray_s"],
-    "latency": ["ray_round_trip_s", "ray_round_trip_pipelined_s", "distgraph_step_s"],
+    "wide": ["numpy_1thread_s", "distgraph_local_s", "distgraph_ray_s", "distgraph_ray_compiled_s"],
+    "latency": [
+        "ray_round_trip_s",
+        "ray_round_trip_pipelined_s",
+        "distgraph_step_s",
+        "distgraph_step_compiled_s",
+    ],
     "scale": [
         "build_s",
         "grad_s",
@@ -262,3 +269,35 @@ def test_scale_structure_has_the_requested_size():
     total = len(rows) + len(sinks)  # the reduction tree adds one node per sink
     assert abs(total - 3_000) < 300
     assert all(p < i for i, (_, parents) in enumerate(rows) for p in parents)
+
+
+def test_stepprofile_cuts_a_step_trace_into_phases_that_add_up():
+    from distgraph.bench.stepprofile import PHASES, phases, table
+    from distgraph.result import TraceEvent
+
+    def ev(name, kind, track, start, end, worker=None, phase="forward"):
+        return TraceEvent(name, kind, phase, 0, track, start, end, worker=worker)
+
+    events = [
+        ev("step 1", "call", "driver", 0.0, 10.0, phase="step"),
+        ev("call 0", "call", "worker 0", 1.0, 6.0, worker=0),
+        ev("matmul", "node", "worker 0", 1.5, 4.5, worker=0),
+        ev("update step 1", "update", "worker 0", 5.0, 6.0, worker=0, phase="update"),
+        ev("call 1", "call", "worker 1", 1.0, 2.0, worker=1),
+        ev("add", "node", "worker 1", 1.2, 1.8, worker=1),
+        ev("apply step 1", "update", "parameter server", 7.0, 9.0, phase="update"),
+    ]
+    got = phases(events)
+    assert list(got) == list(PHASES)
+    assert got == {
+        "driver submit": 1.0,
+        "worker compute": 3.0,  # the busiest worker's nodes
+        "worker update": 1.0,
+        "worker call, not compute": 1.0,
+        "to server": 1.0,
+        "server stage + apply": 2.0,
+        "back to driver": 1.0,
+    }
+    assert sum(got.values()) == 10.0
+    text = table({"training": got})
+    assert "| worker compute | 3000.0 |" in text and "**10000.0**" in text

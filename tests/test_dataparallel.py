@@ -15,6 +15,7 @@ import distgraph as dg
 from distgraph import models
 from distgraph.cost import CostModel
 from distgraph.dataparallel import (
+    AUTO_MARGIN,
     DuplicateStepError,
     ParamPiece,
     StalenessClock,
@@ -363,9 +364,11 @@ def test_a_model_that_fits_one_worker_trains_data_parallel(big_mlp) -> None:
 
 def test_a_model_too_big_for_one_worker_is_partitioned(big_mlp) -> None:
     free = choose_layout(big_mlp, CostModel(), 4, 256)
-    assert free.replicas == 4  # precondition: without a memory limit, pure data parallelism
+    # Precondition: without a memory limit, pure data parallelism has the fastest estimate.
+    four = next(o for o in free.options if o.replicas == 4)
+    assert four.step_seconds == min(o.step_seconds for o in free.options)
     budget = 12 * 2**20
-    assert next(o for o in free.options if o.replicas == 4).worker_bytes > budget
+    assert four.worker_bytes > budget
     tight = choose_layout(big_mlp, CostModel(), 4, 256, memory_per_worker=budget)
     assert tight.replicas < 4 and tight.width > 1
     chosen = next(o for o in tight.options if o.replicas == tight.replicas)
@@ -373,6 +376,49 @@ def test_a_model_too_big_for_one_worker_is_partitioned(big_mlp) -> None:
     assert "more than the 12.0 MiB per worker" in explain_layout(tight)
     with pytest.raises(ResourceError, match="no layout of 4 workers is possible"):
         choose_layout(big_mlp, CostModel(), 4, 256, memory_per_worker=2**20)
+
+
+@pytest.mark.parametrize("name", sorted({"seed", "linear", *BUILDERS}))
+def test_auto_keeps_one_replica_for_small_graphs(name: str) -> None:
+    # Calls dominate these graphs' steps: another replica's round trips and the server's
+    # combine cost more than halving their compute saves, so results stay bit-identical.
+    # Under round_robin too, where narrower replicas would merely dodge the partition's calls.
+    g, _, loss = models.builtin_graph(name) if name in ("seed", "linear") else BUILDERS[name]()
+    prog = _training_program(g, loss)
+    for strategy in ("mincut", "level", "round_robin"):
+        for workers in (2, 3, 4):
+            for batch in (16, 256):
+                layout = choose_layout(prog, CostModel(), workers, batch, strategy=strategy)
+                assert layout.replicas == 1, (strategy, workers, batch, explain_layout(layout))
+
+
+def test_auto_does_not_split_rows_only_to_narrow_a_spreading_partition() -> None:
+    g = models.mlp_classifier((2, 8, 8, 2), seed=1)
+    layout = choose_layout(_training_program(g), CostModel(), 2, 16, strategy="round_robin")
+    two = next(o for o in layout.options if o.replicas == 2)
+    one = next(o for o in layout.options if o.replicas == 1)
+    # Precondition: two whole-graph replicas beat round_robin's calls across both workers...
+    assert two.step_seconds < (1 - AUTO_MARGIN) * one.step_seconds
+    # ...but not one replica on one worker: splitting the rows is not what would pay.
+    assert two.step_seconds > (1 - AUTO_MARGIN) * two.solo_seconds
+    assert layout.replicas == 1 and "splitting the rows would not pay" in layout.reason
+    assert "one replica on 1 worker: " in explain_layout(layout)
+
+
+def test_a_small_mlp_keeps_one_replica_when_more_do_not_pay() -> None:
+    prog = _training_program(models.mlp_classifier())  # 2-64-64-2, float64
+    slower = choose_layout(prog, CostModel(), 2, 256)
+    options = {o.replicas: o for o in slower.options}
+    assert options[2].feasible  # precondition: the loss splits by rows
+    assert slower.replicas == 1 and options[2].step_seconds > options[1].step_seconds
+    assert slower.reason.startswith("lowest estimated step time")
+    # Faster by an estimate within the margin: still one replica, and the reason says so.
+    near = choose_layout(prog, CostModel(), 2, 512)
+    options = {o.replicas: o for o in near.options}
+    assert options[2].step_seconds < options[1].step_seconds  # precondition: R=2 is faster
+    assert options[2].step_seconds > (1 - AUTO_MARGIN) * options[1].step_seconds
+    assert near.replicas == 1
+    assert "less than 25% faster: one replica keeps results bit-identical" in near.reason
 
 
 def test_stage_placement_spreads_a_chain(big_mlp) -> None:

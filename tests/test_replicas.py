@@ -183,21 +183,59 @@ def test_replicas_equal_the_full_batch_and_repeat_bit_for_bit(replica_ex, strate
     assert first.history.step_loss == second.history.step_loss
 
 
-def test_auto_chooses_a_layout_says_why_and_matches_the_full_batch():
+def test_auto_keeps_one_replica_for_a_small_mlp_says_why_and_is_bit_for_bit():
     ensure_ray()
     with dg.RayExecutor(num_workers=2, replicas="auto") as ex:
         tr = _fit("mlp", ex)
         layout = tr.session.layout
-        assert layout.count in (1, 2)
-        assert "alternatives" in layout.explanation and "R=2" in layout.explanation
-        assert "why:" in layout.explanation
-        _assert_every_replica_computed(tr, layout.count, 2 // layout.count)
+        # Another replica's calls and combine cost more than halving 16 rows saves.
+        assert (layout.count, layout.width) == (1, 2)
+        assert "alternatives" in layout.explanation and "R=2 x 1 worker" in layout.explanation
+        assert "why: lowest estimated step time" in layout.explanation
+        _assert_every_replica_computed(tr, 1, 2)
         g, _, _ = _mlp()
-        text = ex.plan(g, grad="loss", training=True).explain()
-        assert text.startswith("layout:") and "alternatives" in text
+        text = ex.plan(g, grad="loss", training=True, batch_size=BATCH).explain()
+        assert text.startswith("layout: 1 replica x 2 workers") and "alternatives" in text
     want = _local("mlp")
     for k in want:
-        np.testing.assert_allclose(tr.params[k], want[k], rtol=1e-12, atol=1e-15, err_msg=k)
+        assert np.array_equal(tr.params[k], want[k]), k
+
+
+def _big_mlp() -> tuple[dg.Graph, dict[str, np.ndarray]]:
+    """The MLP 784-512-512-10 (float64) on two batches of 256 rows."""
+    g = models.mlp_classifier((784, 512, 512, 10), seed=0)
+    rng = np.random.default_rng(4)
+    return g, {"x": rng.standard_normal((512, 784)), "y": rng.integers(0, 10, 512)}
+
+
+def test_auto_is_the_default_and_trains_a_big_mlp_data_parallel():
+    ensure_ray()
+    g, data = _big_mlp()
+    with dg.RayExecutor(num_workers=2) as ex:
+        assert ex.replicas == "auto"
+        # run() never splits rows: one plan over both workers, equal to the oracle bit for bit.
+        feeds = {k: v[:256] for k, v in data.items()}
+        assert ex.plan(g, "loss").num_workers == 2
+        got = ex.run(g, feeds, outputs=["loss"])
+        want_run = dg.LocalExecutor().run(g, feeds, outputs=["loss"])
+        assert np.array_equal(got.values["loss"], want_run.values["loss"])
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.01), executor=ex, progress=False)
+        tr.fit(data, epochs=1, batch_size=256, shuffle=False)
+        info = tr.session.status()["replicas"]
+        text = ex.plan(g, grad="loss", training=True, batch_size=256).explain()
+    assert (info["count"], info["width"]) == (2, 1)
+    assert [e["rows"] for e in info["steps"][1]] == [[0, 128], [128, 256]]
+    lines = text.splitlines()
+    assert lines[0].startswith("layout: 2 replicas x 1 worker each (data parallel)")
+    assert lines[1].startswith("  why: lowest estimated step time") and "25% faster" in lines[1]
+    assert any(line.startswith("  * R=2 x 1 worker: ") for line in lines)
+    assert any(
+        line.startswith("    R=1 x 2 workers: ") and " ms (compute" in line for line in lines
+    )
+    local = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.01), progress=False)
+    local.fit(data, epochs=1, batch_size=256, shuffle=False)
+    for k, v in local.params.items():
+        np.testing.assert_allclose(tr.params[k], v, rtol=1e-12, atol=1e-15, err_msg=k)
 
 
 # --- a loss that couples rows -----------------------------------------------------------------
@@ -301,12 +339,13 @@ def test_worker_lost_mid_step_recovers_and_equals_the_uninterrupted_run():
 # --- defaults and the command line ------------------------------------------------------------
 
 
-def test_one_replica_is_the_default_and_bit_for_bit():
+def test_the_default_keeps_one_replica_for_the_linear_fit_bit_for_bit():
     ensure_ray()
     with dg.RayExecutor(num_workers=2) as ex:
-        assert ex.replicas == 1
+        assert ex.replicas == "auto"
         tr = _fit("linear", ex)
         assert tr.session.status()["replicas"]["count"] == 1
+        assert tr.session.layout.explanation.startswith("layout: 1 replica x 2 workers")
     want = _local("linear")
     for k in want:
         assert np.array_equal(tr.params[k], want[k]), k

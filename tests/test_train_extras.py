@@ -398,6 +398,7 @@ def test_evaluate_on_ray_equals_local(ray_ready):
     with dg.RayExecutor(num_workers=2, strategy="round_robin") as ex:
         tr = dg.Trainer(g, "loss", dg.Adam(lr=0.05), executor=ex, progress=False)
         tr.fit(data, epochs=2, batch_size=32, validation_split=0.2, metric="accuracy")
+        assert tr.session.layout.count == 1  # precondition of equality: "auto" kept one replica
         assert tr.history.val_loss == ref.history.val_loss
         assert tr.history.val_accuracy == ref.history.val_accuracy
         assert tr.evaluate(data, metric="accuracy") == ref.evaluate(data, metric="accuracy")

@@ -68,6 +68,7 @@ def test_replicas_equal_the_server_bit_for_bit(ray_ready, strategy):
     with dg.RayExecutor(num_workers=2, strategy=strategy) as ex:
         trainer = fit(ex, data, dg.Adam(lr=0.05))
         session = trainer.session
+        assert session.layout.count == 1  # precondition of bit-identity: replicas="auto" kept one
         got = trainer.params
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -36,8 +36,9 @@ class RayOptions:
     max_plans: int = 32
     #: Parameter-server shards: params split over this many server actors, balanced by bytes.
     ps_shards: int = 1
-    #: Data-parallel replicas of a training program (an int dividing num_workers, or "auto").
-    replicas: int | str = 1
+    #: Data-parallel replicas of a training program (an int dividing num_workers, or "auto":
+    #: the cost model's choice, one replica unless more pay clearly; see replicas.py).
+    replicas: int | str = "auto"
     #: How run() steps travel: "calls" (actor calls), "compiled" (a Ray Compiled Graph from a
     #: plan's second run) or "auto" (compiled where supported, else calls; see compiled.py).
     transport: str = "calls"

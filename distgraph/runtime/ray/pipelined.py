@@ -70,6 +70,19 @@ class PipelinedSession(RaySession):
     #: The latest step's call refs by worker, for naming the late ones.
     _calls: dict[int, list[Any]]
 
+    def _layout(self, batch: int) -> Replicas:
+        # Micro-batches ask for a pipeline: under "auto" it spans every worker (the cost
+        # model's replica choice does not weigh stages against replicas); R > 1 is R pipelines.
+        if self.options.replicas == "auto":
+            return Replicas(
+                1,
+                self.options.num_workers,
+                None,
+                "layout: 1 replica (replicas='auto' runs one pipeline over every worker under "
+                "microbatches; pass replicas=R for R pipelines)",
+            )
+        return super()._layout(batch)
+
     def _place(self, layout: Replicas, batch: int) -> Plan:
         o = self.options
         m = o.microbatches or 1

@@ -163,8 +163,9 @@ def choose_replicas(
     ``num_workers``; more than one needs a loss that splits by rows, else the
     :class:`~distgraph.errors.GraphError` of :func:`~distgraph.dataparallel.analyze_rows`
     naming the node is raised) or, for ``"auto"``, the cost model's choice
-    (:func:`~distgraph.dataparallel.choose_layout`), which falls back to one replica when the
-    loss couples rows and says why."""
+    (:func:`~distgraph.dataparallel.choose_layout`: more replicas only when estimated
+    ``AUTO_MARGIN`` faster, extra calls and the combine included), which keeps one replica
+    and says why when the loss couples rows or no estimate can be made."""
     if replicas == 1:
         return Replicas(1, num_workers, None, "layout: 1 replica (replicas=1)")
     named = isinstance(strategy, str) or callable(strategy)
@@ -176,7 +177,12 @@ def choose_replicas(
                 None,
                 "layout: 1 replica (replicas='auto' keeps a {node: worker} placement as given)",
             )
-        layout = choose_layout(program, cost, num_workers, batch, strategy=strategy)
+        try:
+            layout = choose_layout(program, cost, num_workers, batch, strategy=strategy)
+        except DistgraphError as e:  # "auto" never fails a step: one replica always runs
+            return Replicas(
+                1, num_workers, None, f"layout: 1 replica (replicas='auto' made no estimate: {e})"
+            )
         text = explain_layout(layout)
         if layout.replicas == 1:
             return Replicas(1, num_workers, None, text)

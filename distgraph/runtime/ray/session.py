@@ -188,7 +188,7 @@ class RaySession(TrainingSession):
             return
         o = self.options
         check_replicas(o.replicas, o.num_workers)  # the option may have been set since
-        layout = choose_replicas(self.prog, o.num_workers, o.replicas, o.strategy, o.cost, batch)
+        layout = self._layout(batch)
         log.info("%s", layout.explanation)
         self.plan = dataclasses.replace(self._place(layout, batch), layout=layout.explanation)
         self.layout = layout
@@ -231,6 +231,12 @@ class RaySession(TrainingSession):
             self.server.kill()
             self.plan = None  # nothing half-installed stays: the next step retries
             raise
+
+    def _layout(self, batch: int) -> Replicas:
+        """How many replicas train, over how many workers each (``replicas``, or the cost
+        model's choice under ``"auto"``)."""
+        o = self.options
+        return choose_replicas(self.prog, o.num_workers, o.replicas, o.strategy, o.cost, batch)
 
     def _place(self, layout: Replicas, batch: int) -> Plan:
         """The training plan of ``layout``: one replica placed over ``layout.width`` workers
