@@ -595,7 +595,8 @@ def _calibration(args: argparse.Namespace) -> Any:
         return None
     from .runtime.ray import RayExecutor
 
-    with RayExecutor(num_workers=args.workers, address=args.address, oversubscribe=True) as ex:
+    ex = RayExecutor(num_workers=args.workers, address=args.address, oversubscribe=True)
+    with ex:
         return ex.calibrate()
 
 

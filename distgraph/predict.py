@@ -25,10 +25,14 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .cost import Calibration, CostModel, node_bytes, node_seconds
 from .errors import ConfigError
 from .ops import LEAF_OPS
+
+#: An action of a schedule (any hashable: the predictor only orders and looks them up).
+Act = TypeVar("Act", bound=Hashable)
 
 __all__ = [
     "SERVER",
@@ -185,13 +189,13 @@ def server_seconds(grad_bytes: int, gradient_dicts: int, cost: CostModel) -> flo
 
 
 def pipeline_calls(
-    order: Iterable[Hashable],
-    worker_of: Callable[[Hashable], int],
-    seconds_of: Callable[[Hashable], float],
-    deps_of: Callable[[Hashable], Iterable[tuple[Hashable, int]]],
-    awaited: Callable[[Hashable], bool],
-    server: tuple[float, Callable[[Hashable], int], int] | None = None,
-    nodes_of: Callable[[Hashable], int] = lambda a: 0,
+    order: Iterable[Act],
+    worker_of: Callable[[Act], int],
+    seconds_of: Callable[[Act], float],
+    deps_of: Callable[[Act], Iterable[tuple[Act, int]]],
+    awaited: Callable[[Act], bool],
+    server: tuple[float, Callable[[Act], int], int] | None = None,
+    nodes_of: Callable[[Act], int] = lambda a: 0,
 ) -> list[Call]:
     """Calls of a schedule's actions in submission ``order``: each action's worker, compute
     and the (action, bytes) it takes from other workers; ``server`` = (its compute, bytes an

@@ -127,7 +127,7 @@ class PipelinedSession(RaySession):
         returns one task per (replica, stage) saying what its call sends the server(s) and
         the driver, and those refs (see module doc)."""
         plan, sp = self.plan, self.stage_plan
-        assert plan is not None and sp is not None
+        assert isinstance(plan, StagePlan) and sp is not None
         workers = self.cluster.workers
         self._attempt = next(self._attempts)
         calls = step_calls(

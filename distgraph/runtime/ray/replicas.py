@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -42,8 +42,11 @@ from ...program import Program
 from ...result import TraceEvent
 from .waves import RowsFeed
 
+#: A plan, or a subclass of it (a pipelined StagePlan is replicated the same way).
+P = TypeVar("P", bound=Plan)
 
-def replicate(plan: Plan, replicas: int) -> Plan:
+
+def replicate(plan: P, replicas: int) -> P:
     """``replicas`` copies of ``plan`` (placed over ``plan.num_workers`` workers) as one plan
     over ``replicas * plan.num_workers`` workers, replica-major. ``placement`` stays replica
     0's (a node's worker in replica r is that plus ``r * width``)."""
