@@ -321,45 +321,6 @@ def test_cli_transport_flag(capsys):
     assert '"z": 7.0' in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_multi_node_auto_falls_back_and_compiled_runs_across_nodes(caplog):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        g, feeds, out = towers()
-        local = dg.LocalExecutor().run(g, feeds, grad=out)
-        with dg.RayExecutor(
-            num_workers=2,
-            strategy="round_robin",
-            cost=SPREAD_COST,
-            address=cluster.address,
-            transport="auto",
-        ) as ex:
-            # The precondition: the two workers run on two nodes, and the plan uses both.
-            assert len({i["node_id"] for i in ex.worker_info}) == 2
-            with caplog.at_level(logging.INFO, logger="distgraph.runtime.ray.compiled"):
-                for _ in range(3):
-                    res = ex.run(g, feeds, grad=out)
-            assert set(res.placement.values()) == {0, 1}
-            assert "2 nodes" in ex.compiled.last_reason and not ex.compiled.graphs
-            assert any("2 nodes" in r.message for r in caplog.records)
-            assert_results_equal(res, local)
-            ex.transport = "compiled"  # asked for explicitly: tried across the nodes
-            for _ in range(3):
-                res = ex.run(g, feeds, grad=out)
-            assert ex.compiled.last_reason == "" and ex.compiled.graphs
-            assert_results_equal(res, local)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 # Training steps (item 1/3: the parameter server's update inside the graph) ----------------------
 def training_task(task: str) -> tuple[dg.Graph, dict[str, np.ndarray], int]:
     """(graph, training data, batch size): the problems of test_ray_runtime's equality test."""
@@ -602,3 +563,44 @@ def test_an_idle_graph_is_torn_down_and_compiled_again_on_use():
         assert_params_identical(tr.params, ref.params)
         assert tr.history.loss == ref.history.loss
         tr.close()
+
+
+# Last in the module: it shuts the shared Ray runtime down (the module executor's actors
+# with it) to start a multi-node cluster.
+@pytest.mark.slow
+def test_multi_node_auto_falls_back_and_compiled_runs_across_nodes(caplog):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        g, feeds, out = towers()
+        local = dg.LocalExecutor().run(g, feeds, grad=out)
+        with dg.RayExecutor(
+            num_workers=2,
+            strategy="round_robin",
+            cost=SPREAD_COST,
+            address=cluster.address,
+            transport="auto",
+        ) as ex:
+            # The precondition: the two workers run on two nodes, and the plan uses both.
+            assert len({i["node_id"] for i in ex.worker_info}) == 2
+            with caplog.at_level(logging.INFO, logger="distgraph.runtime.ray.compiled"):
+                for _ in range(3):
+                    res = ex.run(g, feeds, grad=out)
+            assert set(res.placement.values()) == {0, 1}
+            assert "2 nodes" in ex.compiled.last_reason and not ex.compiled.graphs
+            assert any("2 nodes" in r.message for r in caplog.records)
+            assert_results_equal(res, local)
+            ex.transport = "compiled"  # asked for explicitly: tried across the nodes
+            for _ in range(3):
+                res = ex.run(g, feeds, grad=out)
+            assert ex.compiled.last_reason == "" and ex.compiled.graphs
+            assert_results_equal(res, local)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
