@@ -30,21 +30,30 @@ PROBE = os.path.join(TESTS, "compiled_probe.py")
 
 
 def run_probe(*args: str, timeout: float = 400) -> list[str]:
-    """Run the raw probe in its own session (its Ray included) and return its teardown lines."""
-    proc = subprocess.Popen(
-        [sys.executable, PROBE, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # only the probe's own process group
-        proc.communicate()
-        pytest.fail(f"the probe {args} did not finish within {timeout} s")
-    return [line for line in out.splitlines() if line.startswith("teardown")]
+    """Run the raw probe in its own session (its Ray included) and return its teardown lines.
+
+    A probe that printed no teardown line never reached a teardown (its Ray did not start on a
+    loaded machine, say): it is run once more, then the test fails with the probe's stderr."""
+    for attempt in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, PROBE, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # only the probe's own process group
+            proc.communicate()
+            pytest.fail(f"the probe {args} did not finish within {timeout} s")
+        lines = [line for line in out.splitlines() if line.startswith("teardown")]
+        if lines or attempt == 1:
+            break
+    if not lines:
+        pytest.fail(f"the probe {args} reached no teardown; its stderr ends:\n{err[-2000:]}")
+    return lines
 
 
 @pytest.mark.slow
