@@ -300,6 +300,7 @@ def pipeline_calls(
     server: tuple[float, Callable[[int], int], int] | None = None,
     nodes_of: Callable[[Act], int] = lambda a: 0,
     nested: bool = False,
+    label_of: Callable[[Act], str] = str,
 ) -> list[Call]:
     """Calls of a pipelined step as the runtime submits it: one call per worker holding its
     whole action list (``lists``, one per call in submission order; ``worker_of(i)`` is
@@ -320,7 +321,7 @@ def pipeline_calls(
                     seconds_of(a),
                     nodes_of(a),
                     tuple((*where[d], b) for d, b in deps_of(a)),
-                    label=str(a),
+                    label=label_of(a),
                 )
                 for a in acts
             ),

@@ -229,6 +229,7 @@ class StagePlan(Plan):
                 sum(1 for names in self.resident.values() if names),
             ),
             nested=reps > 1,
+            label_of=lambda ra: f"{ra[1].label}@{ra[1].stage}",
         )
 
     def predict(
