@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._harness import Record, log
+from .scaleout import mean_calibration
 
 NAME = "pipeline"
 P, M = 4, 8
@@ -85,7 +86,7 @@ def _simulated(rec: Record, quick: bool, progress: bool) -> None:
             before = ex.calibrate(refresh=True)
             times = _step_times(session, feeds, steps, first=2)
             session.step(steps + 2, feeds, trace=True)
-            cal = _mean(before, ex.calibrate(refresh=True))
+            cal = mean_calibration(before, ex.calibrate(refresh=True))
             bubble = measured_bubble(session.last_trace)
             hop = _hop_seconds(session.last_trace)
             plan = session.plan
@@ -119,12 +120,6 @@ def _simulated(rec: Record, quick: bool, progress: bool) -> None:
         f"micro-batch (sleeping kernels); ideal step (m + p - 1) x (F + B); "
         "1f1b_vs_gpipe is max(r, 1/r) of the two median steps."
     )
-
-
-def _mean(a: Any, b: Any) -> Any:
-    from .scaleout import _mean as mean
-
-    return mean(a, b)
 
 
 def _hop_seconds(events: list[Any]) -> float | None:

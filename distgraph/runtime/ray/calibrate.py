@@ -29,7 +29,7 @@ predictor (:mod:`distgraph.predict`):
   workers each run one call (like a step's one call per worker) and pass a small value dict
   back and forth ``calls`` times, each side delivering to the other's mailbox (an actor call
   on the peer's ``deliver``, run on its mail thread) and then waiting in its own mailbox for
-  the answer (``ActionRunner._take_mail``, as a waiting action does); the time of the
+  the answer (``ActionRunner.take_mail``, as a waiting action does); the time of the
   exchanges after the first (which waits for the peer's call to start), per hand-off;
 * ``seconds_per_byte``: a value of ``nbytes`` made on one worker and taken by a call on
   another, minus the same chain with an empty value, per byte.
@@ -109,19 +109,19 @@ def _handoffs(actor: Any, peer: Any, me: int, count: int, attempt: int) -> float
 
     call = StepActions(PROBE_PLAN, 0, attempt, (), deadline=60.0)
     value = {"h": np.ones((16, 1))}
-    actor._open_mail(PROBE_PLAN, attempt)
     start = 0.0
     try:
         for i in range(count):
             if i == 1:
                 start = time.perf_counter()
             wait = ActionCall(f"F{i}", i, 0, i, count, False)
+            # As a worker's action hands a value on (actors.py ``_deliver``): not awaited.
             if me == 0:
-                actor._deliver(peer, (PROBE_PLAN, attempt, 0, i), value)
-                actor._take_mail(call, wait, 1, 1)
+                peer.deliver.remote((PROBE_PLAN, attempt, 0, i), value)
+                actor.take_mail(call, wait, 1, 1)
             else:
-                actor._take_mail(call, wait, 0, 0)
-                actor._deliver(peer, (PROBE_PLAN, attempt, 1, i), value)
+                actor.take_mail(call, wait, 0, 0)
+                peer.deliver.remote((PROBE_PLAN, attempt, 1, i), value)
         return time.perf_counter() - start
     finally:
         actor.drop_actions(PROBE_PLAN)
