@@ -274,6 +274,10 @@ class Calibration:
     #: mailbox (an actor call on the peer's ``deliver``) and the peer's action waiting for it
     #: wakes, from the sender's action's end to the receiver's action's start.
     deliver_s: float = 0.0
+    #: A pipelined action's own time inside its worker's call besides its nodes: taking its
+    #: values, setting up its micro-batch, handing its results on (a ``deliver`` submitted
+    #: from the worker), measured with every worker doing so at once.
+    action_s: float = 0.0
     #: Workers the probe ran on (0: not measured).
     workers: int = 0
     #: Whether the constants were measured (else: a cost model's defaults).
@@ -302,7 +306,7 @@ class Calibration:
         )
         return (
             f"{what}: call {self.call_overhead_s * 1e3:.3f} ms, hop {self.hop_s * 1e3:.3f} ms, "
-            f"deliver {self.deliver_s * 1e3:.3f} ms, "
+            f"deliver {self.deliver_s * 1e3:.3f} ms, action {self.action_s * 1e3:.3f} ms, "
             f"driver {self.driver_s * 1e3:.3f} ms/call, submit {self.submit_s * 1e3:.3f} ms/call, "
             f"{self.object_s * 1e3:.3f} ms/object, {self.node_s * 1e3:.3f} ms/node, "
             f"{self.seconds_per_byte * 1e9:.3f} s/GB"

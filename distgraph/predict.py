@@ -19,7 +19,8 @@ action waiting there for it. The model of the runtime (its constants in a
   of a dependent hop), a value of ``b`` bytes ``b * seconds_per_byte`` later;
 * a worker runs its calls one at a time in submission order, each taking
   ``call_overhead_s`` plus its compute (``node_s`` per node), then its actions in order: an
-  action costs its nodes' compute and ``node_s`` per node (no call overhead), and starts when
+  action costs ``action_s`` (taking its values, handing its results on), its nodes' compute
+  and ``node_s`` per node (no call overhead), and starts when
   the previous one ended and every value it takes from another worker's action has arrived:
   ``deliver_s`` (plus its bytes) after the producing action ended;
 * the step ends when the driver has the results it waits for (the same latency back), plus
@@ -132,6 +133,7 @@ def simulate_calls(calls: Sequence[Call], cal: Calibration) -> Prediction:
             "object_s": cal.object_s,
             "node_s": cal.node_s,
             "deliver_s": cal.deliver_s,
+            "action_s": cal.action_s,
         }
     )
     n = len(calls)
@@ -277,8 +279,9 @@ def _duration(call: Call, cal: Calibration) -> float:
 
 
 def _action_duration(action: ActionCost, cal: Calibration) -> float:
-    """An action's time inside its call once its values are in: its nodes, no call."""
-    return action.nodes * cal.node_s + action.seconds
+    """An action's time inside its call once its values are in: its own setup and hand-on
+    (``action_s``) and its nodes, no call."""
+    return cal.action_s + action.nodes * cal.node_s + action.seconds
 
 
 def server_seconds(grad_bytes: int, gradient_dicts: int, cost: CostModel) -> float:

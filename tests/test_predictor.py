@@ -87,6 +87,15 @@ def test_gpipe_actions_pay_node_cost_not_call_overhead():
     assert got == pytest.approx(0.660 + (3 + 24 + 32 + 6) * nu, abs=1e-7)
 
 
+def test_gpipe_actions_pay_their_own_setup_once_each_on_the_critical_path():
+    """``action_s`` (an action's setup and hand-on inside its call) is paid by each of the
+    2 (m + p - 1) = 22 actions on GPipe's critical path, once: not a call each."""
+    plan = sim_pipeline(4, 8, 20, 40)
+    a = 0.002
+    got = plan.estimate(calibration=Calibration(0.0, 0.0, action_s=a))
+    assert got == pytest.approx(0.660 + 22 * a, abs=1e-7)
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_handoff_latency_is_paid_on_every_cross_stage_edge_of_the_critical_path(schedule):
     """The hand-off constant is paid once per stage boundary the critical path crosses:
@@ -278,8 +287,8 @@ def test_calibration_probe_returns_positive_finite_constants(ray_executor):
         value = getattr(cal, name)
         assert 0 < value < math.inf, (name, value)
     assert 0 <= cal.seconds_per_byte < math.inf
-    # The hand-off through the runtime's mailbox was measured (two workers).
-    assert 0 < cal.deliver_s < math.inf
+    # The hand-off through the runtime's mailbox and an action's own time were measured.
+    assert 0 < cal.deliver_s < math.inf and 0 < cal.action_s < math.inf
     # Cached per cluster and worker count: asked again, the same measurement.
     assert ray_executor.calibrate() is cal
 

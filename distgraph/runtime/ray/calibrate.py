@@ -31,6 +31,10 @@ predictor (:mod:`distgraph.predict`):
   on the peer's ``deliver``, run on its mail thread) and then waiting in its own mailbox for
   the answer (``ActionRunner.take_mail``, as a waiting action does); the time of the
   exchanges after the first (which waits for the peer's call to start), per hand-off;
+* ``action_s``: on every worker at once, one call running ``calls`` action-shaped steps (a
+  kernel that blocks for :data:`BLOCK_S`, a copy of a small env, a small dict delivered to
+  the next worker's mailbox, submitted from the worker as an action hands its values on),
+  until the last worker is done, per step less the block;
 * ``seconds_per_byte``: a value of ``nbytes`` made on one worker and taken by a call on
   another, minus the same chain with an empty value, per byte.
 
@@ -127,6 +131,21 @@ def _handoffs(actor: Any, peer: Any, me: int, count: int, attempt: int) -> float
         actor.drop_actions(PROBE_PLAN)
 
 
+def _actions(actor: Any, peer: Any, count: int, attempt: int) -> None:
+    """``count`` action-shaped steps in one call: a blocking kernel, a copy of a small env
+    (each action starts its micro-batch from the resident values) and a value delivered to
+    ``peer``'s mailbox (nobody waits for it; the peer's probe call drops it)."""
+    env = {f"p{i}": np.ones((16, 1)) for i in range(8)}
+    for i in range(count):
+        local = dict(env)
+        time.sleep(BLOCK_S)
+        peer.deliver.remote((PROBE_PLAN, attempt, 2, i), {"h": local["p0"]})
+
+
+def _drop_probe(actor: Any) -> None:
+    actor.drop_actions(PROBE_PLAN)
+
+
 def _make(actor: Any, nbytes: int) -> np.ndarray:
     return np.zeros(nbytes, dtype=np.uint8)
 
@@ -211,6 +230,17 @@ def probe(
         first = a.__ray_call__.remote(_handoffs, b, 0, calls + 1, k)
         return ray.get([first, answer])[0] / (2 * calls)
 
+    def actions() -> float:
+        k = next(attempts)
+        spent = _timed(
+            lambda: [
+                w.__ray_call__.remote(_actions, workers[(i + 1) % n], calls, k)
+                for i, w in enumerate(workers)
+            ]
+        )
+        ray.get([w.__ray_call__.remote(_drop_probe) for w in workers])
+        return max(0.0, spent / calls - BLOCK_S)
+
     def transfer(size: int) -> float:
         return _timed(lambda: b.__ray_call__.remote(_size, a.__ray_call__.remote(_make, size)))
 
@@ -221,6 +251,7 @@ def probe(
     node_s = _median(blocks, repeats)
     moved = _median(lambda: transfer(nbytes) - transfer(0), repeats)
     deliver_s = _median(handoff, repeats) if n > 1 else hop_s
+    action_s = _median(actions, repeats)
     return Calibration(
         call_overhead_s=call_s,
         seconds_per_byte=max(0.0, moved) / nbytes,
@@ -230,6 +261,7 @@ def probe(
         object_s=object_s,
         node_s=node_s,
         deliver_s=deliver_s,
+        action_s=action_s,
         workers=n,
         measured=True,
         load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
