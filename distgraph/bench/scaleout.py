@@ -215,6 +215,7 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
             rec.figure(f"{p}_cal_call_s", cal.call_overhead_s)
             rec.figure(f"{p}_cal_hop_s", cal.hop_s)
             rec.figure(f"{p}_cal_deliver_s", cal.deliver_s)
+            rec.figure(f"{p}_cal_action_s", cal.action_s)
             rec.figure(f"{p}_cal_driver_s", cal.driver_s)
             rec.figure(f"{p}_cal_submit_s", cal.submit_s)
             rec.figure(f"{p}_cal_object_s", cal.object_s)
