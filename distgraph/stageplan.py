@@ -147,8 +147,8 @@ class StagePlan(Plan):
         """Predicted step time: the schedule's longest path with per-micro-batch stage times
         from the cost model (at ``step_batch / microbatches`` rows), its call overhead per
         action and its transfer time per stage boundary, plus ``step_overhead`` seconds per
-        step (the driver's submission and the parameter server's update, as calibrated by a
-        probe; see ``distgraph.bench.scaleout.calibrate``)."""
+        step. The schedule alone, with a flat call overhead per action: :meth:`estimate`
+        models the step as the runtime runs it (one call per worker, calibrated costs)."""
         m = self.microbatches
         batch = max(1, (self.step_batch or self.cost.batch_size * m) // m)
         cost = dataclasses.replace(self.cost, batch_size=batch)
