@@ -144,11 +144,11 @@ def simulate_calls(calls: Sequence[Call], cal: Calibration) -> Prediction:
                 f"before it: {[d for d, _ in c.deps]}; list calls in submission order"
             )
         for a in c.actions:
-            for d, pos, _ in a.deps:
-                if not (0 <= d < n and 0 <= pos < len(calls[d].actions)) or d == k:
+            for d, at, _ in a.deps:
+                if not (0 <= d < n and 0 <= at < len(calls[d].actions)) or d == k:
                     raise ConfigError(
                         f"action {a.label or '?'} of call {k} ({c.label or c.worker}) takes "
-                        f"a value from action {pos} of call {d}, which is not an action of "
+                        f"a value from action {at} of call {d}, which is not an action of "
                         "another call of the step"
                     )
     spb = cal.seconds_per_byte
