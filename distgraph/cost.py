@@ -247,8 +247,9 @@ class Calibration:
     (``RayExecutor.calibrate()``, ``distgraph/runtime/ray/calibrate.py``) or, when nothing was
     measured, derived from a cost model's constants (:meth:`from_cost`; ``measured`` False).
     The predictor (:mod:`distgraph.predict`) models one driver that submits every call and
-    relays every result a call on another worker waits for, and workers that run their calls
-    one at a time in submission order.
+    relays every result a call on another worker waits for, workers that run their calls one
+    at a time in submission order, and (pipelined steps) one call per worker running its
+    actions in order, values handed from worker to worker (``deliver_s``).
     """
 
     #: A worker's time per call when calls are queued back to back (unpack, run, reply).
@@ -269,6 +270,14 @@ class Calibration:
     #: The runtime's extra time per node of a call whose kernel blocks (sleeps, waits): on a
     #: busy machine a kernel that gives up its core waits to get it back.
     node_s: float = 0.0
+    #: One hand-off of a pipelined step: a worker's action delivers a value to a peer's
+    #: mailbox (an actor call on the peer's ``deliver``) and the peer's action waiting for it
+    #: wakes, from the sender's action's end to the receiver's action's start.
+    deliver_s: float = 0.0
+    #: A pipelined action's own time inside its worker's call besides its nodes: taking its
+    #: values, setting up its micro-batch, handing its results on (a ``deliver`` submitted
+    #: from the worker), measured with every worker doing so at once.
+    action_s: float = 0.0
     #: Workers the probe ran on (0: not measured).
     workers: int = 0
     #: Whether the constants were measured (else: a cost model's defaults).
@@ -278,12 +287,13 @@ class Calibration:
 
     @classmethod
     def from_cost(cls, cost: CostModel) -> Calibration:
-        """Uncalibrated constants from a cost model: ``call_overhead`` per call and per
-        hop, ``1 / bytes_per_second`` per byte, a free driver."""
+        """Uncalibrated constants from a cost model: ``call_overhead`` per call, per hop and
+        per hand-off, ``1 / bytes_per_second`` per byte, a free driver."""
         return cls(
             call_overhead_s=cost.call_overhead,
             seconds_per_byte=1.0 / cost.bytes_per_second,
             hop_s=cost.call_overhead,
+            deliver_s=cost.call_overhead,
         )
 
     def describe(self) -> str:
@@ -296,6 +306,7 @@ class Calibration:
         )
         return (
             f"{what}: call {self.call_overhead_s * 1e3:.3f} ms, hop {self.hop_s * 1e3:.3f} ms, "
+            f"deliver {self.deliver_s * 1e3:.3f} ms, action {self.action_s * 1e3:.3f} ms, "
             f"driver {self.driver_s * 1e3:.3f} ms/call, submit {self.submit_s * 1e3:.3f} ms/call, "
             f"{self.object_s * 1e3:.3f} ms/object, {self.node_s * 1e3:.3f} ms/node, "
             f"{self.seconds_per_byte * 1e9:.3f} s/GB"

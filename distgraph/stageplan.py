@@ -40,7 +40,7 @@ from .pipeline import (
     stage_profile,
 )
 from .plan import DRIVER, PARAM_SERVER, Plan, Task, build_plan
-from .predict import SERVER, Call, Prediction, pipeline_calls, server_seconds, simulate_calls
+from .predict import Call, Prediction, pipeline_calls, server_seconds, simulate_calls
 from .program import Program
 from .result import TraceEvent
 
@@ -147,8 +147,8 @@ class StagePlan(Plan):
         """Predicted step time: the schedule's longest path with per-micro-batch stage times
         from the cost model (at ``step_batch / microbatches`` rows), its call overhead per
         action and its transfer time per stage boundary, plus ``step_overhead`` seconds per
-        step (the driver's submission and the parameter server's update, as calibrated by a
-        probe; see ``distgraph.bench.scaleout.calibrate``)."""
+        step. The schedule alone, with a flat call overhead per action: :meth:`estimate`
+        models the step as the runtime runs it (one call per worker, calibrated costs)."""
         m = self.microbatches
         batch = max(1, (self.step_batch or self.cost.batch_size * m) // m)
         cost = dataclasses.replace(self.cost, batch_size=batch)
@@ -173,52 +173,63 @@ class StagePlan(Plan):
         batch = max(1, (self.step_batch or cost.batch_size * m) // m)
         return dataclasses.replace(cost, batch_size=batch)
 
+    @property
+    def replicas(self) -> int:
+        """How many copies of the chain the plan holds (data-parallel replicas, each on its
+        own ``p`` workers; see ``runtime/ray/replicas.py``)."""
+        return max(1, len(self.tasks) // (2 * max(1, self.num_stages)))
+
     def calls(self, cost: CostModel | None = None) -> list[Call]:
-        """The step's actor calls in the driver's submission order: one per action (its
-        stage's forward or backward time per micro-batch, the same micro-batch's values it
-        imports from other stages), then the parameter server's staging call taking each
-        stage's gradients from its last action (see :mod:`distgraph.predict`)."""
+        """The step's actor calls as the runtime submits them: one per worker, stage by stage
+        (replicas side by side), holding that worker's action list (its stage's forward or
+        backward time per micro-batch; the same micro-batch's values it takes from other
+        stages, delivered worker to worker), then the parameter server's staging call taking
+        each worker's gradients from its call (see :mod:`distgraph.predict`)."""
         cost = self.microbatch_cost(cost)
         program = self.program
         nbytes = node_bytes(program, cost)
         stage_of = {n: self.stages.index(w) for n, w in self.placement.items()}
         prof = stage_profile(program, stage_of, self.num_stages, cost)
         sched = self.schedule()
-        last = {acts[-1] for acts in sched if acts}
+        p, reps = self.num_stages, self.replicas
         by_key = {(a.kind, a.stage, a.microbatch): a for acts in sched for a in acts}
         imports: dict[int, list[tuple[str, int, int]]] = {}
-        for t in self.tasks:
+        for t in self.tasks[: 2 * p]:
             imports[t.id] = [
-                (
-                    "F" if src % 2 == 0 else "B",
-                    src // 2,
-                    sum(nbytes[v] for v in names),
-                )
+                ("F" if src % 2 == 0 else "B", src // 2, sum(nbytes[v] for v in names))
                 for src, _slot, names in t.imports
             ]
         grad_bytes = [sum(nbytes[g] for g in grads) for grads in self.grads_of]
+        # (replica, stage) of each call, in the order pipelined.py submits them.
+        keys = sorted(((r, s) for r in range(reps) for s in range(p)), key=lambda k: (k[1], k[0]))
+        lists = [[(r, a) for a in sched[s]] for r, s in keys]
 
-        def deps(act: Action) -> list[tuple[Action, int]]:
+        def deps(ra: tuple[int, Action]) -> list[tuple[tuple[int, Action], int]]:
+            r, act = ra
             return [
-                (by_key[(kind, stage, act.microbatch)], b)
+                ((r, by_key[(kind, stage, act.microbatch)]), b)
                 for kind, stage, b in imports[self.task_of(act).id]
             ]
 
-        def sent(act: Action) -> int:
-            return grad_bytes[act.stage] if act in last and self.grads_of[act.stage] else 0
+        def sent(i: int) -> int:
+            s = keys[i][1]
+            return grad_bytes[s] if self.grads_of[s] else 0
 
         return pipeline_calls(
-            self.submission_order(),
-            worker_of=lambda a: self.stages[a.stage],
-            seconds_of=lambda a: (prof.forward if a.kind == "F" else prof.backward)[a.stage],
+            lists,
+            worker_of=lambda i: self.tasks[keys[i][0] * 2 * p + 2 * keys[i][1]].worker,
+            seconds_of=lambda ra: (prof.forward if ra[1].kind == "F" else prof.backward)[
+                ra[1].stage
+            ],
             deps_of=deps,
-            awaited=lambda a: a in last and bool(self.outputs_of[a.stage]),
-            nodes_of=lambda a: len(self.task_of(a).nodes),
+            nodes_of=lambda ra: len(self.task_of(ra[1]).nodes),
             server=(
-                server_seconds(sum(grad_bytes), self.num_stages, cost),
+                server_seconds(sum(grad_bytes) * reps, p * reps, cost),
                 sent,
-                sum(1 for w in self.stages if self.resident.get(w)),
+                sum(1 for names in self.resident.values() if names),
             ),
+            nested=reps > 1,
+            label_of=lambda ra: f"{ra[1].label}@{ra[1].stage}",
         )
 
     def predict(
@@ -231,11 +242,12 @@ class StagePlan(Plan):
     def estimate(
         self, cost: CostModel | None = None, calibration: Calibration | None = None
     ) -> float:
-        """Predicted seconds of one pipelined step as the runtime runs it: the schedule's
-        actions as actor calls in the driver's submission order (stage times per micro-batch
-        from ``cost``, default the plan's), waiting on the same micro-batch's values from
-        other stages, then the server's staging call; under ``calibration``'s call overhead,
-        driver and transfer costs (default: the cost model's constants)."""
+        """Predicted seconds of one pipelined step as the runtime runs it: one call per
+        worker holding its schedule actions (stage times per micro-batch from ``cost``,
+        default the plan's), each action waiting for the same micro-batch's values delivered
+        by other stages' workers, then the server's staging call; under ``calibration``'s
+        call, node, hand-off, driver and transfer costs (default: the cost model's
+        constants)."""
         return self.predict(cost, calibration).seconds
 
     def explain(self, calibration: Calibration | None = None) -> str:
@@ -254,8 +266,7 @@ class StagePlan(Plan):
         lines.append(f"micro-batches held per stage (activations): {peaks}")
         ideal = self.predict(calibration=_FREE)
         span = ideal.seconds
-        stage_calls = [t for c, t in zip(self.calls(), ideal.times) if c.worker != SERVER]
-        busy = sum(end - start for start, end in stage_calls)
+        busy = sum(end - start for row in ideal.action_times for start, end in row)
         bubble = 1.0 - busy / (p * span) if span > 0 else 0.0
         lines.append(
             f"schedule alone (free calls and transfers): {span * 1e3:.3f} ms (busiest worker "

@@ -43,31 +43,104 @@ def test_free_pipeline_is_the_schedule_formula(schedule):
     assert plan.estimate(calibration=FREE) == pytest.approx(0.660, abs=1e-6)
 
 
-def test_gpipe_p4_m8_adds_one_call_overhead_per_critical_action():
-    """GPipe, p=4, m=8, 20/40 ms: the critical path is F0..F7 down the stages then B7..B0
-    back, 2 (m + p - 1) = 22 actions each paying the call overhead, then the server's
-    staging call (one more) and the commit's submission."""
+def test_pipelined_step_is_one_call_per_worker_holding_its_actions():
+    """As the runtime submits it (pipelined.py): one call per worker, stage 0 first, each
+    holding that worker's schedule actions in order, then the server's staging call."""
     plan = sim_pipeline(4, 8, 20, 40)
-    c = 0.003
-    cal = Calibration(call_overhead_s=c, seconds_per_byte=0.0, hop_s=c)
+    calls = plan.calls()
+    assert [c.worker for c in calls] == [*plan.stages, SERVER]
+    for s, (call, acts) in enumerate(zip(calls, plan.schedule())):
+        assert [a.label for a in call.actions] == [f"{x.label}@{s}" for x in acts]
+        assert call.seconds == 0 and call.deps == () and call.awaited
+    # F3 of stage 2 takes F3 of stage 1 (call 1), delivered worker to worker.
+    f3 = next(a for a in calls[2].actions if a.label == "F3@2")
+    ((src_call, src_pos, _bytes),) = f3.deps
+    assert calls[src_call].actions[src_pos].label == "F3@1"
+
+
+def test_gpipe_p4_m8_pays_one_call_per_worker_and_a_handoff_per_stage_boundary():
+    """GPipe, p=4, m=8, 20/40 ms, by hand: every worker's one call starts at once and pays
+    the call overhead c once; the critical path is F0 down the stages, F0..F7 on the last
+    stage, B7..B0 there and B0 back up: 11 x 60 ms plus 2 (p - 1) = 6 hand-offs d (each
+    action waits for the value the previous stage delivered), then the server's staging
+    call (c more: a hop equal to a call leaves no latency) and the commit's submission."""
+    plan = sim_pipeline(4, 8, 20, 40)
+    c, d = 0.003, 0.001
+    cal = Calibration(call_overhead_s=c, seconds_per_byte=0.0, hop_s=c, deliver_s=d)
     server = plan.calls()[-1]
     assert server.worker == SERVER and server.seconds < 1e-6
-    expected = (8 + 4 - 1) * (0.020 + 0.040) + 22 * c + c + server.seconds
+    expected = (8 + 4 - 1) * (0.020 + 0.040) + c + 6 * d + c + server.seconds
     # The loss (a mean over 2 rows) costs nanoseconds: that is the tolerance.
     assert plan.estimate(calibration=cal) == pytest.approx(expected, abs=1e-7)
+    # The old model (one call per action, relayed by the driver) paid 22 calls here.
+    assert plan.estimate(calibration=cal) < 0.660 + 22 * c
 
 
-def test_hop_latency_is_paid_on_every_cross_stage_edge_of_the_critical_path():
-    """With a hop longer than a call, every dispatch reaches its worker the difference later:
-    on GPipe's critical path that is the first call, (p - 1) edges forward and (p - 1)
-    back, the server's call (which waits for the last gradients) and the reply."""
-    p, m = 4, 8
-    plan = sim_pipeline(p, m, 20, 40)
+def test_gpipe_actions_pay_node_cost_not_call_overhead():
+    """Per action inside a call: its nodes' kernel cost. On GPipe's critical path (stage s's
+    F / B tasks run 1 / 2 nodes for s < 3; the last stage's 3 / 4 with the loss): F0 on
+    stages 0-2 (3 nodes), F0..F7 on stage 3 (24), B7..B0 there (32), B0 on stages 2-0 (6)."""
+    plan = sim_pipeline(4, 8, 20, 40)
+    assert [len(t.nodes) for t in plan.tasks] == [1, 2, 1, 2, 1, 2, 3, 4]  # precondition
+    nu = 0.001
+    got = plan.estimate(calibration=Calibration(0.0, 0.0, node_s=nu))
+    assert got == pytest.approx(0.660 + (3 + 24 + 32 + 6) * nu, abs=1e-7)
+
+
+def test_gpipe_actions_pay_their_own_setup_once_each_on_the_critical_path():
+    """``action_s`` (an action's setup and hand-on inside its call) is paid by each of the
+    2 (m + p - 1) = 22 actions on GPipe's critical path, once: not a call each."""
+    plan = sim_pipeline(4, 8, 20, 40)
+    a = 0.002
+    got = plan.estimate(calibration=Calibration(0.0, 0.0, action_s=a))
+    assert got == pytest.approx(0.660 + 22 * a, abs=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_handoff_latency_is_paid_on_every_cross_stage_edge_of_the_critical_path(schedule):
+    """The hand-off constant is paid once per stage boundary the critical path crosses:
+    2 (p - 1) for GPipe; 1F1B's path crosses more (its steady state alternates stages), and
+    its count does not depend on the constant's size."""
+    p = 4
+    plan = sim_pipeline(p, 8, 20, 40, schedule)
+    base = plan.estimate(calibration=FREE)
+
+    def crossings(d: float) -> float:
+        return (plan.estimate(calibration=Calibration(0.0, 0.0, deliver_s=d)) - base) / d
+
+    n = crossings(0.001)
+    # The loss costs nanoseconds, and shifts which path is longest by as much.
+    assert n == pytest.approx(round(n), abs=1e-4) and crossings(0.002) == pytest.approx(n, abs=1e-4)
+    if schedule == "gpipe":
+        assert round(n) == 2 * (p - 1)
+    else:
+        assert round(n) > 2 * (p - 1)
+
+
+def test_hop_latency_is_paid_by_the_driver_dispatched_calls_only():
+    """A hop longer than a call delays what the driver dispatches: the workers' calls (all at
+    once, so once on the path), the server's call (after the last gradient) and the reply;
+    the hand-offs between actions never pass through the driver."""
+    plan = sim_pipeline(4, 8, 20, 40)
     c, hop = 0.001, 0.004
     base = plan.estimate(calibration=Calibration(c, 0.0, hop_s=c))
     slow = plan.estimate(calibration=Calibration(c, 0.0, hop_s=hop))
-    edges = 1 + 2 * (p - 1) + 1 + 1
-    assert slow - base == pytest.approx(edges * (hop - c), abs=1e-9)
+    assert slow - base == pytest.approx(3 * (hop - c), abs=1e-9)
+
+
+def test_an_action_waiting_for_a_later_action_of_its_own_call_deadlocks():
+    from distgraph.predict import ActionCost
+
+    calls = [
+        Call(0, 0.0, actions=(ActionCost(0.01, deps=((1, 1, 0),)),)),
+        Call(1, 0.0, actions=(ActionCost(0.01, deps=((0, 0, 0),)), ActionCost(0.01))),
+    ]
+    # Call 0's action waits for call 1's second action, which runs after call 1's first,
+    # which waits for call 0's action: no order runs them.
+    with pytest.raises(ConfigError, match="deadlock"):
+        simulate_calls(calls, FREE)
+    with pytest.raises(ConfigError, match="not an action of another call"):
+        simulate_calls([Call(0, 0.0, actions=(ActionCost(0.0, deps=((0, 0, 0),)),))], FREE)
 
 
 def test_serial_driver_makes_the_overhead_grow_with_workers():
@@ -96,6 +169,24 @@ def test_data_parallel_step_is_the_slowest_replica_plus_the_update():
     # Each replica's one call, then the server's: two calls in a row.
     got = plan.estimate(calibration=Calibration(c, 0.0, hop_s=c))
     assert got == pytest.approx(0.060 + 2 * c, abs=1e-6)
+
+
+def test_data_parallel_server_takes_the_gradients_by_nested_reference():
+    """With replicas the runtime passes the server the gradient refs nested (server.py), so
+    the driver dispatches its call at once instead of after the last gradient: with a
+    driver of d per call, the 4th replica's call is dispatched at 4d and the server's call
+    waits on the server for its gradient, no fifth dispatch after it."""
+    from distgraph.predict import replicated
+    from distgraph.runtime.ray.replicas import replicate
+
+    g = sim_chain(2, f_ms=10, b_ms=20)
+    base = plan_for(g, grad="loss", num_workers=1, training=True, cost=EXACT)
+    plan = replicate(base, 4)
+    assert replicated(plan) and not replicated(base)
+    assert plan_calls(plan, EXACT)[-1].nested
+    c, d = 0.002, 0.001
+    got = plan.estimate(calibration=Calibration(c, 0.0, hop_s=c + d, driver_s=d))
+    assert got == pytest.approx(4 * d + c + 0.060 + c, abs=1e-6)
 
 
 def test_server_call_pays_per_gradient_dict_and_per_param_taker():
@@ -196,6 +287,8 @@ def test_calibration_probe_returns_positive_finite_constants(ray_executor):
         value = getattr(cal, name)
         assert 0 < value < math.inf, (name, value)
     assert 0 <= cal.seconds_per_byte < math.inf
+    # The hand-off through the runtime's mailbox and an action's own time were measured.
+    assert 0 < cal.deliver_s < math.inf and 0 < cal.action_s < math.inf
     # Cached per cluster and worker count: asked again, the same measurement.
     assert ray_executor.calibrate() is cal
 

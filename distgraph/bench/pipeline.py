@@ -5,8 +5,9 @@ Simulated (``distgraph.simops``, kernels that sleep, so no core is needed): a ch
 step, ``strategy="pipeline"`` on 4 workers. A step's ideal time is ``(m + p - 1)`` slots of
 ``F + B`` (both GPipe and 1F1B): 11 x 60 ms = 660 ms. Measured: the median step (the
 driver's wall time of ``session.step``), for GPipe and 1F1B; the predictor's estimate
-(``StagePlan.estimate_pipeline``: the schedule's longest path with the cost model's call
-overhead and transfers); the measured bubble of a traced step next to the formula
+(``plan.estimate(calibration=cal)``: one call per worker holding its actions, hand-offs
+worker to worker, ``cal`` the mean of ``ex.calibrate(refresh=True)`` probes on the same
+workers before and after the steps); the measured bubble of a traced step next to the formula
 ``(p - 1) / (m + p - 1)``; and the median hand-off between stages in that step
 (``sim_<schedule>_hop_s``: an upstream action's end to the start of the action waiting for
 its value; a pipelined step sends these values from worker to worker).
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._harness import Record, log
+from .scaleout import mean_calibration
 
 NAME = "pipeline"
 P, M = 4, 8
@@ -81,25 +83,35 @@ def _simulated(rec: Record, quick: bool, progress: bool) -> None:
         try:
             session = _session(ex, graph)
             session.step(1, feeds)  # warm-up: install, first calls
+            before = ex.calibrate(refresh=True)
             times = _step_times(session, feeds, steps, first=2)
             session.step(steps + 2, feeds, trace=True)
+            cal = mean_calibration(before, ex.calibrate(refresh=True))
             bubble = measured_bubble(session.last_trace)
             hop = _hop_seconds(session.last_trace)
             plan = session.plan
-            est = plan.estimate_pipeline()
+            predicted = plan.estimate(calibration=cal)
             session.close()
         finally:
             ex.close()
         med = statistics.median(times)
         measured[schedule] = med
         rec.figure(f"sim_{schedule}_step_s", med)
-        rec.figure(f"sim_{schedule}_predicted_s", est.seconds)
+        rec.figure(f"sim_{schedule}_predicted_s", predicted)
+        rec.figure(f"sim_{schedule}_cal_deliver_s", cal.deliver_s)
+        rec.figure(f"sim_{schedule}_cal_call_s", cal.call_overhead_s)
+        rec.figure(f"sim_{schedule}_cal_node_s", cal.node_s)
         rec.figure(f"sim_{schedule}_bubble_measured", bubble)
         if hop is not None:
             rec.figure(f"sim_{schedule}_hop_s", hop)
-        rec.ratio(f"sim_{schedule}_predictor_error", abs(est.seconds - med), med)
+        rec.ratio(f"sim_{schedule}_predictor_error", abs(predicted - med), med)
         rec.target(f"{schedule}_vs_ideal", rec.ratio(f"{schedule}_vs_ideal", med, ideal))
-        log(progress, NAME, f"{schedule}: step {med * 1e3:.1f} ms (ideal {ideal * 1e3:.0f} ms)")
+        log(
+            progress,
+            NAME,
+            f"{schedule}: step {med * 1e3:.1f} ms (ideal {ideal * 1e3:.0f} ms, predicted "
+            f"{predicted * 1e3:.1f} ms); {cal.describe()}",
+        )
     rec.figure("sim_bubble_formula", bubble_formula(P, M))
     ratio = rec.ratio("1f1b_over_gpipe", measured["1f1b"], measured["gpipe"])
     rec.target("1f1b_vs_gpipe", max(ratio, 1.0 / ratio) if ratio > 0 else math.nan)

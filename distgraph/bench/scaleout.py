@@ -108,7 +108,7 @@ def measure(workers: int, steps: int) -> dict[str, dict[str, Any]]:
             measured = _median_step(session, rows, steps)
             # The probe again after the steps: on a shared machine the load moves within a
             # minute, and the steps ran between the two probes.
-            cal = _mean(before, ex.calibrate(refresh=True))
+            cal = mean_calibration(before, ex.calibrate(refresh=True))
             plan = session.plan
             out[layout] = {
                 "measured": measured,
@@ -122,7 +122,7 @@ def measure(workers: int, steps: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _mean(a: Any, b: Any) -> Any:
+def mean_calibration(a: Any, b: Any) -> Any:
     """The field-wise mean of two calibrations (probes before and after the steps)."""
     fields = {}
     for f in dataclasses.fields(a):
@@ -214,6 +214,8 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
             rec.figure(f"{p}_predicted_s", got["predicted"])
             rec.figure(f"{p}_cal_call_s", cal.call_overhead_s)
             rec.figure(f"{p}_cal_hop_s", cal.hop_s)
+            rec.figure(f"{p}_cal_deliver_s", cal.deliver_s)
+            rec.figure(f"{p}_cal_action_s", cal.action_s)
             rec.figure(f"{p}_cal_driver_s", cal.driver_s)
             rec.figure(f"{p}_cal_submit_s", cal.submit_s)
             rec.figure(f"{p}_cal_object_s", cal.object_s)

@@ -205,6 +205,11 @@ class ActionRunner:
                 box.cond.wait(left)
             return box.mail.pop(key)
 
+    def take_mail(self, call: StepActions, action: ActionCall, src: int, src_worker: int) -> Any:
+        """Wait for task ``src``'s value for ``action`` as a running action does (the
+        calibration probe, ``runtime/ray/calibrate.py``, times hand-offs through it)."""
+        return self._take_mail(call, action, src, src_worker)
+
     def run_actions(self, call: StepActions, *values: Any) -> Any:
         """Run this worker's actions of a pipelined step, in order (see module doc); returns
         one dict per output of the last action that goes to the server or the driver (a
