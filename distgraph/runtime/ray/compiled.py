@@ -361,6 +361,26 @@ class CompiledPlan:
             self.dag.teardown()
 
 
+def refusal(cluster: Cluster, options: RayOptions, plan: Plan, buffer_bytes: int) -> str:
+    """Why ``plan`` cannot be compiled on ``cluster`` under ``options`` ("" when it can): run()
+    plans and training steps refuse alike."""
+    if options.data_path != "inline":
+        return f'data_path={options.data_path!r} (compiled values travel in channels; use "inline")'
+    nodes = {cluster.worker_info[t.worker]["node_id"] for t in plan.tasks}
+    if len(nodes) > 1 and options.transport == "auto":
+        return (
+            f"the plan's workers run on {len(nodes)} nodes (auto compiles single-node "
+            'plans only; transport="compiled" tries it across nodes)'
+        )
+    if buffer_bytes > MAX_BUFFER:
+        return (
+            f"its largest message needs a {buffer_bytes:,}-byte channel, more than {MAX_BUFFER:,}"
+        )
+    if not plan.tasks:
+        return "the plan has no tasks"
+    return ""
+
+
 class CompiledRuns:
     """The compiled run() plans of one executor (see the module docstring)."""
 
@@ -376,23 +396,7 @@ class CompiledRuns:
 
     def why_not(self, plan: Plan, buffer_bytes: int) -> str:
         """Why ``plan`` cannot be compiled here ("" when it can)."""
-        o = self.options
-        if o.data_path != "inline":
-            return f'data_path={o.data_path!r} (compiled values travel in channels; use "inline")'
-        nodes = {self.cluster.worker_info[t.worker]["node_id"] for t in plan.tasks}
-        if len(nodes) > 1 and o.transport == "auto":
-            return (
-                f"the plan's workers run on {len(nodes)} nodes (auto compiles single-node "
-                'plans only; transport="compiled" tries it across nodes)'
-            )
-        if buffer_bytes > MAX_BUFFER:
-            return (
-                f"its largest message needs a {buffer_bytes:,}-byte channel, more than "
-                f"{MAX_BUFFER:,}"
-            )
-        if not plan.tasks:
-            return "the plan has no tasks"
-        return ""
+        return refusal(self.cluster, self.options, plan, buffer_bytes)
 
     def step(
         self,

@@ -59,13 +59,13 @@ from ...plan import DRIVER, PARAM_SERVER, Plan
 from ..serial import StaleGraphError
 from .compiled import (
     HEADROOM,
-    MAX_BUFFER,
     MIN_BUFFER,
     PER_ARRAY,
     ChannelSizeError,
     message_bytes,
     name_running,
     own,
+    refusal,
     root_cause,
     set_buffer_size,
     slot_of,
@@ -231,23 +231,7 @@ class CompiledTraining:
 
     def why_not(self, plan: Plan, buffer_bytes: int) -> str:
         """Why ``plan`` cannot be compiled here ("" when it can)."""
-        o = self.options
-        if o.data_path != "inline":
-            return f'data_path={o.data_path!r} (compiled values travel in channels; use "inline")'
-        nodes = {self.cluster.worker_info[t.worker]["node_id"] for t in plan.tasks}
-        if len(nodes) > 1 and o.transport == "auto":
-            return (
-                f"the plan's workers run on {len(nodes)} nodes (auto compiles single-node "
-                'plans only; transport="compiled" tries it across nodes)'
-            )
-        if buffer_bytes > MAX_BUFFER:
-            return (
-                f"its largest message needs a {buffer_bytes:,}-byte channel, more than "
-                f"{MAX_BUFFER:,}"
-            )
-        if not plan.tasks:
-            return "the plan has no tasks"
-        return ""
+        return refusal(self.cluster, self.options, plan, buffer_bytes)
 
     def refuse(self, plan_id: int, reason: str) -> None:
         """Keep ``plan_id`` on actor calls under the current transport, saying why."""
