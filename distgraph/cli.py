@@ -516,7 +516,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             history.to_dict(),
             f"distgraph train {args.task}",
             # A pipelined run's timeline is its last training step's: F3/B1 blocks per worker;
-            # so is a data-parallel or sharded one's (async steps record no trace).
+            # so is a data-parallel or sharded one's (an async run's: its last epoch's steps).
             timeline=trainer.last_trace if (pipelined or scaled) and trainer.last_trace else None,
             status=session_status,
         )

@@ -361,8 +361,12 @@ class Trainer:
         steps = [(first + i, idx) for i, idx in enumerate(batches)]
         got: dict[int, float] = dict(self._async_losses)
         try:
-            session.run_async(steps, attached, on_applied=lambda s, v: got.__setitem__(s, v))
+            session.run_async(
+                steps, attached, on_applied=lambda s, v: got.__setitem__(s, v), trace=self.trace
+            )
         finally:
+            if self.trace:
+                self.last_trace = list(session.last_trace)
             # Count the steps applied in order from the first; losses in step order.
             done: list[tuple[np.ndarray, float]] = []
             for step_id, idx in steps:

@@ -260,3 +260,54 @@ def test_sharded_training_trace_has_a_track_per_worker_and_per_shard_for_every_s
     for w in ("worker 0", "worker 1"):
         ran = [e for e in loaded["traceEvents"] if e["ph"] == "X" and e["tid"] == tid[w]]
         assert {e["args"]["replica"] for e in ran if "replica" in e["args"]} == {int(w[-1])}
+
+
+@pytest.mark.parametrize("shards", [1, 2], ids=lambda s: f"ps_shards{s}")
+def test_async_training_trace_has_every_applied_step_per_replica_and_server(shards):
+    """An asynchronous run's trace (consistency="async"): every applied step once, as a span
+    on its replica's track with that replica's worker events inside it, and the server's
+    apply of it (or each shard's stage / commit / apply)."""
+    from raysupport import ensure_ray
+
+    ensure_ray()
+    g = linear_graph()
+    with dg.RayExecutor(
+        num_workers=2,
+        replicas=2,
+        ps_shards=shards,
+        consistency="async",
+        staleness=1,
+        resources_per_worker={"CPU": 0.5},
+    ) as ex:
+        tr = dg.Trainer(
+            g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, trace=True, progress=False
+        )
+        tr.fit(training_feeds(), epochs=1, batch_size=2, seed=3)  # four steps
+        steps = tr.applied_steps
+        events = list(tr.last_trace)
+        records = tr.session.status()["async"]["records"]
+        tr.close()
+    # Preconditions: several steps, computed by both replicas.
+    assert len(steps) >= 4
+    by_replica = {r["step"]: r["replica"] for r in records}
+    assert set(by_replica.values()) == {0, 1}
+    spans = [e for e in events if e.phase == "replica"]
+    assert sorted(e.args["step"] for e in spans) == sorted(steps)  # each applied step once
+    for span in spans:
+        step, r = span.args["step"], span.args["replica"]
+        assert span.track == f"replica {r}" and r == by_replica[step]
+        ran = [e for e in events if e.kind == "node" and e.args.get("replica") == r]
+        assert ran and all(e.worker == r for e in ran)  # width 1: replica r is worker r
+        inside = [e for e in ran if span.start <= e.start and e.end <= span.end]
+        assert inside, (step, r)
+    if shards == 1:
+        applied = sorted(e.name for e in events if e.track == "parameter server")
+        assert applied == sorted(f"apply step {s}" for s in steps)
+    else:
+        for s in range(shards):
+            mine = [e for e in events if e.track == f"parameter server shard {s}"]
+            assert sorted(e.name for e in mine if e.name.startswith("apply")) == sorted(
+                f"apply step {t}" for t in steps
+            )
+    assert all(e.end >= e.start for e in events)
+    assert to_chrome_trace(events)["traceEvents"]

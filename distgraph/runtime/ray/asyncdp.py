@@ -44,6 +44,9 @@ import ray
 from ...dataparallel import StalenessClock
 from ...errors import WaveTimeoutError, WorkerLostError
 from ...plan import DRIVER, Plan
+from ...result import TraceEvent
+from . import actors
+from .server import server_events
 
 if TYPE_CHECKING:
     from .session import RaySession
@@ -63,6 +66,8 @@ class _Running:
     started: float
     #: When its outputs were all ready (None: still computing).
     done_at: float | None = None
+    #: Whether its workers record trace events.
+    trace: bool = False
 
 
 def replica_plan(plan: Plan, width: int, replica: int) -> Plan:
@@ -74,9 +79,15 @@ def run_async(
     session: RaySession,
     steps: Sequence[tuple[int, Mapping[str, Any]]],
     on_applied: Callable[[int, float], None] | None = None,
+    trace: bool = False,
 ) -> dict[int, float]:
     """Run ``steps`` ((step id, feeds) in step-id order) asynchronously; returns each applied
-    step's loss by step id. Steps already applied by the session are skipped."""
+    step's loss by step id. Steps already applied by the session are skipped.
+
+    With ``trace``, ``session.last_trace`` becomes the whole run's events: each applied
+    (replica, step)'s worker events tagged with its replica, one ``"replica r"`` span per step
+    from its start to its last event, and the server's apply (or each shard's stage / commit /
+    apply) of it. Steps overlap in time, which is what an async run's timeline should show."""
     o = session.options
     tau = o.staleness
     layout = session.layout
@@ -84,6 +95,9 @@ def run_async(
     width, count = layout.width, layout.count
     todo = [(s, f) for s, f in steps if not session.counted(s)]
     losses: dict[int, float] = {}
+    events: list[TraceEvent] = []
+    if trace:
+        session.last_trace = []
     if not todo:
         return losses
     shards = o.ps_shards
@@ -112,7 +126,7 @@ def run_async(
                 t = order[next_i]
                 if not clock.may_start(t, tau):
                     break  # later steps are even further ahead: wait for an update
-                running[r] = _start(session, clock, r, t, feeds[t], width)
+                running[r] = _start(session, clock, r, t, feeds[t], width, trace)
                 next_i += 1
             if not running:
                 # Nothing in flight means every step handed out is applied, so the next one
@@ -126,7 +140,7 @@ def run_async(
             for run in finished:
                 del running[run.replica]
                 try:
-                    loss = _apply(session, run)
+                    loss = _apply(session, run, events)
                 except WorkerLostError:
                     tries = attempts.get(run.step, 0)
                     if tries >= o.max_recoveries:
@@ -135,7 +149,7 @@ def run_async(
                     _recover(session, running, run.step)
                     # The same step on the same replica again; its record stays.
                     running[run.replica] = _start(
-                        session, clock, run.replica, run.step, feeds[run.step], width
+                        session, clock, run.replica, run.step, feeds[run.step], width, trace
                     )
                     continue
                 for s in range(shards):
@@ -150,6 +164,8 @@ def run_async(
     finally:
         # Every param-holding worker takes the server's current params with its next call.
         session.resend_params()
+        if trace:  # also after an error: the steps applied before it
+            session.last_trace = sorted(events, key=lambda e: e.start)
     return losses
 
 
@@ -160,6 +176,7 @@ def _start(
     step: int,
     feeds: Mapping[str, Any],
     width: int,
+    trace: bool = False,
 ) -> _Running:
     """Pull the current params for ``replica``'s workers and submit its tasks of ``step``."""
     assert session.plan is not None
@@ -174,11 +191,11 @@ def _start(
         step,
         feeds,
         updates,
-        False,
+        trace,
         session.check_finite,
         training=True,
     )
-    return _Running(replica, step, plan, refs, time.time())
+    return _Running(replica, step, plan, refs, time.time(), trace=trace)
 
 
 def _wait(
@@ -229,16 +246,44 @@ def _release(run: _Running, factor: float) -> float:
     return run.started + factor * (run.done_at - run.started)
 
 
-def _apply(session: RaySession, run: _Running) -> float:
-    """Stage and commit the step's gradients on the server; returns its loss."""
+def _apply(session: RaySession, run: _Running, events: list[TraceEvent]) -> float:
+    """Stage and commit the step's gradients on the server; returns its loss. A traced
+    step's events (its workers', its replica span, the server's) are added to ``events``."""
     answering = [t for t in run.plan.tasks if any(d == DRIVER for d, _ in t.outputs)]
     driver = [run.refs[t.id][t.slot(DRIVER)] for t in answering]
     values = session.waves.get(driver, f"running step {run.step}")
     staged, _ = session.server.stage(run.step, run.plan, run.refs, [], None, 1)
     status = session.server.commit(run.step)
-    session.waves.get([*staged, status], f"applying step {run.step}")
+    answer = session.waves.get([*staged, status], f"applying step {run.step}")[-1]
     loss = next(v[session.loss] for v in values if session.loss in v)
+    if run.trace:
+        events.extend(_step_events(session, run, answer))
     return float(loss)
+
+
+def _step_events(session: RaySession, run: _Running, status: Mapping[str, Any]) -> list[TraceEvent]:
+    """One applied (replica, step)'s trace: its workers' events tagged with the replica, a
+    ``"replica r"`` span named after the step, and the server's events of the step."""
+    plan_id = session.plan_id
+    out: list[TraceEvent] = []
+    for w in sorted({t.worker for t in run.plan.tasks}):
+        taken = actors.fetch(session.cluster.workers[w].take_trace.remote(plan_id, run.step))
+        out.extend(dataclasses.replace(e, args={**e.args, "replica": run.replica}) for e in taken)
+    last = max((e.end for e in out), default=run.done_at or run.started)
+    out.append(
+        TraceEvent(
+            f"replica {run.replica}: step {run.step}",
+            "call",
+            "replica",
+            -1,
+            f"replica {run.replica}",
+            run.started,
+            last,
+            args={"replica": run.replica, "step": run.step},
+        )
+    )
+    out.extend(server_events(run.step, status, getattr(session.server, "keys", ())))
+    return out
 
 
 def _drop(session: RaySession, running: Mapping[int, _Running]) -> None:

@@ -340,11 +340,13 @@ class RaySession(TrainingSession):
         steps: Sequence[tuple[int, Any]],
         data: Any,
         on_applied: Callable[[int, float], None] | None = None,
+        trace: bool = False,
     ) -> dict[int, float]:
         """Run ``steps`` ((step id, rows of ``data``), in step-id order) asynchronously with
         bounded staleness (``consistency="async"``, see ``asyncdp.py``): each step is one
         replica's whole mini-batch, applied as it arrives, exactly once. Returns the applied
-        steps' losses by step id; ``on_applied(step, loss)`` is called as each is applied."""
+        steps' losses by step id; ``on_applied(step, loss)`` is called as each is applied.
+        With ``trace``, ``last_trace`` holds the events of every step the run applied."""
         from .asyncdp import run_async
 
         self.cluster.check_open()
@@ -368,7 +370,7 @@ class RaySession(TrainingSession):
                 f"consistency='async' needs replicas >= 2, but this session runs "
                 f"{self.layout.count} replica; set replicas=R (R >= 2 dividing num_workers)"
             )
-        return run_async(self, [(s, f) for s, (f, _n) in fed], on_applied)
+        return run_async(self, [(s, f) for s, (f, _n) in fed], on_applied, trace)
 
     # Hooks of the asynchronous driver (asyncdp.py) --------------------------------------------
     def counted(self, step_id: int) -> bool:
