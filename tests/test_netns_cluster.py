@@ -254,7 +254,8 @@ def test_distgraph_reports_a_refused_token_clearly(cluster: dict[str, str]) -> N
 
 # Trains the recovery tests' MLP with its plan split over the namespaced nodes' workers, once
 # with transport="compiled" and once with "auto", each against a LocalExecutor run; prints
-# what each session said about its transport (and the log lines that said it) as one JSON line.
+# what each session said about its transport (and the log lines that said it) as one JSON line;
+# then repeats one forward+backward run() under "compiled".
 # (No service name but ray-head in it: the namespace helper substitutes them with addresses.)
 COMPILED_SCRIPT = """
 import json, logging
@@ -296,7 +297,20 @@ with dg.RayExecutor(
             "log": list(said),
         }
         tr.close()
-print(json.dumps({"transports": out}))
+    # run() of one graph, repeated: compiled from its second run in a row.
+    ex.transport = "compiled"
+    feeds = {k: v[:16] for k, v in data.items()}
+    want = dg.LocalExecutor().run(g, feeds, grad="loss")
+    runs = [ex.run(g, feeds, grad="loss") for _ in range(3)]
+    repeated = {
+        "reason": ex.compiled.last_reason,
+        "graph": bool(ex.compiled.graphs),
+        "hosts": sorted({ex.worker_info[w]["node_ip"] for w in runs[-1].placement.values()}),
+        "equal": all(
+            np.array_equal(r.values[k], want.values[k]) for r in runs for k in want.values
+        ) and all(np.array_equal(r.grads[k], want.grads[k]) for r in runs for k in want.grads),
+    }
+print(json.dumps({"transports": out, "run": repeated}))
 """
 
 
@@ -314,7 +328,8 @@ def test_compiled_training_across_namespaced_nodes_and_auto_falls_back(
         timeout=660,
     )  # fmt: skip
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    got = _json_line(run.stdout, '"transports"')["transports"]
+    line = _json_line(run.stdout, '"transports"')
+    got, runs = line["transports"], line["run"]
     ray_hosts = {cluster[s] for s in RAY_SERVICES}
     for transport, r in got.items():
         # The precondition: the plan's workers sit on several namespaced hosts.
@@ -328,6 +343,9 @@ def test_compiled_training_across_namespaced_nodes_and_auto_falls_back(
     assert "nodes" in auto["reason"] and auto["graph"] is False, auto
     assert auto["reason"] in auto["explain"], auto
     assert any("not compiled" in m and auto["reason"] in m for m in auto["log"]), auto["log"]
+    # Repeated run() of one graph compiles across the hosts too, equal to Local bit for bit.
+    assert len(runs["hosts"]) >= 2 and set(runs["hosts"]) <= ray_hosts, runs
+    assert runs["reason"] == "" and runs["graph"] is True and runs["equal"] is True, runs
 
 
 def test_down_removes_every_namespace_and_process(cluster: dict[str, str]) -> None:
