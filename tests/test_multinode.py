@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from graphs import mlp
+from graphs import SPREAD_COST, mlp, towers
 
 import distgraph as dg
 from distgraph import models
@@ -38,6 +38,14 @@ def three_node_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def assert_results_equal(a: dg.Result, b: dg.Result) -> None:
+    assert a.values.keys() == b.values.keys() and a.grads.keys() == b.grads.keys()
+    for k in a.values:
+        assert np.array_equal(a.values[k], b.values[k]), k
+    for k in a.grads:
+        assert np.array_equal(a.grads[k], b.grads[k]), k
 
 
 def nodes_that_ran(events, worker_info) -> set[str]:
@@ -184,6 +192,158 @@ def test_node_lost_mid_run_with_replicas_recovers_and_equals_the_uninterrupted_r
         for k in want:
             assert np.array_equal(tr.params[k], want[k]), k
         tr.close()
+
+
+def _compiled_mlp():
+    """The recovery tests' model and data (tests/test_recovery.py): 24 steps of 16 rows."""
+    g = models.mlp_classifier((2, 16, 16, 2), seed=4)
+    return g, models.spirals(48, seed=3), dg.Adam(lr=0.02)
+
+
+COMPILED_FIT = {"epochs": 4, "batch_size": 16, "seed": 11}
+
+
+def test_node_lost_during_compiled_training_recovers_recompiles_and_equals_calls(
+    three_node_cluster, tmp_path
+):
+    """Issue 16, item 3: a node holding a worker is removed while training runs as a Ray
+    Compiled Graph (one replica, workers spread over the nodes). The failed compiled step
+    tears the graph down, the worker is replaced on a surviving node, the step runs again,
+    the next steps compile a new graph on the replacement, and the final params equal (bit
+    for bit) the uninterrupted run on actor calls."""
+    import threading
+
+    g, data, opt = _compiled_mlp()
+    ref = dg.Trainer(g, loss="loss", optimizer=opt, progress=False)
+    ref.fit(data, **COMPILED_FIT)  # LocalExecutor: bit-identical to calls and compiled runs
+    want, steps = ref.params, ref.applied_steps
+    assert len(steps) == 24, steps
+    head = three_node_cluster.head_node
+    others = [n for n in three_node_cluster.list_all_nodes() if n is not head]
+    with dg.RayExecutor(
+        num_workers=2,
+        strategy="round_robin",  # the MLP over both workers: tensors cross the nodes
+        replicas=1,
+        address=three_node_cluster.address,
+        placement="spread",
+        transport="compiled",
+        checkpoint_dir=str(tmp_path / "ps"),
+        checkpoint_every=4,
+    ) as ex:
+        by_id = {n.node_id: n for n in others}
+        nodes = {i["node_id"] for i in ex.worker_info}
+        assert len(nodes) == 2, ex.worker_info  # the precondition: the workers span two nodes
+        victim = next(by_id[i["node_id"]] for i in ex.worker_info if i["node_id"] in by_id)
+        lost = {i["index"] for i in ex.worker_info if i["node_id"] == victim.node_id}
+        before: dict[str, object] = {}
+        remover: list[threading.Thread] = []
+
+        failed: list[tuple[int, str]] = []  # (step, error) of each failed compiled step
+
+        def spy(compiled):
+            original = compiled.failed
+
+            def failed_step(graph, step, error):
+                out = original(graph, step, error)
+                failed.append((step, type(out).__name__))
+                return out
+
+            compiled.failed = failed_step
+
+        def remove(tr, step):
+            if step == 6 and not remover:
+                spy(tr.session.compiled)
+                graph = tr.session.compiled.graph
+                before.update(
+                    graph=graph, reason=tr.session.compiled.last_reason, workers=list(ex.workers)
+                )
+                # Removed from another thread: the node goes while the next compiled steps
+                # run (removing a node takes Ray a while), not between two of them.
+                remover.append(
+                    threading.Thread(target=three_node_cluster.remove_node, args=(victim,))
+                )
+                remover[0].start()
+
+        g, data, opt = _compiled_mlp()
+        tr = dg.Trainer(g, loss="loss", optimizer=opt, executor=ex, progress=False)
+        tr.fit(data, callback=lambda step, loss: remove(tr, step), **COMPILED_FIT)
+        remover[0].join(60)
+        assert not remover[0].is_alive()
+        # The precondition: step 6 ran compiled, its graph spanning both nodes' workers.
+        assert before["reason"] == "" and before["graph"] is not None, before
+        assert before["graph"].workers == before["workers"]
+        assert tr.session.recoveries, "the node loss was never noticed"
+        # The loss failed a compiled step (not a call), one after the removal began.
+        assert len(failed) == 1 and failed[0][0] > 6, failed
+        assert failed[0][1] == "WorkerLostError", failed
+        assert any("replaced workers" in r for r in tr.session.recoveries), tr.session.recoveries
+        assert set(ex.replacements) >= lost
+        assert all(i["node_id"] != victim.node_id for i in ex.worker_info)
+        # Compiled again after the recovery, on the replacement worker.
+        compiled = tr.session.compiled
+        assert compiled.last_reason == "", compiled.last_reason
+        assert compiled.graph is not None and not compiled.graph.torn_down
+        assert compiled.graph is not before["graph"]
+        assert compiled.graph.workers == list(ex.workers) != before["workers"]
+        assert tr.session.status()["applied"] == steps
+        for k in want:
+            assert np.array_equal(tr.params[k], want[k]), k
+        tr.close()
+
+
+def test_node_lost_during_compiled_runs_recovers_and_recompiles(three_node_cluster):
+    """Issue 16, item 3, run() plans: a node holding a worker is removed while one graph's
+    run() steps repeat as a compiled graph. The failed compiled run replaces the worker and
+    runs again, the plan compiles again on the replacement, and every run equals the
+    LocalExecutor's results bit for bit."""
+    import threading
+
+    g, feeds, out = towers()
+    local = dg.LocalExecutor().run(g, feeds, grad=out)
+    head = three_node_cluster.head_node
+    others = [n for n in three_node_cluster.list_all_nodes() if n is not head]
+    with dg.RayExecutor(
+        num_workers=2,
+        strategy="round_robin",
+        cost=SPREAD_COST,  # both towers' workers take part
+        address=three_node_cluster.address,
+        placement="spread",
+        transport="compiled",
+    ) as ex:
+        by_id = {n.node_id: n for n in others}
+        assert len({i["node_id"] for i in ex.worker_info}) == 2, ex.worker_info
+        victim = next(by_id[i["node_id"]] for i in ex.worker_info if i["node_id"] in by_id)
+        lost = {i["index"] for i in ex.worker_info if i["node_id"] == victim.node_id}
+        results = [ex.run(g, feeds, grad=out) for _ in range(3)]
+        # The precondition: the plan uses both nodes' workers and runs compiled.
+        assert set(results[-1].placement.values()) == {0, 1}
+        assert ex.compiled.last_reason == "" and ex.compiled.graphs
+        before = list(ex.workers)
+        failed: list[str] = []
+        original = ex.compiled._failed
+
+        def failed_run(plan_id, compiled, step, error):
+            got = original(plan_id, compiled, step, error)
+            failed.append(type(got).__name__)
+            return got
+
+        ex.compiled._failed = failed_run
+        remover = threading.Thread(target=three_node_cluster.remove_node, args=(victim,))
+        remover.start()
+        while remover.is_alive() or not ex.replacements:
+            results.append(ex.run(g, feeds, grad=out))
+            assert len(results) < 10_000, "the node loss was never noticed"
+        results += [ex.run(g, feeds, grad=out) for _ in range(3)]
+        remover.join(60)
+        assert failed == ["WorkerLostError"], failed  # the loss failed a compiled run
+        assert set(ex.replacements) >= lost
+        assert all(i["node_id"] != victim.node_id for i in ex.worker_info)
+        # Compiled again, on the replacement worker.
+        assert ex.compiled.last_reason == "", ex.compiled.last_reason
+        (graph,) = ex.compiled.graphs.values()
+        assert graph.workers == list(ex.workers) != before
+        for res in results:
+            assert_results_equal(res, local)
 
 
 def _free_port() -> int:
