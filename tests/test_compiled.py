@@ -520,9 +520,9 @@ def test_a_fenced_graph_changes_nothing_on_the_server_or_a_worker():
     grads = {"g": np.full(2, 2.0)}
     assert server.fence(3) == 3
     with pytest.raises(StaleGraphError, match="abandoned"):
-        server.compiled_step(3, (7, False, False, {}), (0,), 1, grads)
+        server.compiled_step(3, (7, {}), (0,), 1, grads)
     assert server.status()["applied"] == [] and np.array_equal(server.params()["w"], np.ones(2))
-    status, new = server.compiled_step(4, (7, False, False, {}), (0,), 1, grads)  # a newer graph
+    status, new = server.compiled_step(4, (7, {}), (0,), 1, grads)  # a newer graph
     assert status["applied"] and server.status()["applied"] == [7]
     assert np.array_equal(new["w"], np.zeros(2))
 

@@ -1,0 +1,189 @@
+"""Compiled training steps with data-parallel replicas and sharded parameter servers (issue 16,
+items 1 and 3): every replica's tasks and every shard's stage and commit are nodes of one
+Ray Compiled Graph, bit-identical to actor calls, recovering from a lost worker or shard."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from raysupport import ensure_ray
+
+import distgraph as dg
+from distgraph import models
+
+
+def mlp_problem() -> tuple[dg.Graph, dict[str, np.ndarray]]:
+    return models.mlp_classifier((2, 16, 16, 2), seed=3), models.spirals(48, seed=2)
+
+
+def assert_params_identical(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+def assert_params_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=0, err_msg=k)
+
+
+def assert_ran_compiled(tr: dg.Trainer) -> None:
+    """The precondition: the session's steps ran as its compiled graph."""
+    s = tr.session
+    assert s.compiled.last_reason == "", s.compiled.last_reason
+    assert s.compiled.graph is not None and not s.compiled.graph.torn_down
+    assert "compiled graph" in s.explain_transport(), s.explain_transport()
+
+
+def assert_layout_used(tr: dg.Trainer, replicas: int, shards: int) -> None:
+    """The precondition: every replica computed rows of every step, every shard applied
+    every step."""
+    status = tr.session.status()
+    steps = tr.applied_steps
+    assert status["replicas"]["count"] == replicas
+    if replicas > 1:
+        for s in steps:
+            rows = [e["rows"] for e in status["replicas"]["steps"][s]]
+            assert len(rows) == replicas and all(b > a for a, b in rows), (s, rows)
+    if shards > 1:
+        assert [p["applied"] for p in status["shards"]] == [steps] * shards
+        assert all(p["params"] for p in status["shards"])  # every shard owns params
+
+
+@pytest.fixture(scope="module")
+def ex2():
+    ensure_ray()
+    with dg.RayExecutor(num_workers=2, strategy="round_robin", transport="compiled") as ex:
+        yield ex
+
+
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("opt", [dg.SGD(lr=0.05), dg.Adam(lr=0.05)], ids=["sgd", "adam"])
+@pytest.mark.parametrize("replicas, shards", LAYOUTS, ids=["r2", "s2", "r2s2"])
+def test_compiled_replicas_and_shards_equal_calls_and_local(ex2, opt, replicas, shards):
+    g, data = mlp_problem()
+    local = dg.Trainer(g, loss="loss", optimizer=opt, progress=False)
+    local.fit(data, epochs=3, batch_size=24, seed=7)
+    ex2.replicas, ex2.ps_shards = replicas, shards
+    runs = {}
+    try:
+        for transport in ("calls", "compiled"):
+            ex2.transport = transport
+            tr = dg.Trainer(g, loss="loss", optimizer=opt, executor=ex2, progress=False)
+            tr.fit(data, epochs=3, batch_size=24, seed=7)
+            assert_layout_used(tr, replicas, shards)
+            if transport == "compiled":
+                assert_ran_compiled(tr)
+                graph = tr.session.compiled.graph
+                assert len(graph.servers) == shards
+                assert {t.worker for t in graph.plan.tasks} == {0, 1}
+            runs[transport] = (tr.params, tr.history.loss, tr.applied_steps)
+            tr.close()
+    finally:
+        ex2.replicas, ex2.ps_shards, ex2.transport = "auto", 1, "compiled"
+    (p_calls, l_calls, a_calls), (p_comp, l_comp, a_comp) = runs["calls"], runs["compiled"]
+    assert len(a_comp) > 2 and a_comp == a_calls == list(range(1, len(a_comp) + 1))
+    assert_params_identical(p_comp, p_calls)
+    assert l_comp == l_calls
+    assert_params_close(p_comp, local.params)
+    np.testing.assert_allclose(l_comp, local.history.loss, rtol=1e-12)
+
+
+def train_with(ex: dg.RayExecutor, on_step) -> dg.Trainer:
+    g, data = mlp_problem()
+    tr = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.02), executor=ex, progress=False)
+    tr.fit(data, epochs=4, batch_size=16, seed=11, callback=lambda step, loss: on_step(tr, step))
+    return tr
+
+
+def test_worker_killed_during_compiled_replicated_steps_recovers_identically(tmp_path):
+    ensure_ray()
+    layout = {"num_workers": 2, "replicas": 2, "strategy": "round_robin", "transport": "compiled"}
+    with dg.RayExecutor(**layout) as ex:
+        whole = train_with(ex, lambda tr, step: None)
+        assert_ran_compiled(whole)
+        want, steps = whole.params, whole.applied_steps
+        whole.close()
+    crashed: list[int] = []
+
+    def crash(tr, step):
+        if step == 9 and not crashed:  # the live graph's next execution meets a dead worker
+            assert tr.session.compiled.graph is not None
+            tr.session.cluster.workers[1].crash.remote()
+            crashed.append(step)
+
+    with dg.RayExecutor(**layout, checkpoint_dir=str(tmp_path / "ps"), checkpoint_every=5) as ex:
+        tr = train_with(ex, crash)
+        assert crashed == [9] and ex.replacements == [1]
+        assert tr.applied_steps == steps
+        assert_layout_used(tr, 2, 1)
+        assert_ran_compiled(tr)  # recompiled on the new worker
+        assert tr.session.compiled.graph.workers == ex.workers
+        assert_params_identical(tr.params, want)
+        tr.close()
+
+
+def test_shard_killed_during_compiled_sharded_steps_recovers_identically(tmp_path):
+    ensure_ray()
+    layout = {
+        "num_workers": 2,
+        "replicas": 2,
+        "ps_shards": 2,
+        "strategy": "round_robin",
+        "transport": "compiled",
+    }
+    with dg.RayExecutor(**layout) as ex:
+        whole = train_with(ex, lambda tr, step: None)
+        assert_ran_compiled(whole)
+        want, steps = whole.params, whole.applied_steps
+        whole.close()
+    crashed: list[int] = []
+
+    def crash(tr, step):
+        if step == 13 and not crashed:  # shard checkpoints at 5 and 10: 11..13 replayed
+            assert tr.session.compiled.graph is not None
+            tr.session.server.links[1].handle.crash.remote()
+            crashed.append(step)
+
+    with dg.RayExecutor(**layout, checkpoint_dir=str(tmp_path / "ps"), checkpoint_every=5) as ex:
+        tr = train_with(ex, crash)
+        assert crashed == [13]
+        recoveries = tr.session.recoveries
+        assert any("restarted from version 10" in r for r in recoveries), recoveries
+        assert any("replaying steps [11, 12, 13]" in r for r in recoveries), recoveries
+        assert tr.applied_steps == steps
+        assert_layout_used(tr, 2, 2)
+        assert_ran_compiled(tr)  # recompiled with the restarted shards
+        graph, links = tr.session.compiled.graph, tr.session.server.links
+        assert [h is link.handle for h, link in zip(graph.servers, links)] == [True, True]
+        assert_params_identical(tr.params, want)
+        tr.close()
+
+
+def test_auto_compiles_replicas_and_explains_it(caplog):
+    ensure_ray()
+    g, data = mlp_problem()
+    with dg.RayExecutor(num_workers=2, transport="auto", replicas=2, ps_shards=2) as ex:
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+        with caplog.at_level(logging.INFO, logger="distgraph.runtime.ray.compiled_training"):
+            tr.fit(data, epochs=2, batch_size=24)
+        assert_layout_used(tr, 2, 2)
+        assert_ran_compiled(tr)
+        text = tr.session.explain_transport()
+        assert "2 replicas" in text and "2 parameter-server shards" in text, text
+        assert any("compiled training plan" in r.message for r in caplog.records)
+        tr.close()
+
+
+def test_async_steps_are_still_refused_under_compiled():
+    ensure_ray()
+    g, data = mlp_problem()
+    with dg.RayExecutor(num_workers=2, transport="compiled", replicas=2, consistency="async") as ex:
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+        with pytest.raises(dg.ConfigError, match="consistency='async'"):
+            tr.fit(data, epochs=1, batch_size=24)
