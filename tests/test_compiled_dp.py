@@ -187,3 +187,58 @@ def test_async_steps_are_still_refused_under_compiled():
         tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
         with pytest.raises(dg.ConfigError, match="consistency='async'"):
             tr.fit(data, epochs=1, batch_size=24)
+
+
+def test_compiled_shards_clip_by_one_global_norm_like_calls(ex2):
+    # With clip_norm, each shard's sums of squares are graph nodes and every shard's stage
+    # combines all of them into the one global norm, as the calls path does.
+    g, data = mlp_problem()
+    opt = dg.Adam(lr=0.05, clip_norm=0.05)
+    local = dg.Trainer(g, loss="loss", optimizer=opt, progress=False)
+    local.fit(data, epochs=2, batch_size=24, seed=7)
+    ex2.replicas, ex2.ps_shards = 2, 2
+    runs = {}
+    try:
+        for transport in ("calls", "compiled"):
+            ex2.transport = transport
+            tr = dg.Trainer(g, loss="loss", optimizer=opt, executor=ex2, progress=False)
+            tr.fit(data, epochs=2, batch_size=24, seed=7)
+            assert_layout_used(tr, 2, 2)
+            clipped = tr.session.status()["clipped"]
+            assert clipped, "the precondition: clipping changed some steps"
+            if transport == "compiled":
+                assert_ran_compiled(tr)
+            runs[transport] = (tr.params, tr.history.loss, clipped)
+            tr.close()
+    finally:
+        ex2.replicas, ex2.ps_shards, ex2.transport = "auto", 1, "compiled"
+    assert runs["compiled"][2] == runs["calls"][2]
+    assert_params_identical(runs["compiled"][0], runs["calls"][0])
+    assert runs["compiled"][1] == runs["calls"][1]
+    assert_params_close(runs["compiled"][0], local.params)
+
+
+def test_a_fenced_graph_changes_no_shard_and_a_shard_commits_only_what_it_staged():
+    # A sharded step's nodes, run in-process: fenced (abandoned) graphs change nothing, and a
+    # commit finds the update its own stage held (two phases, as with calls).
+    from distgraph.runtime.paramserver import StepNotStagedError
+    from distgraph.runtime.ray.actors import _RayParamServer
+    from distgraph.runtime.serial import StaleGraphError
+
+    shard = _RayParamServer(
+        {"w": np.ones(2)}, dg.SGD(lr=0.5), {0: ["w"]}, {"w": "g"}, keep_undo=True
+    )
+    grads = {"g": np.full(2, 2.0)}
+    shard.fence(3)
+    with pytest.raises(StaleGraphError):
+        shard.compiled_stage(3, (7, {}), 1, 0, grads)
+    with pytest.raises(StaleGraphError):
+        shard.compiled_commit(3, (7, {}), (0,), 7)
+    with pytest.raises(StepNotStagedError):  # nothing staged: the step must run again
+        shard.compiled_commit(4, (7, {}), (0,), 7)
+    assert shard.status()["applied"] == [] and np.array_equal(shard.params()["w"], np.ones(2))
+    assert shard.compiled_stage(4, (7, {}), 1, 0, grads) == 7
+    assert shard.status()["applied"] == []  # staged, not applied
+    status, new = shard.compiled_commit(4, (7, {}), (0,), 7)
+    assert status["applied"] and shard.status()["applied"] == [7]
+    assert np.array_equal(new["w"], np.zeros(2))
