@@ -1,24 +1,41 @@
 """Training steps on the compiled transport: a session's plan, its parameter server's update
 included, compiled into one Ray Compiled Graph.
 
-The graph of a training plan (:class:`TrainingGraph`): the driver's input (step id, trace,
-check_finite, feeds) goes to every task, each task is one bind of its worker's
-``train_compiled`` (imports bound as arguments, as for run() plans, see ``compiled.py``); then
-one node on the parameter server, ``compiled_step``, takes every gradient dict *and every
-other output of the step's tasks* (the driver's loss too), so Ray runs it only when every task
-of the step succeeded (a node whose input failed is skipped and passes the error on). It
-stages and commits the update at once and returns its status plus, for each worker that takes
-its params from the server (``takers``), that worker's new params, which a last node on the
-worker (``take_params``) makes resident. The driver reads the loss, the status and the takers'
-acknowledgements.
+The graph of a training plan (:class:`TrainingGraph`): the driver's input holds one control
+per server actor (step id, its data-parallel stage arguments) and one per replica (step id,
+trace, check_finite, that replica's feeds); each is a channel of its own, read by that server
+or by that replica's tasks only. Each task (of every replica: the ``replicate()``d plan) is one
+bind of its worker's ``train_compiled`` (imports bound as arguments, as for run() plans, see
+``compiled.py``). With one server, one node on it, ``compiled_step``, takes every gradient
+dict *and every other output of the step's tasks* (the driver's loss too), so Ray runs it only
+when every task of the step succeeded (a node whose input failed is skipped and passes the
+error on). It stages and commits the update at once and returns its status plus, for each
+worker that takes its params from the server (``takers``), that worker's new params, which a
+last node on the worker (``take_params``) makes resident. The driver reads the loss, the
+status and the takers' acknowledgements.
+
+Data-parallel replicas (``replicas.py``): the step's rows are split by ``split_rows`` as with
+calls (a batch with fewer rows than replicas runs on calls), each replica's tasks read their
+own rows, and the server combines the replicas' gradient dicts, sent in plan order
+(replica-major), with the same ``(count, rows)`` groups and weights as the calls path
+(``replica_groups``): the result is bit-identical to calls.
+
+Sharded servers (``shards.py``): the plan's gradients are routed per shard (``route_plan``).
+Each shard has a stage node (its gradients, every other output of the step's tasks, and with
+``clip_norm`` every shard's ``compiled_sums`` node, combined into the one global norm as
+with calls) and a commit node that takes *every* shard's stage output: no shard commits
+unless every shard staged, the two phases of the calls path. A taker gets its params from the
+commit node of each shard that holds some of them.
 
 Why this keeps the step protocol's guarantees (see ``session.py``):
-- exactly once: the commit runs only inside the server node, once per execution, and a step
+- exactly once: the commit runs only inside the server's nodes, once per execution, and a step
   id the server applied before is a duplicate it ignores; a step whose execution failed is
   decided by the server (``abort`` answers whether it is applied, after the fence below), as
   an interrupted commit is with calls;
-- never half-updated: the server node runs only if every task succeeded, and applies the
-  update within one call holding its step lock;
+- never half-updated: the update runs only if every task succeeded, within one call holding
+  the server's step lock; with shards, commits run only once every shard staged, and a step
+  that a failure left committed on some shards only is rolled back there by the abort's
+  settlement (``ShardedServer.settle``), as with calls;
 - order: the graph's loop runs on a thread of its own in each actor, beside ordinary calls.
   Every method touching step state holds the actor's step lock (``runtime/serial.py``), and
   the driver sends out-of-band calls (install, new params after a recovery, replica resets,
@@ -29,9 +46,9 @@ Why this keeps the step protocol's guarantees (see ``session.py``):
   id, same batch).
 
 Refused (transport="compiled": ConfigError; "auto": actor calls, said in the log and in
-``RaySession.explain_transport``): data-parallel replicas, parameter-server shards, pipelined
-micro-batches, asynchronous steps. Per plan, as for run(): ``data_path="store"``, workers on
-several nodes under "auto", channels over ``MAX_BUFFER``.
+``RaySession.explain_transport``): pipelined micro-batches, asynchronous steps
+(``consistency="async"``). Per plan, as for run(): ``data_path="store"``, workers on several
+nodes under "auto", channels over ``MAX_BUFFER``.
 """
 
 from __future__ import annotations

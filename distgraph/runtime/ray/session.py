@@ -40,9 +40,11 @@ worker's micro-batch actions in one call, keeping every other part of this proto
 over replicas, stage / commit / abort, recovery).
 Compiled transport (``transport`` "compiled" or "auto", from the second step in a row): the
 same protocol inside one Ray Compiled Graph (``compiled_training.py``): the server's stage and
-commit are one node that runs only once every task succeeded, takers get their new params
-from a last node of the same step, and a failed execution is fenced, aborted (the server's
-answer decides), recovered as below and compiled again. Calls sent without waiting (drops,
+commit are one node that runs only once every task succeeded (with ``ps_shards``: a stage
+node per shard, then a commit node per shard that waits for every shard's stage; replicas
+take their rows as above), takers get their new params from a last node of the same step,
+and a failed execution is fenced, aborted (the server's answer decides), recovered as below
+and compiled again. Calls sent without waiting (drops,
 replica resets, progress, new params after a recovery) are awaited before the next compiled
 step (``_quiesce``), since the graph's calls do not queue behind them.
 
