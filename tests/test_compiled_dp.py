@@ -242,3 +242,23 @@ def test_a_fenced_graph_changes_no_shard_and_a_shard_commits_only_what_it_staged
     status, new = shard.compiled_commit(4, (7, {}), (0,), 7)
     assert status["applied"] and shard.status()["applied"] == [7]
     assert np.array_equal(new["w"], np.zeros(2))
+
+
+def test_a_traced_compiled_step_shows_replicas_and_shard_tracks(ex2):
+    g, data = mlp_problem()
+    ex2.replicas, ex2.ps_shards = 2, 2
+    try:
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex2, progress=False)
+        s = tr.session
+        feeds = {k: v[:24] for k, v in data.items()}
+        losses = [s.step(i, feeds, trace=i == 3) for i in (1, 2, 3)]
+        assert_ran_compiled(tr)  # the precondition: step 3 ran compiled
+        tracks = {e.track for e in s.last_trace}
+        assert {"replica 0", "replica 1"} <= tracks, tracks
+        assert {"parameter server shard 0", "parameter server shard 1"} <= tracks, tracks
+        phases = {(e.track, e.phase) for e in s.last_trace if e.track.startswith("parameter")}
+        assert ("parameter server shard 1", "apply") in phases, phases
+        assert all(np.isfinite(losses))
+        tr.close()
+    finally:
+        ex2.replicas, ex2.ps_shards = "auto", 1
