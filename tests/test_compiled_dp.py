@@ -5,13 +5,21 @@ Ray Compiled Graph, bit-identical to actor calls, recovering from a lost worker 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import slow_ops  # noqa: F401 - registers the "stall" op in this process too
 from raysupport import ensure_ray
 
 import distgraph as dg
 from distgraph import models
+from distgraph.functional import mse
+
+TESTS = str(Path(__file__).resolve().parent)
 
 
 def mlp_problem() -> tuple[dg.Graph, dict[str, np.ndarray]]:
@@ -262,3 +270,74 @@ def test_a_traced_compiled_step_shows_replicas_and_shard_tracks(ex2):
         tr.close()
     finally:
         ex2.replicas, ex2.ps_shards = "auto", 1
+
+
+def stalling_regression(flag: str) -> dg.Graph:
+    """y = w*x + b by MSE, ``w`` passing a "stall" op (waits while ``flag`` exists)."""
+    g = dg.Graph()
+    x, y = g.input("x", shape=(None,)), g.input("y", shape=(None,))
+    w, b = g.param("w", -2.0), g.param("b", 15.0)
+    # On the param, so the loss still splits by rows (the op is not known to be row-wise).
+    stuck = g.apply("stall", w, flag=flag, name="stuck")
+    g.output("loss", mse(x * stuck + b, y))
+    return g
+
+
+def test_worker_killed_mid_compiled_replicated_step_recovers_identically(tmp_path):
+    # The kill lands while step 5's graph execution is running (both replicas stalled in
+    # 'stuck'): the execution fails, the graph is fenced and torn down, worker 1 replaced,
+    # and step 5 runs again compiled on the new worker.
+    ensure_ray()
+    flag = str(tmp_path / "stall")
+    g, data = stalling_regression(flag), models.linear_data(32, seed=1)
+    layout = {
+        "num_workers": 2,
+        "replicas": 2,
+        "strategy": "round_robin",
+        "transport": "compiled",
+        "ops_modules": ["slow_ops"],
+        "worker_runtime_env": {"env_vars": {"PYTHONPATH": TESTS}},
+    }
+
+    def fit(ex, callback=None):
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex, progress=False)
+        tr.fit(data, epochs=2, batch_size=8, seed=3, callback=callback)  # 4 steps an epoch
+        return tr
+
+    with dg.RayExecutor(**layout) as ex:
+        whole = fit(ex)
+        assert_ran_compiled(whole)
+        want, steps = whole.params, whole.applied_steps
+        whole.close()
+    killed: list[int] = []
+
+    def kill(ex) -> None:
+        time.sleep(2.0)
+        ex.workers[1].crash.remote()  # a normal call: runs beside the graph's loop
+        time.sleep(1.0)
+        os.remove(flag)
+
+    with dg.RayExecutor(**layout) as ex:
+        killer = threading.Thread(target=kill, args=(ex,))
+
+        def on_step(step, loss):
+            if step == 4 and not killed:
+                assert tr_box and tr_box[0].session.compiled.graph is not None
+                Path(flag).touch()  # step 5 stalls in 'stuck' on both workers
+                killer.start()
+                killed.append(step)
+
+        tr_box: list[dg.Trainer] = []
+        tr = dg.Trainer(g, loss="loss", optimizer=dg.Adam(lr=0.05), executor=ex, progress=False)
+        tr_box.append(tr)
+        tr.fit(data, epochs=2, batch_size=8, seed=3, callback=on_step)
+        killer.join()
+        assert killed == [4] and ex.replacements == [1]
+        recoveries = tr.session.recoveries
+        assert any("step 5: replaced workers [1]" in r for r in recoveries), recoveries
+        assert tr.applied_steps == steps and len(steps) == 8
+        assert_layout_used(tr, 2, 1)
+        assert_ran_compiled(tr)
+        assert tr.session.compiled.graph.workers == ex.workers
+        assert_params_identical(tr.params, want)
+        tr.close()
