@@ -283,10 +283,12 @@ def stalling_regression(flag: str) -> dg.Graph:
     return g
 
 
-def test_worker_killed_mid_compiled_replicated_step_recovers_identically(tmp_path):
+@pytest.mark.parametrize("victim", ["worker", "shard"])
+def test_actor_killed_mid_compiled_replicated_step_recovers_identically(tmp_path, victim):
     # The kill lands while step 5's graph execution is running (both replicas stalled in
-    # 'stuck'): the execution fails, the graph is fenced and torn down, worker 1 replaced,
-    # and step 5 runs again compiled on the new worker.
+    # 'stuck'): the execution fails, the graph is fenced and torn down, worker 1 replaced
+    # (or every shard restarted from their common checkpoint and the steps since replayed),
+    # and step 5 runs again compiled.
     ensure_ray()
     flag = str(tmp_path / "stall")
     g, data = stalling_regression(flag), models.linear_data(32, seed=1)
@@ -297,6 +299,7 @@ def test_worker_killed_mid_compiled_replicated_step_recovers_identically(tmp_pat
         "transport": "compiled",
         "ops_modules": ["slow_ops"],
         "worker_runtime_env": {"env_vars": {"PYTHONPATH": TESTS}},
+        "ps_shards": 2 if victim == "shard" else 1,
     }
 
     def fit(ex, callback=None):
@@ -313,11 +316,15 @@ def test_worker_killed_mid_compiled_replicated_step_recovers_identically(tmp_pat
 
     def kill(ex) -> None:
         time.sleep(2.0)
-        ex.workers[1].crash.remote()  # a normal call: runs beside the graph's loop
+        if victim == "worker":
+            ex.workers[1].crash.remote()  # a normal call: runs beside the graph's loop
+        else:
+            tr_box[0].session.server.links[1].handle.crash.remote()
         time.sleep(1.0)
         os.remove(flag)
 
-    with dg.RayExecutor(**layout) as ex:
+    ckpt = {"checkpoint_dir": str(tmp_path / "ps"), "checkpoint_every": 3}
+    with dg.RayExecutor(**layout, **ckpt) as ex:
         killer = threading.Thread(target=kill, args=(ex,))
 
         def on_step(step, loss):
@@ -332,11 +339,16 @@ def test_worker_killed_mid_compiled_replicated_step_recovers_identically(tmp_pat
         tr_box.append(tr)
         tr.fit(data, epochs=2, batch_size=8, seed=3, callback=on_step)
         killer.join()
-        assert killed == [4] and ex.replacements == [1]
         recoveries = tr.session.recoveries
-        assert any("step 5: replaced workers [1]" in r for r in recoveries), recoveries
+        if victim == "worker":
+            assert killed == [4] and ex.replacements == [1]
+            assert any("step 5: replaced workers [1]" in r for r in recoveries), recoveries
+        else:  # shard checkpoints at 3: step 4 replayed, then step 5 again
+            assert killed == [4] and ex.replacements == []
+            assert any("restarted from version 3" in r for r in recoveries), recoveries
+            assert any("replaying steps [4]" in r for r in recoveries), recoveries
         assert tr.applied_steps == steps and len(steps) == 8
-        assert_layout_used(tr, 2, 1)
+        assert_layout_used(tr, 2, layout["ps_shards"])
         assert_ran_compiled(tr)
         assert tr.session.compiled.graph.workers == ex.workers
         assert_params_identical(tr.params, want)
