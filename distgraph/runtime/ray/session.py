@@ -250,15 +250,20 @@ class RaySession(TrainingSession):
     def _check_transport(self, layout: Replicas) -> None:
         """Refuse what compiled training does not cover (ConfigError under "compiled"; under
         "auto" the steps run on actor calls, said in the log and ``explain_transport``):
-        asynchronous steps, which apply each replica's gradients as they arrive. Replicas and
-        sharded servers compile (``compiled_training.py``)."""
+        pipelined micro-batches and asynchronous steps. Replicas and sharded servers compile
+        (``compiled_training.py``)."""
         o = self.options
-        if o.consistency != "async" or o.transport == "calls":
+        if o.transport == "calls":
             return
-        reason = (
-            "consistency='async' (each replica's gradients are applied as they arrive; a "
-            "compiled step is synchronous)"
-        )
+        if o.microbatches is not None:  # refused by the executor under "compiled"
+            reason = f"microbatches={o.microbatches} (a pipelined step has its own call order)"
+        elif o.consistency == "async":
+            reason = (
+                "consistency='async' (each replica's gradients are applied as they arrive; a "
+                "compiled step is synchronous)"
+            )
+        else:
+            return
         if o.transport == "compiled":
             self.plan = None
             raise ConfigError(
