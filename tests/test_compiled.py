@@ -480,21 +480,26 @@ def test_compiled_training_interrupted_before_its_update_leaves_it_unapplied(
     tr.close()
 
 
-def test_compiled_training_refuses_replicas_and_auto_says_why(caplog):
+def test_compiled_training_compiles_replicas_and_auto_says_so(caplog):
+    # Replicas were refused here before (ConfigError under "compiled", calls under "auto");
+    # both transports now compile them (more in test_compiled_dp.py).
     ensure_ray()
     g, data, batch = training_task("mlp")
     with dg.RayExecutor(num_workers=2, transport="compiled", replicas=2) as ex:
         tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
-        with pytest.raises(dg.ConfigError, match="2 data-parallel replicas"):
-            tr.fit(data, epochs=1, batch_size=batch)
+        tr.fit(data, epochs=1, batch_size=batch)
+        assert tr.session.layout.count == 2  # the precondition: two replicas
+        assert tr.session.compiled.last_reason == "" and tr.session.compiled.graph is not None
+        tr.close()
         ex.transport = "auto"
         tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
         with caplog.at_level(logging.INFO, logger="distgraph.runtime.ray.compiled_training"):
             tr.fit(data, epochs=2, batch_size=batch)
         assert tr.applied_steps == list(range(1, 9))  # four steps an epoch
-        assert "replicas" in tr.session.explain_transport()
-        assert any("not compiled" in r.message for r in caplog.records)
-        assert tr.session.compiled.graph is None
+        assert tr.session.compiled.last_reason == "" and tr.session.compiled.graph is not None
+        assert "2 replicas" in tr.session.explain_transport()
+        assert any("compiled training plan" in r.message for r in caplog.records)
+        assert not any("not compiled" in r.message for r in caplog.records)
         tr.close()
 
 
@@ -520,9 +525,9 @@ def test_a_fenced_graph_changes_nothing_on_the_server_or_a_worker():
     grads = {"g": np.full(2, 2.0)}
     assert server.fence(3) == 3
     with pytest.raises(StaleGraphError, match="abandoned"):
-        server.compiled_step(3, (7, False, False, {}), (0,), 1, grads)
+        server.compiled_step(3, (7, {}), (0,), 1, grads)
     assert server.status()["applied"] == [] and np.array_equal(server.params()["w"], np.ones(2))
-    status, new = server.compiled_step(4, (7, False, False, {}), (0,), 1, grads)  # a newer graph
+    status, new = server.compiled_step(4, (7, {}), (0,), 1, grads)  # a newer graph
     assert status["applied"] and server.status()["applied"] == [7]
     assert np.array_equal(new["w"], np.zeros(2))
 

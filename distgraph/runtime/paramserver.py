@@ -333,12 +333,18 @@ class ParameterServer(Fenced):
 
     @serial
     def stage_and_commit(
-        self, step_id: int, grad_dicts: Sequence[dict[str, Any]], takers: Sequence[int]
+        self,
+        step_id: int,
+        grad_dicts: Sequence[dict[str, Any]],
+        takers: Sequence[int],
+        replicas: Sequence[tuple[int, int]] | None = None,
+        kind: Reduction = "mean",
     ) -> Any:
         """A compiled step's update: stage it and commit it at once (the graph runs this only
         once every task of the step succeeded: it takes their outputs as inputs). Returns the
-        commit's status, and with ``takers`` (status, the new params of each taker)."""
-        staged = self.stage(step_id, *grad_dicts, routed=bool(takers))
+        commit's status, and with ``takers`` (status, the new params of each taker).
+        ``replicas`` / ``kind``: data-parallel replicas' gradients, as for :meth:`stage`."""
+        staged = self.stage(step_id, *grad_dicts, routed=bool(takers), replicas=replicas, kind=kind)
         status = self.commit(step_id)
         if not takers:
             return status

@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from ...dataparallel import Reduction
+from ...optim import global_norm
 from ..actions import ActionRunner
 from ..paramserver import ParameterServer
 from ..worker import Worker
@@ -130,7 +131,47 @@ class _RayParamServer(ParameterServer):
         with self.step_lock:
             self.check_generation(generation, "the parameter server's update")
             grads = [own(d) for d in inputs[:n_grads]]
-            return self.stage_and_commit(int(control[0]), grads, takers)
+            step, split = control  # split: the data-parallel stage's arguments, as with calls
+            return self.stage_and_commit(int(step), grads, takers, **split)
+
+    # A step over sharded servers is two-phase inside the graph too: every shard's stage node
+    # runs once every task succeeded, and each shard's commit node takes every shard's stage
+    # output, so no shard commits unless every shard staged (see compiled_training.py).
+    def compiled_sums(self, generation: int, control: Any, *grad_dicts: Any) -> dict[str, float]:
+        """A compiled step's share of the global gradient norm on this shard (``clip_norm``)."""
+        with self.step_lock:
+            self.check_generation(generation, "a parameter-server shard's gradient norm")
+            return ParameterServer.sum_of_squares(self, *[own(d) for d in grad_dicts], **control[1])
+
+    def compiled_stage(
+        self, generation: int, control: Any, n_grads: int, n_sums: int, *inputs: Any
+    ) -> int:
+        """A compiled step's stage on this shard: ``inputs`` are its gradient dicts (the first
+        ``n_grads``), then every shard's sums of squares (``n_sums``, for clipping: the one
+        global norm, combined as with calls), then every other output of the step's tasks
+        (taken so this node runs only once all of them succeeded)."""
+        with self.step_lock:
+            self.check_generation(generation, "a parameter-server shard's stage")
+            step, split = control
+            grads = [own(d) for d in inputs[:n_grads]]
+            sums = [own(d) for d in inputs[n_grads : n_grads + n_sums]]
+            norm = global_norm({p: v for d in sums for p, v in d.items()}) if sums else None
+            ParameterServer.stage(self, int(step), *grads, grad_norm=norm, **split)
+            return int(step)
+
+    def compiled_commit(
+        self, generation: int, control: Any, takers: tuple[int, ...], *staged: Any
+    ) -> Any:
+        """A compiled step's commit on this shard, once every shard staged (``staged``: their
+        stage nodes' outputs); returns its status, and with ``takers`` (status, the new params
+        of each taker this shard serves)."""
+        with self.step_lock:
+            self.check_generation(generation, "a parameter-server shard's commit")
+            status = ParameterServer.commit(self, int(control[0]))
+            if not takers:
+                return status
+            routed = self._route(self.store.params)  # the committed params (the staged ones)
+            return (status, *[routed[w] for w in takers])
 
     def sum_of_squares(
         self,

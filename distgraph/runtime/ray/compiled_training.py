@@ -1,24 +1,41 @@
 """Training steps on the compiled transport: a session's plan, its parameter server's update
 included, compiled into one Ray Compiled Graph.
 
-The graph of a training plan (:class:`TrainingGraph`): the driver's input (step id, trace,
-check_finite, feeds) goes to every task, each task is one bind of its worker's
-``train_compiled`` (imports bound as arguments, as for run() plans, see ``compiled.py``); then
-one node on the parameter server, ``compiled_step``, takes every gradient dict *and every
-other output of the step's tasks* (the driver's loss too), so Ray runs it only when every task
-of the step succeeded (a node whose input failed is skipped and passes the error on). It
-stages and commits the update at once and returns its status plus, for each worker that takes
-its params from the server (``takers``), that worker's new params, which a last node on the
-worker (``take_params``) makes resident. The driver reads the loss, the status and the takers'
-acknowledgements.
+The graph of a training plan (:class:`TrainingGraph`): the driver's input holds one control
+per server actor (step id, its data-parallel stage arguments) and one per replica (step id,
+trace, check_finite, that replica's feeds); each is a channel of its own, read by that server
+or by that replica's tasks only. Each task (of every replica: the ``replicate()``d plan) is one
+bind of its worker's ``train_compiled`` (imports bound as arguments, as for run() plans, see
+``compiled.py``). With one server, one node on it, ``compiled_step``, takes every gradient
+dict *and every other output of the step's tasks* (the driver's loss too), so Ray runs it only
+when every task of the step succeeded (a node whose input failed is skipped and passes the
+error on). It stages and commits the update at once and returns its status plus, for each
+worker that takes its params from the server (``takers``), that worker's new params, which a
+last node on the worker (``take_params``) makes resident. The driver reads the loss, the
+status and the takers' acknowledgements.
+
+Data-parallel replicas (``replicas.py``): the step's rows are split by ``split_rows`` as with
+calls (a batch with fewer rows than replicas runs on calls), each replica's tasks read their
+own rows, and the server combines the replicas' gradient dicts, sent in plan order
+(replica-major), with the same ``(count, rows)`` groups and weights as the calls path
+(``replica_groups``): the result is bit-identical to calls.
+
+Sharded servers (``shards.py``): the plan's gradients are routed per shard (``route_plan``).
+Each shard has a stage node (its gradients, every other output of the step's tasks, and with
+``clip_norm`` every shard's ``compiled_sums`` node, combined into the one global norm as
+with calls) and a commit node that takes *every* shard's stage output: no shard commits
+unless every shard staged, the two phases of the calls path. A taker gets its params from the
+commit node of each shard that holds some of them.
 
 Why this keeps the step protocol's guarantees (see ``session.py``):
-- exactly once: the commit runs only inside the server node, once per execution, and a step
+- exactly once: the commit runs only inside the server's nodes, once per execution, and a step
   id the server applied before is a duplicate it ignores; a step whose execution failed is
   decided by the server (``abort`` answers whether it is applied, after the fence below), as
   an interrupted commit is with calls;
-- never half-updated: the server node runs only if every task succeeded, and applies the
-  update within one call holding its step lock;
+- never half-updated: the update runs only if every task succeeded, within one call holding
+  the server's step lock; with shards, commits run only once every shard staged, and a step
+  that a failure left committed on some shards only is rolled back there by the abort's
+  settlement (``ShardedServer.settle``), as with calls;
 - order: the graph's loop runs on a thread of its own in each actor, beside ordinary calls.
   Every method touching step state holds the actor's step lock (``runtime/serial.py``), and
   the driver sends out-of-band calls (install, new params after a recovery, replica resets,
@@ -29,9 +46,9 @@ Why this keeps the step protocol's guarantees (see ``session.py``):
   id, same batch).
 
 Refused (transport="compiled": ConfigError; "auto": actor calls, said in the log and in
-``RaySession.explain_transport``): data-parallel replicas, parameter-server shards, pipelined
-micro-batches, asynchronous steps. Per plan, as for run(): ``data_path="store"``, workers on
-several nodes under "auto", channels over ``MAX_BUFFER``.
+``RaySession.explain_transport``): pipelined micro-batches, asynchronous steps
+(``consistency="async"``). Per plan, as for run(): ``data_path="store"``, workers on several
+nodes under "auto", channels over ``MAX_BUFFER``.
 """
 
 from __future__ import annotations
@@ -55,7 +72,7 @@ from ray.exceptions import (
 
 from ...cost import node_bytes
 from ...errors import DistgraphError, WaveTimeoutError, WorkerLostError
-from ...plan import DRIVER, PARAM_SERVER, Plan
+from ...plan import DRIVER, Plan
 from ..serial import StaleGraphError
 from .compiled import (
     HEADROOM,
@@ -80,12 +97,15 @@ _GENERATIONS = itertools.count(1)
 
 
 def training_buffer_bytes(
-    plan: Plan, feeds: Mapping[str, Any], params: Mapping[str, Any], takers: Sequence[int]
+    plan: Plan,
+    feeds: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    takers: Sequence[int],
 ) -> int:
     """Channel buffer for a training graph: its largest message (a task's output at the plan's
-    batch, the feeds, or a taker's new params), doubled, plus headroom."""
+    batch, one replica's feeds, or a taker's new params), doubled, plus headroom."""
     sizes = node_bytes(plan.program, plan.cost)
-    largest = sum(message_bytes(v) for v in feeds.values())
+    largest = max((sum(message_bytes(v) for v in part.values()) for part in feeds), default=0)
     for task in plan.tasks:
         for _dest, names in task.outputs:
             largest = max(largest, sum(int(sizes.get(n, 0)) + PER_ARRAY for n in names))
@@ -96,76 +116,160 @@ def training_buffer_bytes(
 
 
 class TrainingGraph:
-    """One training plan compiled on a cluster's workers and a parameter-server actor."""
+    """One training plan compiled on a cluster's workers and its parameter-server actor(s).
+
+    The graph's input is one control per server actor, ``(step, split)`` (``split``: that
+    actor's data-parallel stage arguments, as the calls path passes them), then one per
+    replica, ``(step, trace, check_finite, feeds)`` with that replica's rows: each is its
+    own channel, read only by its replica's tasks (or its server)."""
 
     def __init__(
         self,
         workers: Sequence[Any],
-        server: Any,
+        servers: Sequence[Any],
+        dests: Sequence[str],
         plan: Plan,
         plan_id: int,
-        takers: Sequence[int],
+        serves: Sequence[Sequence[int]],
         buffer_bytes: int,
+        width: int,
+        clip: bool = False,
     ) -> None:
         self.plan, self.plan_id, self.buffer_bytes = plan, plan_id, buffer_bytes
-        self.workers, self.server = list(workers), server
-        self.takers = tuple(takers)
+        self.workers, self.servers = list(workers), list(servers)
+        self.serves = [tuple(ws) for ws in serves]
+        self.takers = tuple(sorted({w for ws in self.serves for w in ws}))
+        self.width = width
+        self.replicas = -(-plan.num_workers // width)
         self.generation = next(_GENERATIONS)
         self.torn_down = False
         self._teardown: threading.Thread | None = None
         gen = self.generation
         actors = sorted({t.worker for t in plan.tasks} | set(self.takers))
-        self.actors = [self.workers[w] for w in actors] + [server]
+        self.actors = [self.workers[w] for w in actors] + self.servers
         # Every process that creates channels sizes them (see compiled.py's docstring).
         set_buffer_size(None, buffer_bytes)
         ray.get(
             [a.__ray_call__.remote(set_buffer_size, buffer_bytes) for a in self.actors],
             timeout=60,
         )
+        n_servers = len(self.servers)
         consumed = {(src, slot) for t in plan.tasks for src, slot, _ in t.imports}
         outs: dict[int, list[Any]] = {}
         with InputNode() as inp:
+            controls = [inp[i] for i in range(n_servers + self.replicas)]
             for task in plan.tasks:
                 k = max(1, len(task.outputs))
                 method = self.workers[task.worker].train_compiled
                 if k > 1:
                     method = method.options(num_returns=k)
                 args = [outs[src][slot] for src, slot, _ in task.imports]
-                node = method.bind(plan_id, task.id, gen, inp, *args)
+                control = controls[n_servers + task.worker // width]
+                node = method.bind(plan_id, task.id, gen, control, *args)
                 outs[task.id] = list(node) if k > 1 else [node]
-            grads, gates, driver = [], [], []
+            # Per server actor, its gradient dicts in plan order (replica-major: the order
+            # the calls path stages them in), and the leaves every update waits for.
+            grads: list[list[Any]] = [[] for _ in self.servers]
+            gates, driver = [], []
             for task in plan.tasks:
                 for slot, node in enumerate(outs[task.id]):
                     dest = task.outputs[slot][0] if task.outputs else None
-                    if dest == PARAM_SERVER:
-                        grads.append(node)  # in plan order, as ServerLink.stage sends them
+                    if isinstance(dest, str) and dest in dests:
+                        grads[list(dests).index(dest)].append(node)
                     elif (task.id, slot) not in consumed:
                         gates.append(node)  # the driver's outputs and any other leaf
                         if dest == DRIVER:
                             driver.append(node)
-            n = 1 + len(self.takers)
-            update = server.compiled_step
-            if n > 1:
-                update = update.options(num_returns=n)
-            srv = update.bind(gen, inp, self.takers, len(grads), *grads, *gates)
-            srv_outs = list(srv) if n > 1 else [srv]
-            takes = [
-                self.workers[w].take_params.bind(plan_id, gen, srv_outs[1 + i])
-                for i, w in enumerate(self.takers)
-            ]
-            dag = MultiOutputNode(gates + [srv_outs[0]] + takes)
+            if n_servers == 1:
+                statuses, params = self._one_server(gen, controls[0], grads[0], gates)
+            else:
+                statuses, params = self._shards(gen, controls, grads, gates, clip)
+            takes = [self.workers[w].take_params.bind(plan_id, gen, node) for w, node in params]
+            dag = MultiOutputNode(gates + statuses + takes)
         self.n_gates = len(gates)
         self.driver_at = [gates.index(d) for d in driver]
         self.dag = dag.experimental_compile(_max_inflight_executions=1)
 
+    def _one_server(
+        self, gen: int, control: Any, grads: list[Any], gates: list[Any]
+    ) -> tuple[list[Any], list[tuple[int, Any]]]:
+        """One node stages and commits at once; it takes every gradient dict and every other
+        leaf of the step, so it runs only once every task succeeded. Returns (its status
+        node, (taker, its new params' node) per taker)."""
+        takers = self.serves[0]
+        n = 1 + len(takers)
+        update = self.servers[0].compiled_step
+        if n > 1:
+            update = update.options(num_returns=n)
+        node = update.bind(gen, control, takers, len(grads), *grads, *gates)
+        outs = list(node) if n > 1 else [node]
+        return [outs[0]], [(w, outs[1 + i]) for i, w in enumerate(takers)]
+
+    def _shards(
+        self,
+        gen: int,
+        controls: list[Any],
+        grads: list[list[Any]],
+        gates: list[Any],
+        clip: bool,
+    ) -> tuple[list[Any], list[tuple[int, Any]]]:
+        """Two phases, as with calls: a stage node per shard (its gradients, with clipping
+        every shard's sums of squares, and every leaf of the step), then a commit node per
+        shard taking *every* shard's stage output, so a shard commits only once every shard
+        staged. Returns (each shard's status node, (taker, new params' node) per taker and
+        serving shard, in shard order)."""
+        shards = self.servers
+        sums = []
+        if clip:
+            sums = [s.compiled_sums.bind(gen, controls[i], *grads[i]) for i, s in enumerate(shards)]
+        staged = [
+            s.compiled_stage.bind(
+                gen, controls[i], len(grads[i]), len(sums), *grads[i], *sums, *gates
+            )
+            for i, s in enumerate(shards)
+        ]
+        statuses: list[Any] = []
+        params: list[tuple[int, Any]] = []
+        for i, s in enumerate(shards):
+            takers = self.serves[i]
+            n = 1 + len(takers)
+            commit = s.compiled_commit
+            if n > 1:
+                commit = commit.options(num_returns=n)
+            node = commit.bind(gen, controls[i], takers, *staged)
+            outs = list(node) if n > 1 else [node]
+            statuses.append(outs[0])
+            params.extend((w, outs[1 + j]) for j, w in enumerate(takers))
+        return statuses, params
+
+    def layout(self) -> str:
+        """What the graph holds, in words (for ``explain_transport`` and the log)."""
+        replicas = f"{self.replicas} replicas, " if self.replicas > 1 else ""
+        if len(self.servers) > 1:
+            return (
+                f"{replicas}{len(self.servers)} parameter-server shards' stage and commit included"
+            )
+        return f"{replicas}the server's update included"
+
     def run(
-        self, step: int, feeds: Mapping[str, Any], trace: bool, check_finite: bool, timeout: float
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Execute step ``step``: (the driver's outputs in plan order, the commit's status)."""
-        ref = self.dag.execute((step, trace, check_finite, dict(feeds)))
+        self,
+        step: int,
+        splits: Sequence[Mapping[str, Any]],
+        feeds: Sequence[Mapping[str, Any]],
+        trace: bool,
+        check_finite: bool,
+        timeout: float,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Execute step ``step`` (``splits``: each server actor's data-parallel stage arguments,
+        ``feeds``: each replica's): (the driver's outputs in plan order, each server actor's
+        commit status)."""
+        controls: list[tuple[Any, ...]] = [(step, dict(sp)) for sp in splits]
+        controls += [(step, trace, check_finite, dict(f)) for f in feeds]
+        ref = self.dag.execute(*controls)
         values = ray.get(ref, timeout=timeout)
         driver = [own(values[i]) for i in self.driver_at]
-        return driver, dict(values[self.n_gates])
+        statuses = values[self.n_gates : self.n_gates + len(self.servers)]
+        return driver, [dict(s) for s in statuses]
 
     def retire(self) -> list[Any]:
         """Abandon the graph: fence its generation on every actor (their late calls change
@@ -260,17 +364,23 @@ class CompiledTraining:
         plan_id: int,
         server: Any,
         takers: Sequence[int],
-        feeds: Mapping[str, Any],
+        feeds: Sequence[Mapping[str, Any]],
         params: Mapping[str, Any],
+        width: int,
+        clip: bool = False,
     ) -> TrainingGraph | None:
-        """The live graph of ``plan`` (compiled now if needed); None: refused, use calls."""
+        """The live graph of ``plan`` (compiled now if needed); None: refused, use calls.
+        ``server``: the session's ServerLink or ShardedServer; ``feeds``: each replica's;
+        ``width``: workers per replica; ``clip``: sharded servers clip by the global norm."""
         need = training_buffer_bytes(plan, feeds, params, takers)
+        handles = list(server.handles)
         graph = self.graph
         if graph is not None and (
             graph.torn_down
             or graph.plan_id != plan_id
             or graph.workers != list(self.cluster.workers)
-            or graph.server is not server
+            or len(graph.servers) != len(handles)
+            or any(a is not b for a, b in zip(graph.servers, handles))
             or need > graph.buffer_bytes
         ):
             # Another user took the workers, a replaced worker or server, a larger batch.
@@ -283,7 +393,17 @@ class CompiledTraining:
             self.settle_previous()
             self.slot.claim(self)
             try:
-                graph = TrainingGraph(self.cluster.workers, server, plan, plan_id, takers, need)
+                graph = TrainingGraph(
+                    self.cluster.workers,
+                    handles,
+                    server.dests,
+                    plan,
+                    plan_id,
+                    server.serves(takers),
+                    need,
+                    width,
+                    clip,
+                )
             except Exception as e:  # an unsupported shape: say so, stay on calls
                 reason = f"Ray could not compile it: {type(e).__name__}: {e}"
         if graph is None:
@@ -291,10 +411,11 @@ class CompiledTraining:
             return None
         self.graph = graph
         log.info(
-            "compiled training plan %d (%d tasks and the server's update) into a Ray Compiled "
-            "Graph, channels of %d bytes",
+            "compiled training plan %d (%d tasks: %s) into a Ray Compiled Graph, channels of "
+            "%d bytes",
             plan_id,
             len(plan.tasks),
+            graph.layout(),
             need,
         )
         return graph
@@ -365,7 +486,7 @@ class CompiledTraining:
             return 'transport: actor calls (transport="calls")'
         if self.graph is not None and not self.graph.torn_down:
             return (
-                f"transport: compiled graph (the server's update included), channels of "
+                f"transport: compiled graph ({self.graph.layout()}), channels of "
                 f"{self.graph.buffer_bytes:,} B"
             )
         if self.last_reason:

@@ -14,7 +14,8 @@ every batch input (shared inputs whole; a pipelined replica splits its rows agai
 micro-batches with the same helper, see ``pipelined.py``), and
 the server is asked to combine the replicas' gradient dicts in replica order
 (:func:`replica_groups`, ``ParameterServer.stage(..., replicas=, kind=)``) and apply the result
-once.
+once. A compiled step (``compiled_training.py``) splits and groups with these same functions,
+so it is bit-identical to actor calls.
 """
 
 from __future__ import annotations

@@ -188,6 +188,32 @@ class ServerLink:
             self.recover(None)
             return self.waves.get([getattr(self.handle, method).remote(*args)], what)[0]
 
+    # A compiled step's layout (compiled_training.py) ------------------------------------------
+    @property
+    def handles(self) -> list[Any]:
+        """The server's actors (one here; a sharded server has one per shard)."""
+        return [self.handle]
+
+    @property
+    def dests(self) -> list[str]:
+        """The plan destination of each actor's gradients."""
+        return [PARAM_SERVER]
+
+    def stage_splits(
+        self, plan: Plan, split: Mapping[str, Any] | None, width: int
+    ) -> list[dict[str, Any]]:
+        """Each actor's data-parallel stage arguments (``split``, as :meth:`stage` takes it)."""
+        return [dict(split or {})]
+
+    def serves(self, takers: Sequence[int]) -> list[list[int]]:
+        """Per actor, the takers it sends new params to."""
+        return [list(takers)]
+
+    def take_sent(self) -> list[Any]:
+        """The refs of calls sent without waiting since the latest step (cleared)."""
+        sent, self.sent = self.sent, []
+        return sent
+
     # A step's calls ----------------------------------------------------------------------------
     def stage(
         self,

@@ -40,9 +40,11 @@ worker's micro-batch actions in one call, keeping every other part of this proto
 over replicas, stage / commit / abort, recovery).
 Compiled transport (``transport`` "compiled" or "auto", from the second step in a row): the
 same protocol inside one Ray Compiled Graph (``compiled_training.py``): the server's stage and
-commit are one node that runs only once every task succeeded, takers get their new params
-from a last node of the same step, and a failed execution is fenced, aborted (the server's
-answer decides), recovered as below and compiled again. Calls sent without waiting (drops,
+commit are one node that runs only once every task succeeded (with ``ps_shards``: a stage
+node per shard, then a commit node per shard that waits for every shard's stage; replicas
+take their rows as above), takers get their new params from a last node of the same step,
+and a failed execution is fenced, aborted (the server's answer decides), recovered as below
+and compiled again. Calls sent without waiting (drops,
 replica resets, progress, new params after a recovery) are awaited before the next compiled
 step (``_quiesce``), since the graph's calls do not queue behind them.
 
@@ -91,7 +93,7 @@ from .replicas import (
     split_rows,
 )
 from .server import ServerLink, server_events
-from .shards import ShardedServer
+from .shards import ShardedServer, merge_commits
 from .training import Attached, attach_arrays, replica_layout, server_routes, takers
 from .waves import RowsFeed, Waves, batch_size
 
@@ -246,26 +248,29 @@ class RaySession(TrainingSession):
         return replicate(base, layout.count)
 
     def _check_transport(self, layout: Replicas) -> None:
-        """Refuse what compiled training does not cover yet (ConfigError under "compiled";
-        under "auto" the steps run on actor calls, said in the log and ``explain_transport``)."""
+        """Refuse what compiled training does not cover (ConfigError under "compiled"; under
+        "auto" the steps run on actor calls, said in the log and ``explain_transport``):
+        pipelined micro-batches and asynchronous steps. Replicas and sharded servers compile
+        (``compiled_training.py``)."""
         o = self.options
-        reason = ""
-        if layout.count > 1:
-            reason = f"{layout.count} data-parallel replicas"
-        elif o.ps_shards > 1:
-            reason = f"ps_shards={o.ps_shards}"
-        if not reason or o.transport == "calls":
+        if o.transport == "calls":
+            return
+        if o.microbatches is not None:  # refused by the executor under "compiled"
+            reason = f"microbatches={o.microbatches} (a pipelined step has its own call order)"
+        elif o.consistency == "async":
+            reason = (
+                "consistency='async' (each replica's gradients are applied as they arrive; a "
+                "compiled step is synchronous)"
+            )
+        else:
             return
         if o.transport == "compiled":
             self.plan = None
             raise ConfigError(
-                f'transport="compiled" does not compile training steps with {reason} yet '
-                "(the graph holds one replica's tasks and one server's update); use "
+                f'transport="compiled" does not compile training steps with {reason}; use '
                 'transport="auto" (it runs such steps on actor calls) or "calls"'
             )
-        self.compiled.refuse(
-            self.plan_id, f"{reason} (compiled training covers one replica and one server)"
-        )
+        self.compiled.refuse(self.plan_id, reason)
 
     def explain_transport(self) -> str:
         """How this session's steps travel: compiled graph or actor calls, and why."""
@@ -438,8 +443,7 @@ class RaySession(TrainingSession):
             if loss is not None:
                 return loss
         self._sent.clear()  # calls run in submission order: after those sent before
-        if isinstance(self.server, ServerLink):
-            self.server.sent.clear()
+        self.server.take_sent()  # likewise
         self._settle()  # a step an earlier failure left undecided is decided first
         t_submit = time.time()
         updates, self._updates = self._updates, {}
@@ -500,17 +504,7 @@ class RaySession(TrainingSession):
             if rows:
                 events = replica_events(events, width, rows, t_submit)
             self.last_trace = sorted(events, key=lambda e: e.start)
-        answering = [t for t in sent.tasks if any(d == DRIVER for d, _ in t.outputs)]
-        if not rows:
-            return float(next(d[self.loss] for d in driver if self.loss in d))
-        losses: dict[int, float] = {}
-        for t, values in zip(answering, driver):
-            if self.loss in values:
-                losses[t.worker // width] = values[self.loss]
-        assert layout.split is not None
-        return combine_losses(
-            [losses[r] for r in range(len(rows))], [b - a for a, b in rows], layout.split.kind
-        )
+        return self._step_loss(sent, driver, rows)
 
     # The calls of a step (hooks: ``pipelined.py`` runs a step as schedule actions) -----------
     def _submit_step(
@@ -557,29 +551,61 @@ class RaySession(TrainingSession):
 
     def _step_compiled(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float | None:
         """Run one step as the plan's compiled graph (``compiled_training.py``); None: the
-        plan runs on calls (refused now, or its messages outgrew the channels)."""
-        plan = self.plan
-        assert plan is not None
+        plan runs on calls (refused now, its messages outgrew the channels, or a batch with
+        fewer rows than replicas)."""
+        plan, layout = self.plan, self.layout
+        assert plan is not None and layout is not None
         self._settle()
         self._quiesce()
-        feeds = self.compiled.feeds(arrays)
+        rows: list[tuple[int, int]] = []  # each replica's rows (start, stop)
+        parts: Sequence[Mapping[str, Any]] = [arrays]
+        split: dict[str, Any] = {}  # the data-parallel stage's arguments, as with calls
+        if layout.split is not None:
+            slices, parts = split_rows(arrays, layout.split.batch_inputs, layout.count)
+            if len(parts) < layout.count:  # the graph runs every replica: leave it to calls
+                self.compiled.last_reason = (
+                    f"a batch of {len(parts)} rows for {layout.count} replicas"
+                )
+                return None
+            rows = [(sl.start, sl.stop) for sl in slices]
+            counts = [b - a for a, b in rows]
+            split = {
+                "replicas": replica_groups(plan, layout.width, counts),
+                "kind": layout.split.kind,
+            }
+        feeds = [self.compiled.feeds(p) for p in parts]
+        # Sharded servers clip by one global norm: each shard's sums of squares are nodes too.
+        clip = isinstance(self.server, ShardedServer) and self.optimizer.clip_norm is not None
         # The slot is held from the graph's lookup to the step's end: an idle graph's reaper
         # (compiled.py's GraphSlot) never tears it down in between.
         with self.compiled.slot.running():
             graph = self.compiled.graph_for(
-                plan, self.plan_id, self.ps, self.takers, feeds, self._initial.params
+                plan,
+                self.plan_id,
+                self.server,
+                self.takers,
+                feeds,
+                self._initial.params,
+                layout.width,
+                clip,
             )
             if graph is None:
                 return None
             t_submit = time.time()
             try:
-                driver, status = graph.run(
-                    step_id, feeds, trace, self.check_finite, self.options.deadline
+                driver, statuses = graph.run(
+                    step_id,
+                    self.server.stage_splits(plan, split, layout.width),
+                    feeds,
+                    trace,
+                    self.check_finite,
+                    self.options.deadline,
                 )
             except BaseException as e:
                 error = self.compiled.failed(graph, step_id, e)
                 # The server decides whether the step is applied (its update runs inside the
-                # graph): after the fence, its answer to the abort is final.
+                # graph): after the fence, its answer to the abort is final (with shards, a
+                # step some shards committed is rolled back there: ``ShardedServer.settle``).
                 self._abandon(step_id, True, None, error)
                 if isinstance(error, ChannelSizeError):
                     return None  # the step runs again on calls
@@ -590,12 +616,33 @@ class RaySession(TrainingSession):
         if step_id not in self._done:
             self._done.append(step_id)
         self._updates = {}  # the takers made their new params resident inside the graph
-        self._record_rows(step_id, plan, [])
+        self._record_rows(step_id, plan, rows)
         if trace:
+            status = statuses[0] if len(statuses) == 1 else merge_commits(statuses)
             events = self.waves.trace(plan, self.plan_id, step_id, t_submit)
             events += server_events(step_id, status, getattr(self.server, "keys", ()))
+            if rows:
+                events = replica_events(events, layout.width, rows, t_submit)
             self.last_trace = sorted(events, key=lambda e: e.start)
-        return float(next(d[self.loss] for d in driver if self.loss in d))
+        return self._step_loss(plan, driver, rows)
+
+    def _step_loss(
+        self, plan: Plan, driver: Sequence[Mapping[str, Any]], rows: Sequence[tuple[int, int]]
+    ) -> float:
+        """The step's loss from the driver's outputs (one dict per task of ``plan`` that
+        answers the driver, in task order): with replicas, theirs combined in replica order."""
+        if not rows:
+            return float(next(d[self.loss] for d in driver if self.loss in d))
+        layout = self.layout
+        assert layout is not None and layout.split is not None
+        answering = [t for t in plan.tasks if any(d == DRIVER for d, _ in t.outputs)]
+        losses: dict[int, float] = {}
+        for t, values in zip(answering, driver):
+            if self.loss in values:
+                losses[t.worker // layout.width] = values[self.loss]
+        return combine_losses(
+            [losses[r] for r in range(len(rows))], [b - a for a, b in rows], layout.split.kind
+        )
 
     def _quiesce(self) -> None:
         """Before a compiled step: every call sent without waiting has run (the graph's calls
@@ -603,10 +650,9 @@ class RaySession(TrainingSession):
         server's current params."""
         self.server.drain()
         workers = self.cluster.workers
-        assert isinstance(self.server, ServerLink)  # sharded servers are not compiled
-        sent = self._sent + self.server.sent
+        sent = self._sent + self.server.take_sent()
         sent += [workers[w].set_resident.remote(self.plan_id, u) for w, u in self._updates.items()]
-        self._sent, self.server.sent, self._updates = [], [], {}
+        self._sent, self._updates = [], {}
         if not sent:
             return
         _done, waiting = ray.wait(sent, num_returns=len(sent), timeout=self.options.deadline)

@@ -171,16 +171,21 @@ def _merge_dicts(*parts: Any) -> dict[str, Any]:
     return out
 
 
-@ray.remote(num_cpus=0)
-def _merge_commits(*statuses: dict[str, Any]) -> dict[str, Any]:
+def merge_commits(statuses: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The shards' answers to one step's commit as one server's (``shards``: each one's)."""
     return {
         "version": min(s["version"] for s in statuses),
         "applied": all(s["applied"] for s in statuses),
         "step": statuses[0]["step"],
         "start": min(s["start"] for s in statuses),
         "end": max(s["end"] for s in statuses),
-        "shards": list(statuses),
+        "shards": [dict(s) for s in statuses],
     }
+
+
+@ray.remote(num_cpus=0)
+def _merge_commits(*statuses: dict[str, Any]) -> dict[str, Any]:
+    return merge_commits(statuses)
 
 
 @ray.remote(num_cpus=0)
@@ -408,6 +413,36 @@ class ShardedServer:
             return self._decide(args[0], self._each("abort", args[0]))
         raise AssertionError(f"no sharded form of the server's {method}")
 
+    # A compiled step's layout (compiled_training.py) ------------------------------------------
+    @property
+    def handles(self) -> list[Any]:
+        """Every shard's actor, in shard order."""
+        return [link.handle for link in self.links]
+
+    @property
+    def dests(self) -> list[str]:
+        """The plan destination of each shard's gradients (see :func:`route_plan`)."""
+        return [shard_dest(s) for s in range(len(self.links))]
+
+    def stage_splits(
+        self, plan: Plan, split: Mapping[str, Any] | None, width: int
+    ) -> list[dict[str, Any]]:
+        """Each shard's data-parallel stage arguments (see :func:`shard_split`)."""
+        return [shard_split(plan, dest, split, width) for dest in self.dests]
+
+    def serves(self, takers: Sequence[int]) -> list[list[int]]:
+        """Per shard, the takers it sends new params to (those keeping some of its params)."""
+        out = []
+        for s in range(len(self.links)):
+            routes = self._shard_routes(s)
+            out.append([w for w in takers if routes.get(w)])
+        return out
+
+    def take_sent(self) -> list[Any]:
+        """The refs of calls sent without waiting since the latest step, every shard's
+        (cleared)."""
+        return [ref for link in self.links for ref in link.take_sent()]
+
     # A step's calls ----------------------------------------------------------------------------
     def stage(
         self,
@@ -429,7 +464,7 @@ class ShardedServer:
             ]
             for s in range(len(self.links))
         ]
-        splits = [shard_split(plan, shard_dest(s), split, width) for s in range(len(self.links))]
+        splits = self.stage_splits(plan, split, width)
         norm = None
         if self.optimizer.clip_norm is not None:
             sums = [
@@ -440,9 +475,7 @@ class ShardedServer:
         n = self.options.num_workers
         staged: list[Any] = []
         parts: dict[int, list[Any]] = {w: [] for w in takers}
-        for s, (link, g, sp) in enumerate(zip(self.links, grads, splits)):
-            routes = self._shard_routes(s)
-            serves = [w for w in takers if routes.get(w)]
+        for link, g, sp, serves in zip(self.links, grads, splits, self.serves(takers)):
             if serves:
                 out = link.handle.stage.options(num_returns=1 + n).remote(
                     step_id, *g, routed=True, grad_norm=norm, **sp
