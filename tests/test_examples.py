@@ -110,6 +110,18 @@ def test_digits_cnn_quick_run_is_deterministic(capsys):
     assert second["history"] == first["history"] and second["accuracy"] == first["accuracy"]
 
 
+def test_digits_cnn_replicas_default_to_the_librarys_auto():
+    """``--replicas`` defaults to ``auto``, as ``RayExecutor(replicas=...)`` does, and still
+    takes a count."""
+    import inspect
+
+    example = load_example("digits_cnn")
+    assert inspect.signature(dg.RayExecutor).parameters["replicas"].default == "auto"
+    assert example.parser().parse_args([]).replicas == "auto"
+    assert example.parser().parse_args(["--replicas", "2"]).replicas == 2
+    assert inspect.signature(example.make_executor).parameters["replicas"].default == "auto"
+
+
 def test_digits_split_is_fixed_and_disjoint():
     train, test = load_example("digits_cnn").split(seed=0)
     assert train["x"].shape == (1438, 1, 8, 8) and test["x"].shape == (359, 1, 8, 8)
