@@ -57,12 +57,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .cost import CostModel, itemsize
-from .errors import ConfigError, DistgraphError, FeedError, GraphError, ResourceError, ShapeError
-from .graph import Graph
-from .ops import LEAF_OPS
-from .program import Program
-from .spec import NodeSpec
+from ..cost import CostModel, itemsize
+from ..errors import ConfigError, DistgraphError, FeedError, GraphError, ResourceError, ShapeError
+from ..graph import Graph
+from ..ops import LEAF_OPS
+from ..program import Program
+from ..spec import NodeSpec
 
 #: How a loss reduces over the batch rows: a mean (shard gradients weighted by their share of
 #: the rows) or a sum (shard gradients added as they are).
@@ -902,7 +902,7 @@ def choose_layout(
     the reason when it is not possible). No possible layout raises
     :class:`~distgraph.errors.ResourceError`.
     """
-    from .partition import STRATEGIES  # partition imports plan imports program: no cycle here
+    from ..partition import STRATEGIES  # partition imports plan imports program: no cycle here
 
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
@@ -1110,9 +1110,9 @@ def _evaluate(
     strategies: Mapping[str, Any],
 ) -> LayoutOption:
     """Estimate one layout (see :func:`choose_layout`)."""
-    from .cost import bytes_array
-    from .partition import partition
-    from .plan import build_plan
+    from ..cost import bytes_array
+    from ..partition import partition
+    from ..plan import build_plan
 
     shard_cost = dataclasses.replace(cost, batch_size=max(rows))
     name = strategy if isinstance(strategy, str) else "custom"
@@ -1159,7 +1159,7 @@ def stage_placement(program: Program, width: int, cost: CostModel) -> dict[str, 
     differentiate it: a placement that spreads memory (a pipeline's stages) where the
     speed-minded strategies keep a chain on one worker. Returns the forward ops' workers;
     ``partition(program, width, placement)`` places leaves and backward nodes with them."""
-    from .cost import bytes_array
+    from ..cost import bytes_array
 
     nbytes = dict(zip(program.order, bytes_array(program, cost).tolist()))
     weight: dict[str, int] = {}
@@ -1201,7 +1201,7 @@ def _ms(seconds: float) -> str:
 
 
 def _fmt_bytes(n: float) -> str:
-    from .memory import format_bytes
+    from ..memory import format_bytes
 
     return format_bytes(n)
 
