@@ -5,8 +5,9 @@ gradients combine exactly into the full batch's? It follows the batch axis throu
 ops and either says whether the loss is a mean or a sum of per-row terms, or raises a
 :class:`~distgraph.errors.GraphError` naming the node that couples rows), the per-op rules it
 applies (:func:`declare_rowwise` adds custom ops to them), and :func:`shard_rows` (the row
-slices of one batch). Kept apart from the layout and the gradient arithmetic because it is the
-one place that reads graph semantics: everything else in the package works on row counts.
+slices of one batch). Kept apart because it is the package's one table of what each op does
+to batch rows: the layout, the gradient arithmetic and the shards only see row counts and the
+``RowSplit`` this returns.
 """
 
 from __future__ import annotations
