@@ -109,7 +109,7 @@ class ProgramCache:
         self.memory_limit: int | None = None
         #: memory.py: (limit, feed shapes) of the last feeds checked, so a repeat is free.
         self.memory_checked: tuple[int, tuple[Any, ...]] | None = None
-        #: dataparallel.py: row-coupling analyses, by (loss, batch inputs).
+        #: dataparallel/rows.py: row-coupling analyses, by (loss, batch inputs).
         self.row_splits: dict[tuple[str | None, tuple[str, ...] | None], Any] = {}
 
     def seed(self, **known: Any) -> None:

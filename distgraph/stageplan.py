@@ -39,7 +39,7 @@ from .pipeline import (
     peak_inflight,
     stage_profile,
 )
-from .plan import DRIVER, PARAM_SERVER, Plan, Task, build_plan
+from .plan import Plan, Task, build_plan
 from .predict import Call, Prediction, pipeline_calls, server_seconds, simulate_calls
 from .program import Program
 from .result import TraceEvent
@@ -50,7 +50,6 @@ __all__ = [
     "bubble_formula",
     "build_stage_plan",
     "measured_bubble",
-    "split_batch",
 ]
 
 
@@ -78,14 +77,6 @@ def measured_bubble(events: Sequence[TraceEvent]) -> float:
     workers = {e.worker for e in acts}
     busy = sum(e.end - e.start for e in acts)
     return 1.0 - busy / (len(workers) * span) if span > 0 else 0.0
-
-
-def split_batch(rows: int, microbatches: int) -> list[slice]:
-    """Row slices of a batch of ``rows`` for ``microbatches`` micro-batches (sizes differ by
-    at most one; fewer micro-batches than asked when the batch has fewer rows)."""
-    from .dataparallel import shard_rows  # dataparallel imports graph code: keep it lazy
-
-    return shard_rows(rows, microbatches)
 
 
 @dataclass
@@ -428,18 +419,6 @@ def build_stage_plan(
         step_batch=step_batch,
         _schedules={microbatches: made},
     )
-
-
-def action_outputs(plan: StagePlan, act: Action, last: bool) -> list[tuple[int | str, list[str]]]:
-    """What one action returns, in order: its task's values for other workers, then, on the
-    worker's last action of the step, the combined gradients (server) and outputs (driver)."""
-    out: list[tuple[int | str, list[str]]] = list(plan.task_of(act).outputs)
-    if last:
-        if plan.grads_of[act.stage]:
-            out.append((PARAM_SERVER, list(plan.grads_of[act.stage])))
-        if plan.outputs_of[act.stage]:
-            out.append((DRIVER, list(plan.outputs_of[act.stage])))
-    return out
 
 
 def stage_plan_for(

@@ -50,7 +50,7 @@ def build_graph(channels: tuple[int, int] = (8, 16), seed: int = 0) -> dg.Graph:
     return g
 
 
-def make_executor(backend: str, workers: int, strategy: str, replicas: int | str = 1) -> Any:
+def make_executor(backend: str, workers: int, strategy: str, replicas: int | str = "auto") -> Any:
     """The executor the flags ask for; Ray is imported only for ``--backend ray``."""
     if backend == "ray":
         return dg.RayExecutor(num_workers=workers, strategy=strategy, replicas=replicas)
@@ -76,8 +76,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replicas",
         type=lambda v: v if v == "auto" else int(v),
-        default=1,
-        help="data-parallel replicas on Ray: an int dividing --workers, or auto (default 1)",
+        default="auto",
+        help="data-parallel replicas on Ray: an int dividing --workers, or auto (default auto: "
+        "more replicas only when the cost model expects them to pay)",
     )
     p.add_argument(
         "--quick", action="store_true", help="2 epochs on 256 images: a smoke run, no target"

@@ -11,7 +11,10 @@ synthetic modules that break it:
 (c) core modules (everything outside ``runtime/``, ``bench/``, ``viz/`` and ``cli.py``) never
     import ``distgraph.runtime``;
 (d) no import cycles among distgraph modules (module-level imports; ``if TYPE_CHECKING:``
-    blocks and imports inside functions do not count).
+    blocks and imports inside functions do not count);
+(e) inside ``distgraph/dataparallel/`` each module imports only the siblings its layer allows
+    (``rows`` at the bottom; ``gradients``, ``layout`` and ``shards`` on it; ``staleness`` on
+    its own), and ``__init__.py`` only re-exports: a new module declares its layer here.
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ RUNTIME_IMPORT_ALLOWED: dict[str, str] = {
     "distgraph/__init__.py": "the public surface re-exports LocalExecutor and RayExecutor",
     "distgraph/train.py": "Trainer drives an executor's training session: it sits above the "
     "runtime, as the CLI does",
+}
+
+
+#: The dataparallel package's modules -> the siblings each may import (anywhere in it).
+DATAPARALLEL_LAYERS: dict[str, frozenset[str]] = {
+    "rows": frozenset(),
+    "gradients": frozenset({"rows"}),
+    "layout": frozenset({"rows"}),
+    "shards": frozenset({"rows"}),
+    "staleness": frozenset(),
 }
 
 
@@ -267,6 +280,52 @@ def import_cycles(sources: Mapping[str, str]) -> list[list[str]]:
     return cycles
 
 
+def dataparallel_layer_problems(
+    sources: Mapping[str, str],
+    layers: Mapping[str, frozenset[str]] = DATAPARALLEL_LAYERS,
+    package: str = "distgraph/dataparallel/",
+) -> list[str]:
+    """Rule (e): the dataparallel package's modules import only the siblings of their layer,
+    every module has a layer, and its ``__init__.py`` defines nothing (it re-exports)."""
+    problems = []
+    prefix = module_name(package + "__init__.py") + "."
+    for path, src in sources.items():
+        if not path.startswith(package):
+            continue
+        tree = ast.parse(src, path)
+        name = path[len(package) : -len(".py")]
+        if name == "__init__":
+            for stmt in tree.body:
+                if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    problems.append(
+                        f"{path}:{stmt.lineno}: defines {stmt.name}; the package's "
+                        "__init__.py only re-exports (put it in the module it belongs to)"
+                    )
+            continue
+        if name not in layers:
+            problems.append(
+                f"{path}: no layer declared for module {name!r} (DATAPARALLEL_LAYERS in "
+                "tests/test_architecture.py)"
+            )
+            continue
+        for node, module, names in _imports(path, tree):
+            if module + "." == prefix:
+                # `from . import rows` names a sibling; `from . import combine`, the package's
+                # re-exports, which the package imports from this module's siblings.
+                siblings = [n if n in layers else "__init__" for n in names]
+            elif module.startswith(prefix):
+                siblings = [module[len(prefix) :].split(".")[0]]
+            else:
+                continue
+            for sibling in siblings:
+                if sibling not in layers[name]:
+                    problems.append(
+                        f"{path}:{node.lineno}: {name} imports {sibling}, outside its layer "
+                        f"(it may import {sorted(layers[name]) or 'no sibling'})"
+                    )
+    return problems
+
+
 # --- the package obeys them -------------------------------------------------------------------
 
 
@@ -292,6 +351,14 @@ def test_core_modules_do_not_import_the_runtime():
 
 def test_no_import_cycles():
     assert import_cycles(_checked_sources()) == []
+
+
+def test_dataparallel_modules_keep_their_layers():
+    sources = _checked_sources()
+    # Precondition: the package is where the rule looks, with every declared module.
+    found = {p for p in sources if p.startswith("distgraph/dataparallel/")}
+    assert found == {f"distgraph/dataparallel/{m}.py" for m in [*DATAPARALLEL_LAYERS, "__init__"]}
+    assert dataparallel_layer_problems(sources) == []
 
 
 # --- each rule catches what it is for ---------------------------------------------------------
@@ -390,6 +457,34 @@ def test_rule_d_catches_import_cycles():
     ]
     sources["distgraph/program.py"] = "def f():\n    from .graph import Graph\n"
     assert import_cycles(sources) == []
+
+
+def test_rule_e_catches_a_dataparallel_module_outside_its_layer():
+    sources = {
+        "distgraph/dataparallel/__init__.py": (
+            "from .rows import analyze_rows as analyze_rows\ndef helper():\n    pass\n"
+        ),
+        "distgraph/dataparallel/rows.py": "from .layout import choose_layout\n",
+        "distgraph/dataparallel/layout.py": "from .rows import shard_rows\n",
+        "distgraph/dataparallel/staleness.py": (
+            "def f():\n    from distgraph.dataparallel.gradients import combine\n"
+        ),
+        "distgraph/dataparallel/shards.py": "from . import rows, staleness\n",
+        "distgraph/dataparallel/extra.py": "import numpy\n",
+        "distgraph/dataparallel/gradients.py": "from . import combine\nfrom .rows import x\n",
+        "distgraph/graph.py": "from .dataparallel.layout import choose_layout\n",  # not in it
+    }
+    problems = dataparallel_layer_problems(sources)
+    assert len(problems) == 6, problems
+    for what in (
+        "__init__.py:2: defines helper",
+        "rows.py:1: rows imports layout",
+        "staleness.py:2: staleness imports gradients",
+        "shards.py:1: shards imports staleness",
+        "no layer declared for module 'extra'",
+        "gradients.py:1: gradients imports __init__",
+    ):
+        assert any(what in p for p in problems), (what, problems)
 
 
 @pytest.mark.parametrize(

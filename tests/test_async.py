@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from raysupport import ensure_ray
@@ -27,6 +29,44 @@ def _trainer(ex: dg.Executor | None) -> dg.Trainer:
 
 def _data() -> dict[str, np.ndarray]:
     return models.linear_data(ROWS, seed=1)
+
+
+def _async_executor(staleness: int, **options) -> dg.RayExecutor:
+    """Two workers as two asynchronous replicas on the shared runtime (half a CPU each)."""
+    ensure_ray()
+    return dg.RayExecutor(
+        num_workers=2,
+        replicas=2,
+        consistency="async",
+        staleness=staleness,
+        resources_per_worker={"CPU": 0.5},
+        **options,
+    )
+
+
+def _hook_applied(
+    session,
+    before: Callable[[int], None] | None = None,
+    after: Callable[[int], None] | None = None,
+) -> Callable:
+    """Make ``session.run_async`` call ``before(step)`` ahead of the Trainer's own per-step
+    callback and ``after(step)`` behind it, each time a step is applied (a test's way in
+    mid-run: crash an actor, stop the run). Returns the original ``run_async``."""
+    run = session.run_async
+
+    def hooked(steps, data, on_applied=None):
+        def applied(step, loss):
+            if before is not None:
+                before(step)
+            if on_applied is not None:
+                on_applied(step, loss)
+            if after is not None:
+                after(step)
+
+        return run(steps, data, applied)
+
+    session.run_async = hooked
+    return run
 
 
 def _assert_each_step_once(tr: dg.Trainer, steps: int, one_record: bool = True) -> dict:
@@ -67,17 +107,8 @@ def test_bad_consistency_settings_are_refused_naming_the_option(kwargs, match):
 
 @pytest.mark.parametrize("shards", [1, 2], ids=lambda s: f"ps_shards{s}")
 def test_async_with_a_straggler_converges_within_the_staleness_bound(shards):
-    ensure_ray()
     epochs = 20
-    with dg.RayExecutor(
-        num_workers=2,
-        replicas=2,
-        ps_shards=shards,
-        consistency="async",
-        staleness=2,
-        _slow_replicas={1: 3.0},
-        resources_per_worker={"CPU": 0.5},
-    ) as ex:
+    with _async_executor(2, ps_shards=shards, _slow_replicas={1: 3.0}) as ex:
         tr = _trainer(ex)
         tr.fit(_data(), epochs=epochs, batch_size=BATCH, seed=5)
         status = _assert_each_step_once(tr, epochs * 10)
@@ -100,15 +131,8 @@ def test_async_with_a_straggler_converges_within_the_staleness_bound(shards):
 
 
 def test_async_tau0_equals_the_sequential_run():
-    ensure_ray()
     epochs = 3
-    with dg.RayExecutor(
-        num_workers=2,
-        replicas=2,
-        consistency="async",
-        staleness=0,
-        resources_per_worker={"CPU": 0.5},
-    ) as ex:
+    with _async_executor(0) as ex:
         tr = _trainer(ex)
         tr.fit(_data(), epochs=epochs, batch_size=BATCH, seed=5)
         status = _assert_each_step_once(tr, epochs * 10)
@@ -167,32 +191,19 @@ def test_async_status_and_cli(capsys, tmp_path):
 
 
 def test_async_worker_killed_mid_run_applies_every_step_once():
-    ensure_ray()
     epochs = 4
-    with dg.RayExecutor(
-        num_workers=2,
-        replicas=2,
-        consistency="async",
-        staleness=2,
-        resources_per_worker={"CPU": 0.5},
-    ) as ex:
+    with _async_executor(2) as ex:
         tr = _trainer(ex)
         session = tr.session
-        run = session.run_async
         crashed: list[int] = []
 
-        def run_with_crash(steps, data, on_applied=None):
-            def applied(step, loss):
-                if step == 15 and not crashed:
-                    # Replica 1's only worker, killed while the run goes on.
-                    ex.workers[1].crash.remote()
-                    crashed.append(1)
-                if on_applied is not None:
-                    on_applied(step, loss)
+        def crash(step: int) -> None:
+            if step == 15 and not crashed:
+                # Replica 1's only worker, killed while the run goes on.
+                ex.workers[1].crash.remote()
+                crashed.append(1)
 
-            return run(steps, data, applied)
-
-        session.run_async = run_with_crash
+        _hook_applied(session, before=crash)
         tr.fit(_data(), epochs=epochs, batch_size=BATCH, seed=5)
         assert crashed and ex.replacements == [1]
         assert session.recoveries, "the crash was never noticed"
@@ -204,31 +215,16 @@ def test_async_worker_killed_mid_run_applies_every_step_once():
 
 
 def test_async_run_stopped_by_an_error_resumes_without_repeating_a_step():
-    ensure_ray()
-    with dg.RayExecutor(
-        num_workers=2,
-        replicas=2,
-        consistency="async",
-        staleness=3,
-        _slow_replicas={1: 3.0},
-        resources_per_worker={"CPU": 0.5},
-    ) as ex:
+    with _async_executor(3, _slow_replicas={1: 3.0}) as ex:
         tr = _trainer(ex)
         session = tr.session
-        run = session.run_async
         seen: list[int] = []
 
-        def run_failing(steps, data, on_applied=None):
-            def applied(step, loss):
-                seen.append(step)
-                if on_applied is not None:
-                    on_applied(step, loss)
-                if sorted(seen) != list(range(1, len(seen) + 1)):
-                    raise KeyboardInterrupt  # stops the run with a step missing before this
+        def stop_on_a_gap(step: int) -> None:
+            if sorted(seen) != list(range(1, len(seen) + 1)):
+                raise KeyboardInterrupt  # stops the run with a step missing before this
 
-            return run(steps, data, applied)
-
-        session.run_async = run_failing
+        run = _hook_applied(session, before=seen.append, after=stop_on_a_gap)
         with pytest.raises(KeyboardInterrupt):
             tr.fit(_data(), epochs=1, batch_size=BATCH, seed=5)
         first = list(seen)
@@ -249,35 +245,20 @@ def test_async_shard_killed_mid_run_applies_every_step_once_and_converges(tmp_pa
     Every shard restarts from one step (its checkpoint, or the run's start) and the steps
     counted since are replayed; each (replica, step) is still applied exactly once and the
     fit reaches the line's coefficients."""
-    ensure_ray()
     epochs = 20
     saving = {"checkpoint_dir": str(tmp_path / "ps"), "checkpoint_every": 5} if checkpoints else {}
-    with dg.RayExecutor(
-        num_workers=2,
-        replicas=2,
-        ps_shards=2,
-        consistency="async",
-        staleness=2,
-        resources_per_worker={"CPU": 0.5},
-        **saving,
-    ) as ex:
+    with _async_executor(2, ps_shards=2, **saving) as ex:
         tr = _trainer(ex)
         session = tr.session
-        run = session.run_async
         crashed: list[int] = []
 
-        def run_with_crash(steps, data, on_applied=None):
-            def applied(step, loss):
-                if step >= 23 and not crashed:
-                    # Shard 1 dies while both replicas still have steps in flight.
-                    session.server.links[1].handle.crash.remote()
-                    crashed.append(step)
-                if on_applied is not None:
-                    on_applied(step, loss)
+        def crash(step: int) -> None:
+            if step >= 23 and not crashed:
+                # Shard 1 dies while both replicas still have steps in flight.
+                session.server.links[1].handle.crash.remote()
+                crashed.append(step)
 
-            return run(steps, data, applied)
-
-        session.run_async = run_with_crash
+        _hook_applied(session, before=crash)
         tr.fit(_data(), epochs=epochs, batch_size=BATCH, seed=5)
         assert crashed, "the shard was never killed"
         # Precondition: the loss was noticed and the shards restarted, replaying steps.

@@ -316,7 +316,7 @@ def test_combine_of_float32_equals_the_float64_sum_rounded_once() -> None:
                     assert np.array_equal(got[name], want, equal_nan=True), (exp, rows, kind)
                     assert not any(np.shares_memory(got[name], p[name]) for p in parts)
             if len(rows) == 2 and weights[0] == weights[1]:
-                from distgraph.dataparallel import _pair_f32
+                from distgraph.dataparallel.gradients import _pair_f32
 
                 with np.errstate(over="ignore"):
                     fast = _pair_f32([p["w"] for p in parts], weights)

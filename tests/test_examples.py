@@ -110,6 +110,18 @@ def test_digits_cnn_quick_run_is_deterministic(capsys):
     assert second["history"] == first["history"] and second["accuracy"] == first["accuracy"]
 
 
+def test_digits_cnn_replicas_default_to_the_librarys_auto():
+    """``--replicas`` defaults to ``auto``, as ``RayExecutor(replicas=...)`` does, and still
+    takes a count."""
+    import inspect
+
+    example = load_example("digits_cnn")
+    assert inspect.signature(dg.RayExecutor).parameters["replicas"].default == "auto"
+    assert example.parser().parse_args([]).replicas == "auto"
+    assert example.parser().parse_args(["--replicas", "2"]).replicas == 2
+    assert inspect.signature(example.make_executor).parameters["replicas"].default == "auto"
+
+
 def test_digits_split_is_fixed_and_disjoint():
     train, test = load_example("digits_cnn").split(seed=0)
     assert train["x"].shape == (1438, 1, 8, 8) and test["x"].shape == (359, 1, 8, 8)
@@ -160,8 +172,12 @@ def test_quick_runs_on_ray_equal_the_local_ones(name, strategy):
     if strategy == "pipeline":
         assert placement["block0.attn"] != placement["block1.attn"]
     local = example.main(["--quick", "--quiet"])
+    # One replica: the CNN example defaults to --replicas auto, which takes two data-parallel
+    # replicas on two workers (equal to the local run only to rounding); this is about a
+    # partitioned run.
+    one = ["--replicas", "1"] if name == "digits_cnn" else []
     remote = example.main(
-        ["--quick", "--quiet", "--backend", "ray", "--workers", "2", "--strategy", strategy]
+        ["--quick", "--quiet", "--backend", "ray", "--workers", "2", "--strategy", strategy, *one]
     )
     assert remote["history"] == local["history"]
     if name == "digits_cnn":

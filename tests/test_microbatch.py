@@ -42,6 +42,19 @@ def _training_plan(g: dg.Graph, workers: int, strategy: str = "pipeline", batch:
     return plan_for(prog, num_workers=workers, strategy=strategy, training=True, batch_size=batch)
 
 
+def _coupled_rows_graph() -> dg.Graph:
+    """A loss whose rows are coupled by ``mu``, a mean over the batch axis (batch-norm-like):
+    its batch cannot be split into micro-batches or replica shards."""
+    g = dg.Graph()
+    x = g.input("x", shape=(None, 2))
+    w = g.param("w", np.ones((2, 3)))
+    h = x @ w
+    mu = g.apply("mean", h, axis=0, keepdims=True, name="mu")
+    c = h - mu
+    g.output("loss", (c * c).mean())
+    return g
+
+
 # --- the plan (no Ray) -------------------------------------------------------------------------
 
 
@@ -129,9 +142,30 @@ def reference():
     return tr.params, tr.history.loss
 
 
-def _train(ex: dg.RayExecutor, m: int, schedule: str, epochs: int = STEPS * BATCH // 96):
+def _pipelined_trainer(
+    ex: dg.RayExecutor,
+    m: int,
+    schedule: str,
+    graph: dg.Graph | None = None,
+    optimizer: dg.Optimizer | None = None,
+    **options,
+) -> dg.Trainer:
+    """A Trainer on ``ex`` set to ``m`` micro-batches under ``schedule`` (the module's
+    executors are shared: each test sets the pipeline it needs); SGD(lr=0.05) on the MLP
+    unless told otherwise."""
     ex.microbatches, ex.schedule = m, schedule
-    tr = dg.Trainer(_mlp(), loss="loss", optimizer=dg.Adam(lr=0.01), executor=ex, progress=False)
+    return dg.Trainer(
+        _mlp() if graph is None else graph,
+        loss="loss",
+        optimizer=dg.SGD(lr=0.05) if optimizer is None else optimizer,
+        executor=ex,
+        progress=False,
+        **options,
+    )
+
+
+def _train(ex: dg.RayExecutor, m: int, schedule: str, epochs: int = STEPS * BATCH // 96):
+    tr = _pipelined_trainer(ex, m, schedule, optimizer=dg.Adam(lr=0.01))
     tr.fit(_data(), epochs=epochs, batch_size=BATCH, seed=7)
     return tr
 
@@ -170,9 +204,7 @@ def test_two_pipelined_runs_are_identical(executors):
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_workers_report_the_micro_batches_they_held(executors, schedule):
     p, m = 4, 6
-    ex = executors[p]
-    ex.microbatches, ex.schedule = m, schedule
-    tr = dg.Trainer(_mlp(), loss="loss", optimizer=dg.SGD(lr=0.05), executor=ex, progress=False)
+    tr = _pipelined_trainer(executors[p], m, schedule)
     try:
         tr.fit(_data(), epochs=1, batch_size=48, seed=1)  # 2 steps of 6 micro-batches of 8 rows
         peaks = tr.session.microbatch_peaks()
@@ -188,17 +220,10 @@ def test_workers_report_the_micro_batches_they_held(executors, schedule):
 
 
 def test_a_loss_coupling_rows_is_refused_naming_the_node(executors):
-    g = dg.Graph()
-    x = g.input("x", shape=(None, 2))
-    w = g.param("w", np.ones((2, 3)))
-    h = x @ w
-    mu = g.apply("mean", h, axis=0, keepdims=True, name="mu")
-    c = h - mu
-    g.output("loss", (c * c).mean())
+    g = _coupled_rows_graph()
     ex = executors[2]
-    ex.microbatches, ex.schedule = 2, "gpipe"
     feeds = {"x": np.arange(16.0).reshape(8, 2)}
-    tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+    tr = _pipelined_trainer(ex, 2, "gpipe", graph=g, optimizer=dg.SGD(lr=0.1))
     try:
         with pytest.raises(GraphError, match="'mu' \\(op mean, axis 0\\)"):
             tr.fit(feeds, epochs=1, batch_size=8)
@@ -206,8 +231,7 @@ def test_a_loss_coupling_rows_is_refused_naming_the_node(executors):
     finally:
         tr.close()
     # Precondition: one micro-batch trains it (nothing else is wrong with the graph).
-    ex.microbatches = 1
-    tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+    tr = _pipelined_trainer(ex, 1, "gpipe", graph=g, optimizer=dg.SGD(lr=0.1))
     try:
         tr.fit(feeds, epochs=1, batch_size=8)
         assert tr.session.applied_steps == [1]
@@ -217,11 +241,7 @@ def test_a_loss_coupling_rows_is_refused_naming_the_node(executors):
 
 def test_trace_labels_each_action_and_measures_the_bubble(executors):
     p, m = 3, 4
-    ex = executors[p]
-    ex.microbatches, ex.schedule = m, "gpipe"
-    tr = dg.Trainer(
-        _mlp(), loss="loss", optimizer=dg.SGD(lr=0.05), executor=ex, progress=False, trace=True
-    )
+    tr = _pipelined_trainer(executors[p], m, "gpipe", trace=True)
     try:
         tr.fit(_data(), epochs=1, batch_size=96, seed=1)
         actions = [e for e in tr.last_trace if "action" in e.args]
@@ -312,9 +332,7 @@ def test_a_batch_with_fewer_rows_than_micro_batches_runs_fewer(executors):
     data = {k: v[:10] for k, v in _data().items()}
     ref = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), progress=False)
     ref.fit(data, epochs=2, batch_size=4, seed=3)
-    ex = executors[2]
-    ex.microbatches, ex.schedule = 3, "1f1b"
-    tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+    tr = _pipelined_trainer(executors[2], 3, "1f1b", graph=g, optimizer=dg.SGD(lr=0.1))
     try:
         tr.fit(data, epochs=2, batch_size=4, seed=3)
         assert tr.session.applied_steps == list(range(1, 7))  # 4 + 4 + 2 rows, twice
@@ -340,13 +358,22 @@ def _composed_fit(ex: dg.RayExecutor | None) -> dg.Trainer:
 
 
 @pytest.fixture(scope="module")
-def four_workers():
+def _four_workers_shared():
     ensure_ray()
     ex = dg.RayExecutor(
         num_workers=4, strategy="pipeline", microbatches=2, resources_per_worker={"CPU": 0.5}
     )
     yield ex
     ex.close()
+
+
+@pytest.fixture
+def four_workers(_four_workers_shared):
+    """The module's 4-worker pipelined executor, its replicas and server shards back to one
+    after each test (the tests set what they compose)."""
+    ex = _four_workers_shared
+    yield ex
+    ex.replicas, ex.ps_shards = 1, 1
 
 
 @pytest.fixture(scope="module")
@@ -413,21 +440,17 @@ def test_replicas_of_pipelines_equal_the_full_batch_run(
         np.testing.assert_allclose(tr.history.loss, ref_loss, rtol=1e-12)
     finally:
         tr.close()
-        ex.replicas, ex.ps_shards = 1, 1
 
 
 def test_two_runs_of_replicated_pipelines_are_identical(four_workers):
     ex = four_workers
     ex.replicas, ex.ps_shards, ex.microbatches, ex.schedule = 2, 2, 2, "1f1b"
     runs = []
-    try:
-        for _ in range(2):
-            tr = _composed_fit(ex)
-            assert tr.session.layout.count == 2 and tr.session.stage_plan.num_stages == 2
-            runs.append((tr.params, tr.history.loss))
-            tr.close()
-    finally:
-        ex.replicas, ex.ps_shards = 1, 1
+    for _ in range(2):
+        tr = _composed_fit(ex)
+        assert tr.session.layout.count == 2 and tr.session.stage_plan.num_stages == 2
+        runs.append((tr.params, tr.history.loss))
+        tr.close()
     (a, la), (b, lb) = runs
     assert la == lb
     for k in a:
@@ -435,13 +458,7 @@ def test_two_runs_of_replicated_pipelines_are_identical(four_workers):
 
 
 def test_replicated_pipelines_refuse_a_loss_coupling_rows_naming_the_node(four_workers):
-    g = dg.Graph()
-    x = g.input("x", shape=(None, 2))
-    w = g.param("w", np.ones((2, 3)))
-    h = x @ w
-    mu = g.apply("mean", h, axis=0, keepdims=True, name="mu")
-    c = h - mu
-    g.output("loss", (c * c).mean())
+    g = _coupled_rows_graph()
     ex = four_workers
     ex.replicas, ex.microbatches = 2, 2
     tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
@@ -451,7 +468,6 @@ def test_replicated_pipelines_refuse_a_loss_coupling_rows_naming_the_node(four_w
         assert tr.session.applied_steps == []
     finally:
         tr.close()
-        ex.replicas = 1
 
 
 # --- one call per worker per step, values handed from worker to worker (no Ray) ---------------
@@ -520,6 +536,13 @@ def _run_threads(workers, calls, only=None):
     return threads, results
 
 
+def _join(threads) -> None:
+    """Wait for the workers' threads (a minute each at most) and check none is left running."""
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_each_worker_runs_its_whole_action_list_in_one_call(schedule):
     """Issue 15 B: a pipelined step is one call per worker holding its schedule's actions;
@@ -538,9 +561,7 @@ def test_each_worker_runs_its_whole_action_list_in_one_call(schedule):
         ]
         assert all(isinstance(v, np.ndarray) for v in args)
     threads, results = _run_threads(workers, calls)
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads)
+    _join(threads)
     errors = [r for r in results.values() if isinstance(r, BaseException)]
     assert not errors, errors
     grads: dict[str, np.ndarray] = {}
