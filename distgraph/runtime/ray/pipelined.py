@@ -26,6 +26,15 @@ abort with the server(s); here the hooks ``_place``, ``_submit_step``, ``_finish
    and the step is committed (or aborted) once, as a plain step.
 
 Workers keep no replica of their params here (the server sends new params after each step).
+
+Compiled transport (``transport`` "compiled" or "auto", from the second step in a row): the
+same step as one Ray Compiled Graph (``compiled_pipeline.py``): one node per (worker,
+action), hand-offs in its channels instead of the mailbox, the server's combine, stage and
+commit one node that runs only once every action succeeded. Rows split as above; a step
+whose micro-batch count differs from the graph's (a short batch) runs on calls. A failed
+execution is fenced, aborted (the server's answer decides), recovered as on calls and
+compiled again. Parameter-server shards are not compiled (ConfigError under "compiled",
+calls under "auto").
 """
 
 from __future__ import annotations
