@@ -223,8 +223,8 @@ class PipelineGraph(TrainingGraph):
         for (r, _s), acts in lists.items():
             for call, task in acts:
                 by_key[(r, call.label[0], call.stage, call.microbatch)] = (call, task)
-        used = sorted({t.worker for acts in lists.values() for _c, t in acts})
-        self.actors = [self.workers[w] for w in sorted(set(used) | set(self.takers))] + [server]
+        used = {t.worker for acts in lists.values() for _c, t in acts} | set(self.takers)
+        self.actors = [self.workers[w] for w in sorted(used)] + [server]
         # Every process that creates channels sizes them (see compiled.py's docstring).
         set_buffer_size(None, buffer_bytes)
         ray.get(
