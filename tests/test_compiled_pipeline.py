@@ -356,3 +356,38 @@ def test_a_worker_killed_mid_compiled_step_is_replaced_and_training_matches(tmp_
     ref.fit(_data(), epochs=EPOCHS, batch_size=BATCH, seed=7)
     for k, v in ref.params.items():
         np.testing.assert_allclose(params[k], v, rtol=1e-12, atol=0, err_msg=k)
+
+
+def test_a_compiled_pipelined_step_past_its_deadline_names_the_stuck_node(tmp_path, executed):
+    ensure_ray()
+    flag = str(tmp_path / "stall")
+    g = _stalling_mlp(flag)
+    with dg.RayExecutor(
+        num_workers=2,
+        strategy="pipeline",
+        microbatches=2,
+        transport="compiled",
+        ops_modules=["slow_ops"],
+        worker_runtime_env={"env_vars": {"PYTHONPATH": TESTS}},
+        resources_per_worker={"CPU": 0.5},
+    ) as ex:
+        tr = _fit(ex, g, dg.SGD(lr=0.05), epochs=1)
+        assert executed == [2, 3, 4]  # the precondition: the steps ran compiled
+        worker = tr.session.plan.placement["stuck"]
+        Path(flag).touch()  # the next step stalls in 'stuck'
+        ex.deadline = 3.0
+        try:
+            with pytest.raises(dg.WaveTimeoutError) as info:
+                tr.fit(_data(), epochs=1, batch_size=BATCH, seed=7)
+        finally:
+            os.remove(flag)
+            ex.deadline = 600.0
+        msg = str(info.value)
+        assert "'stuck'" in msg and f"running on worker {worker}" in msg, msg
+        assert tr.applied_steps == [1, 2, 3, 4]  # the stalled step was never applied
+        # The graph was dropped; the next steps run compiled on a new one, same actors.
+        executed.clear()
+        tr.fit(_data(), epochs=1, batch_size=BATCH, seed=7)
+        assert tr.applied_steps == list(range(1, 9)) and not ex.replacements
+        assert executed[-2:] == [7, 8] and tr.session.compiled.last_reason == ""
+        tr.close()

@@ -116,6 +116,8 @@ class ActionRunner:
     resident: dict[int, dict[str, Any]]
     traces: dict[tuple[int, int], list[TraceEvent]]
     _node: list[str]
+    _lock: threading.Lock
+    _current: tuple[int, int] | None
 
     def _send(self, values: dict[str, Any]) -> Any:  # pragma: no cover - Worker's
         raise NotImplementedError
@@ -263,11 +265,17 @@ class ActionRunner:
             )
         task = self.tasks[header.plan_id][header.task_id]
         handed: list[Any] = []
+        with self._lock:  # progress() names the running node (a compiled step's deadline)
+            self._current = key
+            self._node[0] = ""
         try:
             out = self._run_action(None, action, header, imported, task, st, key, handed)
         except BaseException:
             self._action_steps.pop(key, None)
             raise
+        finally:
+            with self._lock:
+                self._current = None
         if action.position == action.count - 1:
             self._action_steps.pop(key, None)
             self._keep_peak(key, st.peak)
