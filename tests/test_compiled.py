@@ -503,16 +503,18 @@ def test_compiled_training_compiles_replicas_and_auto_says_so(caplog):
         tr.close()
 
 
-def test_microbatches_are_refused_under_compiled_and_said_under_auto():
+def test_microbatches_compile_under_compiled_and_auto():
+    # Pipelined steps compile too (tests/test_compiled_pipeline.py has the equality tests).
     ensure_ray()
-    g, _data, _batch = training_task("mlp")
-    with dg.RayExecutor(num_workers=2, transport="compiled", microbatches=2) as ex:
-        with pytest.raises(dg.ConfigError, match="microbatches=2"):
-            _ = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex).session
-        ex.transport = "auto"
-        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex)
-        assert "microbatches=2" in tr.session.explain_transport()
-        tr.close()
+    g, data, batch = training_task("mlp")
+    with dg.RayExecutor(num_workers=2, strategy="pipeline", microbatches=2) as ex:
+        for transport in ("compiled", "auto"):
+            ex.transport = transport
+            tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+            tr.fit(data, epochs=2, batch_size=batch)
+            assert tr.session.compiled.last_reason == ""
+            assert "compiled graph of the pipeline" in tr.session.explain_transport()
+            tr.close()
 
 
 def test_a_fenced_graph_changes_nothing_on_the_server_or_a_worker():

@@ -10,7 +10,9 @@ worker to worker, ``cal`` the mean of ``ex.calibrate(refresh=True)`` probes on t
 workers before and after the steps); the measured bubble of a traced step next to the formula
 ``(p - 1) / (m + p - 1)``; and the median hand-off between stages in that step
 (``sim_<schedule>_hop_s``: an upstream action's end to the start of the action waiting for
-its value; a pipelined step sends these values from worker to worker).
+its value; a pipelined step sends these values from worker to worker). The same steps again
+with ``transport="compiled"`` on the same workers (``sim_<schedule>_compiled_*``: one Ray
+Compiled Graph node per action, hand-offs in its channels), reported beside calls.
 
 Real (numpy compute): an MLP with 8 hidden layers of 1024 (float32, batch 512), one worker vs
 2 stages x 4 micro-batches (GPipe), reported next to the two-process ceiling measured in the same
@@ -92,6 +94,8 @@ def _simulated(rec: Record, quick: bool, progress: bool) -> None:
             plan = session.plan
             predicted = plan.estimate(calibration=cal)
             session.close()
+            # The same steps on the compiled transport, in the same run on the same workers.
+            compiled = _compiled_steps(ex, graph, feeds, steps)
         finally:
             ex.close()
         med = statistics.median(times)
@@ -106,11 +110,19 @@ def _simulated(rec: Record, quick: bool, progress: bool) -> None:
             rec.figure(f"sim_{schedule}_hop_s", hop)
         rec.ratio(f"sim_{schedule}_predictor_error", abs(predicted - med), med)
         rec.target(f"{schedule}_vs_ideal", rec.ratio(f"{schedule}_vs_ideal", med, ideal))
+        c_med, c_bubble, c_hop = compiled
+        rec.figure(f"sim_{schedule}_compiled_step_s", c_med)
+        rec.figure(f"sim_{schedule}_compiled_bubble_measured", c_bubble)
+        if c_hop is not None:
+            rec.figure(f"sim_{schedule}_compiled_hop_s", c_hop)
+        rec.ratio(f"sim_{schedule}_compiled_vs_ideal", c_med, ideal)
+        rec.ratio(f"sim_{schedule}_compiled_over_calls", c_med, med)
         log(
             progress,
             NAME,
-            f"{schedule}: step {med * 1e3:.1f} ms (ideal {ideal * 1e3:.0f} ms, predicted "
-            f"{predicted * 1e3:.1f} ms); {cal.describe()}",
+            f"{schedule}: step {med * 1e3:.1f} ms on calls, {c_med * 1e3:.1f} ms compiled "
+            f"(ideal {ideal * 1e3:.0f} ms, predicted on calls {predicted * 1e3:.1f} ms); "
+            f"{cal.describe()}",
         )
     rec.figure("sim_bubble_formula", bubble_formula(P, M))
     ratio = rec.ratio("1f1b_over_gpipe", measured["1f1b"], measured["gpipe"])
@@ -118,8 +130,37 @@ def _simulated(rec: Record, quick: bool, progress: bool) -> None:
     rec.note(
         f"simulated: {P} stages x {M} micro-batches, {F_MS:g} ms F / {B_MS:g} ms B per "
         f"micro-batch (sleeping kernels); ideal step (m + p - 1) x (F + B); "
-        "1f1b_vs_gpipe is max(r, 1/r) of the two median steps."
+        "1f1b_vs_gpipe is max(r, 1/r) of the two median steps (on calls); *_compiled_*: the "
+        'same steps with transport="compiled" on the same workers (one compiled graph node '
+        "per action), timed from the third step (the second compiles)."
     )
+
+
+def _compiled_steps(
+    ex: Any, graph: Any, feeds: dict[str, Any], steps: int
+) -> tuple[float, float, float | None]:
+    """The median compiled step (from the third: the first runs on calls, the second
+    compiles), and a traced compiled step's bubble and median hand-off."""
+    from distgraph.errors import ConfigError
+    from distgraph.stageplan import measured_bubble
+
+    ex.transport = "compiled"
+    session = _session(ex, graph)
+    try:
+        session.step(1, feeds)
+        session.step(2, feeds)  # compiles the graph
+        times = _step_times(session, feeds, steps, first=3)
+        session.step(steps + 3, feeds, trace=True)
+        if session.compiled.last_reason:  # a figure of calls under a compiled label: refuse
+            raise ConfigError(f"the pipeline did not compile: {session.compiled.last_reason}")
+        return (
+            statistics.median(times),
+            measured_bubble(session.last_trace),
+            _hop_seconds(session.last_trace),
+        )
+    finally:
+        session.close()
+        ex.transport = "calls"
 
 
 def _hop_seconds(events: list[Any]) -> float | None:

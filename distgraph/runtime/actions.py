@@ -116,6 +116,8 @@ class ActionRunner:
     resident: dict[int, dict[str, Any]]
     traces: dict[tuple[int, int], list[TraceEvent]]
     _node: list[str]
+    _lock: threading.Lock
+    _current: tuple[int, int] | None
 
     def _send(self, values: dict[str, Any]) -> Any:  # pragma: no cover - Worker's
         raise NotImplementedError
@@ -234,25 +236,64 @@ class ActionRunner:
             raise
         finally:
             self._action_steps.pop(key, None)
-        self._peaks[key] = st.peak
-        while len(self._peaks) > KEEP_PEAKS:
-            del self._peaks[next(iter(self._peaks))]
+        self._keep_peak(key, st.peak)
         if not out:
             return None
         return out[0] if len(out) == 1 else tuple(out)
 
+    def _keep_peak(self, key: tuple[int, int], peak: int) -> None:
+        self._peaks[key] = peak
+        while len(self._peaks) > KEEP_PEAKS:
+            del self._peaks[next(iter(self._peaks))]
+
+    def run_action_alone(
+        self, action: ActionCall, header: CallHeader, imported: Sequence[Any]
+    ) -> list[Any]:
+        """Run one action of a pipelined step on its own: a node of a compiled pipeline
+        (``runtime/ray/compiled_pipeline.py``), whose graph runs this worker's nodes in
+        schedule order. The worker's first action of the step starts its state, its last
+        ends it. Returns the action's outputs in order: values for other workers (returned,
+        not delivered: the graph's channels carry them), then the server's and driver's."""
+        key = (header.plan_id, header.step)
+        if action.position == 0:
+            self._action_steps[key] = _ActionStep()  # a retried step id starts afresh
+        st = self._action_steps.get(key)
+        if st is None:
+            raise ExecutionError(
+                f"worker {self.index}: {action.label} of stage {action.stage} (step "
+                f"{header.step}) ran without the step's earlier actions here"
+            )
+        task = self.tasks[header.plan_id][header.task_id]
+        handed: list[Any] = []
+        with self._lock:  # progress() names the running node (a compiled step's deadline)
+            self._current = key
+            self._node[0] = ""
+        try:
+            out = self._run_action(None, action, header, imported, task, st, key, handed)
+        except BaseException:
+            self._action_steps.pop(key, None)
+            raise
+        finally:
+            with self._lock:
+                self._current = None
+        if action.position == action.count - 1:
+            self._action_steps.pop(key, None)
+            self._keep_peak(key, st.peak)
+        return handed + out
+
     def _run_action(
         self,
-        call: StepActions,
+        call: StepActions | None,
         action: ActionCall,
         header: CallHeader,
         args: Sequence[Any],
         task: Any,
         st: _ActionStep,
         key: tuple[int, int],
+        handoff: list[Any] | None = None,
     ) -> list[Any]:
-        """Run one action; deliver its values for other workers, and return what it sends
-        the server and the driver."""
+        """Run one action; deliver its values for other workers (or, given ``handoff``,
+        append them there), and return what it sends the server and the driver."""
         plan_id = header.plan_id
         program = self.programs[plan_id]
         got = unpack(header, args)
@@ -285,8 +326,13 @@ class ActionRunner:
         # The next stage waits for these: sent first.
         for dest, names in action.outputs:
             if isinstance(dest, int):
+                values = {n: env[n] for n in names}
+                if handoff is not None:
+                    handoff.append(values)
+                    continue
+                assert call is not None  # a call delivers; an action alone hands off
                 mail = (plan_id, call.attempt, task.id, mb)
-                self._deliver(call.peers[dest], mail, {n: env[n] for n in names})
+                self._deliver(call.peers[dest], mail, values)
         st.recorded.setdefault(mb, {}).update({n: env[n] for n in action.record})
         outputs = []
         for dest, names in action.outputs:

@@ -465,14 +465,6 @@ class RayExecutor(Executor):
                 f"{self.consistency!r}): pipelined replicas are combined into one update per "
                 "step; use consistency='sync' or drop microbatches"
             )
-        if self.microbatches is not None and self.transport != "calls":
-            why = f"microbatches={self.microbatches} (a pipelined step has its own call order)"
-            if self.transport == "compiled":
-                raise ConfigError(
-                    f'transport="compiled" does not compile training steps with {why} yet; '
-                    'use transport="auto" (it runs them on actor calls) or "calls"'
-                )
-            log.info("training steps run on actor calls, not compiled: %s", why)
         kind = PipelinedSession if self.microbatches is not None else RaySession
         session = kind(
             self.cluster,
@@ -483,6 +475,4 @@ class RayExecutor(Executor):
             store,
             check_finite,
         )
-        if self.microbatches is not None and self.transport != "calls":
-            session.compiled.last_reason = why  # said by session.explain_transport()
         return session

@@ -26,6 +26,15 @@ abort with the server(s); here the hooks ``_place``, ``_submit_step``, ``_finish
    and the step is committed (or aborted) once, as a plain step.
 
 Workers keep no replica of their params here (the server sends new params after each step).
+
+Compiled transport (``transport`` "compiled" or "auto", from the second step in a row): the
+same step as one Ray Compiled Graph (``compiled_pipeline.py``): one node per (worker,
+action), hand-offs in its channels instead of the mailbox, the server's combine, stage and
+commit one node that runs only once every action succeeded. Rows split as above; a step
+whose micro-batch count differs from the graph's (a short batch) runs on calls. A failed
+execution is fenced, aborted (the server's answer decides), recovered as on calls and
+compiled again. Parameter-server shards are not compiled (ConfigError under "compiled",
+calls under "auto").
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ import ray
 
 from ...dataparallel import RowSplit, analyze_rows
 from ...errors import ConfigError, WaveTimeoutError
+from ...optim import Optimizer
+from ...paramstore import ParameterStore
 from ...pipeline import SCHEDULES
 from ...plan import DRIVER, PARAM_SERVER, Plan, Task
 from ...program import Program
@@ -49,8 +60,12 @@ from ...stageplan import StagePlan, build_stage_plan
 from ..actions import ActionCall, StepActions
 from ..protocol import CallHeader, Rows
 from . import actors
-from .options import INLINE_BYTES
-from .replicas import Replicas, replicate, split_rows
+from .cluster import Cluster
+from .compiled import ChannelSizeError
+from .compiled_pipeline import CompiledPipeline, PipelineSpec
+from .options import INLINE_BYTES, RayOptions
+from .replicas import Replicas, combine_losses, replica_events, replicate, split_rows
+from .server import server_events
 from .session import RaySession
 from .shards import ShardedServer, shard_dest
 from .waves import RowsFeed, Waves
@@ -69,6 +84,21 @@ class PipelinedSession(RaySession):
     _attempt = 0
     #: The latest step's call refs by worker, for naming the late ones.
     _calls: dict[int, list[Any]]
+    compiled: CompiledPipeline
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        waves: Waves,
+        options: RayOptions,
+        compile_program: Callable[[], Program],
+        optimizer: Optimizer,
+        store: ParameterStore,
+        check_finite: bool,
+    ):
+        super().__init__(cluster, waves, options, compile_program, optimizer, store, check_finite)
+        #: The compiled transport of the pipelined steps (see compiled_pipeline.py).
+        self.compiled = CompiledPipeline(cluster, options)
 
     def _layout(self, batch: int) -> Replicas:
         # Micro-batches ask for a pipeline: under "auto" it spans every worker (the cost
@@ -92,6 +122,100 @@ class PipelinedSession(RaySession):
         self.stage_plan = stage_plan(self.waves, self.prog, layout, batch)
         self._calls = {}
         return replicate(self.stage_plan, layout.count)
+
+    def _check_transport(self, layout: Replicas) -> None:
+        """Refuse what a compiled pipeline does not cover (ConfigError under "compiled";
+        under "auto" the steps run on actor calls, said in the log and ``explain_transport``):
+        parameter-server shards (replicas of pipelines compile)."""
+        o = self.options
+        if o.transport == "calls" or o.ps_shards <= 1:
+            return
+        reason = f"ps_shards={o.ps_shards}"
+        if o.transport == "compiled":
+            self.plan = None
+            raise ConfigError(
+                f'transport="compiled" does not compile pipelined steps with {reason} yet '
+                '(the graph holds one server\'s update); use transport="auto" (it runs '
+                'such steps on actor calls) or "calls"'
+            )
+        self.compiled.refuse(self.plan_id, f"{reason} (compiled pipelines cover one server)")
+
+    def _step_compiled(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float | None:
+        """Run one pipelined step as a compiled graph (``compiled_pipeline.py``); None: it
+        runs on calls (refused, a step of another shape than the graph's, or its messages
+        outgrew the channels). Rows split over replicas and micro-batches as on calls."""
+        plan, one, layout = self.plan, self.stage_plan, self.layout
+        assert isinstance(plan, StagePlan) and one is not None and layout is not None
+        self._settle()
+        self._quiesce()
+        feeds = self.compiled.feeds(arrays)
+        rows: list[tuple[int, int]] = []
+        parts: list[dict[str, Any]] = []
+        if layout.split is not None:
+            slices, parts = split_rows(feeds, layout.split.batch_inputs, layout.count)
+            rows = [(sl.start, sl.stop) for sl in slices]
+        mbs = [self._microbatches(f) for f in parts or [feeds]]
+        control = (
+            step_id,
+            trace,
+            self.check_finite,
+            [f for f, _ in mbs],
+            [tuple(r) for _, r in mbs],
+            [b - a for a, b in rows],
+        )
+        spec = PipelineSpec(
+            plan=plan,
+            one=one,
+            plan_id=self.plan_id,
+            takers=tuple(self.takers),
+            ends=self._ends,
+            reduction=self.split.kind if self.split is not None else "mean",
+            kind=layout.split.kind if layout.split is not None else None,
+        )
+        # The slot is held from the graph's lookup to the step's end (the idle reaper waits).
+        with self.compiled.slot.running():
+            graph = self.compiled.pipeline_for(
+                spec, self.ps, tuple(len(f) for f, _ in mbs), control, self._initial.params
+            )
+            if graph is None:
+                return None
+            t_submit = time.time()
+            try:
+                driver, status = graph.execute(control, self.options.deadline)
+            except BaseException as e:
+                error = self.compiled.failed(graph, step_id, e)
+                # The server decides whether the step is applied (its update runs inside the
+                # graph): after the fence, its answer to the abort is final.
+                self._abandon(step_id, True, None, error)
+                if isinstance(error, ChannelSizeError):
+                    return None  # the step runs again on calls
+                if error is e:
+                    raise
+                raise error from None
+        self.compiled.last_reason = ""
+        if step_id not in self._done:
+            self._done.append(step_id)
+        self._updates = {}  # the takers made their new params resident inside the graph
+        self._straggle(t_submit, rows)
+        self._record_rows(step_id, graph.sent, rows)
+        if trace:
+            events = self._step_events(graph.sent, step_id, t_submit) + server_events(
+                step_id, status, getattr(self.server, "keys", ())
+            )
+            if rows:
+                events = replica_events(events, layout.width, rows, t_submit)
+            self.last_trace = sorted(events, key=lambda e: e.start)
+        if not rows:
+            return float(next(d[self.loss] for d in driver if self.loss in d))
+        losses = {
+            w // layout.width: d[self.loss]
+            for w, d in zip(graph.answering, driver)
+            if self.loss in d
+        }
+        assert layout.split is not None
+        return combine_losses(
+            [losses[r] for r in range(len(rows))], [b - a for a, b in rows], layout.split.kind
+        )
 
     def _grad_dests(self, stage: int) -> list[tuple[int | str, list[str]]]:
         """Where stage ``stage``'s gradients go: the server, or each shard its own."""
@@ -271,22 +395,18 @@ def step_calls(
     rows; ``ends(stage)``: what the stage's last action sends the server(s) and the driver;
     ``workers``: the handles values are delivered to; ``updates``: worker -> new params, taken
     by its first action. Large feeds are put in the object store here (one put each)."""
-    count = len(one.tasks)  # tasks per replica
     calls: dict[tuple[int, int], tuple[int, StepActions, list[Any]]] = {}
     for r, (mb_feeds, rows) in enumerate(replicas):
-        for s, acts in enumerate(one.schedule(len(mb_feeds))):
-            w = plan.tasks[r * count + 2 * s].worker
+        for s in range(one.num_stages):
+            w = plan.tasks[r * len(one.tasks) + 2 * s].worker
             update = updates.get(w)
             pairs: list[tuple[ActionCall, CallHeader]] = []
             args: list[Any] = []
             peers: dict[int, Any] = {}
-            record = one.grads_of[s] + one.outputs_of[s]
-            for pos, act in enumerate(acts):
-                task = plan.tasks[r * count + one.task_of(act).id]
-                outputs = list(task.outputs) + (ends(s) if pos == len(acts) - 1 else [])
-                peers.update({d: workers[d] for d, _ in outputs if isinstance(d, int)})
-                small, big_names, big = _feeds(mb_feeds[act.microbatch], task.feeds)
-                first = update is not None and pos == 0
+            for call, task in stage_actions(plan, one, r, s, len(mb_feeds), ends, reduction, rows):
+                peers.update({d: workers[d] for d, _ in call.outputs if isinstance(d, int)})
+                small, big_names, big = _feeds(mb_feeds[call.microbatch], task.feeds)
+                first = update is not None and call.position == 0
                 header = dataclasses.replace(
                     base,
                     task_id=task.id,
@@ -295,25 +415,50 @@ def step_calls(
                     big=big_names,
                     imports=len(task.imports),
                 )
-                in_task = set(task.nodes)
-                call = ActionCall(
-                    label=act.label,
-                    microbatch=act.microbatch,
-                    stage=s,
-                    position=pos,
-                    count=len(acts),
-                    release=act.kind == "B",
-                    record=tuple(n for n in record if n in in_task),
-                    outputs=tuple((d, tuple(ns)) for d, ns in outputs),
-                    rows=tuple(rows),
-                    reduction=reduction,
-                    sources=tuple(plan.tasks[src].worker for src, _, _ in task.imports),
-                )
                 pairs.append((call, header))
                 args.extend(([update] if first else []) + big)
             actions = StepActions(base.plan_id, base.step, attempt, tuple(pairs), peers, deadline)
             calls[(r, s)] = (w, actions, args)
     return calls
+
+
+def stage_actions(
+    plan: StagePlan,
+    one: StagePlan,
+    replica: int,
+    stage: int,
+    microbatches: int,
+    ends: Callable[[int], list[tuple[int | str, list[str]]]],
+    reduction: str,
+    rows: Sequence[int] = (),
+) -> list[tuple[ActionCall, Task]]:
+    """Replica ``replica``'s stage ``stage`` in a step of ``microbatches`` micro-batches: its
+    worker's actions in schedule order, each with the task of ``plan`` (the replicated plan;
+    ``one``: one replica's) it runs. ``rows``: each micro-batch's rows (a compiled pipeline
+    fills them in per step)."""
+    count = len(one.tasks)  # tasks per replica
+    acts = one.schedule(microbatches)[stage]
+    record = one.grads_of[stage] + one.outputs_of[stage]
+    out = []
+    for pos, act in enumerate(acts):
+        task = plan.tasks[replica * count + one.task_of(act).id]
+        outputs = list(task.outputs) + (ends(stage) if pos == len(acts) - 1 else [])
+        in_task = set(task.nodes)
+        call = ActionCall(
+            label=act.label,
+            microbatch=act.microbatch,
+            stage=stage,
+            position=pos,
+            count=len(acts),
+            release=act.kind == "B",
+            record=tuple(n for n in record if n in in_task),
+            outputs=tuple((d, tuple(ns)) for d, ns in outputs),
+            rows=tuple(rows),
+            reduction=reduction,
+            sources=tuple(plan.tasks[src].worker for src, _, _ in task.imports),
+        )
+        out.append((call, task))
+    return out
 
 
 def _feeds(
