@@ -356,15 +356,23 @@ def test_actor_killed_mid_compiled_replicated_step_recovers_identically(tmp_path
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
-def test_microbatch_pipelines_stay_on_calls_under_auto(replicas):
-    # A pipelined step's calls are schedule actions, not one task per worker: the session
-    # keeps them on calls (before, one replica's pipeline reached the compiler and failed).
+def test_microbatch_pipelines_compile_under_auto_and_equal_calls(replicas):
+    # A pipelined step's calls are schedule actions, not one task per worker: its session
+    # compiles them as a pipeline graph (compiled_pipeline.py). Before that existed, one
+    # replica's pipeline reached the plain training compiler and failed with a KeyError.
     ensure_ray()
     g, data = mlp_problem()
-    with dg.RayExecutor(num_workers=2, transport="auto", microbatches=2, replicas=replicas) as ex:
-        tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
-        tr.fit(data, epochs=2, batch_size=24)
-        assert tr.applied_steps == list(range(1, 9))  # four steps an epoch, from the second
-        assert tr.session.compiled.graph is None  # a session's second step would compile
-        assert "microbatches=2" in tr.session.explain_transport()
-        tr.close()
+    params = {}
+    for transport in ("calls", "auto"):
+        with dg.RayExecutor(
+            num_workers=2, transport=transport, microbatches=2, replicas=replicas
+        ) as ex:
+            tr = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
+            tr.fit(data, epochs=2, batch_size=24)
+            assert tr.applied_steps == list(range(1, 9))  # four steps an epoch
+            if transport == "auto":
+                said = tr.session.explain_transport()
+                assert "compiled graph of the pipeline" in said, said
+            params[transport] = tr.params
+            tr.close()
+    assert_params_identical(params["auto"], params["calls"])

@@ -59,7 +59,7 @@ from .compiled import (
     own,
     set_buffer_size,
 )
-from .compiled_training import _GENERATIONS, CompiledTraining, TrainingGraph
+from .compiled_training import CompiledTraining, TrainingGraph, next_generation
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class PipelineGraph(TrainingGraph):
         self.workers, self.server = list(workers), server
         self.takers = spec.takers
         self.shape = shape
-        self.generation = next(_GENERATIONS)
+        self.generation = next_generation()
         self.torn_down = False
         self._teardown = None
         gen = self.generation

@@ -46,8 +46,9 @@ Why this keeps the step protocol's guarantees (see ``session.py``):
   id, same batch).
 
 Refused (transport="compiled": ConfigError; "auto": actor calls, said in the log and in
-``RaySession.explain_transport``): pipelined micro-batches, asynchronous steps
-(``consistency="async"``). Per plan, as for run(): ``data_path="store"``, workers on several
+``RaySession.explain_transport``): asynchronous steps (``consistency="async"``). Pipelined
+micro-batch steps compile as one node per worker action (``compiled_pipeline.py``, which
+builds on the classes here). Per plan, as for run(): ``data_path="store"``, workers on several
 nodes under "auto", channels over ``MAX_BUFFER``.
 """
 
@@ -96,6 +97,12 @@ log = logging.getLogger(__name__)
 _GENERATIONS = itertools.count(1)
 
 
+def next_generation() -> int:
+    """A new compiled graph's generation, unique in this process (one counter for every kind
+    of compiled training graph: fences compare generations)."""
+    return next(_GENERATIONS)
+
+
 def training_buffer_bytes(
     plan: Plan,
     feeds: Sequence[Mapping[str, Any]],
@@ -141,7 +148,7 @@ class TrainingGraph:
         self.takers = tuple(sorted({w for ws in self.serves for w in ws}))
         self.width = width
         self.replicas = -(-plan.num_workers // width)
-        self.generation = next(_GENERATIONS)
+        self.generation = next_generation()
         self.torn_down = False
         self._teardown: threading.Thread | None = None
         gen = self.generation

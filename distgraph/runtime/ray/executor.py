@@ -114,9 +114,10 @@ class RayExecutor(Executor):
     ``explain``. Training steps follow the same transport: from a session's second step on,
     its plan and the parameter server's update run as one compiled graph (exactly once per
     step, never half-applied; a failed step recovers and recompiles), data-parallel replicas
-    and ``ps_shards`` included (bit-identical to calls); sessions with ``microbatches`` or
-    ``consistency="async"`` are refused under ``"compiled"`` (ConfigError) and run on calls
-    under ``"auto"`` (``session.explain_transport()``).
+    and ``ps_shards`` included, and pipelined ``microbatches`` as one node per worker action
+    (bit-identical to calls); ``consistency="async"`` sessions, and pipelines with
+    ``ps_shards`` > 1, are refused under ``"compiled"`` (ConfigError) and run on calls under
+    ``"auto"`` (``session.explain_transport()``).
     ``ps_shards``: training keeps the params on this many parameter-server actors (default 1),
     each param whole on one shard, balanced by bytes (``dataparallel.shard_params``). Each
     worker sends each shard only the gradients of that shard's params and takes its params

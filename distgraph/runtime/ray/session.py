@@ -250,14 +250,12 @@ class RaySession(TrainingSession):
     def _check_transport(self, layout: Replicas) -> None:
         """Refuse what compiled training does not cover (ConfigError under "compiled"; under
         "auto" the steps run on actor calls, said in the log and ``explain_transport``):
-        pipelined micro-batches and asynchronous steps. Replicas and sharded servers compile
-        (``compiled_training.py``)."""
+        asynchronous steps. Replicas and sharded servers compile (``compiled_training.py``);
+        pipelined sessions check their own (``pipelined.py``)."""
         o = self.options
         if o.transport == "calls":
             return
-        if o.microbatches is not None:  # refused by the executor under "compiled"
-            reason = f"microbatches={o.microbatches} (a pipelined step has its own call order)"
-        elif o.consistency == "async":
+        if o.consistency == "async":
             reason = (
                 "consistency='async' (each replica's gradients are applied as they arrive; a "
                 "compiled step is synchronous)"
