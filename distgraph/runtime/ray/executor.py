@@ -392,12 +392,15 @@ class RayExecutor(Executor):
                     key_extra=graph.version,
                 )
                 t_submit = time.time()
+                t0 = time.perf_counter()
                 compiled = self._compiled_step(plan, plan_id, step, feeds, trace, check_finite)
                 if compiled is not None:
                     driver = compiled
                 else:
                     refs = self.waves.submit(plan, plan_id, step, feeds, {}, trace, check_finite)
                     driver = self.waves.finish(plan, plan_id, step, refs, extra=[])["driver"]
+                if not trace:  # a traced step also collects its events: not a steady step
+                    self.compiled.record(plan_id, time.perf_counter() - t0)
                 break
             except WorkerLostError:
                 if attempt == self.max_recoveries:
