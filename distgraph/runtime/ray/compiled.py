@@ -432,12 +432,17 @@ class CompiledRuns:
         if refused is not None and refused[0] == transport:  # asked again under another one
             self.last_reason = refused[1]
             return None
+        need = plan_buffer_bytes(plan, feeds)
+        if transport == "auto" and plan_id not in self.graphs:
+            reason = self.why_not(plan, need)  # said at once, not after the calls probe
+            if reason:
+                self._refuse(plan_id, reason)
+                return None
         if transport == "auto" and self.choice(plan_id).choose() == CALLS:
             self.drop(plan_id)  # measured slower (or not yet measured): no reader spins idle
             self.last_reason = self.choices[plan_id].explain()
             return None
         compiled = self.graphs.get(plan_id)
-        need = plan_buffer_bytes(plan, feeds)
         if compiled is not None and (
             need > compiled.buffer_bytes
             or compiled.workers != self.cluster.workers
