@@ -30,6 +30,7 @@ def drive(choice: TransportChoice, times: dict[str, float], steps: int) -> list[
 
 def test_probes_calls_then_compiled_and_keeps_the_faster():
     c = TransportChoice(k=5)
+    assert c.status() == "measuring calls (0 of 5 steps)"
     ran = drive(c, {CALLS: 10 * MS, COMPILED: 2 * MS}, 12)
     # 1 warm-up + 5 counted steps each, calls first.
     assert ran == [CALLS] * 6 + [COMPILED] * 6
@@ -44,7 +45,7 @@ def test_compiled_slower_under_load_keeps_calls():
     c = TransportChoice(k=5)
     drive(c, {CALLS: 5.0 * MS, COMPILED: 21.4 * MS}, 12)
     assert c.chosen == CALLS and c.choose() == CALLS
-    assert c.reason.startswith("calls faster")
+    assert c.reason.startswith("calls faster") and c.status() == "calls measured faster"
     assert "21.40" in c.reason and "5.00" in c.reason
 
 
@@ -140,6 +141,7 @@ def test_compiled_refused_settles_on_calls_with_the_reason():
         c.record(CALLS, 10 * MS, why='data_path="store"')
     assert c.probing is None and c.chosen == CALLS and c.choose() == CALLS
     assert 'compiled did not run: data_path="store"' in c.reason
+    assert c.status() == c.reason
     assert 'data_path="store"' in c.explain()
 
 

@@ -440,7 +440,7 @@ class CompiledRuns:
                 return None
         if transport == "auto" and self.choice(plan_id).choose() == CALLS:
             self.drop(plan_id)  # measured slower (or not yet measured): no reader spins idle
-            self.last_reason = self.choices[plan_id].explain()
+            self.last_reason = self.choices[plan_id].status()  # describe() adds the numbers
             return None
         compiled = self.graphs.get(plan_id)
         if compiled is not None and (

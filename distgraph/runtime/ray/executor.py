@@ -109,11 +109,19 @@ class RayExecutor(Executor):
     ``transport``: how run() steps travel. ``"calls"`` (default): one actor call per task.
     ``"compiled"``: from a plan's second run in a row on, its steps run as a Ray Compiled Graph
     (shared-memory channels sized from the plan, no per-call scheduling); a plan that cannot be
-    compiled runs on calls with a warning. ``"auto"``: compiled where supported (one node,
-    ``data_path="inline"``, messages up to 256 MB), calls otherwise, logged and shown by
-    ``explain``. Training steps follow the same transport: from a session's second step on,
-    its plan and the parameter server's update run as one compiled graph (exactly once per
-    step, never half-applied; a failed step recovers and recompiles); sessions with
+    compiled runs on calls with a warning. ``"auto"``: measured per plan. Where compiling is
+    supported (one node, ``data_path="inline"``, messages up to 256 MB; otherwise calls, the
+    reason logged and shown by ``explain_transport``), a repeated plan (a training session's
+    steps, repeated ``run()`` of one request) runs its first 6 steps on calls and the next 6
+    compiled, then keeps whichever measured faster (medians of 5 steps each, the first of
+    each transport not counted; compiled must be 15 % faster to replace calls, and the other
+    way round), tearing the graph down when calls wins; it measures again after 256 steps
+    (twice as long each time the choice stands) or when the chosen transport's step time
+    drifts 2x. Results are bit-identical either way; ``explain_transport`` and the log say
+    the choice and both measured ms/step (``transport_choice.py``).
+    Training steps follow the same transport: from a session's second step on, its plan and
+    the parameter server's update run as one compiled graph (exactly once per step, never
+    half-applied; a failed step recovers and recompiles); sessions with
     ``replicas`` > 1, ``ps_shards`` > 1 or ``microbatches`` are refused under ``"compiled"``
     (ConfigError) and run on calls under ``"auto"`` (``session.explain_transport()``).
     ``ps_shards``: training keeps the params on this many parameter-server actors (default 1),

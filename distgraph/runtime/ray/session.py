@@ -525,7 +525,7 @@ class RaySession(TrainingSession):
         if self.options.transport != "auto" or self.choice.choose() == COMPILED:
             return True
         self.compiled.release()
-        self.compiled.last_reason = self.choice.explain()
+        self.compiled.last_reason = self.choice.status()  # explain_transport adds the numbers
         return False
 
     def _timed_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float:

@@ -187,6 +187,14 @@ class TransportChoice:
         s = self.samples[transport]
         return statistics.median(s) if s else None
 
+    def status(self) -> str:
+        """A few words: what the choice is doing now (for a "why on calls" field)."""
+        if self.probing is not None:
+            return f"measuring {self.probing} ({self._probe_counted} of {self.k} steps)"
+        if self.decisions and self.decisions[-1][3].startswith("compiled did not run"):
+            return self.decisions[-1][3]
+        return f"{self.chosen} measured faster"
+
     def explain(self) -> str:
         """One line: what auto runs now and why, with both measurements when there are some."""
         if self.probing is not None:
