@@ -262,3 +262,13 @@ def test_repeated_runs_under_auto_measure_both_and_say_why(ex_auto):
             assert np.array_equal(res.values[k], local.values[k]), k
         for k in local.grads:
             assert np.array_equal(res.grads[k], local.grads[k]), k
+
+
+def test_auto_is_the_default_transport():
+    import inspect
+
+    import distgraph as dg
+    from distgraph.runtime.ray.options import RayOptions
+
+    assert inspect.signature(dg.RayExecutor).parameters["transport"].default == "auto"
+    assert RayOptions().transport == "auto"

@@ -106,11 +106,11 @@ class RayExecutor(Executor):
     outputs reaches the driver, at the cost of an object-store put per value (about 1-2 ms
     each on a loaded 2-core machine).
 
-    ``transport``: how run() steps travel. ``"calls"`` (default): one actor call per task.
-    ``"compiled"``: from a plan's second run in a row on, its steps run as a Ray Compiled Graph
-    (shared-memory channels sized from the plan, no per-call scheduling); a plan that cannot be
-    compiled runs on calls with a warning. ``"auto"``: measured per plan. Where compiling is
-    supported (one node, ``data_path="inline"``, messages up to 256 MB; otherwise calls, the
+    ``transport``: how run() steps and training steps travel. ``"calls"``: one actor call per
+    task. ``"compiled"``: from a plan's second run in a row on, its steps run as a Ray
+    Compiled Graph (shared-memory channels sized from the plan, no per-call scheduling); a
+    plan that cannot be compiled runs on calls with a warning. ``"auto"`` (default): measured
+    per plan. Where compiling is supported (one node, ``data_path="inline"``, messages up to 256 MB; otherwise calls, the
     reason logged and shown by ``explain_transport``), a repeated plan (a training session's
     steps, repeated ``run()`` of one request) runs its first 6 steps on calls and the next 6
     compiled, then keeps whichever measured faster (medians of 5 steps each, the first of
@@ -215,7 +215,7 @@ class RayExecutor(Executor):
         max_bytes: int | None = None,
         ps_shards: int = 1,
         replicas: int | str = "auto",
-        transport: str = "calls",
+        transport: str = "auto",
         consistency: str = "sync",
         staleness: int = 0,
         _slow_replicas: Mapping[int, float] | None = None,
