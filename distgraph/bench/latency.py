@@ -6,13 +6,19 @@ yardstick is the cheapest thing Ray can do, a no-op actor method call, measured 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ._harness import Record, log, measure
+from ._transports import TRANSPORTS, record_choice, run_choice, warm_until_decided
 
 NAME = "latency"
 #: label -> (comparison, bound) of every target this benchmark checks.
-TARGETS = {"step_vs_round_trip": ("<=", 2.0), "compiled_step_vs_round_trip": ("<=", 0.5)}
+TARGETS = {
+    "step_vs_round_trip": ("<=", 2.0),
+    "compiled_step_vs_round_trip": ("<=", 0.5),
+    "auto_step_vs_round_trip": ("<=", 0.5),
+}
 #: Packages of the ``bench`` extra this benchmark needs (none: numpy and Ray only).
 PEERS: tuple[str, ...] = ()
 
@@ -72,41 +78,47 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
     rec.figure("ray_round_trip_s", seq)
     rec.figure("ray_round_trip_pipelined_s", pipe)
 
-    log(progress, NAME, "distgraph seed graph, forward + backward")
     g = build_seed_graph()
-    with dg.RayExecutor(num_workers=2) as ex:
-        res = ex.run(g, feeds={"x": 2.0}, grad="z")
-        if res.values["z"] != 7.0 or res.grads.get("w") != 2.0:
-            raise AssertionError(f"seed graph gave z={res.values['z']}, grads={res.grads}")
-        step = rec.figure(
-            "distgraph_step_s",
-            measure(lambda: ex.run(g, feeds={"x": 2.0}, grad="z"), steps, warmup=10),
-        )
-    log(progress, NAME, "distgraph seed graph, forward + backward, compiled transport")
-    with dg.RayExecutor(num_workers=2, transport="compiled") as ex:
-        for _ in range(2):  # the plan is compiled on its second run
-            res = ex.run(g, feeds={"x": 2.0}, grad="z")
-        if ex.compiled.last_reason or res.values["z"] != 7.0 or res.grads.get("w") != 2.0:
-            raise AssertionError(f"compiled seed graph: {ex.compiled.last_reason or res}")
-        compiled = rec.figure(
-            "distgraph_step_compiled_s",
-            measure(lambda: ex.run(g, feeds={"x": 2.0}, grad="z"), steps, warmup=10),
-        )
-        # A second round-trip sample after the steps guards against drift during the run.
-        seq_after, _ = round_trips(calls, repeats=1)
+    steps_s: dict[str, float] = {}
+    for transport in TRANSPORTS:
+        log(progress, NAME, f"distgraph seed graph, forward + backward, transport={transport}")
+        with dg.RayExecutor(num_workers=2, transport=transport) as ex:
+
+            def step(ex: Any = ex) -> Any:
+                return ex.run(g, feeds={"x": 2.0}, grad="z")
+
+            if transport == "auto":
+                record_choice(
+                    rec, "seed", warm_until_decided(step, functools.partial(run_choice, ex))
+                )
+            else:
+                for _ in range(2):  # compiled from the plan's second run
+                    step()
+            res = step()
+            if transport == "compiled" and ex.compiled.last_reason:
+                raise AssertionError(f"compiled seed graph ran on calls: {ex.compiled.last_reason}")
+            if res.values["z"] != 7.0 or res.grads.get("w") != 2.0:
+                raise AssertionError(f"seed graph ({transport}) gave {res.values}, {res.grads}")
+            suffix = "" if transport == "calls" else f"_{transport}"
+            steps_s[transport] = rec.figure(
+                f"distgraph_step{suffix}_s", measure(step, steps, warmup=10)
+            )
+    # A second round-trip sample after the steps guards against drift during the run.
+    seq_after, _ = round_trips(calls, repeats=1)
     rec.figure("ray_round_trip_after_s", seq_after)
-    rec.target(
-        "step_vs_round_trip",
-        rec.ratio("step_vs_round_trip", step, seq),
-    )
+    rec.target("step_vs_round_trip", rec.ratio("step_vs_round_trip", steps_s["calls"], seq))
     rec.target(
         "compiled_step_vs_round_trip",
-        rec.ratio("compiled_step_vs_round_trip", compiled, seq),
+        rec.ratio("compiled_step_vs_round_trip", steps_s["compiled"], seq),
     )
-    rec.ratio("step_vs_pipelined_round_trip", step, pipe)
+    rec.target(
+        "auto_step_vs_round_trip", rec.ratio("auto_step_vs_round_trip", steps_s["auto"], seq)
+    )
+    rec.ratio("step_vs_pipelined_round_trip", steps_s["calls"], pipe)
     rec.note(
         f"Round trip: median of {calls} sequential ray.get(actor.ping.remote()); pipelined: "
         f"{calls} calls submitted then one ray.get, per call. Step: median of {steps} "
-        "ex.run(g, feeds, grad='z') on a warm executor; _compiled: the same with "
-        'transport="compiled" (the plan runs as a Ray Compiled Graph).'
+        "ex.run(g, feeds, grad='z') on a warm executor (transport=\"calls\"); _compiled: "
+        'transport="compiled" (the plan runs as a Ray Compiled Graph); _auto: transport="auto" '
+        "after it decided (seed_auto_*: what it chose and the probe medians it chose on)."
     )

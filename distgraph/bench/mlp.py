@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._harness import Record, log, measure
+from ._transports import TRANSPORTS, record_choice, run_choice, warm_until_decided
 
 NAME = "mlp"
 LR = 0.01
@@ -28,6 +29,9 @@ TARGETS = {
     "local_vs_numpy": ("<=", 1.15),
     "ray_vs_ray_ps": ("<=", 1.0),
     "ray_vs_numpy": ("<=", 1.5),
+    # issue 16: the one-replica step under transport="auto" (see _time_training_transports)
+    "ray_r1_auto_vs_numpy": ("<=", 1.3),
+    "ray_r1_auto_vs_ray_floor": ("<=", 1.0),
 }
 #: Packages of the ``bench`` extra this benchmark needs (none: PyTorch is optional and skipped
 #: with a note when missing; it is not in the extra).
@@ -343,41 +347,86 @@ def _time_ray(rec: Record, g: Any, feeds: dict, repeats: int) -> None:
         "distgraph Ray: the batch is attached once (as Trainer.fit does) and the worker that "
         "computes the gradients applies the update to its own copy; _unoptimised turns both off."
     )
+    _time_training_transports(rec, g, feeds, repeats)
     _time_transports(rec, g, feeds, repeats)
 
 
-def _time_transports(rec: Record, g: Any, feeds: dict, repeats: int) -> None:
-    """Forward + backward through ``run()`` (no update) on both transports, side by side."""
+def _time_training_transports(rec: Record, g: Any, feeds: dict, repeats: int) -> None:
+    """The training step of ``distgraph_ray_s`` on each transport, one replica (compiled
+    training steps cover one replica and one server), side by side."""
     import distgraph as dg
 
-    for transport in ("calls", "compiled"):
+    numpy_s, floor_s = rec.figures["numpy_s"], rec.figures["ray_floor_s"]
+    for transport in TRANSPORTS:
+        with dg.RayExecutor(num_workers=2, transport=transport, replicas=1) as ex:
+            step, session = training_step(dg, g, ex, feeds, with_session=True)
+            if transport == "auto":
+                record_choice(
+                    rec,
+                    "train",
+                    warm_until_decided(step, functools.partial(getattr, session, "choice")),
+                )
+            else:
+                for _ in range(3):  # compiled from the session's second step
+                    step()
+            if transport == "compiled" and session.compiled.last_reason:
+                raise AssertionError(f"the MLP step ran on calls: {session.compiled.last_reason}")
+            t = rec.figure(f"distgraph_ray_r1_{transport}_s", measure(step, repeats, 3))
+        vs_numpy = rec.ratio(f"ray_r1_{transport}_vs_numpy", t, numpy_s)
+        vs_floor = rec.ratio(f"ray_r1_{transport}_vs_ray_floor", t, floor_s)
+    rec.target("ray_r1_auto_vs_numpy", vs_numpy)  # auto is the last of TRANSPORTS
+    rec.target("ray_r1_auto_vs_ray_floor", vs_floor)
+    rec.note(
+        "distgraph_ray_r1_{calls,compiled,auto}: the distgraph_ray_s training step with "
+        "replicas=1 on each transport (auto once it decided; train_auto_*: its choice and probe "
+        "medians)."
+    )
+
+
+def _time_transports(rec: Record, g: Any, feeds: dict, repeats: int) -> None:
+    """Forward + backward through ``run()`` (no update) on each transport, side by side."""
+    import distgraph as dg
+
+    for transport in TRANSPORTS:
         with dg.RayExecutor(num_workers=2, transport=transport) as ex:
-            for _ in range(2):  # compiled from the plan's second run
-                ex.run(g, feeds, grad="loss")
+
+            def run(ex: Any = ex) -> Any:
+                return ex.run(g, feeds, grad="loss")
+
+            if transport == "auto":
+                record_choice(
+                    rec, "run", warm_until_decided(run, functools.partial(run_choice, ex))
+                )
+            else:
+                for _ in range(2):  # compiled from the plan's second run
+                    run()
             if transport == "compiled" and ex.compiled.last_reason:
                 raise AssertionError(f"the MLP did not run compiled: {ex.compiled.last_reason}")
-            step = measure(functools.partial(ex.run, g, feeds, grad="loss"), repeats, 3)
+            step = measure(run, repeats, 3)
             rec.figure(f"distgraph_ray_run_{transport}_s", step)
         rec.ratio(f"ray_run_{transport}_vs_numpy", step, rec.figures["numpy_s"])
     rec.note(
-        "distgraph_ray_run_{calls,compiled}: ex.run(g, feeds, grad='loss') (forward and "
-        "backward, the batch sent each step, no update) with each transport; training steps "
-        "always use calls."
+        "distgraph_ray_run_{calls,compiled,auto}: ex.run(g, feeds, grad='loss') (forward and "
+        "backward, the batch sent each step, no update) with each transport."
     )
 
 
 def training_step(
-    dg: Any, g: Any, executor: Any, feeds: dict, attach: bool = True
-) -> Callable[[], float]:
-    """A zero-argument callable doing one forward + backward + SGD update; returns the loss.
+    dg: Any, g: Any, executor: Any, feeds: dict, attach: bool = True, with_session: bool = False
+) -> Any:
+    """A zero-argument callable doing one forward + backward + SGD update; returns the loss
+    (``with_session``: the pair (callable, the training session)).
 
     With ``attach`` the batch is handed over once, as ``Trainer.fit`` does with its data, and
     each step names its rows (all of them)."""
     trainer = dg.Trainer(g, loss="loss", optimizer=dg.SGD(lr=LR), executor=executor, progress=False)
     session = trainer.session  # the executor's training session, bound to a parameter store
     step_ids = itertools.count(1)
+    step: Callable[[], float]
     if not attach:
-        return lambda: session.step(next(step_ids), feeds)
-    data = session.attach(feeds)
-    rows = np.arange(len(next(iter(feeds.values()))))
-    return lambda: session.step_rows(next(step_ids), data, rows)
+        step = lambda: session.step(next(step_ids), feeds)
+    else:
+        data = session.attach(feeds)
+        rows = np.arange(len(next(iter(feeds.values()))))
+        step = lambda: session.step_rows(next(step_ids), data, rows)
+    return (step, session) if with_session else step

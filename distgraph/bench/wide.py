@@ -7,16 +7,22 @@ every process, so the speedup measures distgraph's parallelism, not OpenBLAS's.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 import numpy as np
 
 from ._harness import Record, blas_threads, log, measure
+from ._transports import TRANSPORTS, record_choice, run_choice, warm_until_decided
 
 NAME = "wide"
 #: label -> (comparison, bound) of every target this benchmark checks.
-TARGETS = {"ray_speedup_over_local": (">=", 1.8), "compiled_speedup_vs_ceiling": (">=", 0.8)}
+TARGETS = {
+    "ray_speedup_over_local": (">=", 1.8),
+    "compiled_speedup_vs_ceiling": (">=", 0.8),
+    "auto_speedup_vs_ceiling": (">=", 0.8),
+}
 #: Packages of the ``bench`` extra this benchmark needs (none: numpy and Ray only).
 PEERS: tuple[str, ...] = ()
 
@@ -132,26 +138,28 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
 
     worker_threads = _worker_blas_threads()
     rec.note(f"Ray worker BLAS threads: {worker_threads or 'unknown'}.")
-    log(progress, NAME, "distgraph ray, 2 workers")
-    with dg.RayExecutor(num_workers=2) as ex:
-        got = ex.run(g, feeds=feeds).values
-        for name, w in zip(names, want, strict=True):
-            if not np.allclose(got[name], w, rtol=1e-4, atol=1e-5):
-                raise AssertionError(f"distgraph ray {name} disagrees with numpy")
-        ray_s = rec.figure("distgraph_ray_s", measure(lambda: ex.run(g, feeds=feeds), repeats))
+    times: dict[str, float] = {}
+    for transport in TRANSPORTS:
+        log(progress, NAME, f"distgraph ray, 2 workers, transport={transport}")
+        with dg.RayExecutor(num_workers=2, transport=transport) as ex:
 
-    log(progress, NAME, "distgraph ray, 2 workers, compiled transport")
-    with dg.RayExecutor(num_workers=2, transport="compiled") as ex:
-        for _ in range(2):  # the plan is compiled on its second run
-            got = ex.run(g, feeds=feeds).values
-        if ex.compiled.last_reason:
-            raise AssertionError(f"wide did not run compiled: {ex.compiled.last_reason}")
-        for name, w in zip(names, want, strict=True):
-            if not np.allclose(got[name], w, rtol=1e-4, atol=1e-5):
-                raise AssertionError(f"distgraph ray compiled {name} disagrees with numpy")
-        compiled_s = rec.figure(
-            "distgraph_ray_compiled_s", measure(lambda: ex.run(g, feeds=feeds), repeats)
-        )
+            def run(ex: Any = ex) -> Any:
+                return ex.run(g, feeds=feeds)
+
+            if transport == "auto":
+                record_choice(
+                    rec, "wide", warm_until_decided(run, functools.partial(run_choice, ex))
+                )
+            else:
+                run()  # compiled from the plan's second run
+            got = run().values
+            if transport == "compiled" and ex.compiled.last_reason:
+                raise AssertionError(f"wide did not run compiled: {ex.compiled.last_reason}")
+            for name, w in zip(names, want, strict=True):
+                if not np.allclose(got[name], w, rtol=1e-4, atol=1e-5):
+                    raise AssertionError(f"distgraph ray ({transport}) {name} disagrees with numpy")
+            suffix = "" if transport == "calls" else f"_{transport}"
+            times[transport] = rec.figure(f"distgraph_ray{suffix}_s", measure(run, repeats))
 
     log(progress, NAME, "machine ceiling: the numpy branches split over 2 plain processes")
     two = rec.figure("numpy_2proc_s", _two_process_time(feeds, params, branches, depth, repeats))
@@ -161,17 +169,17 @@ def bench(rec: Record, quick: bool = False, progress: bool = False) -> None:
         "each, data already in place) gain over one: the ceiling this machine allows."
     )
     rec.ratio("local_vs_numpy_1thread", local_s, rec.figures["numpy_1thread_s"])
-    speedup = rec.ratio("ray_speedup_over_local", local_s, ray_s)
-    rec.target("ray_speedup_over_local", speedup)
-    compiled = rec.ratio("ray_compiled_speedup_over_local", local_s, compiled_s)
     ceiling = rec.ratios["numpy_2proc_speedup"]
-    rec.ratio("ray_speedup_vs_ceiling", speedup, ceiling)
-    rec.target(
-        "compiled_speedup_vs_ceiling",
-        rec.ratio("ray_compiled_speedup_vs_ceiling", compiled, ceiling),
-    )
+    for transport in TRANSPORTS:
+        infix = "" if transport == "calls" else f"_{transport}"
+        speedup = rec.ratio(f"ray{infix}_speedup_over_local", local_s, times[transport])
+        rec.ratio(f"ray{infix}_speedup_vs_ceiling", speedup, ceiling)
+    rec.target("ray_speedup_over_local", rec.ratios["ray_speedup_over_local"])
+    rec.target("compiled_speedup_vs_ceiling", rec.ratios["ray_compiled_speedup_vs_ceiling"])
+    rec.target("auto_speedup_vs_ceiling", rec.ratios["ray_auto_speedup_vs_ceiling"])
     rec.note(
-        "_compiled: the same RayExecutor(2) with transport='compiled' (the plan runs as a Ray "
-        "Compiled Graph from its second run); *_vs_ceiling: a speed-up over the two-process "
-        "ceiling measured in this run."
+        "distgraph_ray: transport='calls'; _compiled: transport='compiled' (the plan runs as a "
+        "Ray Compiled Graph from its second run); _auto: transport='auto' once it decided "
+        "(wide_auto_*: its choice and probe medians); *_vs_ceiling: a speed-up over the "
+        "two-process ceiling measured in this run."
     )

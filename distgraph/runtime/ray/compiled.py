@@ -11,7 +11,11 @@ State (:class:`CompiledRuns`, one per executor):
   run in a row: compiling costs ~0.1-2 s, a one-off run would never earn that back, and an
   actor holds one compiled graph at a time, so alternating plans stay on calls);
 - ``refused``: plan id -> (transport, why the plan stays on actor calls under it), said in
-  ``explain_transport`` and the log.
+  ``explain_transport`` and the log;
+- ``choices``: plan id -> its :class:`~.transport_choice.TransportChoice` under
+  ``transport="auto"``: the executor reports each run's time (``record``), and a plan runs
+  compiled only while its compiled steps measure faster than its calls steps (switching to
+  calls tears its graph down).
 
 The graph of a plan: the driver's input (``InputNode``: step id, flags and the feeds) goes to
 every task; each task is one bind of its worker's ``run_compiled`` with one return per
@@ -75,6 +79,7 @@ from ...errors import DistgraphError, ExecutionError, WaveTimeoutError, WorkerLo
 from ...plan import DRIVER, Plan
 from ..protocol import CallHeader
 from .options import RayOptions
+from .transport_choice import CALLS, COMPILED, TransportChoice
 
 if TYPE_CHECKING:  # cluster.py imports actors.py, which imports this module
     from .cluster import Cluster
@@ -93,6 +98,8 @@ IDLE_TEARDOWN_S = 5.0
 #: Plans whose largest message needs a bigger buffer stay on calls (each channel holds one
 #: buffer of this size in shared memory, per reader node).
 MAX_BUFFER = 256 * 1024 * 1024
+#: How many run() plans' transport choices (``transport="auto"``) are kept.
+MAX_CHOICES = 256
 
 
 class ChannelSizeError(ExecutionError):
@@ -391,7 +398,10 @@ class CompiledRuns:
         self.refused: dict[int, tuple[str, str]] = {}
         #: Why the latest plan ran on calls ("" when it ran compiled).
         self.last_reason = ""
+        #: plan id -> its measured choice under transport="auto" (transport_choice.py).
+        self.choices: dict[int, TransportChoice] = {}
         self._previous = -1  # the plan of the latest step
+        self._cold = False  # the latest step compiled its graph (not a steady step's time)
         self.slot = slot_of(cluster)
 
     def why_not(self, plan: Plan, buffer_bytes: int) -> str:
@@ -409,6 +419,7 @@ class CompiledRuns:
     ) -> list[dict[str, Any]] | None:
         """Run a step of ``plan`` compiled when the transport allows it; None: use calls."""
         transport = self.options.transport
+        self._cold = False
         if transport == "calls":
             self.last_reason = 'transport="calls"'
             return None
@@ -421,8 +432,17 @@ class CompiledRuns:
         if refused is not None and refused[0] == transport:  # asked again under another one
             self.last_reason = refused[1]
             return None
-        compiled = self.graphs.get(plan_id)
         need = plan_buffer_bytes(plan, feeds)
+        if transport == "auto" and plan_id not in self.graphs:
+            reason = self.why_not(plan, need)  # said at once, not after the calls probe
+            if reason:
+                self._refuse(plan_id, reason)
+                return None
+        if transport == "auto" and self.choice(plan_id).choose() == CALLS:
+            self.drop(plan_id)  # measured slower (or not yet measured): no reader spins idle
+            self.last_reason = self.choices[plan_id].status()  # describe() adds the numbers
+            return None
+        compiled = self.graphs.get(plan_id)
         if compiled is not None and (
             need > compiled.buffer_bytes
             or compiled.workers != self.cluster.workers
@@ -461,6 +481,7 @@ class CompiledRuns:
         for other in list(self.graphs):
             self.drop(other)
         self.slot.claim(self)
+        self._cold = True
         compiled = CompiledPlan(self.cluster, plan, plan_id, buffer_bytes)
         self.graphs[plan_id] = compiled
         log.info(
@@ -470,6 +491,23 @@ class CompiledRuns:
             buffer_bytes,
         )
         return compiled
+
+    def choice(self, plan_id: int) -> TransportChoice:
+        """The measured transport choice of ``plan_id`` (``transport="auto"``)."""
+        choice = self.choices.get(plan_id)
+        if choice is None:
+            while len(self.choices) >= MAX_CHOICES:  # the oldest plan's goes
+                del self.choices[next(iter(self.choices))]
+            choice = self.choices[plan_id] = TransportChoice(f"run() plan {plan_id}")
+        return choice
+
+    def record(self, plan_id: int, seconds: float) -> None:
+        """The latest step of ``plan_id`` took ``seconds`` (from submission to its outputs
+        read): under ``transport="auto"`` its choice learns which transport ran and how fast."""
+        if self.options.transport != "auto":
+            return
+        ran = COMPILED if not self.last_reason else CALLS
+        self.choice(plan_id).record(ran, seconds, cold=self._cold, why=self.last_reason)
 
     def _refuse(self, plan_id: int, reason: str) -> None:
         self.refused[plan_id] = (self.options.transport, reason)
@@ -536,11 +574,21 @@ class CompiledRuns:
         transport = self.options.transport
         if transport == "calls":
             return 'transport: actor calls (transport="calls")'
+        choice = self.choices.get(plan_id) if transport == "auto" else None
         if plan_id in self.graphs and not self.graphs[plan_id].torn_down:
-            return f"transport: compiled graph, channels of {self.graphs[plan_id].buffer_bytes:,} B"
-        if plan_id in self.refused:
-            return f"transport: actor calls ({transport}: {self.refused[plan_id][1]})"
-        return f"transport: {transport}, compiled from the plan's second run in a row"
+            line = f"transport: compiled graph, channels of {self.graphs[plan_id].buffer_bytes:,} B"
+        elif plan_id in self.refused:
+            line = f"transport: actor calls ({transport}: {self.refused[plan_id][1]})"
+        elif choice is not None:
+            line = "transport: actor calls"
+        elif transport == "auto":
+            return (
+                "transport: auto, measured: the plan's first runs on actor calls, the next "
+                "compiled, then the faster of the two"
+            )
+        else:
+            return f"transport: {transport}, compiled from the plan's second run in a row"
+        return line if choice is None else f"{line}; {choice.explain()}"
 
 
 class _Retry(DistgraphError):

@@ -106,18 +106,27 @@ class RayExecutor(Executor):
     outputs reaches the driver, at the cost of an object-store put per value (about 1-2 ms
     each on a loaded 2-core machine).
 
-    ``transport``: how run() steps travel. ``"calls"`` (default): one actor call per task.
-    ``"compiled"``: from a plan's second run in a row on, its steps run as a Ray Compiled Graph
-    (shared-memory channels sized from the plan, no per-call scheduling); a plan that cannot be
-    compiled runs on calls with a warning. ``"auto"``: compiled where supported (one node,
-    ``data_path="inline"``, messages up to 256 MB), calls otherwise, logged and shown by
-    ``explain``. Training steps follow the same transport: from a session's second step on,
-    its plan and the parameter server's update run as one compiled graph (exactly once per
-    step, never half-applied; a failed step recovers and recompiles), data-parallel replicas
-    and ``ps_shards`` included, and pipelined ``microbatches`` as one node per worker action
-    (bit-identical to calls); ``consistency="async"`` sessions, and pipelines with
-    ``ps_shards`` > 1, are refused under ``"compiled"`` (ConfigError) and run on calls under
-    ``"auto"`` (``session.explain_transport()``).
+    ``transport``: how run() steps and training steps travel. ``"calls"``: one actor call per
+    task. ``"compiled"``: from a plan's second run in a row on, its steps run as a Ray
+    Compiled Graph (shared-memory channels sized from the plan, no per-call scheduling); a
+    plan that cannot be compiled runs on calls with a warning. ``"auto"`` (default): measured
+    per plan. Where compiling is supported (one node, ``data_path="inline"``, messages up to
+    256 MB; otherwise calls, the reason logged and shown by ``explain_transport``), a
+    repeated plan (a training session's steps, repeated ``run()`` of one request) runs its
+    first 6 steps on calls and the next 6 compiled, then keeps whichever measured faster
+    (medians of 5 steps each, the first of each transport not counted; compiled must be 15 %
+    faster to replace calls, and the other way round), tearing the graph down when calls
+    wins; it measures again after 256 steps (twice as long each time the choice stands) or
+    when the chosen transport's step time drifts 2x. Results are bit-identical either way;
+    ``explain_transport`` and the log say the choice and both measured ms/step
+    (``transport_choice.py``).
+    Training steps follow the same transport: from a session's second step on, its plan and
+    the parameter server's update run as one compiled graph (exactly once per step, never
+    half-applied; a failed step recovers and recompiles), data-parallel replicas and
+    ``ps_shards`` included, and pipelined ``microbatches`` as one node per worker action;
+    ``consistency="async"`` sessions, and pipelines with ``ps_shards`` > 1, are refused
+    under ``"compiled"`` (ConfigError) and run on calls under ``"auto"``
+    (``session.explain_transport()``).
     ``ps_shards``: training keeps the params on this many parameter-server actors (default 1),
     each param whole on one shard, balanced by bytes (``dataparallel.shard_params``). Each
     worker sends each shard only the gradients of that shard's params and takes its params
@@ -209,7 +218,7 @@ class RayExecutor(Executor):
         max_bytes: int | None = None,
         ps_shards: int = 1,
         replicas: int | str = "auto",
-        transport: str = "calls",
+        transport: str = "auto",
         consistency: str = "sync",
         staleness: int = 0,
         _slow_replicas: Mapping[int, float] | None = None,
@@ -394,12 +403,15 @@ class RayExecutor(Executor):
                     key_extra=graph.version,
                 )
                 t_submit = time.time()
+                t0 = time.perf_counter()
                 compiled = self._compiled_step(plan, plan_id, step, feeds, trace, check_finite)
                 if compiled is not None:
                     driver = compiled
                 else:
                     refs = self.waves.submit(plan, plan_id, step, feeds, {}, trace, check_finite)
                     driver = self.waves.finish(plan, plan_id, step, refs, extra=[])["driver"]
+                if not trace:  # a traced step also collects its events: not a steady step
+                    self.compiled.record(plan_id, time.perf_counter() - t0)
                 break
             except WorkerLostError:
                 if attempt == self.max_recoveries:

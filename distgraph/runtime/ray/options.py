@@ -40,8 +40,9 @@ class RayOptions:
     #: the cost model's choice, one replica unless more pay clearly; see replicas.py).
     replicas: int | str = "auto"
     #: How run() steps travel: "calls" (actor calls), "compiled" (a Ray Compiled Graph from a
-    #: plan's second run) or "auto" (compiled where supported, else calls; see compiled.py).
-    transport: str = "calls"
+    #: plan's second run) or "auto" (the default: whichever of the two measured faster on the
+    #: plan's own steps where compiling is supported, else calls; see transport_choice.py).
+    transport: str = "auto"
     #: Training updates: "sync" (every replica computes a row shard of every step, combined)
     #: or "async" (each replica runs whole steps, applied as they arrive; see asyncdp.py).
     consistency: str = "sync"

@@ -95,6 +95,7 @@ from .replicas import (
 from .server import ServerLink, server_events
 from .shards import ShardedServer, merge_commits
 from .training import Attached, attach_arrays, replica_layout, server_routes, takers
+from .transport_choice import CALLS, COMPILED, TransportChoice
 from .waves import RowsFeed, Waves, batch_size
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ class RaySession(TrainingSession):
         self.clock: StalenessClock | None = None
         #: The compiled transport of this session's steps (see compiled_training.py).
         self.compiled = CompiledTraining(cluster, options)
+        #: transport="auto": the measured choice between calls and compiled steps.
+        self.choice = TransportChoice("a training session")
         #: Refs of calls sent without waiting since the latest step (drops, replica resets):
         #: a compiled step waits for them first, since its calls do not queue behind them.
         self._sent: list[Any] = []
@@ -271,8 +274,12 @@ class RaySession(TrainingSession):
         self.compiled.refuse(self.plan_id, reason)
 
     def explain_transport(self) -> str:
-        """How this session's steps travel: compiled graph or actor calls, and why."""
-        return self.compiled.describe()
+        """How this session's steps travel: compiled graph or actor calls, and why (under
+        ``transport="auto"``, with the measured step times of both)."""
+        line = self.compiled.describe()
+        if self.options.transport == "auto":
+            line += "; " + self.choice.explain()
+        return line
 
     def _routes(self) -> dict[int, list[str]]:
         assert self.plan is not None
@@ -414,7 +421,7 @@ class RaySession(TrainingSession):
                     # Inside the recovery loop: a worker that died while idle fails the
                     # install, and is replaced like one lost during a step.
                     self._ensure(batch)
-                    return self._step_once(step_id, arrays, trace)
+                    return self._timed_step(step_id, arrays, trace)
                 except WorkerLostError as e:
                     if attempt == self.options.max_recoveries:
                         raise
@@ -436,7 +443,7 @@ class RaySession(TrainingSession):
         """Run one step and commit it on the server, or leave it never applied (see below)."""
         plan, waves = self.plan, self.waves
         assert plan is not None
-        if self.compiled.wants(self.plan_id):
+        if self.compiled.wants(self.plan_id) and self._auto_says_compiled():
             loss = self._step_compiled(step_id, arrays, trace)
             if loss is not None:
                 return loss
@@ -503,6 +510,32 @@ class RaySession(TrainingSession):
                 events = replica_events(events, width, rows, t_submit)
             self.last_trace = sorted(events, key=lambda e: e.start)
         return self._step_loss(sent, driver, rows)
+
+    # transport="auto" (transport_choice.py) --------------------------------------------------
+    def _auto_says_compiled(self) -> bool:
+        """Whether the measured choice runs this step compiled (always, unless "auto"); when
+        it says calls, this session's graph is torn down: its readers would spin beside the
+        calls steps."""
+        if self.options.transport != "auto" or self.choice.choose() == COMPILED:
+            return True
+        self.compiled.release()
+        self.compiled.last_reason = self.choice.status()  # explain_transport adds the numbers
+        return False
+
+    def _timed_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float:
+        """``_step_once``, its time reported to the choice under ``transport="auto"``: which
+        transport ran it (the compiled path's ``last_reason`` is "" only after a compiled
+        step) and whether it compiled a graph (not a steady step's time)."""
+        graph = getattr(self.compiled, "graph", None)
+        t0 = time.perf_counter()
+        loss = self._step_once(step_id, arrays, trace)
+        if self.options.transport == "auto" and not trace:
+            why = self.compiled.last_reason
+            ran = CALLS if why else COMPILED
+            cold = ran == COMPILED and getattr(self.compiled, "graph", None) is not graph
+            self.choice.label = f"training plan {self.plan_id}"
+            self.choice.record(ran, time.perf_counter() - t0, cold=cold, why=why)
+        return loss
 
     # The calls of a step (hooks: ``pipelined.py`` runs a step as schedule actions) -----------
     def _submit_step(
