@@ -581,6 +581,28 @@ def test_an_idle_graph_is_torn_down_and_compiled_again_on_use():
         tr.close()
 
 
+def test_steps_of_another_plan_on_calls_do_not_keep_an_unused_graph_alive():
+    # The reaper goes by when the graph itself last ran: a run() plan's graph stays idle
+    # (its readers spinning) while a training session's steps run on calls, so it goes.
+    from distgraph.runtime.ray.compiled import GraphSlot
+
+    class Holder:
+        released = 0
+
+        def release(self) -> None:
+            Holder.released += 1
+
+    slot = GraphSlot(idle_s=0.4)
+    holder, other = Holder(), object()
+    slot.claim(holder)
+    assert slot.holder is holder  # the precondition: a live graph
+    deadline = time.time() + 30
+    while slot.holder is not None and time.time() < deadline:
+        slot.touch(other)  # another plan's step on calls, every 50 ms
+        time.sleep(0.05)
+    assert slot.holder is None and Holder.released == 1 and slot.reaped == 1
+
+
 # Last in the module: it shuts the shared Ray runtime down (the module executor's actors
 # with it) to start a multi-node cluster.
 @pytest.mark.slow

@@ -185,7 +185,9 @@ class GraphSlot:
     ``holder``: what owns the live graph (has ``release()``, which tears it down);
     ``user``: what ran the latest step on these workers, compiled or not, and ``last_use``
     when (a plan counts as running "in a row" only while nobody else ran between and its
-    runs come less than ``idle_s`` apart).
+    runs come less than ``idle_s`` apart); ``graph_use``: when the live graph last ran a
+    step (or was compiled) -- what the reaper goes by, so steps of other plans on calls do
+    not keep an unused graph spinning.
 
     Idle graphs are torn down: a graph's loop polls its input channel (Ray 2.60's reader
     spins on ``sched_yield``, ~0.4 of a core per reading actor here), so a graph unused for
@@ -198,6 +200,7 @@ class GraphSlot:
         self.idle_s = IDLE_TEARDOWN_S if idle_s is None else idle_s
         self.lock = threading.RLock()
         self.last_use = 0.0
+        self.graph_use = 0.0
         self.reaped = 0
         self._reaper: threading.Thread | None = None
 
@@ -208,7 +211,7 @@ class GraphSlot:
                 previous, self.holder = self.holder, None
                 previous.release()
             self.holder = holder
-            self.last_use = time.monotonic()
+            self.last_use = self.graph_use = time.monotonic()
             if self._reaper is None or not self._reaper.is_alive():
                 self._reaper = threading.Thread(
                     target=self._reap, name="distgraph-graph-reaper", daemon=True
@@ -231,7 +234,7 @@ class GraphSlot:
             try:
                 yield
             finally:
-                self.last_use = time.monotonic()
+                self.last_use = self.graph_use = time.monotonic()
 
     def release(self, holder: Any) -> None:
         """``holder`` gave its graph up."""
@@ -245,7 +248,7 @@ class GraphSlot:
             with self.lock:
                 if self.holder is None:
                     return
-                idle = time.monotonic() - self.last_use
+                idle = time.monotonic() - self.graph_use
                 if idle < self.idle_s:
                     continue
                 holder, self.holder = self.holder, None
