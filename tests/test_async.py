@@ -54,7 +54,7 @@ def _hook_applied(
     mid-run: crash an actor, stop the run). Returns the original ``run_async``."""
     run = session.run_async
 
-    def hooked(steps, data, on_applied=None):
+    def hooked(steps, data, on_applied=None, **options):
         def applied(step, loss):
             if before is not None:
                 before(step)
@@ -63,7 +63,7 @@ def _hook_applied(
             if after is not None:
                 after(step)
 
-        return run(steps, data, applied)
+        return run(steps, data, applied, **options)
 
     session.run_async = hooked
     return run
