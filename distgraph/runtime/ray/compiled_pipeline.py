@@ -16,6 +16,17 @@ replicas' gradients by rows (as ``ParameterServer.stage`` does on calls), stages
 the update at once, and returns the status plus each taker's new params, which a last node on
 the taker (``take_params``) makes resident.
 
+Sharded parameter servers (``ps_shards=S``): each worker's last action sends each shard the
+gradients of the params it owns (the session's ``_ends``, routed as ``ShardedServer.route_plan``
+routes plain plans), and the server's update is the plain graphs' per-shard nodes
+(``compiled_training.shard_nodes``): a stage node per shard taking its gradient dicts in
+(replica, stage) order and every other leaf, with ``clip_norm`` a sums-of-squares node per
+shard feeding every stage (the one global norm), and a commit node per shard taking every
+shard's stage output. Each shard's control, ``(step, split)``, is an input of its own: the
+split is the one ``ShardedServer.stage_splits`` passes on calls (per replica, how many of the
+shard's dicts are its and its rows), built from the step's rows, so the result is identical
+to calls. The driver merges the shards' statuses (``shards.merge_commits``).
+
 Order on a worker (Ray 2.60): the compiled graph runs an actor's nodes in the order they were
 bound (``compiled_dag_node.py`` sorts an actor's tasks by ``bind_index`` and
 ``dag_node_operation._build_dag_node_operation_graph`` adds an edge from each COMPUTE to the
@@ -30,8 +41,8 @@ fewer rows than replicas x micro-batches) runs on actor calls and leaves the gra
 Everything else (the protocol's guarantees, the fence, teardown, recovery, buffer sizing, the
 idle reaper) is the one of compiled training steps (``compiled_training.py``).
 
-Refused (transport="compiled": ConfigError; "auto": actor calls, said why): parameter-server
-shards; and, per plan, what :func:`~distgraph.runtime.ray.compiled.refusal` refuses.
+Refused (transport="compiled": ConfigError; "auto": actor calls, said why), per plan: what
+:func:`~distgraph.runtime.ray.compiled.refusal` refuses.
 """
 
 from __future__ import annotations
@@ -59,7 +70,8 @@ from .compiled import (
     own,
     set_buffer_size,
 )
-from .compiled_training import CompiledTraining, TrainingGraph, next_generation
+from .compiled_training import CompiledTraining, TrainingGraph, next_generation, shard_nodes
+from .shards import ShardedServer, merge_commits
 
 log = logging.getLogger(__name__)
 
@@ -192,23 +204,33 @@ def pipeline_buffer_bytes(spec: PipelineSpec, control: tuple, params: Mapping[st
 
 
 class PipelineGraph(TrainingGraph):
-    """One pipelined training step compiled on a cluster's workers and a parameter-server
-    actor, for one shape (micro-batches per active replica); see the module doc."""
+    """One pipelined training step compiled on a cluster's workers and its parameter-server
+    actor(s), for one shape (micro-batches per active replica); see the module doc.
+
+    ``servers``: the server's actor, or each shard's in shard order; ``dests``: the plan
+    destination of each one's gradients; ``serves``: per server actor, the takers it sends
+    new params to; ``clip``: sharded servers clip by the global norm (``clip_norm``)."""
 
     def __init__(
         self,
         workers: Sequence[Any],
-        server: Any,
+        servers: Sequence[Any],
+        dests: Sequence[str],
+        serves: Sequence[Sequence[int]],
         spec: PipelineSpec,
         shape: tuple[int, ...],
         buffer_bytes: int,
+        clip: bool = False,
     ) -> None:
         # TrainingGraph's teardown, fence and join apply as they are; the graph is built here.
         plan, one = spec.plan, spec.one
         self.plan, self.plan_id, self.buffer_bytes = plan, spec.plan_id, buffer_bytes
-        self.workers, self.server = list(workers), server
+        self.workers, self.servers = list(workers), list(servers)
+        self.serves = [tuple(ws) for ws in serves]
         self.takers = spec.takers
         self.shape = shape
+        self.kind = spec.kind
+        n_servers = len(self.servers)
         self.generation = next_generation()
         self.torn_down = False
         self._teardown = None
@@ -224,7 +246,7 @@ class PipelineGraph(TrainingGraph):
             for call, task in acts:
                 by_key[(r, call.label[0], call.stage, call.microbatch)] = (call, task)
         used = {t.worker for acts in lists.values() for _c, t in acts} | set(self.takers)
-        self.actors = [self.workers[w] for w in sorted(used)] + [server]
+        self.actors = [self.workers[w] for w in sorted(used)] + self.servers
         # Every process that creates channels sizes them (see compiled.py's docstring).
         set_buffer_size(None, buffer_bytes)
         ray.get(
@@ -236,6 +258,8 @@ class PipelineGraph(TrainingGraph):
         consumed: set[tuple[ActionKey, int]] = set()
         last: dict[int, ActionKey] = {}  # worker -> its latest bound action
         with InputNode() as inp:
+            # The step's control (every action's and one server's), then each shard's own.
+            control = inp[0]
             for r in range(len(shape)):
                 # Bound in submission order: each worker's actions in its schedule's order
                 # (Ray runs an actor's nodes in bind order), each after what it imports.
@@ -269,27 +293,28 @@ class PipelineGraph(TrainingGraph):
                     method = self.workers[w].__ray_call__
                     if n > 1:
                         method = method.options(num_returns=n)
-                    bound = method.bind(action_node, node, inp, *args)
+                    bound = method.bind(action_node, node, control, *args)
                     outs[key] = list(bound) if n > 1 else [bound]
                     offset[key] = 1 if passes else 0
                     last[w] = key
-            # The step's ends, in (replica, stage) order as the calls path stages them.
-            grads, gates, driver = [], [], []
+            # The step's ends, in (replica, stage) order as the calls path stages them: per
+            # server actor its gradient dicts, and how many of them each replica sent.
+            grads: list[list[Any]] = [[] for _ in self.servers]
+            counts = [[0] * len(shape) for _ in self.servers]
+            gates, driver = [], []
             self.answering: list[int] = []  # the worker of each driver output
-            counts: list[int] = []
             sent: list[Task] = []
             for (r, s), acts in sorted(lists.items()):
                 call, task = acts[-1]
                 key = (r, call.label[0], call.stage, call.microbatch)
                 sent.append(Task(id=len(sent), worker=task.worker, outputs=spec.ends(s)))
-                if r == len(counts):
-                    counts.append(0)
                 for i, (dest, _) in enumerate(call.outputs):
                     at = offset[key] + i
-                    if dest == PARAM_SERVER:
-                        grads.append(outs[key][at])
+                    if isinstance(dest, str) and dest in dests:
+                        k = list(dests).index(dest)
+                        grads[k].append(outs[key][at])
                         consumed.add((key, at))
-                        counts[r] += 1
+                        counts[k][r] += 1
                     elif dest == DRIVER:
                         driver.append(outs[key][at])
                         self.answering.append(task.worker)
@@ -297,28 +322,20 @@ class PipelineGraph(TrainingGraph):
                 for i, node in enumerate(nodes):
                     if (key, i) not in consumed:
                         gates.append(node)  # the driver's outputs and any other leaf
-            m = 1 + len(self.takers)
-            update = server.__ray_call__
-            if m > 1:
-                update = update.options(num_returns=m)
-            grouped = tuple(counts) if spec.kind is not None else None
-            srv = update.bind(
-                update_node,
-                gen,
-                inp,
-                self.takers,
-                grouped,
-                spec.kind or "mean",
-                len(grads),
-                *grads,
-                *gates,
-            )
-            srv_outs = list(srv) if m > 1 else [srv]
+            if n_servers == 1:
+                statuses, params = self._update(control, grads[0], counts[0], gates)
+            else:
+                # Each shard's (step, split) is an input of its own (see ``execute``).
+                controls = [inp[1 + k] for k in range(n_servers)]
+                statuses, params = shard_nodes(
+                    self.servers, self.serves, gen, controls, grads, gates, clip
+                )
             takes = [
-                self.workers[w].take_params.bind(spec.plan_id, gen, srv_outs[1 + i])
-                for i, w in enumerate(self.takers)
+                self.workers[w].take_params.bind(spec.plan_id, gen, node) for w, node in params
             ]
-            dag = MultiOutputNode(gates + [srv_outs[0]] + takes)
+            dag = MultiOutputNode(gates + statuses + takes)
+        #: Per shard, how many of its gradient dicts each replica sends (its stage split).
+        self.shard_counts = [tuple(c) for c in counts]
         self.n_gates = len(gates)
         self.driver_at = [gates.index(d) for d in driver]
         #: One task per (replica, stage) that ran, saying what it sends (as on calls).
@@ -326,15 +343,60 @@ class PipelineGraph(TrainingGraph):
         self.n_actions = len(outs)
         self.dag = dag.experimental_compile(_max_inflight_executions=1)
 
+    def _update(
+        self, control: Any, grads: list[Any], counts: list[int], gates: list[Any]
+    ) -> tuple[list[Any], list[tuple[int, Any]]]:
+        """One server: one node combines, stages and commits (:func:`update_node`). Returns
+        (its status node, (taker, its new params' node) per taker)."""
+        takers = self.serves[0]
+        m = 1 + len(takers)
+        update = self.servers[0].__ray_call__
+        if m > 1:
+            update = update.options(num_returns=m)
+        grouped = tuple(counts) if self.kind is not None else None
+        srv = update.bind(
+            update_node,
+            self.generation,
+            control,
+            takers,
+            grouped,
+            self.kind or "mean",
+            len(grads),
+            *grads,
+            *gates,
+        )
+        outs = list(srv) if m > 1 else [srv]
+        return [outs[0]], [(w, outs[1 + i]) for i, w in enumerate(takers)]
+
+    def shard_controls(self, control: tuple) -> list[tuple[int, dict[str, Any]]]:
+        """Each shard's ``(step, split)`` for the step of ``control``: the data-parallel
+        stage arguments ``ShardedServer.stage_splits`` gives it on calls (per replica, how
+        many of the shard's gradient dicts are its and its rows; ``{}`` with one replica)."""
+        if len(self.servers) == 1:
+            return []
+        step, rows = control[0], [int(r) for r in control[5]]
+        if self.kind is None:
+            return [(step, {}) for _ in self.servers]
+        return [
+            (step, {"replicas": list(zip(c, rows)), "kind": self.kind}) for c in self.shard_counts
+        ]
+
     def execute(
         self, control: tuple, timeout: float
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Execute one step: (the driver's outputs in (replica, stage) order, the commit's
-        status)."""
-        ref = self.dag.execute(control)
+        status; with shards, theirs merged as ``ShardedServer.commit`` merges them)."""
+        ref = self.dag.execute(control, *self.shard_controls(control))
         values = ray.get(ref, timeout=timeout)
         driver = [own(values[i]) for i in self.driver_at]
-        return driver, dict(values[self.n_gates])
+        statuses = [dict(v) for v in values[self.n_gates : self.n_gates + len(self.servers)]]
+        return driver, statuses[0] if len(statuses) == 1 else merge_commits(statuses)
+
+    def layout(self) -> str:
+        """What the graph holds besides its actions, in words."""
+        if len(self.servers) > 1:
+            return f"{len(self.servers)} parameter-server shards' stage and commit included"
+        return "the server's update included"
 
 
 def stage_actions_of(
@@ -354,6 +416,8 @@ class CompiledPipeline(CompiledTraining):
     :class:`PipelineGraph`."""
 
     graph: PipelineGraph | None
+    #: The session's sharded servers (None: one server); set by the session with its plan.
+    sharded: ShardedServer | None = None
 
     def pipeline_for(
         self,
@@ -364,14 +428,23 @@ class CompiledPipeline(CompiledTraining):
         params: Mapping[str, Any],
     ) -> PipelineGraph | None:
         """The live graph for this step (compiled now if needed); None: the step runs on
-        calls (refused, or a step of another shape than the live graph's)."""
+        calls (refused, or a step of another shape than the live graph's). ``server``: the
+        parameter-server actor (with :attr:`sharded` set, the shards' actors are used)."""
         need = pipeline_buffer_bytes(spec, control, params)
+        sharded = self.sharded
+        if sharded is not None:
+            handles, dests = list(sharded.handles), list(sharded.dests)
+            serves = sharded.serves(spec.takers)
+            clip = sharded.optimizer.clip_norm is not None  # one global norm over the shards
+        else:
+            handles, dests, serves, clip = [server], [PARAM_SERVER], [list(spec.takers)], False
         graph = self.graph
         if graph is not None and (
             graph.torn_down
             or graph.plan_id != spec.plan_id
             or graph.workers != list(self.cluster.workers)
-            or graph.server is not server
+            or len(graph.servers) != len(handles)
+            or any(a is not b for a, b in zip(graph.servers, handles))
             or need > graph.buffer_bytes
         ):
             self.drop()  # another user took the workers, a replaced actor, a larger batch
@@ -390,7 +463,9 @@ class CompiledPipeline(CompiledTraining):
             self.settle_previous()
             self.slot.claim(self)
             try:
-                graph = PipelineGraph(self.cluster.workers, server, spec, shape, need)
+                graph = PipelineGraph(
+                    self.cluster.workers, handles, dests, serves, spec, shape, need, clip
+                )
             except Exception as e:  # an unsupported shape: say so, stay on calls
                 reason = f"Ray could not compile it: {type(e).__name__}: {e}"
         if graph is None:
@@ -399,11 +474,12 @@ class CompiledPipeline(CompiledTraining):
         self.graph = graph
         log.info(
             "compiled pipelined training plan %d (%d actions of %s micro-batches, schedule %r, "
-            "and the server's update) into a Ray Compiled Graph, channels of %d bytes",
+            "%s) into a Ray Compiled Graph, channels of %d bytes",
             spec.plan_id,
             graph.n_actions,
             list(shape),
             spec.one.schedule_name,
+            graph.layout(),
             need,
         )
         return graph
@@ -418,6 +494,6 @@ class CompiledPipeline(CompiledTraining):
         return (
             f"transport: compiled graph of the pipeline ({len(graph.shape)} replica(s) x "
             f"{one.num_stages} stages, {list(graph.shape)} micro-batches, schedule "
-            f"{one.schedule_name!r}: one node per action, the server's update included), "
+            f"{one.schedule_name!r}: one node per action, {graph.layout()}), "
             f"channels of {graph.buffer_bytes:,} B"
         )

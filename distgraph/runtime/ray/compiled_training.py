@@ -24,7 +24,8 @@ Sharded servers (``shards.py``): the plan's gradients are routed per shard (``ro
 Each shard has a stage node (its gradients, every other output of the step's tasks, and with
 ``clip_norm`` every shard's ``compiled_sums`` node, combined into the one global norm as
 with calls) and a commit node that takes *every* shard's stage output: no shard commits
-unless every shard staged, the two phases of the calls path. A taker gets its params from the
+unless every shard staged, the two phases of the calls path (:func:`shard_nodes` binds them,
+for pipelined graphs too). A taker gets its params from the
 commit node of each shard that holds some of them.
 
 Why this keeps the step protocol's guarantees (see ``session.py``):
@@ -122,6 +123,52 @@ def training_buffer_bytes(
     return max(MIN_BUFFER, 2 * largest + HEADROOM)
 
 
+def shard_nodes(
+    shards: Sequence[Any],
+    serves: Sequence[Sequence[int]],
+    generation: int,
+    controls: Sequence[Any],
+    grads: Sequence[Sequence[Any]],
+    gates: Sequence[Any],
+    clip: bool,
+) -> tuple[list[Any], list[tuple[int, Any]]]:
+    """Bind a step's update over sharded servers into a compiled graph under construction
+    (used by plain, replicated and pipelined training graphs alike).
+
+    Two phases, as with calls: a stage node per shard (its gradient dicts ``grads[s]`` in
+    the order the calls path stages them, with ``clip`` every shard's ``compiled_sums`` node,
+    and every leaf of the step, ``gates``, so it runs only once every task succeeded), then a
+    commit node per shard taking *every* shard's stage output, so a shard commits only once
+    every shard staged. ``shards``: the shards' actors; ``serves[s]``: the takers shard ``s``
+    sends new params to; ``controls[s]``: shard ``s``'s input node, ``(step, split)``.
+    Returns (each shard's status node, (taker, new params' node) per taker and serving shard,
+    in shard order)."""
+    sums = []
+    if clip:
+        sums = [
+            s.compiled_sums.bind(generation, controls[i], *grads[i]) for i, s in enumerate(shards)
+        ]
+    staged = [
+        s.compiled_stage.bind(
+            generation, controls[i], len(grads[i]), len(sums), *grads[i], *sums, *gates
+        )
+        for i, s in enumerate(shards)
+    ]
+    statuses: list[Any] = []
+    params: list[tuple[int, Any]] = []
+    for i, s in enumerate(shards):
+        takers = tuple(serves[i])
+        n = 1 + len(takers)
+        commit = s.compiled_commit
+        if n > 1:
+            commit = commit.options(num_returns=n)
+        node = commit.bind(generation, controls[i], takers, *staged)
+        outs = list(node) if n > 1 else [node]
+        statuses.append(outs[0])
+        params.extend((w, outs[1 + j]) for j, w in enumerate(takers))
+    return statuses, params
+
+
 class TrainingGraph:
     """One training plan compiled on a cluster's workers and its parameter-server actor(s).
 
@@ -190,7 +237,9 @@ class TrainingGraph:
             if n_servers == 1:
                 statuses, params = self._one_server(gen, controls[0], grads[0], gates)
             else:
-                statuses, params = self._shards(gen, controls, grads, gates, clip)
+                statuses, params = shard_nodes(
+                    self.servers, self.serves, gen, controls[:n_servers], grads, gates, clip
+                )
             takes = [self.workers[w].take_params.bind(plan_id, gen, node) for w, node in params]
             dag = MultiOutputNode(gates + statuses + takes)
         self.n_gates = len(gates)
@@ -211,43 +260,6 @@ class TrainingGraph:
         node = update.bind(gen, control, takers, len(grads), *grads, *gates)
         outs = list(node) if n > 1 else [node]
         return [outs[0]], [(w, outs[1 + i]) for i, w in enumerate(takers)]
-
-    def _shards(
-        self,
-        gen: int,
-        controls: list[Any],
-        grads: list[list[Any]],
-        gates: list[Any],
-        clip: bool,
-    ) -> tuple[list[Any], list[tuple[int, Any]]]:
-        """Two phases, as with calls: a stage node per shard (its gradients, with clipping
-        every shard's sums of squares, and every leaf of the step), then a commit node per
-        shard taking *every* shard's stage output, so a shard commits only once every shard
-        staged. Returns (each shard's status node, (taker, new params' node) per taker and
-        serving shard, in shard order)."""
-        shards = self.servers
-        sums = []
-        if clip:
-            sums = [s.compiled_sums.bind(gen, controls[i], *grads[i]) for i, s in enumerate(shards)]
-        staged = [
-            s.compiled_stage.bind(
-                gen, controls[i], len(grads[i]), len(sums), *grads[i], *sums, *gates
-            )
-            for i, s in enumerate(shards)
-        ]
-        statuses: list[Any] = []
-        params: list[tuple[int, Any]] = []
-        for i, s in enumerate(shards):
-            takers = self.serves[i]
-            n = 1 + len(takers)
-            commit = s.compiled_commit
-            if n > 1:
-                commit = commit.options(num_returns=n)
-            node = commit.bind(gen, controls[i], takers, *staged)
-            outs = list(node) if n > 1 else [node]
-            statuses.append(outs[0])
-            params.extend((w, outs[1 + j]) for j, w in enumerate(takers))
-        return statuses, params
 
     def layout(self) -> str:
         """What the graph holds, in words (for ``explain_transport`` and the log)."""

@@ -33,8 +33,8 @@ action), hand-offs in its channels instead of the mailbox, the server's combine,
 commit one node that runs only once every action succeeded. Rows split as above; a step
 whose micro-batch count differs from the graph's (a short batch) runs on calls. A failed
 execution is fenced, aborted (the server's answer decides), recovered as on calls and
-compiled again. Parameter-server shards are not compiled (ConfigError under "compiled",
-calls under "auto").
+compiled again. With parameter-server shards, each shard's stage and commit are nodes of the
+graph (two phases, as on calls).
 """
 
 from __future__ import annotations
@@ -124,21 +124,9 @@ class PipelinedSession(RaySession):
         return replicate(self.stage_plan, layout.count)
 
     def _check_transport(self, layout: Replicas) -> None:
-        """Refuse what a compiled pipeline does not cover (ConfigError under "compiled";
-        under "auto" the steps run on actor calls, said in the log and ``explain_transport``):
-        parameter-server shards (replicas of pipelines compile)."""
-        o = self.options
-        if o.transport == "calls" or o.ps_shards <= 1:
-            return
-        reason = f"ps_shards={o.ps_shards}"
-        if o.transport == "compiled":
-            self.plan = None
-            raise ConfigError(
-                f'transport="compiled" does not compile pipelined steps with {reason} yet '
-                '(the graph holds one server\'s update); use transport="auto" (it runs '
-                'such steps on actor calls) or "calls"'
-            )
-        self.compiled.refuse(self.plan_id, f"{reason} (compiled pipelines cover one server)")
+        """Every synchronous pipelined layout compiles (replicas of pipelines, sharded
+        servers): a compiled pipeline's server nodes go to the session's shards, given here."""
+        self.compiled.sharded = self.server if isinstance(self.server, ShardedServer) else None
 
     def _step_compiled(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float | None:
         """Run one pipelined step as a compiled graph (``compiled_pipeline.py``); None: it
