@@ -248,7 +248,9 @@ def test_auto_compiles_pipelines_and_says_so(executed):
         tr.close()
 
 
-def test_shards_are_refused_under_compiled_and_run_on_calls_under_auto(executed):
+def test_shards_compile_under_compiled_and_auto(executed):
+    # Once refused (a ConfigError under "compiled", calls under "auto"); each shard's stage and
+    # commit are graph nodes now (tests/test_compiled_pipeline_shards.py checks the results).
     ensure_ray()
     with dg.RayExecutor(
         num_workers=2,
@@ -258,16 +260,17 @@ def test_shards_are_refused_under_compiled_and_run_on_calls_under_auto(executed)
         transport="compiled",
         resources_per_worker={"CPU": 0.5},
     ) as ex:
-        tr = dg.Trainer(_mlp(), loss="loss", optimizer=dg.SGD(lr=0.05), executor=ex)
-        with pytest.raises(dg.ConfigError, match="ps_shards=2"):
-            tr.fit(_data(), epochs=1, batch_size=BATCH)
-        assert tr.session.applied_steps == []
-        tr.close()
-        ex.transport = "auto"
-        tr = _fit(ex, _mlp(), dg.SGD(lr=0.05), epochs=1)
-        assert tr.applied_steps == [1, 2, 3, 4] and executed == []
-        assert "ps_shards=2" in tr.session.explain_transport()
-        tr.close()
+        # "auto" probes calls for steps 1-6, then compiled for 7-12 (7 compiles the graph).
+        for transport, ran in (("compiled", range(2, 13)), ("auto", range(7, 13))):
+            ex.transport = transport
+            executed.clear()
+            tr = _fit(ex, _mlp(), dg.SGD(lr=0.05))
+            assert tr.applied_steps == list(range(1, 13)) and executed == list(ran), transport
+            s = tr.session
+            assert s.compiled.last_reason == "" and s.compiled.graph is not None
+            said = s.compiled.describe()
+            assert "2 parameter-server shards' stage and commit included" in said, said
+            tr.close()
 
 
 # A worker lost in the middle of a compiled pipelined step ----------------------------------------
