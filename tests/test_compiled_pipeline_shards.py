@@ -232,3 +232,23 @@ def test_shard_killed_during_compiled_pipelined_steps_recovers_identically(tmp_p
     assert ran[-1] == STEPS and 12 in ran  # the steps after the recovery ran compiled
     _assert_identical(params, want)
     assert loss == want_loss
+
+
+def test_a_traced_sharded_compiled_pipelined_step_shows_each_shard(sharded_pipeline, executed):
+    # The graph returns every shard's commit status; merged as on calls, the trace shows
+    # each shard's stage / commit / apply on its own track.
+    ex = sharded_pipeline
+    ex.microbatches, ex.schedule, ex.transport = 2, "1f1b", "compiled"
+    try:
+        tr = dg.Trainer(_mlp(), loss="loss", optimizer=dg.SGD(lr=0.05), executor=ex, progress=False)
+        feeds = {k: v[:BATCH] for k, v in _data().items()}
+        losses = [tr.session.step(i, feeds, trace=i == 3) for i in (1, 2, 3)]
+        assert executed == [2, 3]  # the precondition: the traced step ran compiled
+        tracks = {e.track for e in tr.session.last_trace}
+        assert {"parameter server shard 0", "parameter server shard 1"} <= tracks, tracks
+        phases = {(e.track, e.phase) for e in tr.session.last_trace}
+        assert ("parameter server shard 1", "apply") in phases, phases
+        assert all(np.isfinite(losses))
+        tr.close()
+    finally:
+        ex.transport = "calls"
