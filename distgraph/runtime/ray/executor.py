@@ -123,8 +123,8 @@ class RayExecutor(Executor):
     Training steps follow the same transport: from a session's second step on, its plan and
     the parameter server's update run as one compiled graph (exactly once per step, never
     half-applied; a failed step recovers and recompiles), data-parallel replicas and
-    ``ps_shards`` included, and pipelined ``microbatches`` as one node per worker action;
-    ``consistency="async"`` sessions, and pipelines with ``ps_shards`` > 1, are refused
+    ``ps_shards`` included, and pipelined ``microbatches`` as one node per worker action
+    (with replicas and ``ps_shards`` too); ``consistency="async"`` sessions are refused
     under ``"compiled"`` (ConfigError) and run on calls under ``"auto"``
     (``session.explain_transport()``).
     ``ps_shards``: training keeps the params on this many parameter-server actors (default 1),
