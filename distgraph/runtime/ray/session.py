@@ -19,7 +19,9 @@ over them, feeds each replica its rows, and stages all their gradients in one
 ``ps.stage(step, ..., replicas=, kind=)`` that combines them in replica order: the step
 protocol below is the same, one stage / commit / abort per step id. No worker keeps a local
 replica of its params then (it sees its shard's gradients only): every param-holding worker
-takes the new params from the server, and steps are not pipelined.
+takes the new params from the server, and steps are not pipelined. The session's
+data-parallel part (the rows' split, the stage's arguments, the combined loss, the record of
+each replica's rows) is ``ReplicaSteps`` (``replicas.py``).
 
 Order of a step (``_step_once``):
 1. submit every task (``waves.submit``) and ``ps.stage(step, *gradient refs)``: the server
@@ -73,7 +75,7 @@ from ...errors import ConfigError, WaveTimeoutError, WorkerLostError
 from ...interpret import prepare_feeds
 from ...optim import Optimizer
 from ...paramstore import ParameterStore
-from ...plan import DRIVER, Plan
+from ...plan import Plan
 from ...program import Program
 from ...result import TraceEvent
 from ..base import TrainingSession
@@ -82,15 +84,14 @@ from .compiled import ChannelSizeError
 from .compiled_training import CompiledTraining
 from .options import RayOptions
 from .replicas import (
+    REPLICA_HISTORY,
     Replicas,
+    ReplicaSteps,
     active_view,
     check_replicas,
     choose_replicas,
-    combine_losses,
     replica_events,
-    replica_groups,
     replicate,
-    split_rows,
 )
 from .server import ServerLink, server_events
 from .shards import ShardedServer, merge_commits
@@ -100,11 +101,8 @@ from .waves import RowsFeed, Waves, batch_size
 
 log = logging.getLogger(__name__)
 
-#: How many steps' replica rows ``status()`` keeps.
-REPLICA_HISTORY = 10_000
 
-
-class RaySession(TrainingSession):
+class RaySession(ReplicaSteps, TrainingSession):
     """Training steps on a cluster's workers with a parameter-server actor.
 
     A step counts (``_done``) from the moment the driver sends its commit, and a counted step
@@ -464,21 +462,12 @@ class RaySession(TrainingSession):
         layout = self.layout
         assert layout is not None  # chosen with the plan
         width = layout.width
-        rows: list[tuple[int, int]] = []  # each active replica's rows (start, stop)
-        parts: list[dict[str, Any]] = []
-        if layout.split is not None:
-            # Each replica takes its rows of the batch (the same rows on a retry or replay).
-            slices, parts = split_rows(arrays, layout.split.batch_inputs, layout.count)
-            rows = [(sl.start, sl.stop) for sl in slices]
+        rows, parts = self._split_rows(arrays)  # each active replica's rows and feeds
         try:
             # The calls of the step: ``sent`` lists, per call, what it sends the server and
             # the driver (its ``outputs``), ``refs`` their refs by the call's task id.
             sent, refs = self._submit_step(step_id, arrays, parts, updates, trace)
-            split: dict[str, Any] = {}  # the data-parallel stage's arguments
-            if rows:
-                assert layout.split is not None
-                counts = [b - a for a, b in rows]
-                split = {"replicas": replica_groups(sent, width, counts), "kind": layout.split.kind}
+            split = self._stage_split(sent, rows)  # the data-parallel stage's arguments
             staged, routed = self.server.stage(step_id, sent, refs, self.takers, split, width)
             extra = [pending] if pending is not None else []
             if not defer:
@@ -588,23 +577,14 @@ class RaySession(TrainingSession):
         assert plan is not None and layout is not None
         self._settle()
         self._quiesce()
-        rows: list[tuple[int, int]] = []  # each replica's rows (start, stop)
-        parts: Sequence[Mapping[str, Any]] = [arrays]
-        split: dict[str, Any] = {}  # the data-parallel stage's arguments, as with calls
-        if layout.split is not None:
-            slices, parts = split_rows(arrays, layout.split.batch_inputs, layout.count)
-            if len(parts) < layout.count:  # the graph runs every replica: leave it to calls
-                self.compiled.last_reason = (
-                    f"a batch of {len(parts)} rows for {layout.count} replicas"
-                )
-                return None
-            rows = [(sl.start, sl.stop) for sl in slices]
-            counts = [b - a for a, b in rows]
-            split = {
-                "replicas": replica_groups(plan, layout.width, counts),
-                "kind": layout.split.kind,
-            }
-        feeds = [self.compiled.feeds(p) for p in parts]
+        rows, parts = self._split_rows(arrays)  # each replica's rows and feeds, as with calls
+        if layout.split is not None and len(parts) < layout.count:
+            # The graph runs every replica: leave this step to calls.
+            self.compiled.last_reason = f"a batch of {len(parts)} rows for {layout.count} replicas"
+            return None
+        split = self._stage_split(plan, rows)  # the data-parallel stage's arguments
+        # One replica takes the batch whole.
+        feeds = [self.compiled.feeds(p) for p in parts] or [self.compiled.feeds(arrays)]
         # Sharded servers clip by one global norm: each shard's sums of squares are nodes too.
         clip = isinstance(self.server, ShardedServer) and self.optimizer.clip_norm is not None
         # The slot is held from the graph's lookup to the step's end: an idle graph's reaper
@@ -657,24 +637,6 @@ class RaySession(TrainingSession):
             self.last_trace = sorted(events, key=lambda e: e.start)
         return self._step_loss(plan, driver, rows)
 
-    def _step_loss(
-        self, plan: Plan, driver: Sequence[Mapping[str, Any]], rows: Sequence[tuple[int, int]]
-    ) -> float:
-        """The step's loss from the driver's outputs (one dict per task of ``plan`` that
-        answers the driver, in task order): with replicas, theirs combined in replica order."""
-        if not rows:
-            return float(next(d[self.loss] for d in driver if self.loss in d))
-        layout = self.layout
-        assert layout is not None and layout.split is not None
-        answering = [t for t in plan.tasks if any(d == DRIVER for d, _ in t.outputs)]
-        losses: dict[int, float] = {}
-        for t, values in zip(answering, driver):
-            if self.loss in values:
-                losses[t.worker // layout.width] = values[self.loss]
-        return combine_losses(
-            [losses[r] for r in range(len(rows))], [b - a for a, b in rows], layout.split.kind
-        )
-
     def _quiesce(self) -> None:
         """Before a compiled step: every call sent without waiting has run (the graph's calls
         do not queue behind them), the latest commit is applied, and the takers hold the
@@ -693,42 +655,6 @@ class RaySession(TrainingSession):
                 f"did not finish within the deadline of {self.options.deadline:g} s (a worker is "
                 "still computing an abandoned step); nothing of the next step was started"
             )
-
-    def _straggle(self, t_submit: float, rows: Sequence[tuple[int, int]]) -> None:
-        """Test hook ``slow_replicas``: a step with a slowed replica among its active ones
-        lasts that factor times what it took (the step waits for its slowest replica)."""
-        slow = self.options.slow_replicas
-        if not slow:
-            return
-        active = range(len(rows) or 1)
-        factor = max([slow.get(r, 1.0) for r in active], default=1.0)
-        if factor > 1.0:
-            time.sleep((factor - 1.0) * (time.time() - t_submit))
-
-    def _record_rows(self, step_id: int, plan: Plan, rows: Sequence[tuple[int, int]]) -> None:
-        """Keep which rows each replica took in step ``step_id`` and on which workers (and
-        nodes) it ran: the step succeeded, so every task of ``plan`` ran (each one feeds the
-        driver or the server, and the step waited for both)."""
-        assert self.layout is not None
-        width = self.layout.width
-        info = self.cluster.worker_info
-        entries = []
-        # One replica: its rows are the whole batch (None: not split).
-        for r, span in enumerate(rows or [None]):
-            workers = sorted({t.worker for t in plan.tasks if t.worker // width == r})
-            entries.append(
-                {
-                    "replica": r,
-                    "rows": None if span is None else list(span),
-                    "workers": workers,
-                    # Ray node ids (several nodes of one machine share an IP) and their IPs.
-                    "nodes": sorted({info[w]["node_id"] for w in workers if w < len(info)}),
-                    "ips": sorted({info[w]["node_ip"] for w in workers if w < len(info)}),
-                }
-            )
-        self.replica_steps[step_id] = entries
-        while len(self.replica_steps) > REPLICA_HISTORY:
-            del self.replica_steps[next(iter(self.replica_steps))]
 
     def _commit(self, step_id: int) -> Any:
         """Submit the server's commit of ``step_id``; returns the ref of its status."""
@@ -861,17 +787,9 @@ class RaySession(TrainingSession):
         (staleness -> count), ``max_staleness`` and the latest (replica, step, version,
         staleness) records."""
         out = dict(self.server.call("status") or {})
-        layout = getattr(self, "layout", None)
-        if layout is not None:
-            last = next(reversed(self.replica_steps), None)
-            out["replicas"] = {
-                "count": layout.count,
-                "width": layout.width,
-                "kind": None if layout.split is None else layout.split.kind,
-                "last_step": last,
-                "rows": None if last is None else [e["rows"] for e in self.replica_steps[last]],
-                "steps": {k: list(v) for k, v in self.replica_steps.items()},
-            }
+        replicas = self._replica_status()
+        if replicas is not None:
+            out["replicas"] = replicas
         out["consistency"] = self.options.consistency
         if self.clock is not None:
             # Bounded staleness: each (replica, step) once, with the version it computed on.
