@@ -18,7 +18,7 @@ the server is asked to combine the replicas' gradient dicts in replica order
 (:func:`replica_groups`, ``ParameterServer.stage(..., replicas=, kind=)``) and apply the result
 once; the step's loss combines the replicas' with the same weights (:func:`combine_losses`).
 ``ReplicaSteps`` does each of these for the session's step. A compiled step
-(``compiled_training.py``) splits and groups with these same methods, so it is bit-identical to
+(``compiled_steps.py``) splits and groups with these same methods, so it is bit-identical to
 actor calls.
 """
 

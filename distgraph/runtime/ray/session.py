@@ -12,7 +12,9 @@ State:
 - ``_updates``: per-worker param updates to hand to each worker's first call of the next step;
 - ``_done``: the step ids that count (applied, or to be applied by a replay);
 - ``layout`` (data-parallel replicas x workers each, chosen with the plan; see
-  ``replicas.py``) and ``replica_steps`` (per step id: each replica's rows, workers, nodes).
+  ``replicas.py``) and ``replica_steps`` (per step id: each replica's rows, workers, nodes);
+- ``compiled`` (the compiled transport), ``choice`` (transport="auto"'s measurements) and
+  ``_sent`` (calls sent without waiting since the latest step; see ``compiled_steps.py``).
 
 With ``R > 1`` replicas the plan holds R copies of one replica's plan; a step splits its rows
 over them, feeds each replica its rows, and stages all their gradients in one
@@ -40,15 +42,12 @@ The plan and the step's calls come from hooks (``_place``; ``_submit_step``, ``_
 ``_step_events``): ``pipelined.py`` places replicas of a chain of stages and runs each
 worker's micro-batch actions in one call, keeping every other part of this protocol (rows
 over replicas, stage / commit / abort, recovery).
+
 Compiled transport (``transport`` "compiled" or "auto", from the second step in a row): the
-same protocol inside one Ray Compiled Graph (``compiled_training.py``): the server's stage and
-commit are one node that runs only once every task succeeded (with ``ps_shards``: a stage
-node per shard, then a commit node per shard that waits for every shard's stage; replicas
-take their rows as above), takers get their new params from a last node of the same step,
-and a failed execution is fenced, aborted (the server's answer decides), recovered as below
-and compiled again. Calls sent without waiting (drops,
-replica resets, progress, new params after a recovery) are awaited before the next compiled
-step (``_quiesce``), since the graph's calls do not queue behind them.
+same protocol inside one Ray Compiled Graph, the server's stage and commit one node that runs
+only once every task succeeded; a failed execution is aborted and recovered as below. Those
+steps, and under "auto" the measured choice between them and these calls, are
+``CompiledSteps`` (``compiled_steps.py``).
 
 Recovery: a step that loses a worker is run again (same step id, same feeds) after the lost
 worker is replaced and the plan reinstalled on it with the server's current params. A lost
@@ -67,11 +66,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import ray
 
 from ...checkpoint import Checkpoint, save_checkpoint
 from ...dataparallel import StalenessClock
-from ...errors import ConfigError, WaveTimeoutError, WorkerLostError
+from ...errors import ConfigError, WorkerLostError
 from ...interpret import prepare_feeds
 from ...optim import Optimizer
 from ...paramstore import ParameterStore
@@ -80,7 +78,7 @@ from ...program import Program
 from ...result import TraceEvent
 from ..base import TrainingSession
 from .cluster import Cluster
-from .compiled import ChannelSizeError
+from .compiled_steps import CompiledSteps
 from .compiled_training import CompiledTraining
 from .options import RayOptions
 from .replicas import (
@@ -94,15 +92,15 @@ from .replicas import (
     replicate,
 )
 from .server import ServerLink, server_events
-from .shards import ShardedServer, merge_commits
+from .shards import ShardedServer
 from .training import Attached, attach_arrays, replica_layout, server_routes, takers
-from .transport_choice import CALLS, COMPILED, TransportChoice
+from .transport_choice import TransportChoice
 from .waves import RowsFeed, Waves, batch_size
 
 log = logging.getLogger(__name__)
 
 
-class RaySession(ReplicaSteps, TrainingSession):
+class RaySession(CompiledSteps, ReplicaSteps, TrainingSession):
     """Training steps on a cluster's workers with a parameter-server actor.
 
     A step counts (``_done``) from the moment the driver sends its commit, and a counted step
@@ -247,37 +245,6 @@ class RaySession(ReplicaSteps, TrainingSession):
         shard = -(-batch // layout.count)  # the largest shard's rows
         base = self.waves.make_plan(self.prog, True, batch=shard, num_workers=layout.width)
         return replicate(base, layout.count)
-
-    def _check_transport(self, layout: Replicas) -> None:
-        """Refuse what compiled training does not cover (ConfigError under "compiled"; under
-        "auto" the steps run on actor calls, said in the log and ``explain_transport``):
-        asynchronous steps. Replicas and sharded servers compile (``compiled_training.py``);
-        pipelined sessions check their own (``pipelined.py``)."""
-        o = self.options
-        if o.transport == "calls":
-            return
-        if o.consistency == "async":
-            reason = (
-                "consistency='async' (each replica's gradients are applied as they arrive; a "
-                "compiled step is synchronous)"
-            )
-        else:
-            return
-        if o.transport == "compiled":
-            self.plan = None
-            raise ConfigError(
-                f'transport="compiled" does not compile training steps with {reason}; use '
-                'transport="auto" (it runs such steps on actor calls) or "calls"'
-            )
-        self.compiled.refuse(self.plan_id, reason)
-
-    def explain_transport(self) -> str:
-        """How this session's steps travel: compiled graph or actor calls, and why (under
-        ``transport="auto"``, with the measured step times of both)."""
-        line = self.compiled.describe()
-        if self.options.transport == "auto":
-            line += "; " + self.choice.explain()
-        return line
 
     def _routes(self) -> dict[int, list[str]]:
         assert self.plan is not None
@@ -441,10 +408,9 @@ class RaySession(ReplicaSteps, TrainingSession):
         """Run one step and commit it on the server, or leave it never applied (see below)."""
         plan, waves = self.plan, self.waves
         assert plan is not None
-        if self.compiled.wants(self.plan_id) and self._auto_says_compiled():
-            loss = self._step_compiled(step_id, arrays, trace)
-            if loss is not None:
-                return loss
+        loss = self._maybe_compiled(step_id, arrays, trace)
+        if loss is not None:  # it ran compiled (compiled_steps.py)
+            return loss
         self._sent.clear()  # calls run in submission order: after those sent before
         self.server.take_sent()  # likewise
         self._settle()  # a step an earlier failure left undecided is decided first
@@ -500,32 +466,6 @@ class RaySession(ReplicaSteps, TrainingSession):
             self.last_trace = sorted(events, key=lambda e: e.start)
         return self._step_loss(sent, driver, rows)
 
-    # transport="auto" (transport_choice.py) --------------------------------------------------
-    def _auto_says_compiled(self) -> bool:
-        """Whether the measured choice runs this step compiled (always, unless "auto"); when
-        it says calls, this session's graph is torn down: its readers would spin beside the
-        calls steps."""
-        if self.options.transport != "auto" or self.choice.choose() == COMPILED:
-            return True
-        self.compiled.release()
-        self.compiled.last_reason = self.choice.status()  # explain_transport adds the numbers
-        return False
-
-    def _timed_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float:
-        """``_step_once``, its time reported to the choice under ``transport="auto"``: which
-        transport ran it (the compiled path's ``last_reason`` is "" only after a compiled
-        step) and whether it compiled a graph (not a steady step's time)."""
-        graph = getattr(self.compiled, "graph", None)
-        t0 = time.perf_counter()
-        loss = self._step_once(step_id, arrays, trace)
-        if self.options.transport == "auto" and not trace:
-            why = self.compiled.last_reason
-            ran = CALLS if why else COMPILED
-            cold = ran == COMPILED and getattr(self.compiled, "graph", None) is not graph
-            self.choice.label = f"training plan {self.plan_id}"
-            self.choice.record(ran, time.perf_counter() - t0, cold=cold, why=why)
-        return loss
-
     # The calls of a step (hooks: ``pipelined.py`` runs a step as schedule actions) -----------
     def _submit_step(
         self,
@@ -568,93 +508,6 @@ class RaySession(ReplicaSteps, TrainingSession):
     def _step_events(self, sent: Plan, step_id: int, t_submit: float) -> list[TraceEvent]:
         """The traced step's events from the workers (and the driver's wait)."""
         return self.waves.trace(sent, self.plan_id, step_id, t_submit)
-
-    def _step_compiled(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float | None:
-        """Run one step as the plan's compiled graph (``compiled_training.py``); None: the
-        plan runs on calls (refused now, its messages outgrew the channels, or a batch with
-        fewer rows than replicas)."""
-        plan, layout = self.plan, self.layout
-        assert plan is not None and layout is not None
-        self._settle()
-        self._quiesce()
-        rows, parts = self._split_rows(arrays)  # each replica's rows and feeds, as with calls
-        if layout.split is not None and len(parts) < layout.count:
-            # The graph runs every replica: leave this step to calls.
-            self.compiled.last_reason = f"a batch of {len(parts)} rows for {layout.count} replicas"
-            return None
-        split = self._stage_split(plan, rows)  # the data-parallel stage's arguments
-        # One replica takes the batch whole.
-        feeds = [self.compiled.feeds(p) for p in parts] or [self.compiled.feeds(arrays)]
-        # Sharded servers clip by one global norm: each shard's sums of squares are nodes too.
-        clip = isinstance(self.server, ShardedServer) and self.optimizer.clip_norm is not None
-        # The slot is held from the graph's lookup to the step's end: an idle graph's reaper
-        # (compiled.py's GraphSlot) never tears it down in between.
-        with self.compiled.slot.running():
-            graph = self.compiled.graph_for(
-                plan,
-                self.plan_id,
-                self.server,
-                self.takers,
-                feeds,
-                self._initial.params,
-                layout.width,
-                clip,
-            )
-            if graph is None:
-                return None
-            t_submit = time.time()
-            try:
-                driver, statuses = graph.run(
-                    step_id,
-                    self.server.stage_splits(plan, split, layout.width),
-                    feeds,
-                    trace,
-                    self.check_finite,
-                    self.options.deadline,
-                )
-            except BaseException as e:
-                error = self.compiled.failed(graph, step_id, e)
-                # The server decides whether the step is applied (its update runs inside the
-                # graph): after the fence, its answer to the abort is final (with shards, a
-                # step some shards committed is rolled back there: ``ShardedServer.settle``).
-                self._abandon(step_id, True, None, error)
-                if isinstance(error, ChannelSizeError):
-                    return None  # the step runs again on calls
-                if error is e:
-                    raise
-                raise error from None
-        self.compiled.last_reason = ""
-        if step_id not in self._done:
-            self._done.append(step_id)
-        self._updates = {}  # the takers made their new params resident inside the graph
-        self._record_rows(step_id, plan, rows)
-        if trace:
-            status = statuses[0] if len(statuses) == 1 else merge_commits(statuses)
-            events = self.waves.trace(plan, self.plan_id, step_id, t_submit)
-            events += server_events(step_id, status, getattr(self.server, "keys", ()))
-            if rows:
-                events = replica_events(events, layout.width, rows, t_submit)
-            self.last_trace = sorted(events, key=lambda e: e.start)
-        return self._step_loss(plan, driver, rows)
-
-    def _quiesce(self) -> None:
-        """Before a compiled step: every call sent without waiting has run (the graph's calls
-        do not queue behind them), the latest commit is applied, and the takers hold the
-        server's current params."""
-        self.server.drain()
-        workers = self.cluster.workers
-        sent = self._sent + self.server.take_sent()
-        sent += [workers[w].set_resident.remote(self.plan_id, u) for w, u in self._updates.items()]
-        self._sent, self._updates = [], {}
-        if not sent:
-            return
-        _done, waiting = ray.wait(sent, num_returns=len(sent), timeout=self.options.deadline)
-        if waiting:
-            raise WaveTimeoutError(
-                f"{len(waiting)} call(s) to the workers or the server sent after the latest step "
-                f"did not finish within the deadline of {self.options.deadline:g} s (a worker is "
-                "still computing an abandoned step); nothing of the next step was started"
-            )
 
     def _commit(self, step_id: int) -> Any:
         """Submit the server's commit of ``step_id``; returns the ref of its status."""
