@@ -286,12 +286,8 @@ class RaySession(CompiledSteps, ReplicaSteps, TrainingSession):
     def step_rows(self, step_id: int, data: Any, rows: Any, trace: bool = False) -> float:
         if not isinstance(data, Attached):
             return super().step_rows(step_id, data, rows, trace)
-        index = np.asarray(rows)
-        feeds: dict[str, Any] = {
-            k: RowsFeed(data.shipped[k], index) if k in data.shipped else v[index]
-            for k, v in data.arrays.items()
-        }
-        return self._run_step(step_id, feeds, trace, len(index))
+        feeds, batch = self._rows_feeds(data, rows)
+        return self._run_step(step_id, feeds, trace, batch)
 
     @property
     def consistency(self) -> str:
