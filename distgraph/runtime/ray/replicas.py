@@ -1,6 +1,8 @@
 """Data-parallel replicas of a training plan on the cluster's workers.
 
-State: none (pure functions over plans and feeds). A session with ``R`` replicas on ``N``
+State: none in the functions over plans and feeds; :class:`ReplicaSteps`, the data-parallel
+part of a training session (a mixin of ``RaySession``), reads the session's ``layout`` and
+keeps its ``replica_steps``. A session with ``R`` replicas on ``N``
 workers places its training program over ``W = N / R`` workers once (the executor's
 strategy), then :func:`replicate` copies that plan ``R`` times: replica ``r`` runs on workers
 ``r*W .. r*W + W - 1``, its tasks numbered after replica ``r - 1``'s, so the copies form one
@@ -14,16 +16,19 @@ every batch input (shared inputs whole; a pipelined replica splits its rows agai
 micro-batches with the same helper, see ``pipelined.py``), and
 the server is asked to combine the replicas' gradient dicts in replica order
 (:func:`replica_groups`, ``ParameterServer.stage(..., replicas=, kind=)``) and apply the result
-once. A compiled step (``compiled_training.py``) splits and groups with these same functions,
-so it is bit-identical to actor calls.
+once; the step's loss combines the replicas' with the same weights (:func:`combine_losses`).
+``ReplicaSteps`` does each of these for the session's step. A compiled step
+(``compiled_steps.py``) splits and groups with these same methods, so it is bit-identical to
+actor calls.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -38,9 +43,11 @@ from ...dataparallel import (
     shard_weights,
 )
 from ...errors import ConfigError, DistgraphError
-from ...plan import PARAM_SERVER, Plan, Task
+from ...plan import DRIVER, PARAM_SERVER, Plan, Task
 from ...program import Program
 from ...result import TraceEvent
+from .cluster import Cluster
+from .options import RayOptions
 from .waves import RowsFeed
 
 #: A plan, or a subclass of it (a pipelined StagePlan is replicated the same way).
@@ -291,3 +298,133 @@ def check_consistency(
             )
         out[r] = float(f)
     return out
+
+
+# --- A training session's data-parallel part --------------------------------------------------
+
+#: How many steps' replica rows a session's ``status()`` keeps.
+REPLICA_HISTORY = 10_000
+
+
+class _ReplicaHost(Protocol):
+    """What :class:`ReplicaSteps` reads of its session (``RaySession``'s state)."""
+
+    @property
+    def options(self) -> RayOptions: ...
+    @property
+    def cluster(self) -> Cluster: ...
+    @property
+    def loss(self) -> str: ...
+    @property
+    def layout(self) -> Replicas | None: ...
+    @property
+    def replica_steps(self) -> dict[int, list[dict[str, Any]]]: ...
+
+
+class ReplicaSteps:
+    """The data-parallel part of a training session (a mixin of ``RaySession``, see
+    ``session.py``): how a step's rows split over its ``layout``'s replicas, what the server's
+    stage is told to combine, the step's loss from the replicas' and the record of which rows
+    each replica took where (``replica_steps``, for ``status()``). With one replica nothing is
+    split: a step's ``rows`` are ``[]`` and its loss is the driver's."""
+
+    def _split_rows(
+        self: _ReplicaHost, arrays: Mapping[str, Any]
+    ) -> tuple[list[tuple[int, int]], list[dict[str, Any]]]:
+        """Each active replica's rows (start, stop) of the step's batch and its feeds (none
+        with one replica). The same rows on a retry or a replay; a batch with fewer rows than
+        replicas leaves the last replicas out."""
+        layout = self.layout
+        assert layout is not None  # chosen with the plan
+        if layout.split is None:
+            return [], []
+        slices, parts = split_rows(arrays, layout.split.batch_inputs, layout.count)
+        return [(sl.start, sl.stop) for sl in slices], parts
+
+    def _stage_split(
+        self: _ReplicaHost, plan: Plan, rows: Sequence[tuple[int, int]]
+    ) -> dict[str, Any]:
+        """The server's stage arguments that combine the replicas' gradients of a step whose
+        calls are ``plan``'s tasks: ``replicas`` (gradient dicts and rows per replica, in
+        replica order) and ``kind`` (how they are weighted); none with one replica."""
+        if not rows:
+            return {}
+        layout = self.layout
+        assert layout is not None and layout.split is not None
+        counts = [b - a for a, b in rows]
+        return {"replicas": replica_groups(plan, layout.width, counts), "kind": layout.split.kind}
+
+    def _step_loss(
+        self: _ReplicaHost,
+        plan: Plan,
+        driver: Sequence[Mapping[str, Any]],
+        rows: Sequence[tuple[int, int]],
+    ) -> float:
+        """The step's loss from the driver's outputs (one dict per task of ``plan`` that
+        answers the driver, in task order): with replicas, theirs combined in replica order."""
+        if not rows:
+            return float(next(d[self.loss] for d in driver if self.loss in d))
+        layout = self.layout
+        assert layout is not None and layout.split is not None
+        answering = [t for t in plan.tasks if any(d == DRIVER for d, _ in t.outputs)]
+        losses: dict[int, float] = {}
+        for t, values in zip(answering, driver):
+            if self.loss in values:
+                losses[t.worker // layout.width] = values[self.loss]
+        return combine_losses(
+            [losses[r] for r in range(len(rows))], [b - a for a, b in rows], layout.split.kind
+        )
+
+    def _straggle(self: _ReplicaHost, t_submit: float, rows: Sequence[tuple[int, int]]) -> None:
+        """Test hook ``slow_replicas``: a step with a slowed replica among its active ones
+        lasts that factor times what it took (the step waits for its slowest replica)."""
+        slow = self.options.slow_replicas
+        if not slow:
+            return
+        active = range(len(rows) or 1)
+        factor = max([slow.get(r, 1.0) for r in active], default=1.0)
+        if factor > 1.0:
+            time.sleep((factor - 1.0) * (time.time() - t_submit))
+
+    def _record_rows(
+        self: _ReplicaHost, step_id: int, plan: Plan, rows: Sequence[tuple[int, int]]
+    ) -> None:
+        """Keep which rows each replica took in step ``step_id`` and on which workers (and
+        nodes) it ran: the step succeeded, so every task of ``plan`` ran (each one feeds the
+        driver or the server, and the step waited for both)."""
+        assert self.layout is not None
+        width = self.layout.width
+        info = self.cluster.worker_info
+        entries = []
+        # One replica: its rows are the whole batch (None: not split).
+        for r, span in enumerate(rows or [None]):
+            workers = sorted({t.worker for t in plan.tasks if t.worker // width == r})
+            entries.append(
+                {
+                    "replica": r,
+                    "rows": None if span is None else list(span),
+                    "workers": workers,
+                    # Ray node ids (several nodes of one machine share an IP) and their IPs.
+                    "nodes": sorted({info[w]["node_id"] for w in workers if w < len(info)}),
+                    "ips": sorted({info[w]["node_ip"] for w in workers if w < len(info)}),
+                }
+            )
+        self.replica_steps[step_id] = entries
+        while len(self.replica_steps) > REPLICA_HISTORY:
+            del self.replica_steps[next(iter(self.replica_steps))]
+
+    def _replica_status(self: _ReplicaHost) -> dict[str, Any] | None:
+        """``status()["replicas"]``: the layout and the latest steps' rows (None before the
+        first step placed the plan)."""
+        layout = self.layout
+        if layout is None:
+            return None
+        last = next(reversed(self.replica_steps), None)
+        return {
+            "count": layout.count,
+            "width": layout.width,
+            "kind": None if layout.split is None else layout.split.kind,
+            "last_step": last,
+            "rows": None if last is None else [e["rows"] for e in self.replica_steps[last]],
+            "steps": {k: list(v) for k, v in self.replica_steps.items()},
+        }

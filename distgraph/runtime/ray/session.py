@@ -12,14 +12,18 @@ State:
 - ``_updates``: per-worker param updates to hand to each worker's first call of the next step;
 - ``_done``: the step ids that count (applied, or to be applied by a replay);
 - ``layout`` (data-parallel replicas x workers each, chosen with the plan; see
-  ``replicas.py``) and ``replica_steps`` (per step id: each replica's rows, workers, nodes).
+  ``replicas.py``) and ``replica_steps`` (per step id: each replica's rows, workers, nodes);
+- ``compiled`` (the compiled transport), ``choice`` (transport="auto"'s measurements) and
+  ``_sent`` (calls sent without waiting since the latest step; see ``compiled_steps.py``).
 
 With ``R > 1`` replicas the plan holds R copies of one replica's plan; a step splits its rows
 over them, feeds each replica its rows, and stages all their gradients in one
 ``ps.stage(step, ..., replicas=, kind=)`` that combines them in replica order: the step
 protocol below is the same, one stage / commit / abort per step id. No worker keeps a local
 replica of its params then (it sees its shard's gradients only): every param-holding worker
-takes the new params from the server, and steps are not pipelined.
+takes the new params from the server, and steps are not pipelined. The session's
+data-parallel part (the rows' split, the stage's arguments, the combined loss, the record of
+each replica's rows) is ``ReplicaSteps`` (``replicas.py``).
 
 Order of a step (``_step_once``):
 1. submit every task (``waves.submit``) and ``ps.stage(step, *gradient refs)``: the server
@@ -38,15 +42,12 @@ The plan and the step's calls come from hooks (``_place``; ``_submit_step``, ``_
 ``_step_events``): ``pipelined.py`` places replicas of a chain of stages and runs each
 worker's micro-batch actions in one call, keeping every other part of this protocol (rows
 over replicas, stage / commit / abort, recovery).
+
 Compiled transport (``transport`` "compiled" or "auto", from the second step in a row): the
-same protocol inside one Ray Compiled Graph (``compiled_training.py``): the server's stage and
-commit are one node that runs only once every task succeeded (with ``ps_shards``: a stage
-node per shard, then a commit node per shard that waits for every shard's stage; replicas
-take their rows as above), takers get their new params from a last node of the same step,
-and a failed execution is fenced, aborted (the server's answer decides), recovered as below
-and compiled again. Calls sent without waiting (drops,
-replica resets, progress, new params after a recovery) are awaited before the next compiled
-step (``_quiesce``), since the graph's calls do not queue behind them.
+same protocol inside one Ray Compiled Graph, the server's stage and commit one node that runs
+only once every task succeeded; a failed execution is aborted and recovered as below. Those
+steps, and under "auto" the measured choice between them and these calls, are
+``CompiledSteps`` (``compiled_steps.py``).
 
 Recovery: a step that loses a worker is run again (same step id, same feeds) after the lost
 worker is replaced and the plan reinstalled on it with the server's current params. A lost
@@ -65,46 +66,41 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import ray
 
 from ...checkpoint import Checkpoint, save_checkpoint
 from ...dataparallel import StalenessClock
-from ...errors import ConfigError, WaveTimeoutError, WorkerLostError
+from ...errors import ConfigError, WorkerLostError
 from ...interpret import prepare_feeds
 from ...optim import Optimizer
 from ...paramstore import ParameterStore
-from ...plan import DRIVER, Plan
+from ...plan import Plan
 from ...program import Program
 from ...result import TraceEvent
 from ..base import TrainingSession
 from .cluster import Cluster
-from .compiled import ChannelSizeError
+from .compiled_steps import CompiledSteps
 from .compiled_training import CompiledTraining
 from .options import RayOptions
 from .replicas import (
+    REPLICA_HISTORY,
     Replicas,
+    ReplicaSteps,
     active_view,
     check_replicas,
     choose_replicas,
-    combine_losses,
     replica_events,
-    replica_groups,
     replicate,
-    split_rows,
 )
 from .server import ServerLink, server_events
-from .shards import ShardedServer, merge_commits
+from .shards import ShardedServer
 from .training import Attached, attach_arrays, replica_layout, server_routes, takers
-from .transport_choice import CALLS, COMPILED, TransportChoice
+from .transport_choice import TransportChoice
 from .waves import RowsFeed, Waves, batch_size
 
 log = logging.getLogger(__name__)
 
-#: How many steps' replica rows ``status()`` keeps.
-REPLICA_HISTORY = 10_000
 
-
-class RaySession(TrainingSession):
+class RaySession(CompiledSteps, ReplicaSteps, TrainingSession):
     """Training steps on a cluster's workers with a parameter-server actor.
 
     A step counts (``_done``) from the moment the driver sends its commit, and a counted step
@@ -250,37 +246,6 @@ class RaySession(TrainingSession):
         base = self.waves.make_plan(self.prog, True, batch=shard, num_workers=layout.width)
         return replicate(base, layout.count)
 
-    def _check_transport(self, layout: Replicas) -> None:
-        """Refuse what compiled training does not cover (ConfigError under "compiled"; under
-        "auto" the steps run on actor calls, said in the log and ``explain_transport``):
-        asynchronous steps. Replicas and sharded servers compile (``compiled_training.py``);
-        pipelined sessions check their own (``pipelined.py``)."""
-        o = self.options
-        if o.transport == "calls":
-            return
-        if o.consistency == "async":
-            reason = (
-                "consistency='async' (each replica's gradients are applied as they arrive; a "
-                "compiled step is synchronous)"
-            )
-        else:
-            return
-        if o.transport == "compiled":
-            self.plan = None
-            raise ConfigError(
-                f'transport="compiled" does not compile training steps with {reason}; use '
-                'transport="auto" (it runs such steps on actor calls) or "calls"'
-            )
-        self.compiled.refuse(self.plan_id, reason)
-
-    def explain_transport(self) -> str:
-        """How this session's steps travel: compiled graph or actor calls, and why (under
-        ``transport="auto"``, with the measured step times of both)."""
-        line = self.compiled.describe()
-        if self.options.transport == "auto":
-            line += "; " + self.choice.explain()
-        return line
-
     def _routes(self) -> dict[int, list[str]]:
         assert self.plan is not None
         return server_routes(self.plan, self.replicas, self.options.num_workers)
@@ -321,12 +286,8 @@ class RaySession(TrainingSession):
     def step_rows(self, step_id: int, data: Any, rows: Any, trace: bool = False) -> float:
         if not isinstance(data, Attached):
             return super().step_rows(step_id, data, rows, trace)
-        index = np.asarray(rows)
-        feeds: dict[str, Any] = {
-            k: RowsFeed(data.shipped[k], index) if k in data.shipped else v[index]
-            for k, v in data.arrays.items()
-        }
-        return self._run_step(step_id, feeds, trace, len(index))
+        feeds, batch = self._rows_feeds(data, rows)
+        return self._run_step(step_id, feeds, trace, batch)
 
     @property
     def consistency(self) -> str:
@@ -443,10 +404,9 @@ class RaySession(TrainingSession):
         """Run one step and commit it on the server, or leave it never applied (see below)."""
         plan, waves = self.plan, self.waves
         assert plan is not None
-        if self.compiled.wants(self.plan_id) and self._auto_says_compiled():
-            loss = self._step_compiled(step_id, arrays, trace)
-            if loss is not None:
-                return loss
+        loss = self._maybe_compiled(step_id, arrays, trace)
+        if loss is not None:  # it ran compiled (compiled_steps.py)
+            return loss
         self._sent.clear()  # calls run in submission order: after those sent before
         self.server.take_sent()  # likewise
         self._settle()  # a step an earlier failure left undecided is decided first
@@ -464,21 +424,12 @@ class RaySession(TrainingSession):
         layout = self.layout
         assert layout is not None  # chosen with the plan
         width = layout.width
-        rows: list[tuple[int, int]] = []  # each active replica's rows (start, stop)
-        parts: list[dict[str, Any]] = []
-        if layout.split is not None:
-            # Each replica takes its rows of the batch (the same rows on a retry or replay).
-            slices, parts = split_rows(arrays, layout.split.batch_inputs, layout.count)
-            rows = [(sl.start, sl.stop) for sl in slices]
+        rows, parts = self._split_rows(arrays)  # each active replica's rows and feeds
         try:
             # The calls of the step: ``sent`` lists, per call, what it sends the server and
             # the driver (its ``outputs``), ``refs`` their refs by the call's task id.
             sent, refs = self._submit_step(step_id, arrays, parts, updates, trace)
-            split: dict[str, Any] = {}  # the data-parallel stage's arguments
-            if rows:
-                assert layout.split is not None
-                counts = [b - a for a, b in rows]
-                split = {"replicas": replica_groups(sent, width, counts), "kind": layout.split.kind}
+            split = self._stage_split(sent, rows)  # the data-parallel stage's arguments
             staged, routed = self.server.stage(step_id, sent, refs, self.takers, split, width)
             extra = [pending] if pending is not None else []
             if not defer:
@@ -510,32 +461,6 @@ class RaySession(TrainingSession):
                 events = replica_events(events, width, rows, t_submit)
             self.last_trace = sorted(events, key=lambda e: e.start)
         return self._step_loss(sent, driver, rows)
-
-    # transport="auto" (transport_choice.py) --------------------------------------------------
-    def _auto_says_compiled(self) -> bool:
-        """Whether the measured choice runs this step compiled (always, unless "auto"); when
-        it says calls, this session's graph is torn down: its readers would spin beside the
-        calls steps."""
-        if self.options.transport != "auto" or self.choice.choose() == COMPILED:
-            return True
-        self.compiled.release()
-        self.compiled.last_reason = self.choice.status()  # explain_transport adds the numbers
-        return False
-
-    def _timed_step(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float:
-        """``_step_once``, its time reported to the choice under ``transport="auto"``: which
-        transport ran it (the compiled path's ``last_reason`` is "" only after a compiled
-        step) and whether it compiled a graph (not a steady step's time)."""
-        graph = getattr(self.compiled, "graph", None)
-        t0 = time.perf_counter()
-        loss = self._step_once(step_id, arrays, trace)
-        if self.options.transport == "auto" and not trace:
-            why = self.compiled.last_reason
-            ran = CALLS if why else COMPILED
-            cold = ran == COMPILED and getattr(self.compiled, "graph", None) is not graph
-            self.choice.label = f"training plan {self.plan_id}"
-            self.choice.record(ran, time.perf_counter() - t0, cold=cold, why=why)
-        return loss
 
     # The calls of a step (hooks: ``pipelined.py`` runs a step as schedule actions) -----------
     def _submit_step(
@@ -579,156 +504,6 @@ class RaySession(TrainingSession):
     def _step_events(self, sent: Plan, step_id: int, t_submit: float) -> list[TraceEvent]:
         """The traced step's events from the workers (and the driver's wait)."""
         return self.waves.trace(sent, self.plan_id, step_id, t_submit)
-
-    def _step_compiled(self, step_id: int, arrays: Mapping[str, Any], trace: bool) -> float | None:
-        """Run one step as the plan's compiled graph (``compiled_training.py``); None: the
-        plan runs on calls (refused now, its messages outgrew the channels, or a batch with
-        fewer rows than replicas)."""
-        plan, layout = self.plan, self.layout
-        assert plan is not None and layout is not None
-        self._settle()
-        self._quiesce()
-        rows: list[tuple[int, int]] = []  # each replica's rows (start, stop)
-        parts: Sequence[Mapping[str, Any]] = [arrays]
-        split: dict[str, Any] = {}  # the data-parallel stage's arguments, as with calls
-        if layout.split is not None:
-            slices, parts = split_rows(arrays, layout.split.batch_inputs, layout.count)
-            if len(parts) < layout.count:  # the graph runs every replica: leave it to calls
-                self.compiled.last_reason = (
-                    f"a batch of {len(parts)} rows for {layout.count} replicas"
-                )
-                return None
-            rows = [(sl.start, sl.stop) for sl in slices]
-            counts = [b - a for a, b in rows]
-            split = {
-                "replicas": replica_groups(plan, layout.width, counts),
-                "kind": layout.split.kind,
-            }
-        feeds = [self.compiled.feeds(p) for p in parts]
-        # Sharded servers clip by one global norm: each shard's sums of squares are nodes too.
-        clip = isinstance(self.server, ShardedServer) and self.optimizer.clip_norm is not None
-        # The slot is held from the graph's lookup to the step's end: an idle graph's reaper
-        # (compiled.py's GraphSlot) never tears it down in between.
-        with self.compiled.slot.running():
-            graph = self.compiled.graph_for(
-                plan,
-                self.plan_id,
-                self.server,
-                self.takers,
-                feeds,
-                self._initial.params,
-                layout.width,
-                clip,
-            )
-            if graph is None:
-                return None
-            t_submit = time.time()
-            try:
-                driver, statuses = graph.run(
-                    step_id,
-                    self.server.stage_splits(plan, split, layout.width),
-                    feeds,
-                    trace,
-                    self.check_finite,
-                    self.options.deadline,
-                )
-            except BaseException as e:
-                error = self.compiled.failed(graph, step_id, e)
-                # The server decides whether the step is applied (its update runs inside the
-                # graph): after the fence, its answer to the abort is final (with shards, a
-                # step some shards committed is rolled back there: ``ShardedServer.settle``).
-                self._abandon(step_id, True, None, error)
-                if isinstance(error, ChannelSizeError):
-                    return None  # the step runs again on calls
-                if error is e:
-                    raise
-                raise error from None
-        self.compiled.last_reason = ""
-        if step_id not in self._done:
-            self._done.append(step_id)
-        self._updates = {}  # the takers made their new params resident inside the graph
-        self._record_rows(step_id, plan, rows)
-        if trace:
-            status = statuses[0] if len(statuses) == 1 else merge_commits(statuses)
-            events = self.waves.trace(plan, self.plan_id, step_id, t_submit)
-            events += server_events(step_id, status, getattr(self.server, "keys", ()))
-            if rows:
-                events = replica_events(events, layout.width, rows, t_submit)
-            self.last_trace = sorted(events, key=lambda e: e.start)
-        return self._step_loss(plan, driver, rows)
-
-    def _step_loss(
-        self, plan: Plan, driver: Sequence[Mapping[str, Any]], rows: Sequence[tuple[int, int]]
-    ) -> float:
-        """The step's loss from the driver's outputs (one dict per task of ``plan`` that
-        answers the driver, in task order): with replicas, theirs combined in replica order."""
-        if not rows:
-            return float(next(d[self.loss] for d in driver if self.loss in d))
-        layout = self.layout
-        assert layout is not None and layout.split is not None
-        answering = [t for t in plan.tasks if any(d == DRIVER for d, _ in t.outputs)]
-        losses: dict[int, float] = {}
-        for t, values in zip(answering, driver):
-            if self.loss in values:
-                losses[t.worker // layout.width] = values[self.loss]
-        return combine_losses(
-            [losses[r] for r in range(len(rows))], [b - a for a, b in rows], layout.split.kind
-        )
-
-    def _quiesce(self) -> None:
-        """Before a compiled step: every call sent without waiting has run (the graph's calls
-        do not queue behind them), the latest commit is applied, and the takers hold the
-        server's current params."""
-        self.server.drain()
-        workers = self.cluster.workers
-        sent = self._sent + self.server.take_sent()
-        sent += [workers[w].set_resident.remote(self.plan_id, u) for w, u in self._updates.items()]
-        self._sent, self._updates = [], {}
-        if not sent:
-            return
-        _done, waiting = ray.wait(sent, num_returns=len(sent), timeout=self.options.deadline)
-        if waiting:
-            raise WaveTimeoutError(
-                f"{len(waiting)} call(s) to the workers or the server sent after the latest step "
-                f"did not finish within the deadline of {self.options.deadline:g} s (a worker is "
-                "still computing an abandoned step); nothing of the next step was started"
-            )
-
-    def _straggle(self, t_submit: float, rows: Sequence[tuple[int, int]]) -> None:
-        """Test hook ``slow_replicas``: a step with a slowed replica among its active ones
-        lasts that factor times what it took (the step waits for its slowest replica)."""
-        slow = self.options.slow_replicas
-        if not slow:
-            return
-        active = range(len(rows) or 1)
-        factor = max([slow.get(r, 1.0) for r in active], default=1.0)
-        if factor > 1.0:
-            time.sleep((factor - 1.0) * (time.time() - t_submit))
-
-    def _record_rows(self, step_id: int, plan: Plan, rows: Sequence[tuple[int, int]]) -> None:
-        """Keep which rows each replica took in step ``step_id`` and on which workers (and
-        nodes) it ran: the step succeeded, so every task of ``plan`` ran (each one feeds the
-        driver or the server, and the step waited for both)."""
-        assert self.layout is not None
-        width = self.layout.width
-        info = self.cluster.worker_info
-        entries = []
-        # One replica: its rows are the whole batch (None: not split).
-        for r, span in enumerate(rows or [None]):
-            workers = sorted({t.worker for t in plan.tasks if t.worker // width == r})
-            entries.append(
-                {
-                    "replica": r,
-                    "rows": None if span is None else list(span),
-                    "workers": workers,
-                    # Ray node ids (several nodes of one machine share an IP) and their IPs.
-                    "nodes": sorted({info[w]["node_id"] for w in workers if w < len(info)}),
-                    "ips": sorted({info[w]["node_ip"] for w in workers if w < len(info)}),
-                }
-            )
-        self.replica_steps[step_id] = entries
-        while len(self.replica_steps) > REPLICA_HISTORY:
-            del self.replica_steps[next(iter(self.replica_steps))]
 
     def _commit(self, step_id: int) -> Any:
         """Submit the server's commit of ``step_id``; returns the ref of its status."""
@@ -861,17 +636,9 @@ class RaySession(TrainingSession):
         (staleness -> count), ``max_staleness`` and the latest (replica, step, version,
         staleness) records."""
         out = dict(self.server.call("status") or {})
-        layout = getattr(self, "layout", None)
-        if layout is not None:
-            last = next(reversed(self.replica_steps), None)
-            out["replicas"] = {
-                "count": layout.count,
-                "width": layout.width,
-                "kind": None if layout.split is None else layout.split.kind,
-                "last_step": last,
-                "rows": None if last is None else [e["rows"] for e in self.replica_steps[last]],
-                "steps": {k: list(v) for k, v in self.replica_steps.items()},
-            }
+        replicas = self._replica_status()
+        if replicas is not None:
+            out["replicas"] = replicas
         out["consistency"] = self.options.consistency
         if self.clock is not None:
             # Bounded staleness: each (replica, step) once, with the version it computed on.
