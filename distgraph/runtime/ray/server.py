@@ -1,12 +1,18 @@
-"""The parameter-server actor of one training session, as the driver sees it.
+"""The parameter server of one training session, as the driver sees it.
 
-State:
-- ``handle``: the actor (None before the session's first step and after close);
+:class:`ServerBase` keeps what is alike for one server actor (:class:`ServerLink`) and for S
+shards (``shards.ShardedServer``), the session seeing either as one server:
 - ``pending``: the ref of the latest commit's status, not yet awaited (the next step, or any
   read of the server, waits for it);
-- ``progress``: the Trainer's progress, sent with every (re)start so checkpoints carry it.
+- ``progress``: the Trainer's progress, sent with every (re)start so checkpoints carry it;
+- ``unsettled``: a step whose failure came while its commit was being sent, with the ref of
+  the server's answer to its abort; decided before the session's next step (``settle``);
+- ``recovering``: set while the session recovers (a lost server then fails a read).
 
-A read (:meth:`ServerLink.call`) first waits for ``pending``; if the server was lost, the
+A :class:`ServerLink` adds ``handle``, its actor (None before the session's first step and
+after close), and ``sent``, the refs of calls sent without waiting since the latest step.
+
+A read (:meth:`ServerBase.call`) first waits for ``pending``; if the server was lost, the
 session's recovery (``recover``: restart from a checkpoint and replay) runs, then the read is
 asked again.
 """
@@ -40,7 +46,111 @@ from .waves import Waves
 log = logging.getLogger(__name__)
 
 
-class ServerLink:
+class ServerBase:
+    """The driver's state and calls alike for one parameter-server actor and for several
+    shards: the deferred commit, the unsettled step, and a read that recovers a lost server.
+    A subclass says how to ask its actor(s) (``_ask``) and how their answers to an abort
+    decide a step (``_applied``)."""
+
+    #: Who was lost, as the log says it.
+    lost = "the parameter server"
+    #: The actor (a sharded server: shard 0's), None when no server runs.
+    handle: Any
+
+    def __init__(
+        self,
+        waves: Waves,
+        options: RayOptions,
+        optimizer: Optimizer,
+        grads: Mapping[str, str],
+        recover: Callable[[int | None], None],
+    ) -> None:
+        self.waves, self.options = waves, options
+        self.optimizer, self.grads = optimizer, dict(grads)
+        self.recover = recover
+        self.pending: Any = None
+        self.progress: dict[str, Any] | None = None
+        #: Set while the session recovers: a lost server then fails the call instead.
+        self.recovering = False
+        #: (step id, ref of the server's answer to its abort): a step whose failure came while
+        #: its commit was being sent; decided before the session's next step (``settle``).
+        self.unsettled: tuple[int, Any] | None = None
+
+    def drain(self) -> None:
+        """Wait for a deferred commit, recovering (and replaying) if the server died."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        try:
+            self.waves.get([pending], "applying the latest update")
+        except WorkerLostError as e:
+            log.warning("%s was lost after the last step (%s); recovering", self.lost, e)
+            self.recover(None)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Ask the server, as one server answers (after any deferred commit); None when no
+        server runs."""
+        if self.handle is None:
+            return None
+        self.drain()
+        try:
+            return self._ask(method, *args)
+        except WorkerLostError as e:
+            if self.recovering:
+                raise
+            # A read after the server died: restart it (checkpoint + replay), then ask again.
+            log.warning("%s was lost (%s); recovering", self.lost, e)
+            self.recover(None)
+            return self._ask(method, *args)
+
+    def _ask(self, method: str, *args: Any) -> Any:
+        """The answer to ``method(*args)``; WorkerLostError if the server is lost."""
+        raise NotImplementedError
+
+    def reported(self, pending: Any, error: BaseException | None) -> bool:
+        """Whether the earlier commit ``pending`` failed with ``error``, the error this failed
+        step raises: kept, it would fail every later call of the session with the same error
+        (a checkpoint the server could not write made even ``Trainer.close`` raise)."""
+        if pending is None or error is None or not ray.wait([pending], timeout=0)[0]:
+            return pending is None
+        try:
+            self.waves.get([pending], "applying the latest update")
+        except BaseException as e:  # compared with the step's error, not handled
+            return type(e) is type(error) and str(e) == str(error)
+        return False
+
+    def settle(self) -> tuple[int, bool] | None:
+        """Decide the unsettled step: (its id, whether it is applied), or None if none was."""
+        if self.unsettled is None:
+            return None
+        step_id, answer = self.unsettled
+        try:
+            answered = self.waves.get([answer], f"settling step {step_id}")[0]
+        except WorkerLostError:
+            # The server died since: ask the one that replaced it (it restarts from this
+            # run's checkpoint, every shard from one step, and the counted steps are
+            # replayed; the question is still open).
+            self.unsettled = None
+            try:
+                applied = self.call("abort", step_id)
+            except BaseException:
+                self.unsettled = (step_id, answer)
+                raise
+            return step_id, bool(applied)
+        self.unsettled = None
+        return step_id, self._applied(step_id, answered)
+
+    def _applied(self, step_id: int, answered: Any) -> bool:
+        """Whether ``step_id`` is applied, given the answer of :meth:`abort`'s ref."""
+        raise NotImplementedError
+
+
+def gradient_refs(plan: Plan, refs: Mapping[int, list[Any]], dest: str) -> list[Any]:
+    """The refs of the gradients ``plan``'s tasks send to ``dest``, in task order."""
+    return [refs[t.id][t.slot(dest)] for t in plan.tasks if any(d == dest for d, _ in t.outputs)]
+
+
+class ServerLink(ServerBase):
     """Start, call and stop a session's parameter-server actor."""
 
     def __init__(
@@ -52,19 +162,10 @@ class ServerLink:
         recover: Callable[[int | None], None],
         shard: int | None = None,
     ) -> None:
-        self.waves, self.options = waves, options
+        super().__init__(waves, options, optimizer, grads, recover)
         #: Which shard of several this server is (None: the only one); names its directory.
         self.shard = shard
-        self.optimizer, self.grads = optimizer, dict(grads)
-        self.recover = recover
-        self.handle: Any = None
-        self.pending: Any = None
-        self.progress: dict[str, Any] | None = None
-        #: Set while the session recovers: a lost server then fails the call instead.
-        self.recovering = False
-        #: (step id, ref of the server's answer to its abort): a step whose failure came while
-        #: its commit was being sent; decided before the session's next step (``settle``).
-        self.unsettled: tuple[int, Any] | None = None
+        self.handle = None
         #: Refs of calls sent without waiting since the latest step (the Trainer's progress): a
         #: compiled step waits for them first (see compiled_training.py).
         self.sent: list[Any] = []
@@ -161,32 +262,9 @@ class ServerLink:
         if self.handle is not None:
             self.sent.append(self.handle.set_progress.remote(self.progress))
 
-    def drain(self) -> None:
-        """Wait for a deferred update, recovering (and replaying) if the server died."""
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        try:
-            self.waves.get([pending], "applying the latest update")
-        except WorkerLostError as e:
-            log.warning("the parameter server was lost after the last step (%s); recovering", e)
-            self.recover(None)
-
-    def call(self, method: str, *args: Any) -> Any:
-        """Ask the server (after any deferred update); None when no server runs."""
-        if self.handle is None:
-            return None
-        self.drain()
+    def _ask(self, method: str, *args: Any) -> Any:
         what = f"calling the parameter server's {method}"
-        try:
-            return self.waves.get([getattr(self.handle, method).remote(*args)], what)[0]
-        except WorkerLostError as e:
-            if self.recovering:
-                raise
-            # A read after the server died: restart it (checkpoint + replay), then ask again.
-            log.warning("the parameter server was lost (%s); recovering", e)
-            self.recover(None)
-            return self.waves.get([getattr(self.handle, method).remote(*args)], what)[0]
+        return self.waves.get([getattr(self.handle, method).remote(*args)], what)[0]
 
     # A compiled step's layout (compiled_training.py) ------------------------------------------
     @property
@@ -228,21 +306,25 @@ class ServerLink:
         commit, worker -> ref of its new params for the takers). ``split``: the data-parallel
         stage's arguments (``replicas``, ``kind``); ``width``: workers per replica."""
         split = dict(split or {})
-        grads = [
-            refs[t.id][t.slot(PARAM_SERVER)]
-            for t in plan.tasks
-            if any(d == PARAM_SERVER for d, _ in t.outputs)
-        ]
+        grads = gradient_refs(plan, refs, PARAM_SERVER)
         args: tuple[Any, ...] = (step_id, *grads)
         if split:
             # Data-parallel replicas: the server takes the gradients as the workers finish
             # (one hop), rather than after the driver has seen every one finish (two hops).
             args, split["grad_refs"], split["wait"] = (step_id,), grads, self.options.deadline
+        staged, routed = self.submit_stage(args, takers, **split)
+        return [staged], routed
+
+    def submit_stage(
+        self, args: Sequence[Any], takers: Sequence[int], **kwargs: Any
+    ) -> tuple[Any, dict[int, Any]]:
+        """Submit the actor's ``stage(*args, **kwargs)``; returns (its ref, worker -> ref of
+        its new params for each of ``takers``)."""
         if takers:  # the new params are computed with the update: no extra trip
             n = self.options.num_workers
-            out = self.handle.stage.options(num_returns=1 + n).remote(*args, routed=True, **split)
-            return [out[0]], {w: out[1 + w] for w in takers}
-        return [self.handle.stage.remote(*args, **split)], {}
+            out = self.handle.stage.options(num_returns=1 + n).remote(*args, routed=True, **kwargs)
+            return out[0], {w: out[1 + w] for w in takers}
+        return self.handle.stage.remote(*args, **kwargs), {}
 
     def commit(self, step_id: int) -> Any:
         """Submit the commit of ``step_id``; returns the ref of its status."""
@@ -260,37 +342,8 @@ class ServerLink:
         """Ref of the server's checkpoint, read after every call already submitted."""
         return self.handle.checkpoint.remote()
 
-    # Step outcomes ------------------------------------------------------------------------------
-    def reported(self, pending: Any, error: BaseException | None) -> bool:
-        """Whether the earlier commit ``pending`` failed with ``error``, the error this failed
-        step raises: kept, it would fail every later call of the session with the same error
-        (a checkpoint the server could not write made even ``Trainer.close`` raise)."""
-        if pending is None or error is None or not ray.wait([pending], timeout=0)[0]:
-            return pending is None
-        try:
-            self.waves.get([pending], "applying the latest update")
-        except BaseException as e:  # compared with the step's error, not handled
-            return type(e) is type(error) and str(e) == str(error)
-        return False
-
-    def settle(self) -> tuple[int, bool] | None:
-        """Decide the unsettled step: (its id, whether it is applied), or None if none was."""
-        if self.unsettled is None:
-            return None
-        step_id, answer = self.unsettled
-        try:
-            applied = self.waves.get([answer], f"settling step {step_id}")[0]
-        except WorkerLostError:
-            # The server died since: ask the one that replaced it (it restarts from this
-            # run's checkpoint and replays the counted steps; the question is still open).
-            self.unsettled = None
-            try:
-                applied = self.call("abort", step_id)
-            except BaseException:
-                self.unsettled = (step_id, answer)
-                raise
-        self.unsettled = None
-        return step_id, bool(applied)
+    def _applied(self, step_id: int, answered: Any) -> bool:
+        return bool(answered)
 
 
 def shard_track(shard: int) -> str:

@@ -5,8 +5,9 @@ State:
   ``dataparallel.shard_params``), fixed at the first start; ``owner``: param -> shard;
 - ``links``: one :class:`~.server.ServerLink` per shard (its actor, its checkpoint directory
   ``checkpoint_dir/shard-<s>``);
-- ``pending`` / ``unsettled`` / ``progress`` / ``recovering``: as on a single ServerLink, for
-  the shards together (the session sees one server).
+- ``pending`` / ``unsettled`` / ``progress`` / ``recovering``: kept and used as on a single
+  ServerLink (both are a :class:`~.server.ServerBase`), for the shards together (the session
+  sees one server).
 
 Order of a step (the session's, unchanged; here fanned out over the shards):
 1. each worker sends each shard only the gradients of the params that shard owns (the plan's
@@ -47,7 +48,7 @@ from ...optim import Optimizer, global_norm
 from ...plan import PARAM_SERVER, Plan
 from .actors import resolve
 from .options import RayOptions
-from .server import ServerLink
+from .server import ServerBase, ServerLink, gradient_refs
 from .waves import Waves
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,10 @@ def _merge_checkpoint_refs(*parts: Checkpoint) -> Checkpoint:
     return merge_checkpoints(parts)
 
 
-class ShardedServer:
+class ShardedServer(ServerBase):
     """S parameter-server shards behind the interface of one :class:`ServerLink`."""
+
+    lost = "a parameter-server shard"
 
     def __init__(
         self,
@@ -210,17 +213,11 @@ class ShardedServer:
         recover: Callable[[int | None], None],
         shards: int,
     ) -> None:
-        self.waves, self.options, self.optimizer = waves, options, optimizer
-        self.grads = dict(grads)
-        self.recover = recover
+        super().__init__(waves, options, optimizer, grads, recover)
         self.num_shards = shards
         self.keys: list[list[str]] = []
         self.owner: dict[str, int] = {}
         self.links: list[ServerLink] = []
-        self.pending: Any = None
-        self.progress: dict[str, Any] | None = None
-        self.unsettled: tuple[int, Any] | None = None
-        self._recovering = False
         self._routes: dict[int, list[str]] = {}
 
     # Layout -------------------------------------------------------------------------------------
@@ -244,16 +241,6 @@ class ShardedServer:
         """Shard 0's actor (None before the first step and after close), for ``is None``
         checks; the shards' actors are ``links[s].handle``."""
         return self.links[0].handle if self.links else None
-
-    @property
-    def recovering(self) -> bool:
-        return self._recovering
-
-    @recovering.setter
-    def recovering(self, value: bool) -> None:
-        self._recovering = value
-        for link in self.links:
-            link.recovering = value
 
     # Lifetime -----------------------------------------------------------------------------------
     def start(self, ckpt: Checkpoint, routes: Mapping[int, list[str]]) -> None:
@@ -303,6 +290,7 @@ class ShardedServer:
         return merge_checkpoints(parts)
 
     def kill(self) -> None:
+        """Stop every shard's actor without waiting."""
         for link in self.links:
             link.kill()
 
@@ -332,44 +320,13 @@ class ShardedServer:
         ahead = [s for s, a in enumerate(applied) if a == common + [step]]
         if not all(a in (common, common + [step]) for a in applied) or not ahead:
             raise WorkerLostError(f"the parameter-server shards are at different steps: {applied}")
-        undone = self.waves.get(
-            [self.links[s].handle.rollback.remote(step) for s in ahead], "rolling back a step"
-        )
-        if not all(undone):
-            raise WorkerLostError(
-                f"step {step} reached only shards {ahead} and cannot be rolled back there"
-            )
-        log.warning("step %d reached only shards %s; rolled back there", step, ahead)
+        self._roll_back(step, ahead, "rolling back a step")
 
     def set_progress(self, progress: Mapping[str, Any]) -> None:
+        """Keep the Trainer's progress and send it to every shard without waiting."""
         self.progress = dict(progress)
         for link in self.links:
             link.set_progress(progress)
-
-    def drain(self) -> None:
-        """Wait for a deferred commit, recovering (and replaying) if a shard died."""
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        try:
-            self.waves.get([pending], "applying the latest update")
-        except WorkerLostError as e:
-            log.warning("a parameter-server shard was lost after the last step (%s)", e)
-            self.recover(None)
-
-    def call(self, method: str, *args: Any) -> Any:
-        """Ask the shards together, as one server would answer (after any deferred commit)."""
-        if self.handle is None:
-            return None
-        self.drain()
-        try:
-            return self._ask(method, *args)
-        except WorkerLostError as e:
-            if self.recovering:
-                raise
-            log.warning("a parameter-server shard was lost (%s); recovering", e)
-            self.recover(None)
-            return self._ask(method, *args)
 
     def _each(self, method: str, *args: Any) -> list[Any]:
         what = f"calling the parameter-server shards' {method}"
@@ -378,6 +335,7 @@ class ShardedServer:
         )
 
     def _ask(self, method: str, *args: Any) -> Any:
+        """Ask the shards together, as one server would answer."""
         if method == "status":
             return merge_status(self._each("status"), self.keys)
         if method == "params":
@@ -410,7 +368,7 @@ class ShardedServer:
             )
             return versions[0]
         if method == "abort":
-            return self._decide(args[0], self._each("abort", args[0]))
+            return self._applied(args[0], self._each("abort", args[0]))
         raise AssertionError(f"no sharded form of the server's {method}")
 
     # A compiled step's layout (compiled_training.py) ------------------------------------------
@@ -456,14 +414,7 @@ class ShardedServer:
         """Stage the step on every shard with its own gradients (data-parallel replicas'
         combined per shard, in replica order; one global norm for clipping); returns (every
         shard's stage ref, worker -> ref of its new params)."""
-        grads = [
-            [
-                refs[t.id][t.slot(shard_dest(s))]
-                for t in plan.tasks
-                if any(d == shard_dest(s) for d, _ in t.outputs)
-            ]
-            for s in range(len(self.links))
-        ]
+        grads = [gradient_refs(plan, refs, dest) for dest in self.dests]
         splits = self.stage_splits(plan, split, width)
         norm = None
         if self.optimizer.clip_norm is not None:
@@ -472,78 +423,50 @@ class ShardedServer:
                 for link, g, sp in zip(self.links, grads, splits)
             ]
             norm = _combine_norm.remote(*sums)
-        n = self.options.num_workers
         staged: list[Any] = []
         parts: dict[int, list[Any]] = {w: [] for w in takers}
         for link, g, sp, serves in zip(self.links, grads, splits, self.serves(takers)):
-            if serves:
-                out = link.handle.stage.options(num_returns=1 + n).remote(
-                    step_id, *g, routed=True, grad_norm=norm, **sp
-                )
-                staged.append(out[0])
-                for w in serves:
-                    parts[w].append(out[1 + w])
-            else:
-                staged.append(link.handle.stage.remote(step_id, *g, grad_norm=norm, **sp))
+            ref, mine = link.submit_stage((step_id, *g), serves, grad_norm=norm, **sp)
+            staged.append(ref)
+            for w, part in mine.items():
+                parts[w].append(part)
         routed = {w: p[0] if len(p) == 1 else _merge_dicts.remote(*p) for w, p in parts.items()}
         return staged, routed
 
     def commit(self, step_id: int) -> Any:
         """Commit on every shard; returns one ref of their combined status."""
-        return _merge_commits.remote(*[link.handle.commit.remote(step_id) for link in self.links])
+        return _merge_commits.remote(*[link.commit(step_id) for link in self.links])
 
     def abort(self, step_id: int) -> Any:
         """Abort on every shard; returns one ref of their answers (decided by ``settle``)."""
-        return _gather.remote(*[link.handle.abort.remote(step_id) for link in self.links])
+        return _gather.remote(*[link.abort(step_id) for link in self.links])
 
     def params_of(self, worker: int) -> Any:
         """Ref of the params ``worker`` keeps, from the shards that own them."""
-        return _merge_dicts.remote(*[link.handle.params_of.remote(worker) for link in self.links])
+        return _merge_dicts.remote(*[link.params_of(worker) for link in self.links])
 
     def checkpoint_ref(self) -> Any:
         """Ref of the merged checkpoint, read after every call already submitted."""
-        return _merge_checkpoint_refs.remote(
-            *[link.handle.checkpoint.remote() for link in self.links]
-        )
+        return _merge_checkpoint_refs.remote(*[link.checkpoint_ref() for link in self.links])
 
-    # Step outcomes ------------------------------------------------------------------------------
-    def reported(self, pending: Any, error: BaseException | None) -> bool:
-        """As :meth:`ServerLink.reported` (``pending`` is the combined commit status)."""
-        return self.links[0].reported(pending, error)
-
-    def settle(self) -> tuple[int, bool] | None:
-        """Decide the unsettled step: (its id, whether it is applied), or None if none was."""
-        if self.unsettled is None:
-            return None
-        step_id, answer = self.unsettled
-        try:
-            answers = self.waves.get([answer], f"settling step {step_id}")[0]
-        except WorkerLostError:
-            # A shard died since: ask again after the recovery (every shard restarts from
-            # one step and the counted steps are replayed).
-            self.unsettled = None
-            try:
-                applied = self.call("abort", step_id)
-            except BaseException:
-                self.unsettled = (step_id, answer)
-                raise
-            return step_id, bool(applied)
-        self.unsettled = None
-        return step_id, self._decide(step_id, answers)
-
-    def _decide(self, step_id: int, answers: Sequence[bool]) -> bool:
+    # Step outcomes (``reported`` and ``settle``: as one server's, see ServerBase) -------------
+    def _applied(self, step_id: int, answers: Sequence[bool]) -> bool:
         """Whether ``step_id`` is applied, given each shard's answer; a step that reached only
         some shards is rolled back there, so it is applied by none."""
         if all(answers) or not any(answers):
             return bool(answers[0])
         ahead = [s for s, a in enumerate(answers) if a]
+        self._roll_back(step_id, ahead, f"rolling back step {step_id}")
+        return False
+
+    def _roll_back(self, step_id: int, ahead: Sequence[int], what: str) -> None:
+        """Undo ``step_id`` on the shards ``ahead`` (the only ones that applied it, as their
+        latest step); WorkerLostError if one cannot."""
         undone = self.waves.get(
-            [self.links[s].handle.rollback.remote(step_id) for s in ahead],
-            f"rolling back step {step_id}",
+            [self.links[s].handle.rollback.remote(step_id) for s in ahead], what
         )
         if not all(undone):
             raise WorkerLostError(
                 f"step {step_id} reached only shards {ahead} and cannot be rolled back there"
             )
         log.warning("step %d reached only shards %s; rolled back there", step_id, ahead)
-        return False
