@@ -182,7 +182,9 @@ def test_a_shard_lost_between_two_commits(monkeypatch, reference):
         return real_commit(self, step_id)
 
     monkeypatch.setattr(ShardedServer, "commit", commit_one_then_die)
-    with dg.RayExecutor(2, strategy="round_robin", ps_shards=2) as ex:
+    # The calls path's commits (a compiled step commits inside its graph: see
+    # test_compiled_dp.py's fenced-graph test); auto would compile from step 7.
+    with dg.RayExecutor(2, strategy="round_robin", ps_shards=2, transport="calls") as ex:
         tr = train(ex)
         assert lost == [9]
         assert_identical(tr.params, reference)
@@ -206,7 +208,7 @@ def test_an_interrupt_between_two_commits_rolls_the_step_back(monkeypatch, refer
         return real_commit(self, step_id)
 
     monkeypatch.setattr(ShardedServer, "commit", commit_one_then_interrupt)
-    with dg.RayExecutor(2, strategy="round_robin", ps_shards=2) as ex:
+    with dg.RayExecutor(2, strategy="round_robin", ps_shards=2, transport="calls") as ex:
         g, data, opt = mlp_setup()
         tr = dg.Trainer(g, loss="loss", optimizer=opt, executor=ex, progress=False)
         with pytest.raises(KeyboardInterrupt):
