@@ -30,6 +30,17 @@ BATCH, EPOCHS = 25, 3
 STEPS = 4 * EPOCHS
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_ray_runtime():
+    """This module's compiled graphs start on a fresh shared runtime: in the full suite the
+    modules before it (thousands of compiled steps, killed actors, a multi-node cluster) left
+    the shared one unable to serve these tests, though each module passes alone."""
+    import ray
+
+    ray.shutdown()
+    yield
+
+
 def _mlp(layers: int = 4) -> dg.Graph:
     return models.mlp_classifier((2,) + (8,) * layers + (3,), seed=3)
 

@@ -29,6 +29,17 @@ from distgraph.stageplan import StagePlan
 SHARDS = 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_ray_runtime():
+    """This module's compiled graphs start on a fresh shared runtime: in the full suite the
+    modules before it (thousands of compiled steps, killed actors, a multi-node cluster) left
+    the shared one unable to serve these tests, though each module passes alone."""
+    import ray
+
+    ray.shutdown()
+    yield
+
+
 @pytest.fixture
 def executed(monkeypatch):
     """The step ids each compiled pipeline graph executed, in order (an execution that
