@@ -111,6 +111,8 @@ class _CompiledHost(Protocol):
         self, step_id: int, arrays: Mapping[str, Any], trace: bool
     ) -> float | None: ...
     def _quiesce(self) -> None: ...
+    def _compiled_failed(self, graph: Any, step_id: int, error: BaseException) -> None: ...
+    def _compiled_done(self, step_id: int) -> None: ...
 
 
 class CompiledSteps:
@@ -156,6 +158,30 @@ class CompiledSteps:
         return line
 
     # Steps ------------------------------------------------------------------------------------
+    def _compiled_failed(
+        self: _CompiledHost, graph: Any, step_id: int, error: BaseException
+    ) -> None:
+        """A compiled execution failed: fence and retire the graph, let the server decide
+        whether the step is applied (its update runs inside the graph; after the fence its
+        answer to the abort is final, and with shards a step some shards committed is rolled
+        back there: ``ShardedServer.settle``), then raise the step's error -- or return when
+        the messages outgrew the channels (ChannelSizeError): the step runs again on calls."""
+        failure = self.compiled.failed(graph, step_id, error)
+        self._abandon(step_id, True, None, failure)
+        if isinstance(failure, ChannelSizeError):
+            return
+        if failure is error:
+            raise error
+        raise failure from None
+
+    def _compiled_done(self: _CompiledHost, step_id: int) -> None:
+        """A compiled step succeeded: it counts, and the takers already made their new params
+        resident inside the graph."""
+        self.compiled.last_reason = ""
+        if step_id not in self._done:
+            self._done.append(step_id)
+        self._updates = {}
+
     def _maybe_compiled(
         self: _CompiledHost, step_id: int, arrays: Mapping[str, Any], trace: bool
     ) -> float | None:
@@ -211,20 +237,9 @@ class CompiledSteps:
                     self.options.deadline,
                 )
             except BaseException as e:
-                error = self.compiled.failed(graph, step_id, e)
-                # The server decides whether the step is applied (its update runs inside the
-                # graph): after the fence, its answer to the abort is final (with shards, a
-                # step some shards committed is rolled back there: ``ShardedServer.settle``).
-                self._abandon(step_id, True, None, error)
-                if isinstance(error, ChannelSizeError):
-                    return None  # the step runs again on calls
-                if error is e:
-                    raise
-                raise error from None
-        self.compiled.last_reason = ""
-        if step_id not in self._done:
-            self._done.append(step_id)
-        self._updates = {}  # the takers made their new params resident inside the graph
+                self._compiled_failed(graph, step_id, e)
+                return None  # the step runs again on calls
+        self._compiled_done(step_id)
         self._record_rows(step_id, plan, rows)
         if trace:
             status = statuses[0] if len(statuses) == 1 else merge_commits(statuses)

@@ -61,7 +61,6 @@ from ..actions import ActionCall, StepActions
 from ..protocol import CallHeader, Rows
 from . import actors
 from .cluster import Cluster
-from .compiled import ChannelSizeError
 from .compiled_pipeline import CompiledPipeline, PipelineSpec
 from .options import INLINE_BYTES, RayOptions
 from .replicas import Replicas, combine_losses, replica_events, replicate, split_rows
@@ -171,19 +170,9 @@ class PipelinedSession(RaySession):
             try:
                 driver, status = graph.execute(control, self.options.deadline)
             except BaseException as e:
-                error = self.compiled.failed(graph, step_id, e)
-                # The server decides whether the step is applied (its update runs inside the
-                # graph): after the fence, its answer to the abort is final.
-                self._abandon(step_id, True, None, error)
-                if isinstance(error, ChannelSizeError):
-                    return None  # the step runs again on calls
-                if error is e:
-                    raise
-                raise error from None
-        self.compiled.last_reason = ""
-        if step_id not in self._done:
-            self._done.append(step_id)
-        self._updates = {}  # the takers made their new params resident inside the graph
+                self._compiled_failed(graph, step_id, e)
+                return None  # the step runs again on calls
+        self._compiled_done(step_id)
         self._straggle(t_submit, rows)
         self._record_rows(step_id, graph.sent, rows)
         if trace:
