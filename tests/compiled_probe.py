@@ -64,7 +64,14 @@ def one_graph(w, s, steps):
 
 def main():
     mode, steps, floats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # "local": always a Ray of its own, never a cluster another test left on this machine.
+    ray.init(
+        address="local",
+        num_cpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     w, s = W.remote(floats), S.remote()
     ray.get([w.__ray_ready__.remote(), s.__ray_ready__.remote()])
     rounds = 1

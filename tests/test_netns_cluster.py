@@ -97,7 +97,12 @@ def compose() -> dict[str, Any]:
 def cluster() -> Iterator[dict[str, str]]:
     """The namespace cluster, up for the whole module and torn down whatever happens."""
     leftovers = _namespaces()
-    assert not leftovers, f"namespaces from an earlier run: {leftovers}"
+    if leftovers:
+        # An earlier run that was killed before its teardown left this prefix's namespaces
+        # behind: remove them (`down` only touches this prefix) rather than fail every test.
+        down = netns("down", timeout=120)
+        assert down.returncode == 0, f"could not remove {leftovers}:\n{down.stderr}"
+        assert not _namespaces(), f"namespaces from an earlier run survive `down`: {leftovers}"
     try:
         up = netns("up", timeout=420)
         assert up.returncode == 0, f"up failed:\n{up.stdout}\n{up.stderr}"
