@@ -213,18 +213,25 @@ def _compiled_mlp():
 COMPILED_FIT = {"epochs": 4, "batch_size": 16, "seed": 11}
 
 
-def _server_on(node_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def _server_on(node_id: str, monkeypatch: pytest.MonkeyPatch, first_only: bool = False) -> None:
     """Start parameter servers on node ``node_id`` (Ray otherwise places the 0-CPU actor on
-    any node, the victim's included, and then its loss is found between steps)."""
+    any node, the victim's included); ``first_only``: only the first, so a server restarted
+    after that node's loss goes wherever Ray puts it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from distgraph.runtime.ray import actors
 
     options = actors.ParamServerActor.options
     pinned = NodeAffinitySchedulingStrategy(node_id, soft=False)
-    monkeypatch.setattr(
-        actors.ParamServerActor, "options", lambda **kw: options(scheduling_strategy=pinned, **kw)
-    )
+    launched: list[int] = []
+
+    def launch(**kw):
+        launched.append(1)
+        if first_only and len(launched) > 1:
+            return options(**kw)
+        return options(scheduling_strategy=pinned, **kw)
+
+    monkeypatch.setattr(actors.ParamServerActor, "options", launch)
 
 
 def _node_of(actor) -> str:
@@ -323,6 +330,66 @@ def test_node_lost_during_compiled_training_recovers_recompiles_and_equals_calls
         assert compiled.graph is not before["graph"]
         assert compiled.graph.workers == list(ex.workers) != before["workers"]
         assert tr.session.status()["applied"] == steps
+        for k in want:
+            assert np.array_equal(tr.params[k], want[k]), k
+        tr.close()
+
+
+@pytest.mark.parametrize("transport", ["calls", "compiled"])
+def test_the_servers_node_lost_mid_run_restarts_it_from_the_checkpoint_and_equals_local(
+    three_node_cluster, tmp_path, monkeypatch, transport
+):
+    """The node that holds the parameter server (one replica, no shards) is removed during a
+    fit, under both transports. The server is restarted on a surviving node from its latest
+    checkpoint (step 4), the steps applied after it are replayed, and the final params equal
+    (bit for bit) an uninterrupted LocalExecutor run; under "compiled" the steps compile
+    again on the new server."""
+    g, data, opt = _compiled_mlp()
+    ref = dg.Trainer(g, loss="loss", optimizer=opt, progress=False)
+    ref.fit(data, **COMPILED_FIT)
+    want, steps = ref.params, ref.applied_steps
+    head = three_node_cluster.head_node
+    victim = next(n for n in three_node_cluster.list_all_nodes() if n is not head)
+    _server_on(victim.node_id, monkeypatch, first_only=True)
+    with dg.RayExecutor(
+        num_workers=2,
+        strategy="round_robin",
+        replicas=1,
+        address=three_node_cluster.address,
+        placement="spread",
+        transport=transport,
+        checkpoint_dir=str(tmp_path / "ps"),
+        checkpoint_every=4,
+    ) as ex:
+        removed: list[int] = []
+
+        def remove(tr, step):
+            if step == 6 and not removed:
+                # The precondition: the server runs on the node about to go.
+                assert _node_of(tr.session.server.handle) == victim.node_id
+                if transport == "compiled":
+                    assert tr.session.compiled.last_reason == "", tr.session.compiled.last_reason
+                three_node_cluster.remove_node(victim)
+                removed.append(step)
+
+        g, data, opt = _compiled_mlp()
+        tr = dg.Trainer(g, loss="loss", optimizer=opt, executor=ex, progress=False)
+        tr.fit(data, callback=lambda step, loss: remove(tr, step), **COMPILED_FIT)
+        assert removed == [6]
+        recoveries = tr.session.recoveries
+        assert any("parameter server restarted from version 4" in r for r in recoveries), recoveries
+        # Steps 5 and 6 ran again (and step 7, had the loss met its commit).
+        assert any(re.search(r"replaying steps \[5, 6[],]", r) for r in recoveries), recoveries
+        assert _node_of(tr.session.server.handle) != victim.node_id
+        assert all(i["node_id"] != victim.node_id for i in ex.worker_info)
+        assert tr.session.status()["applied"] == steps
+        if transport == "compiled":  # compiled again, with the new server in the graph
+            compiled = tr.session.compiled
+            assert compiled.last_reason == "", compiled.last_reason
+            assert compiled.graph is not None and not compiled.graph.torn_down
+            servers = list(tr.session.server.handles)
+            assert len(compiled.graph.servers) == len(servers)
+            assert all(a is b for a, b in zip(compiled.graph.servers, servers))
         for k in want:
             assert np.array_equal(tr.params[k], want[k]), k
         tr.close()
