@@ -22,15 +22,7 @@ from distgraph.functional import mse
 TESTS = str(Path(__file__).resolve().parent)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_ray_runtime():
-    """This module's compiled graphs start on a fresh shared runtime: in the full suite the
-    modules before it (thousands of compiled steps, killed actors, a multi-node cluster) left
-    the shared one unable to serve these tests, though each module passes alone."""
-    import ray
-
-    ray.shutdown()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_ray_runtime")
 
 
 def mlp_problem() -> tuple[dg.Graph, dict[str, np.ndarray]]:

@@ -20,7 +20,6 @@ from distgraph import models
 from distgraph.dataparallel import declare_rowwise
 from distgraph.functional import cross_entropy, relu
 from distgraph.pipeline import make_schedule, peak_inflight
-from distgraph.runtime.ray.compiled_pipeline import PipelineGraph
 from distgraph.stageplan import StagePlan
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -30,15 +29,7 @@ BATCH, EPOCHS = 25, 3
 STEPS = 4 * EPOCHS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_ray_runtime():
-    """This module's compiled graphs start on a fresh shared runtime: in the full suite the
-    modules before it (thousands of compiled steps, killed actors, a multi-node cluster) left
-    the shared one unable to serve these tests, though each module passes alone."""
-    import ray
-
-    ray.shutdown()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_ray_runtime")
 
 
 def _mlp(layers: int = 4) -> dg.Graph:
@@ -48,21 +39,6 @@ def _mlp(layers: int = 4) -> dg.Graph:
 def _data() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(5)
     return {"x": rng.standard_normal((96, 2)), "y": rng.integers(0, 3, size=96)}
-
-
-@pytest.fixture
-def executed(monkeypatch):
-    """The step ids each compiled pipeline graph executed, in order."""
-    steps: list[int] = []
-    real = PipelineGraph.execute
-
-    def execute(self, control, timeout):
-        out = real(self, control, timeout)
-        steps.append(int(control[0]))
-        return out
-
-    monkeypatch.setattr(PipelineGraph, "execute", execute)
-    return steps
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +83,9 @@ OPTS = {"sgd": lambda: dg.SGD(lr=0.05), "adam": lambda: dg.Adam(lr=0.01)}
     "p, m, schedule",
     [(2, 2, "gpipe"), (2, 4, "1f1b"), (3, 3, "1f1b"), (3, 2, "gpipe"), (3, 4, "gpipe")],
 )
-def test_compiled_pipeline_equals_calls_and_local(executors, executed, p, m, schedule, opt):
+def test_compiled_pipeline_equals_calls_and_local(
+    executors, pipeline_executions, p, m, schedule, opt
+):
     ex = executors[p]
     ex.microbatches, ex.schedule = m, schedule
     ref = dg.Trainer(_mlp(), loss="loss", optimizer=OPTS[opt](), progress=False)
@@ -116,7 +94,7 @@ def test_compiled_pipeline_equals_calls_and_local(executors, executed, p, m, sch
     try:
         for transport in ("calls", "compiled"):
             ex.transport = transport
-            executed.clear()
+            pipeline_executions.clear()
             tr = _fit(ex, _mlp(), OPTS[opt]())
             s = tr.session
             plan = s.plan
@@ -128,13 +106,13 @@ def test_compiled_pipeline_equals_calls_and_local(executors, executed, p, m, sch
             assert tr.applied_steps == list(range(1, STEPS + 1))
             _assert_every_worker_ran_every_step(tr, p, STEPS)
             if transport == "compiled":
-                assert executed == list(range(2, STEPS + 1))
+                assert pipeline_executions == list(range(2, STEPS + 1))
                 graph = s.compiled.graph
                 assert s.compiled.last_reason == "" and graph is not None
                 assert graph.shape == (m,) and graph.n_actions == 2 * p * m
                 assert "compiled graph of the pipeline" in s.explain_transport()
             else:
-                assert executed == []
+                assert pipeline_executions == []
             runs[transport] = (tr.params, tr.history.loss)
             tr.close()
     finally:
@@ -148,7 +126,7 @@ def test_compiled_pipeline_equals_calls_and_local(executors, executed, p, m, sch
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_ray_runs_each_workers_actions_in_schedule_order(executors, executed, schedule):
+def test_ray_runs_each_workers_actions_in_schedule_order(executors, pipeline_executions, schedule):
     """Ray binds an actor's nodes in order and runs them so: the trace shows each worker's
     actions in its schedule's order, and 1F1B holds at most p micro-batches (GPipe m)."""
     p, m = 3, 4
@@ -156,7 +134,7 @@ def test_ray_runs_each_workers_actions_in_schedule_order(executors, executed, sc
     ex.microbatches, ex.schedule, ex.transport = m, schedule, "compiled"
     try:
         tr = _fit(ex, _mlp(), dg.SGD(lr=0.05), epochs=1, batch=48, trace=True)  # 2 steps
-        assert executed == [2]  # the traced step ran compiled
+        assert pipeline_executions == [2]  # the traced step ran compiled
         acts = sorted((e for e in tr.last_trace if "action" in e.args), key=lambda e: e.start)
         order = {w: [e.name for e in acts if e.worker == w] for w in range(p)}
         sched = make_schedule(schedule, p, m)
@@ -184,7 +162,9 @@ def four_workers():
 
 
 @pytest.mark.parametrize("m, schedule", [(2, "gpipe"), (3, "1f1b")])
-def test_replicas_of_pipelines_compile_and_equal_calls(four_workers, executed, m, schedule):
+def test_replicas_of_pipelines_compile_and_equal_calls(
+    four_workers, pipeline_executions, m, schedule
+):
     """2 replicas x 2 stages: each replica's rows (13 / 12, then 11 / 10) split into m
     micro-batches; the server combines the replicas by rows inside the graph."""
     ex = four_workers
@@ -195,7 +175,7 @@ def test_replicas_of_pipelines_compile_and_equal_calls(four_workers, executed, m
     try:
         for transport in ("calls", "compiled"):
             ex.transport = transport
-            executed.clear()
+            pipeline_executions.clear()
             tr = _fit(ex, _mlp(), dg.SGD(lr=0.05))
             s = tr.session
             info = s.status()["replicas"]
@@ -207,7 +187,7 @@ def test_replicas_of_pipelines_compile_and_equal_calls(four_workers, executed, m
             assert sorted(info["steps"]) == list(range(1, STEPS + 1))
             _assert_every_worker_ran_every_step(tr, 4, STEPS)
             if transport == "compiled":
-                assert executed == list(range(2, STEPS + 1))
+                assert pipeline_executions == list(range(2, STEPS + 1))
                 assert s.compiled.graph is not None and s.compiled.graph.shape == (m, m)
                 assert "2 replica(s) x 2 stages" in s.explain_transport()
             runs[transport] = (tr.params, tr.history.loss)
@@ -220,7 +200,7 @@ def test_replicas_of_pipelines_compile_and_equal_calls(four_workers, executed, m
         np.testing.assert_allclose(runs["compiled"][0][k], v, rtol=1e-12, atol=0, err_msg=k)
 
 
-def test_a_short_batch_runs_on_calls_and_the_graph_stays(executors, executed):
+def test_a_short_batch_runs_on_calls_and_the_graph_stays(executors, pipeline_executions):
     """A batch with fewer rows than micro-batches splits into fewer: that step runs on calls
     and the graph of the usual shape runs the next ones."""
     ex = executors[2]
@@ -232,7 +212,7 @@ def test_a_short_batch_runs_on_calls_and_the_graph_stays(executors, executed):
         tr = dg.Trainer(_mlp(2), loss="loss", optimizer=dg.SGD(lr=0.1), executor=ex, progress=False)
         tr.fit(data, epochs=2, batch_size=4, seed=3)
         assert tr.applied_steps == list(range(1, 7))
-        assert executed == [2, 4, 5]  # 3 and 6 have 2 rows: two micro-batches, on calls
+        assert pipeline_executions == [2, 4, 5]  # 3 and 6 have 2 rows: two micro-batches, on calls
         assert tr.session.compiled.graph.shape == (3,)
         for k, v in ref.params.items():
             np.testing.assert_allclose(tr.params[k], v, rtol=1e-12, atol=0, err_msg=k)
@@ -241,7 +221,7 @@ def test_a_short_batch_runs_on_calls_and_the_graph_stays(executors, executed):
         ex.transport = "calls"
 
 
-def test_auto_compiles_pipelines_and_says_so(executed):
+def test_auto_compiles_pipelines_and_says_so(pipeline_executions):
     ensure_ray()
     with dg.RayExecutor(
         num_workers=2,
@@ -254,7 +234,7 @@ def test_auto_compiles_pipelines_and_says_so(executed):
         tr = _fit(ex, _mlp(), dg.SGD(lr=0.05))
         # auto probes calls for steps 1-6, then compiled for 7-12 (7 compiles the graph),
         # and after step 12 keeps whichever measured faster.
-        assert STEPS == 12 and executed == list(range(7, STEPS + 1))
+        assert STEPS == 12 and pipeline_executions == list(range(7, STEPS + 1))
         said = tr.session.explain_transport()
         assert "compiled graph of the pipeline" in said and "'1f1b'" in said, said
         assert "calls" in said and "compiled" in said and "ms/step" in said, said
@@ -262,7 +242,7 @@ def test_auto_compiles_pipelines_and_says_so(executed):
         tr.close()
 
 
-def test_shards_compile_under_compiled_and_auto(executed):
+def test_shards_compile_under_compiled_and_auto(pipeline_executions):
     # Once refused (a ConfigError under "compiled", calls under "auto"); each shard's stage and
     # commit are graph nodes now (tests/test_compiled_pipeline_shards.py checks the results).
     ensure_ray()
@@ -277,9 +257,11 @@ def test_shards_compile_under_compiled_and_auto(executed):
         # "auto" probes calls for steps 1-6, then compiled for 7-12 (7 compiles the graph).
         for transport, ran in (("compiled", range(2, 13)), ("auto", range(7, 13))):
             ex.transport = transport
-            executed.clear()
+            pipeline_executions.clear()
             tr = _fit(ex, _mlp(), dg.SGD(lr=0.05))
-            assert tr.applied_steps == list(range(1, 13)) and executed == list(ran), transport
+            assert tr.applied_steps == list(range(1, 13)) and pipeline_executions == list(ran), (
+                transport
+            )
             s = tr.session
             assert s.compiled.last_reason == "" and s.compiled.graph is not None
             said = s.compiled.describe()
@@ -313,7 +295,7 @@ def _stalling_mlp(flag: str) -> dg.Graph:
 CRASH_AFTER = 5
 
 
-def _run_killing(flag: str, kill: bool, executed: list[int]) -> tuple[dict, list]:
+def _run_killing(flag: str, kill: bool, pipeline_executions: list[int]) -> tuple[dict, list]:
     """Train the stalling MLP compiled; with ``kill``, worker 1 dies while step
     CRASH_AFTER + 1 is stalled inside the graph."""
     with dg.RayExecutor(
@@ -342,7 +324,7 @@ def _run_killing(flag: str, kill: bool, executed: list[int]) -> tuple[dict, list
                 threads.append(threading.Thread(target=killer))
                 threads[-1].start()
 
-        executed.clear()
+        pipeline_executions.clear()
         tr = _fit(ex, _stalling_mlp(flag), dg.Adam(lr=0.01), callback=callback)
         for t in threads:
             t.join()
@@ -355,18 +337,20 @@ def _run_killing(flag: str, kill: bool, executed: list[int]) -> tuple[dict, list
             assert tr.session.compiled.graph.workers == ex.workers
         else:
             assert not ex.replacements
-        assert executed == list(range(2, STEPS + 1))
+        assert pipeline_executions == list(range(2, STEPS + 1))
         assert tr.session.compiled.last_reason == ""
         out = (tr.params, tr.history.loss)
         tr.close()
     return out
 
 
-def test_a_worker_killed_mid_compiled_step_is_replaced_and_training_matches(tmp_path, executed):
+def test_a_worker_killed_mid_compiled_step_is_replaced_and_training_matches(
+    tmp_path, pipeline_executions
+):
     ensure_ray()
     flag = str(tmp_path / "stall")
-    whole, whole_loss = _run_killing(flag, False, executed)
-    params, loss = _run_killing(flag, True, executed)
+    whole, whole_loss = _run_killing(flag, False, pipeline_executions)
+    params, loss = _run_killing(flag, True, pipeline_executions)
     _assert_identical(params, whole)
     assert loss == whole_loss
     ref = dg.Trainer(_stalling_mlp(""), loss="loss", optimizer=dg.Adam(lr=0.01), progress=False)
@@ -375,7 +359,9 @@ def test_a_worker_killed_mid_compiled_step_is_replaced_and_training_matches(tmp_
         np.testing.assert_allclose(params[k], v, rtol=1e-12, atol=0, err_msg=k)
 
 
-def test_a_compiled_pipelined_step_past_its_deadline_names_the_stuck_node(tmp_path, executed):
+def test_a_compiled_pipelined_step_past_its_deadline_names_the_stuck_node(
+    tmp_path, pipeline_executions
+):
     ensure_ray()
     flag = str(tmp_path / "stall")
     g = _stalling_mlp(flag)
@@ -389,7 +375,7 @@ def test_a_compiled_pipelined_step_past_its_deadline_names_the_stuck_node(tmp_pa
         resources_per_worker={"CPU": 0.5},
     ) as ex:
         tr = _fit(ex, g, dg.SGD(lr=0.05), epochs=1)
-        assert executed == [2, 3, 4]  # the precondition: the steps ran compiled
+        assert pipeline_executions == [2, 3, 4]  # the precondition: the steps ran compiled
         worker = tr.session.plan.placement["stuck"]
         Path(flag).touch()  # the next step stalls in 'stuck'
         ex.deadline = 3.0
@@ -403,8 +389,8 @@ def test_a_compiled_pipelined_step_past_its_deadline_names_the_stuck_node(tmp_pa
         assert "'stuck'" in msg and f"running on worker {worker}" in msg, msg
         assert tr.applied_steps == [1, 2, 3, 4]  # the stalled step was never applied
         # The graph was dropped; the next steps run compiled on a new one, same actors.
-        executed.clear()
+        pipeline_executions.clear()
         tr.fit(_data(), epochs=1, batch_size=BATCH, seed=7)
         assert tr.applied_steps == list(range(1, 9)) and not ex.replacements
-        assert executed[-2:] == [7, 8] and tr.session.compiled.last_reason == ""
+        assert pipeline_executions[-2:] == [7, 8] and tr.session.compiled.last_reason == ""
         tr.close()

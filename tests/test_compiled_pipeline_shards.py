@@ -29,31 +29,7 @@ from distgraph.stageplan import StagePlan
 SHARDS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_ray_runtime():
-    """This module's compiled graphs start on a fresh shared runtime: in the full suite the
-    modules before it (thousands of compiled steps, killed actors, a multi-node cluster) left
-    the shared one unable to serve these tests, though each module passes alone."""
-    import ray
-
-    ray.shutdown()
-    yield
-
-
-@pytest.fixture
-def executed(monkeypatch):
-    """The step ids each compiled pipeline graph executed, in order (an execution that
-    raised is not counted)."""
-    steps: list[int] = []
-    real = PipelineGraph.execute
-
-    def execute(self, control, timeout):
-        out = real(self, control, timeout)
-        steps.append(int(control[0]))
-        return out
-
-    monkeypatch.setattr(PipelineGraph, "execute", execute)
-    return steps
+pytestmark = pytest.mark.usefixtures("fresh_ray_runtime")
 
 
 def _assert_shards_used(tr: dg.Trainer, steps: list[int]) -> None:
@@ -130,7 +106,7 @@ def sharded_pipeline():
 @pytest.mark.parametrize("opt", sorted(OPTS))
 @pytest.mark.parametrize("m, schedule", [(2, "gpipe"), (3, "1f1b")])
 def test_sharded_compiled_pipeline_equals_calls_and_local(
-    sharded_pipeline, executed, m, schedule, opt
+    sharded_pipeline, pipeline_executions, m, schedule, opt
 ):
     ex = sharded_pipeline
     ex.microbatches, ex.schedule = m, schedule
@@ -141,11 +117,13 @@ def test_sharded_compiled_pipeline_equals_calls_and_local(
         assert plan.microbatches == m and plan.schedule_name == schedule
         _assert_every_worker_ran_every_step(tr, 2, STEPS)
 
-    runs = _calls_then_compiled(ex, executed, OPTS[opt], check)
+    runs = _calls_then_compiled(ex, pipeline_executions, OPTS[opt], check)
     _assert_equal_calls_and_local(runs, OPTS[opt])
 
 
-def test_sharded_compiled_pipeline_clips_by_one_global_norm_like_calls(sharded_pipeline, executed):
+def test_sharded_compiled_pipeline_clips_by_one_global_norm_like_calls(
+    sharded_pipeline, pipeline_executions
+):
     # Each shard's sums of squares are graph nodes feeding every shard's stage: one norm.
     ex = sharded_pipeline
     ex.microbatches, ex.schedule = 2, "1f1b"
@@ -157,12 +135,12 @@ def test_sharded_compiled_pipeline_clips_by_one_global_norm_like_calls(sharded_p
         assert tr.session.status()["clipped"], "the precondition: clipping changed some steps"
         _assert_every_worker_ran_every_step(tr, 2, STEPS)
 
-    runs = _calls_then_compiled(ex, executed, make_opt, check)
+    runs = _calls_then_compiled(ex, pipeline_executions, make_opt, check)
     assert runs["compiled"][2] == runs["calls"][2]
     _assert_equal_calls_and_local(runs, make_opt)
 
 
-def test_sharded_replicas_of_pipelines_compile_and_equal_calls(executed):
+def test_sharded_replicas_of_pipelines_compile_and_equal_calls(pipeline_executions):
     """2 replicas x 2 stages x 2 shards: each shard combines the replicas' dicts by rows
     (13 / 12, then 11 / 10) inside the graph, as ``ShardedServer.stage`` does on calls."""
     ensure_ray()
@@ -186,7 +164,7 @@ def test_sharded_replicas_of_pipelines_compile_and_equal_calls(executed):
             _assert_every_worker_ran_every_step(tr, 4, STEPS)
 
         make_opt = OPTS["adam"]
-        runs = _calls_then_compiled(ex, executed, make_opt, check)
+        runs = _calls_then_compiled(ex, pipeline_executions, make_opt, check)
     _assert_equal_calls_and_local(runs, make_opt)
 
 
@@ -230,14 +208,16 @@ def _train_killing(executed_steps: list[int], crash_at: int | None, ckpt: dict) 
     return out
 
 
-def test_shard_killed_during_compiled_pipelined_steps_recovers_identically(tmp_path, executed):
+def test_shard_killed_during_compiled_pipelined_steps_recovers_identically(
+    tmp_path, pipeline_executions
+):
     ensure_ray()
-    want, want_loss, _, ran = _train_killing(executed, None, {})
+    want, want_loss, _, ran = _train_killing(pipeline_executions, None, {})
     assert ran == list(range(2, STEPS + 1))
     ckpt = {"checkpoint_dir": str(tmp_path / "ps"), "checkpoint_every": 5}
     # Shard checkpoints at 5 and 10; the kill after step 11 fails step 12's execution:
     # every shard restarts from version 10, 11 is replayed, 12 runs again compiled.
-    params, loss, recoveries, ran = _train_killing(executed, 11, ckpt)
+    params, loss, recoveries, ran = _train_killing(pipeline_executions, 11, ckpt)
     assert any("restarted from version 10" in r for r in recoveries), recoveries
     assert any("replaying steps [11]" in r for r in recoveries), recoveries
     assert ran[-1] == STEPS and 12 in ran  # the steps after the recovery ran compiled
@@ -245,7 +225,9 @@ def test_shard_killed_during_compiled_pipelined_steps_recovers_identically(tmp_p
     assert loss == want_loss
 
 
-def test_a_traced_sharded_compiled_pipelined_step_shows_each_shard(sharded_pipeline, executed):
+def test_a_traced_sharded_compiled_pipelined_step_shows_each_shard(
+    sharded_pipeline, pipeline_executions
+):
     # The graph returns every shard's commit status; merged as on calls, the trace shows
     # each shard's stage / commit / apply on its own track.
     ex = sharded_pipeline
@@ -254,7 +236,7 @@ def test_a_traced_sharded_compiled_pipelined_step_shows_each_shard(sharded_pipel
         tr = dg.Trainer(_mlp(), loss="loss", optimizer=dg.SGD(lr=0.05), executor=ex, progress=False)
         feeds = {k: v[:BATCH] for k, v in _data().items()}
         losses = [tr.session.step(i, feeds, trace=i == 3) for i in (1, 2, 3)]
-        assert executed == [2, 3]  # the precondition: the traced step ran compiled
+        assert pipeline_executions == [2, 3]  # the precondition: the traced step ran compiled
         tracks = {e.track for e in tr.session.last_trace}
         assert {"parameter server shard 0", "parameter server shard 1"} <= tracks, tracks
         phases = {(e.track, e.phase) for e in tr.session.last_trace}
